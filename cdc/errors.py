@@ -1,0 +1,55 @@
+"""The relay's exception hierarchy: one root, a few branches, messages that say what to do.
+
+Library exceptions (psycopg, aiormq) are translated into these only at the I/O boundary,
+so everything above the boundary reasons about *our* failure kinds.
+"""
+
+from __future__ import annotations
+
+
+class CdcError(Exception):
+    """Root of every error the relay raises on purpose."""
+
+
+class ConfigError(CdcError):
+    """The configuration is invalid; fix the named setting and start again."""
+
+
+class ProtocolError(CdcError):
+    """Bytes from the server could not be decoded.
+
+    Carries the byte ``offset`` inside the message and, when known, the WAL ``lsn`` of the
+    message, so the report points at the exact place in the stream.
+    """
+
+    def __init__(self, message: str, *, offset: int, lsn: int | None = None) -> None:
+        where = f"at byte offset {offset}"
+        if lsn is not None:
+            from cdc.lsn import format_lsn
+
+            where += f" of the message at LSN {format_lsn(lsn)}"
+        super().__init__(f"{message} ({where})")
+        self.offset = offset
+        self.lsn = lsn
+
+
+class SourceError(CdcError):
+    """PostgreSQL (the source) failed or refused; usually retried with backoff."""
+
+
+class SetupError(SourceError):
+    """The database is not set up for the relay (wal_level, privileges, table, publication).
+
+    Not retried: an operator has to act, and the message says how.
+    """
+
+
+class SlotBusyError(SourceError):
+    """The replication slot is active in another walsender (SQLSTATE 55006).
+
+    The relay waits as a hot standby and retries.
+    """
+
+
+class SinkError(CdcError):
+    """RabbitMQ (the sink) failed: connection lost, channel closed, confirms missing."""
