@@ -1,0 +1,39 @@
+# The two commands of the README: `make run` and `make test`. Both work on a fresh machine:
+# they build the venv, install the project, and prepare PostgreSQL for logical replication.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export CDC_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
+export CDC_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/
+DEMO_RATE  ?= 5
+DEMO_COUNT ?= 0
+
+.PHONY: run test lint typecheck services install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+services:
+	bash scripts/ensure-services.sh
+
+lint: install
+	$(BIN)/ruff check cdc consumers tests bench
+
+typecheck: install
+	$(BIN)/mypy --strict cdc consumers
+
+test: install services lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Relay in the background, the demo event source in the foreground; Ctrl-C stops both.
+run: install services
+	$(BIN)/cdc setup
+	bash scripts/run-demo.sh $(DEMO_RATE) $(DEMO_COUNT)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,7 @@
+"""``python -m cdc`` is the ``cdc`` console script."""
+
+import sys
+
+from cdc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""The relay's settings: one pydantic-settings model, built once in the CLI and passed down.
+
+Every field reads ``CDC_<NAME>`` from the environment; the CLI turns each into a
+``--name`` flag that overrides it. Identifiers are validated here so nothing later pastes
+an unchecked name into SQL.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Defaults that name the broker topology live in one place.
+DEFAULT_EXCHANGE = "cloudphone.events"
+DEFAULT_PARKING_QUEUE = "cdc.outbox.parked"
+
+_SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
+_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+_AMQP_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
+
+
+class RelaySettings(BaseSettings):
+    """Configuration of one ``cdc`` process (see README, "Configuration")."""
+
+    model_config = SettingsConfigDict(env_prefix="CDC_", extra="ignore")
+
+    database_url: SecretStr = Field(description="libpq URL or DSN of the source database")
+    amqp_url: SecretStr = Field(description="amqp:// URL of the broker")
+    slot_name: str = Field("cdc_outbox", description="logical replication slot")
+    publication_name: str = Field("cdc_outbox", description="publication of the outbox table")
+    outbox_table: str = Field("public.event_outbox", description="outbox table, [schema.]table")
+    exchange: str = Field(DEFAULT_EXCHANGE, description="topic exchange to publish to")
+    parking_queue: str = Field(DEFAULT_PARKING_QUEUE, description="queue for parked events")
+    metrics_port: int = Field(9190, ge=0, le=65535, description="/metrics port, 0 disables")
+    metrics_host: str = Field("0.0.0.0", description="/metrics bind address")
+    max_in_flight: int = Field(1000, ge=1, le=100_000, description="unconfirmed publish window")
+    confirm_timeout: float = Field(30.0, gt=0, description="seconds before re-publishing")
+    status_interval: float = Field(10.0, gt=0, le=3600, description="status update period (s)")
+    reconnect_min_delay: float = Field(0.5, gt=0, description="first reconnect backoff (s)")
+    reconnect_max_delay: float = Field(30.0, gt=0, description="largest reconnect backoff (s)")
+    standby_poll_interval: float = Field(2.0, gt=0, description="standby retry period (s)")
+    shutdown_timeout: float = Field(10.0, ge=0, description="drain time on SIGTERM (s)")
+    log_format: Literal["text", "json"] = Field("text", description="log output format")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="level")
+
+    @field_validator("slot_name")
+    @classmethod
+    def _check_slot(cls, value: str) -> str:
+        if not _SLOT_RE.match(value):
+            raise ValueError("slot names may use only a-z, 0-9 and _, at most 63 characters")
+        return value
+
+    @field_validator("publication_name")
+    @classmethod
+    def _check_publication(cls, value: str) -> str:
+        if not _IDENT_RE.match(value):
+            raise ValueError("must be a plain SQL identifier (letters, digits, _), max 63")
+        return value
+
+    @field_validator("outbox_table")
+    @classmethod
+    def _check_table(cls, value: str) -> str:
+        parts = value.split(".")
+        if len(parts) > 2 or not all(_IDENT_RE.match(p) for p in parts):
+            raise ValueError("must be 'table' or 'schema.table' made of plain SQL identifiers")
+        return value if len(parts) == 2 else f"public.{value}"
+
+    @field_validator("exchange", "parking_queue")
+    @classmethod
+    def _check_amqp_name(cls, value: str) -> str:
+        if not _AMQP_NAME_RE.match(value):
+            raise ValueError("AMQP names may use letters, digits and . _ - : only")
+        return value
+
+    @property
+    def table_schema(self) -> str:
+        """Schema part of :attr:`outbox_table`."""
+        return self.outbox_table.split(".")[0]
+
+    @property
+    def table_name(self) -> str:
+        """Table part of :attr:`outbox_table`."""
+        return self.outbox_table.split(".")[1]

@@ -1,0 +1,100 @@
+"""Prometheus metrics and the small HTTP endpoint serving ``/metrics`` and ``/healthz``.
+
+The endpoint is a few lines of asyncio rather than prometheus_client's threaded server so
+that ``/healthz`` can report the relay's live state from the event loop. No label or value
+ever carries a DSN or URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+STATES = ("starting", "standby", "streaming", "reconnecting", "draining")
+
+
+class Metrics:
+    """Every metric of the relay, on a private registry (tests may build several)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.published = Counter(
+            "cdc_events_published_total", "Events confirmed by the broker", registry=r
+        )
+        self.parked = Counter(
+            "cdc_events_parked_total", "Events parked (and confirmed)", ["kind"], registry=r
+        )
+        self.ignored = Counter(
+            "cdc_rows_ignored_total", "Decoded changes that are not outbox inserts", ["reason"],
+            registry=r,
+        )
+        self.republished = Counter(
+            "cdc_republished_total", "Publishes sent again", ["reason"], registry=r
+        )
+        self.reconnects = Counter(
+            "cdc_reconnects_total", "Sessions restarted after a failure", ["side"], registry=r
+        )
+        self.inflight = Gauge("cdc_inflight_events", "Events awaiting a confirm", registry=r)
+        self.flushed_lsn = Gauge("cdc_flushed_lsn", "LSN confirmed to PostgreSQL", registry=r)
+        self.received_lsn = Gauge("cdc_received_lsn", "Last WAL position received", registry=r)
+        self.server_lsn = Gauge("cdc_server_wal_end_lsn", "Server's WAL end", registry=r)
+        self.lag_bytes = Gauge(
+            "cdc_replication_lag_bytes", "Server WAL end minus confirmed LSN", registry=r
+        )
+        self.lag_seconds = Gauge(
+            "cdc_replication_lag_seconds",
+            "Age of the oldest committed transaction not yet broker-confirmed",
+            registry=r,
+        )
+        self.confirm_latency = Histogram(
+            "cdc_confirm_latency_seconds",
+            "Commit to broker confirm, per event",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.state = Gauge("cdc_relay_state", "1 for the current state", ["state"], registry=r)
+        self.set_state("starting")
+
+    def set_state(self, state: str) -> None:
+        """Make ``state`` the one current state."""
+        for name in STATES:
+            self.state.labels(state=name).set(1 if name == state else 0)
+
+
+async def serve(
+    host: str, port: int, metrics: Metrics, health: Callable[[], dict[str, object]]
+) -> asyncio.Server:
+    """Start the HTTP endpoint; the caller closes the returned server."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), timeout=5)
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) > 1 else "/"
+            if path.startswith("/metrics"):
+                body = generate_latest(metrics.registry)
+                status, ctype = "200 OK", CONTENT_TYPE_LATEST
+            elif path.startswith("/healthz"):
+                status, ctype, body = "200 OK", "application/json", orjson.dumps(health())
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (OSError, TimeoutError, UnicodeDecodeError) as exc:
+            log.debug("metrics request failed: %s", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    return await asyncio.start_server(handle, host, port)

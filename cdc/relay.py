@@ -1,0 +1,281 @@
+"""The relay: wires the replication stream, the outbox feed, the watermark and the publisher.
+
+A *session* is one replication connection plus one broker connection. Its reader task owns
+the replication socket (decode, register in the watermark, answer keepalives, send status
+updates); its publisher task publishes items in order with a bounded window of unconfirmed
+messages. Any failure ends the session with the real cause; :meth:`Relay.run` then backs off
+and starts a new one, which resumes at the slot's ``confirmed_flush_lsn``, so whatever was
+not confirmed is streamed and published again. A busy slot (another relay streams) makes
+this relay a hot standby that keeps trying to take over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from cdc import slot as slots
+from cdc.backoff import Backoff
+from cdc.config import RelaySettings
+from cdc.errors import SetupError, SinkError, SlotBusyError, SourceError
+from cdc.feed import Item, OutboxFeed
+from cdc.lsn import format_lsn, parse_lsn
+from cdc.metrics import Metrics
+from cdc.outbox import Malformed
+from cdc.publisher import Publisher
+from cdc.replication import Keepalive, parse_copy_data
+from cdc.source import ReplicationStream
+from cdc.watermark import Txn, Watermark
+
+log = logging.getLogger(__name__)
+
+#: Exit codes of `cdc relay` (README, "Exit codes").
+EXIT_STOPPED = 0
+EXIT_DRAIN_TIMEOUT = 4
+
+# Send a status update this soon after the watermark moves; it bounds the duplicates that a
+# crash can cause without writing one message per confirm.
+_FLUSH_REPORT_DELAY = 0.02
+_HEALTHY_SESSION = 30.0
+
+
+class Relay:
+    """Runs sessions until stopped; see the module docstring."""
+
+    def __init__(self, settings: RelaySettings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._stop = asyncio.Event()
+        self.state = "starting"
+        self._watermark = Watermark()
+
+    def stop(self) -> None:
+        """Ask the relay to drain and exit (signal handlers call this)."""
+        self._stop.set()
+
+    def health(self) -> dict[str, Any]:
+        """What `/healthz` reports."""
+        return {
+            "state": self.state,
+            "slot": self._settings.slot_name,
+            "flushed_lsn": format_lsn(self._watermark.flushed),
+            "in_flight": self._watermark.in_flight,
+        }
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            log.info("relay state: %s", state)
+        self.state = state
+        self._metrics.set_state(state)
+
+    async def run(self) -> int:
+        """Stream until stopped; return the exit code. SetupError propagates (not retried)."""
+        backoff = Backoff(self._settings.reconnect_min_delay, self._settings.reconnect_max_delay)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                return await self._session()
+            except SlotBusyError:
+                self._set_state("standby")
+                await self._sleep(self._settings.standby_poll_interval)
+                continue
+            except SetupError:
+                raise
+            except (SourceError, SinkError) as exc:
+                side = "broker" if isinstance(exc, SinkError) else "database"
+                self._metrics.reconnects.labels(side=side).inc()
+                self._set_state("reconnecting")
+                if time.monotonic() - started > _HEALTHY_SESSION:
+                    backoff.reset()
+                delay = backoff.next_delay()
+                log.warning("session ended (%s): %s; retrying in %.2fs", side, exc, delay)
+                await self._sleep(delay)
+        return EXIT_STOPPED
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    def _prepare(self) -> int:
+        """Ensure the slot exists and return its confirmed_flush_lsn (blocking; in a thread)."""
+        with slots.connect(self._settings) as conn:
+            slots.require_publication(conn, self._settings)
+            if slots.ensure_slot(conn, self._settings):
+                log.info("created replication slot %s", self._settings.slot_name)
+            row = conn.execute(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                (self._settings.slot_name,),
+            ).fetchone()
+        return parse_lsn(row[0]) if row and row[0] else 0
+
+    async def _session(self) -> int:
+        start_lsn = await asyncio.to_thread(self._prepare)
+        stream = await ReplicationStream.start(self._settings)
+        publisher = Publisher(self._settings, self._metrics)
+        try:
+            await publisher.connect()
+            session = _Session(self._settings, self._metrics, stream, publisher, start_lsn)
+            self._watermark = session.watermark
+            self._set_state("streaming")
+            log.info(
+                "streaming from slot %s at %s (pgoutput v%d)",
+                self._settings.slot_name, format_lsn(start_lsn), stream.proto_version,
+            )
+            return await session.run(self._stop, self._set_state)
+        finally:
+            await publisher.close()
+            await stream.close()
+
+
+class _Session:
+    """One replication connection and one broker connection, joined by a queue."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        metrics: Metrics,
+        stream: ReplicationStream,
+        publisher: Publisher,
+        start_lsn: int,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._stream = stream
+        self._publisher = publisher
+        self.watermark = Watermark(flushed=start_lsn)
+        self._feed = OutboxFeed(
+            settings.table_schema,
+            settings.table_name,
+            self.watermark,
+            lambda reason: metrics.ignored.labels(reason=reason).inc(),
+        )
+        self._queue: deque[Item] = deque()
+        self._queued = asyncio.Event()
+        self._window = asyncio.Semaphore(settings.max_in_flight)
+        self._deliveries: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        self._failed: asyncio.Future[None] = loop.create_future()
+        self._progress: asyncio.Future[None] = loop.create_future()
+        self._reported = start_lsn
+        self._server_end = start_lsn
+
+    async def run(self, stop: asyncio.Event, set_state: Any) -> int:
+        """Stream until ``stop`` is set or a task fails (re-raised with its real cause)."""
+        reader = asyncio.create_task(self._read(), name="cdc-reader")
+        writer = asyncio.create_task(self._publish(), name="cdc-publisher")
+        stopper = asyncio.create_task(stop.wait())
+        tasks: set[asyncio.Future[Any]] = {reader, writer, stopper, self._failed}
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for done in (self._failed, reader, writer):
+                if done.done() and not done.cancelled() and done.exception() is not None:
+                    raise done.exception()  # type: ignore[misc]
+            set_state("draining")
+            reader.cancel()
+            return await self._drain()
+        finally:
+            for task in (reader, writer, stopper, *self._deliveries):
+                task.cancel()
+            if not self._failed.done():
+                self._failed.cancel()
+
+    async def _drain(self) -> int:
+        deadline = time.monotonic() + self._settings.shutdown_timeout
+        while self.watermark.in_flight and time.monotonic() < deadline:
+            if self._failed.done():
+                break
+            await asyncio.sleep(0.02)
+        left = self.watermark.in_flight
+        await self._stream.send_status(self.watermark.flushed)
+        log.info(
+            "stopped at %s with %d event(s) unconfirmed",
+            format_lsn(self.watermark.flushed), left,
+        )
+        return EXIT_DRAIN_TIMEOUT if left else EXIT_STOPPED
+
+    # -- reader: owns the replication socket ------------------------------------------------
+
+    async def _read(self) -> None:
+        interval = self._settings.status_interval
+        next_status = time.monotonic() + interval
+        while True:
+            now = time.monotonic()
+            if self.watermark.flushed > self._reported or now >= next_status:
+                await self._report()
+                next_status = now + interval
+            if self.watermark.in_flight >= self._settings.max_in_flight:
+                await self._wait_progress(min(interval, max(0.0, next_status - now)))
+                continue
+            pending = self.watermark.flushed > self._reported or self.watermark.in_flight
+            timeout = _FLUSH_REPORT_DELAY if pending else max(0.0, next_status - now)
+            data = await self._stream.read(timeout)
+            if data is not None:
+                await self._on_copy_data(data)
+
+    async def _wait_progress(self, timeout: float) -> None:
+        if self._progress.done():
+            self._progress = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._progress), timeout)
+
+    async def _on_copy_data(self, data: memoryview) -> None:
+        msg = parse_copy_data(data)
+        if isinstance(msg, Keepalive):
+            self._server_end = max(self._server_end, msg.wal_end)
+            if not self._feed.in_transaction:
+                self.watermark.keepalive(msg.wal_end)
+            if msg.reply_requested:
+                await self._report()
+            return
+        self._server_end = max(self._server_end, msg.wal_end)
+        self._metrics.received_lsn.set(msg.wal_start)
+        item = self._feed.handle(msg.payload, msg.wal_start)
+        if item is not None:
+            self._queue.append(item)
+            self._queued.set()
+
+    async def _report(self) -> None:
+        flushed = self.watermark.flushed
+        await self._stream.send_status(flushed)
+        self._reported = flushed
+        m = self._metrics
+        m.flushed_lsn.set(flushed)
+        m.server_lsn.set(self._server_end)
+        m.lag_bytes.set(max(0, self._server_end - flushed))
+        m.inflight.set(self.watermark.in_flight)
+        oldest = self.watermark.oldest_pending_commit()
+        m.lag_seconds.set(max(0.0, time.time() - oldest) if oldest else 0.0)
+
+    # -- publisher: bounded window of unconfirmed messages ------------------------------------
+
+    async def _publish(self) -> None:
+        while True:
+            while not self._queue:
+                self._queued.clear()
+                await self._queued.wait()
+            txn, item = self._queue.popleft()
+            await self._window.acquire()
+            task = asyncio.create_task(self._deliver(txn, item))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, txn: Txn, item: Any) -> None:
+        try:
+            if isinstance(item, Malformed):
+                await self._publisher.park(item)
+            else:
+                await self._publisher.deliver(item)
+        except (SinkError, SourceError) as exc:
+            if not self._failed.done():
+                self._failed.set_exception(exc)
+            return
+        finally:
+            self._window.release()
+        self.watermark.confirm(txn)
+        self._metrics.confirm_latency.observe(max(0.0, time.time() - txn.commit_time))
+        if not self._progress.done():
+            self._progress.set_result(None)

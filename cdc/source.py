@@ -1,0 +1,148 @@
+"""The PostgreSQL side: one replication connection in COPY BOTH mode, driven over asyncio.
+
+psycopg 3 has no replication API, so this drives its libpq layer (``conn.pgconn``)
+directly. This module is the only code that touches the replication socket; protocol
+bytes are built and parsed by ``cdc/replication.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import psycopg
+from psycopg import pq
+
+from cdc.config import RelaySettings
+from cdc.errors import SetupError, SlotBusyError, SourceError
+from cdc.replication import (
+    pgoutput_version,
+    standby_status,
+    start_replication_command,
+    unix_us_to_pg,
+)
+
+# Output functions run with the walsender's settings: pin them so timestamps parse.
+_SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3"
+_SETUP_STATES = {"42501", "42704", "55000", "42P01", "3D000", "28000"}
+
+
+def _translate(result: pq.abc.PGresult | None, pgconn: pq.abc.PGconn) -> SourceError:
+    state = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode() if result else ""
+    text = (result.error_message if result else pgconn.error_message).decode(errors="replace")
+    text = text.strip() or "replication connection closed"
+    if state == "55006":
+        return SlotBusyError(text)
+    if state in _SETUP_STATES:
+        return SetupError(f"{text} (run `cdc setup`, and check the role has REPLICATION)")
+    return SourceError(text)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    # Reader/writer callbacks fire on every loop turn while the socket stays ready.
+    if not future.done():
+        future.set_result(None)
+
+
+class ReplicationStream:
+    """A started logical replication stream; read CopyData payloads, send status updates."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        self._conn = conn
+        self._pg = conn.pgconn
+        self._fd = self._pg.socket
+        self.proto_version = pgoutput_version(self._pg.server_version)
+
+    @classmethod
+    async def start(cls, settings: RelaySettings) -> ReplicationStream:
+        """Connect with ``replication=database`` and issue START_REPLICATION at the slot."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                settings.database_url.get_secret_value(),
+                replication="database",
+                autocommit=True,
+                options=_SESSION_OPTIONS,
+            )
+        except psycopg.OperationalError as exc:
+            raise SourceError(f"cannot open the replication connection: {exc}") from exc
+        stream = cls(conn)
+        try:
+            await stream._start(settings)
+        except BaseException:
+            await stream.close()
+            raise
+        return stream
+
+    async def _start(self, settings: RelaySettings) -> None:
+        cmd = start_replication_command(
+            settings.slot_name, settings.publication_name, self.proto_version
+        )
+        self._pg.send_query(cmd)
+        result = await self._next_result()
+        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
+            raise _translate(result, self._pg)
+
+    async def _next_result(self) -> pq.abc.PGresult | None:
+        while True:
+            self._pg.consume_input()
+            if not self._pg.is_busy():
+                return self._pg.get_result()
+            await self._wait_readable(None)
+
+    async def _wait_readable(self, timeout: float | None) -> bool:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(self._fd, _resolve, ready)
+        try:
+            await asyncio.wait_for(ready, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(self._fd)
+
+    async def _wait_writable(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(self._fd, _resolve, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(self._fd)
+
+    async def read(self, timeout: float) -> memoryview | None:
+        """Return the next CopyData payload, or ``None`` if nothing came within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                nbytes, data = self._pg.get_copy_data(1)
+            except psycopg.OperationalError as exc:
+                raise SourceError(f"replication stream failed: {exc}") from exc
+            if nbytes > 0:
+                return data
+            if nbytes == -1:
+                raise _translate(self._pg.get_result(), self._pg)
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self._wait_readable(left):
+                return None
+            try:
+                self._pg.consume_input()
+            except psycopg.OperationalError as exc:
+                raise SourceError(f"replication connection lost: {exc}") from exc
+
+    async def send_status(self, lsn: int, *, reply: bool = False) -> None:
+        """Report ``lsn`` as written, flushed and applied."""
+        now = unix_us_to_pg(time.time_ns() // 1000)
+        try:
+            if self._pg.put_copy_data(standby_status(lsn, now, reply=reply)) != 1:
+                raise SourceError("could not queue the standby status update")
+            while self._pg.flush() == 1:
+                await self._wait_writable()
+        except psycopg.OperationalError as exc:
+            raise SourceError(f"replication connection lost: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close the connection; the walsender releases the slot."""
+        with contextlib.suppress(Exception):
+            await self._conn.close()

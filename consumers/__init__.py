@@ -1,0 +1,1 @@
+"""Consumer workers for the events the relay publishes (billing metering, notifications)."""
