@@ -17,9 +17,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_EXCHANGE = "cloudphone.events"
 DEFAULT_PARKING_QUEUE = "cdc.outbox.parked"
 
-_SLOT_RE = re.compile(r"^[a-z0-9_]{1,63}$")
-_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
-_AMQP_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
+_SLOT_RE = re.compile(r"[a-z0-9_]{1,63}")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+_AMQP_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
 
 
 class RelaySettings(BaseSettings):
@@ -49,14 +49,14 @@ class RelaySettings(BaseSettings):
     @field_validator("slot_name")
     @classmethod
     def _check_slot(cls, value: str) -> str:
-        if not _SLOT_RE.match(value):
+        if not _SLOT_RE.fullmatch(value):
             raise ValueError("slot names may use only a-z, 0-9 and _, at most 63 characters")
         return value
 
     @field_validator("publication_name")
     @classmethod
     def _check_publication(cls, value: str) -> str:
-        if not _IDENT_RE.match(value):
+        if not _IDENT_RE.fullmatch(value):
             raise ValueError("must be a plain SQL identifier (letters, digits, _), max 63")
         return value
 
@@ -64,14 +64,14 @@ class RelaySettings(BaseSettings):
     @classmethod
     def _check_table(cls, value: str) -> str:
         parts = value.split(".")
-        if len(parts) > 2 or not all(_IDENT_RE.match(p) for p in parts):
+        if len(parts) > 2 or not all(_IDENT_RE.fullmatch(p) for p in parts):
             raise ValueError("must be 'table' or 'schema.table' made of plain SQL identifiers")
         return value if len(parts) == 2 else f"public.{value}"
 
     @field_validator("exchange", "parking_queue")
     @classmethod
     def _check_amqp_name(cls, value: str) -> str:
-        if not _AMQP_NAME_RE.match(value):
+        if not _AMQP_NAME_RE.fullmatch(value):
             raise ValueError("AMQP names may use letters, digits and . _ - : only")
         return value
 

@@ -41,14 +41,16 @@ class _JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED:
-                doc[key] = value
+                doc[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return redact(orjson.dumps(doc, default=str).decode())
+            doc["exc"] = redact(self.formatException(record.exc_info))
+        # Redact values before encoding: a pattern run over JSON text could eat its quotes.
+        # Whatever non-string value is left is stringified by default=str, then redacted.
+        return orjson.dumps(doc, default=lambda v: redact(str(v))).decode()
 
 
 def configure(fmt: str, level: str) -> None:
