@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-
 from cdc.lsn import format_lsn
 from cdc.pgoutput import BinaryValue, Relation, TupleData, UnchangedToast
 
@@ -155,5 +154,6 @@ def route(
     headers["aggregate_id"] = _text(col("aggregate_id"))
     headers["commit_lsn"] = format_lsn(commit_lsn)
     headers["commit_time"] = commit_time.isoformat()
-    headers["created_at"] = created_at.isoformat(timespec="microseconds") if created_at else created_text
+    created_iso = created_at.isoformat(timespec="microseconds") if created_at else None
+    headers["created_at"] = created_iso or created_text
     return OutboxEvent(message_id, event_type, payload, created_at, headers)
