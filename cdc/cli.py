@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from cdc import slot as slots
 from cdc.config import RelaySettings
-from cdc.errors import CdcError, SetupError
+from cdc.errors import CdcError, SetupError, SourceError
 from cdc.logs import configure, redact
 
 log = logging.getLogger("cdc")
@@ -131,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, settings)
     except SetupError as exc:
         log.error("database is not set up for the relay: %s", exc)
+        return EXIT_SETUP
+    except SourceError as exc:
+        if args.command == "relay":
+            raise
+        log.error("%s", exc)
         return EXIT_SETUP
     except CdcError as exc:
         log.error("%s", exc)
