@@ -133,10 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("database is not set up for the relay: %s", exc)
         return EXIT_SETUP
     except SourceError as exc:
-        if args.command == "relay":
-            raise
         log.error("%s", exc)
-        return EXIT_SETUP
+        return EXIT_ERROR if args.command == "relay" else EXIT_SETUP
     except CdcError as exc:
         log.error("%s", exc)
         return EXIT_ERROR
