@@ -1,0 +1,1484 @@
+"""Fixtures that start or clean real services (PostgreSQL, RabbitMQ, the relay process).
+
+The one place that creates and removes test resources. Everything a test creates carries a
+name with the session tag, and is removed in teardown even when the test fails:
+
+- ``pg_session_db`` (session): a throwaway database ``cdc_test_<tag>``, dropped at session end
+  after terminating its backends/walsenders, rolling back its prepared transactions and
+  dropping its slots;
+- ``broker`` (session): a synchronous facade over aio-pika running in its own loop thread;
+  at session end it deletes what the session declared and sweeps leftovers
+  (``cdc_test.<tag>.*``, and stale ones of crashed sessions older than 6 h);
+- ``env`` (function): unique table, slot, publication, exchange, parking queue and sink
+  queue (durable classic, bound with ``#``), ``relay_env()`` with small timeouts, helpers to
+  run ``python -m cdc``, start :class:`Relay` subprocesses, insert rows, drain the sink;
+- ``tcp_proxy`` (function): a :class:`tcp_proxy.TcpProxy` to the broker, stopped at test end.
+
+Services default to 127.0.0.1 (PostgreSQL 5432 as ``postgres``, RabbitMQ 5672 guest/guest);
+override with ``CDC_TEST_PG_URL`` (an admin URL to the ``postgres`` database) and
+``CDC_TEST_AMQP_URL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+import psycopg
+import pytest
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get("CDC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_URL = os.environ.get("CDC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+#: Session tag: 8 hex digits of the start time (for the stale sweep) + 4 random ones.
+SESSION = f"{int(time.time()):08x}{secrets.token_hex(2)}"
+STALE_AFTER_S = 6 * 3600
+_STALE_DB_RE = re.compile(r"^cdc_test_([0-9a-f]{8})[0-9a-f]{4}$")
+_STALE_SLOT_RE = re.compile(r"^cdc_test_([0-9a-f]{8})[0-9a-f]{4}_")
+_STALE_AMQP_RE = re.compile(r"^cdc_test\.([0-9a-f]{8})[0-9a-f]{4}\.")
+_LSN_RE = re.compile(r"^([0-9A-F]{1,8})/([0-9A-F]{1,8})$")
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def parse_lsn(text: str) -> int:
+    """``'16/B374D848'`` -> int (tests keep their own copy; they do not trust cdc.lsn)."""
+    m = _LSN_RE.match(text.strip().upper())
+    if m is None:
+        raise ValueError(f"not an LSN: {text!r}")
+    return (int(m.group(1), 16) << 32) | int(m.group(2), 16)
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    message: str | Callable[[], str] = "condition",
+    interval: float = 0.1,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``message`` at the end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            pytest.fail(f"timed out after {timeout:.1f}s waiting for {text}")
+        time.sleep(interval)
+
+
+def db_url(dbname: str, password: str | None = None) -> str:
+    """The admin URL pointed at ``dbname`` (optionally with a password put in)."""
+    parts = urlsplit(ADMIN_URL)
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0] or "postgres"
+        netloc = f"{user}:{password}@{hostport}"
+    return urlunsplit((parts.scheme, netloc, f"/{dbname}", parts.query, parts.fragment))
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Prometheus text format -> {name: [(labels, value), ...]} (enough for our assertions)."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    line_re = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)")
+    label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = line_re.match(line)
+        if m is None:
+            continue
+        labels = dict(label_re.findall(m.group(3) or ""))
+        out.setdefault(m.group(1), []).append((labels, float(m.group(4))))
+    return out
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the samples of ``name`` whose labels include ``labels``; None if absent."""
+    samples = parse_metrics(text).get(name)
+    if samples is None:
+        return None
+    return sum(v for lab, v in samples if all(lab.get(k) == val for k, val in labels.items()))
+
+
+def _run_async_in_thread(coro_fn: Callable[[], Any], timeout: float = 60) -> Any:
+    """Run a coroutine function on a fresh loop in a fresh thread (safe from any context)."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(coro_fn())
+        except BaseException as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+# --------------------------------------------------------------------------------------------
+# RabbitMQ
+
+
+def _plain(value: Any) -> Any:
+    """AMQP table values -> plain Python (bytes decoded as UTF-8 where possible)."""
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return bytes(value)
+    if isinstance(value, dict):
+        return {str(_plain(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Msg:
+    """One message taken from a queue, with what the contract talks about."""
+
+    body: bytes
+    message_id: str | None
+    type: str | None
+    content_type: str | None
+    delivery_mode: int | None
+    timestamp: dt.datetime | None
+    headers: dict[str, Any]
+    routing_key: str | None
+    exchange: str | None
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def commit_lsn(self) -> int:
+        return parse_lsn(str(self.headers["commit_lsn"]))
+
+
+def _to_msg(m: aio_pika.abc.AbstractIncomingMessage) -> Msg:
+    return Msg(
+        body=bytes(m.body),
+        message_id=m.message_id,
+        type=m.type,
+        content_type=m.content_type,
+        delivery_mode=int(m.delivery_mode) if m.delivery_mode is not None else None,
+        timestamp=m.timestamp,
+        headers=_plain(dict(m.headers or {})),
+        routing_key=m.routing_key,
+        exchange=m.exchange,
+    )
+
+
+class Broker:
+    """Synchronous facade over one aio-pika connection living in a background loop thread.
+
+    Every operation opens a channel, so a channel-level error (e.g. a passive declare of a
+    missing queue) does not break later calls; a dead connection is reopened once.
+    """
+
+    def __init__(self, url: str = AMQP_URL) -> None:
+        self.url = url
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="amqp")
+        self._thread.start()
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self.declared_queues: set[str] = set()
+        self.declared_exchanges: set[str] = set()
+
+    def _run(self, fn: Callable[[aio_pika.abc.AbstractChannel], Any], timeout: float = 60) -> Any:
+        async def with_channel() -> Any:
+            for attempt in range(2):
+                try:
+                    if self._conn is None or self._conn.is_closed:
+                        self._conn = await aio_pika.connect(self.url, timeout=10)
+                    async with self._conn.channel() as channel:
+                        return await fn(channel)
+                except (
+                    aiormq.exceptions.AMQPConnectionError,
+                    aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError,
+                    OSError,
+                    RuntimeError,  # aio-pika: "<Connection ...> closed"
+                ):
+                    if self._conn is not None:
+                        with contextlib.suppress(Exception):
+                            await self._conn.close()
+                    self._conn = None
+                    if attempt:
+                        raise
+            return None
+
+        return asyncio.run_coroutine_threadsafe(with_channel(), self._loop).result(timeout)
+
+    def close(self) -> None:
+        async def close() -> None:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._conn.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    # -- topology ---------------------------------------------------------------------------
+
+    def declare_exchange(self, name: str) -> None:
+        self.declared_exchanges.add(name)
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            await ch.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+
+        self._run(fn)
+
+    def declare_queue(
+        self, name: str, bind_to: str | None = None, keys: Iterable[str] = ()
+    ) -> None:
+        self.declared_queues.add(name)
+        keys = list(keys)
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            q = await ch.declare_queue(name, durable=True, arguments={"x-queue-type": "classic"})
+            for key in keys:
+                await q.bind(bind_to, routing_key=key)
+
+        self._run(fn)
+
+    def bind(self, queue: str, exchange: str, key: str) -> None:
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            await (await ch.get_underlay_channel()).queue_bind(queue, exchange, routing_key=key)
+
+        self._run(fn)
+
+    def unbind(self, queue: str, exchange: str, key: str) -> None:
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            await (await ch.get_underlay_channel()).queue_unbind(queue, exchange, routing_key=key)
+
+        self._run(fn)
+
+    def queue_count(self, name: str) -> int | None:
+        """Ready messages in ``name`` (passive declare); None if the queue does not exist."""
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> int | None:
+            try:
+                ok = await (await ch.get_underlay_channel()).queue_declare(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return None
+            return int(ok.message_count)
+
+        return self._run(fn, timeout=20)
+
+    def exchange_exists(self, name: str) -> bool:
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> bool:
+            try:
+                await (await ch.get_underlay_channel()).exchange_declare(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+            return True
+
+        return bool(self._run(fn))
+
+    def delete_queue(self, name: str) -> None:
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            await (await ch.get_underlay_channel()).queue_delete(name)
+
+        with contextlib.suppress(aiormq.exceptions.ChannelNotFoundEntity):
+            self._run(fn)
+        self.declared_queues.discard(name)
+
+    def delete_exchange(self, name: str) -> None:
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            await (await ch.get_underlay_channel()).exchange_delete(name)
+
+        with contextlib.suppress(aiormq.exceptions.ChannelNotFoundEntity):
+            self._run(fn)
+        self.declared_exchanges.discard(name)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes) -> None:
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            ex = await ch.get_exchange(exchange, ensure=False)
+            await ex.publish(aio_pika.Message(body), routing_key=routing_key)
+
+        self._run(fn)
+
+    # -- consuming --------------------------------------------------------------------------
+
+    def drain(
+        self,
+        queue: str,
+        expected: int | None = None,
+        quiet: float = 1.0,
+        timeout: float = 60.0,
+        stop: Callable[[list[Msg]], bool] | None = None,
+    ) -> list[Msg]:
+        """Consume ``queue`` (acking) and return the messages in arrival order.
+
+        Stops when at least ``expected`` messages arrived (or ``stop(msgs)`` is true) and then
+        nothing more came for ``quiet`` seconds, or when nothing came for ``quiet`` seconds
+        with ``expected`` None, or at ``timeout`` (the caller asserts on what it got).
+        """
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> list[Msg]:
+            await ch.set_qos(prefetch_count=2000)
+            q = await ch.declare_queue(queue, passive=True)
+            msgs: list[Msg] = []
+            last = [time.monotonic()]
+
+            async def on_message(m: aio_pika.abc.AbstractIncomingMessage) -> None:
+                msgs.append(_to_msg(m))
+                last[0] = time.monotonic()
+                await m.ack()
+
+            tag = await q.consume(on_message)
+            deadline = time.monotonic() + timeout
+            try:
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                    enough = (expected is None or len(msgs) >= expected) and (
+                        stop is None or stop(msgs)
+                    )
+                    if enough and time.monotonic() - last[0] >= quiet:
+                        break
+            finally:
+                with contextlib.suppress(Exception):
+                    await q.cancel(tag)
+            return msgs
+
+        return list(self._run(fn, timeout=timeout + 30))
+
+
+def wait_amqp_ready(url: str = AMQP_URL, timeout: float = 90.0) -> None:
+    """Block until the broker accepts an AMQP connection again."""
+
+    async def probe() -> bool:
+        try:
+            conn = await aio_pika.connect(url, timeout=3)
+        except Exception:
+            return False
+        await conn.close()
+        return True
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _run_async_in_thread(probe, timeout=10):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"broker at {url} did not come back within {timeout}s")
+
+
+def _rabbitmqctl_names(kind: str) -> list[str]:
+    if shutil.which("rabbitmqctl") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", kind, "--quiet", "--no-table-headers", "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _is_ours_or_stale(name: str, ours_prefix: str, pattern: re.Pattern[str]) -> bool:
+    if name.startswith(ours_prefix):
+        return True
+    m = pattern.match(name)
+    return bool(m) and time.time() - int(m.group(1), 16) > STALE_AFTER_S
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def pg_connect(url: str, **kw: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True, connect_timeout=10, **kw)
+
+
+def _drop_slot(conn: psycopg.Connection[Any], slot: str, timeout: float = 15.0) -> None:
+    """Terminate the walsender holding ``slot`` (if any), then drop the slot (if it exists)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = conn.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+        if row is None:
+            return
+        if row[0] is not None:
+            conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+            time.sleep(0.05)
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            return
+        except psycopg.errors.UndefinedObject:
+            return
+        except psycopg.errors.ObjectInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _rollback_prepared(conn: psycopg.Connection[Any], database: str, prefix: str = "") -> None:
+    rows = conn.execute(
+        "SELECT gid FROM pg_prepared_xacts WHERE database = %s AND gid LIKE %s",
+        (database, prefix + "%"),
+    ).fetchall()
+    for (gid,) in rows:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+
+
+def _drop_database(admin: psycopg.Connection[Any], name: str) -> None:
+    admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,),
+    )
+    # Prepared transactions of that database must be resolved from inside it.
+    with contextlib.suppress(psycopg.Error), pg_connect(db_url(name)) as conn:
+        _rollback_prepared(conn, name)
+    for (slot,) in admin.execute(
+        "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
+    ).fetchall():
+        with contextlib.suppress(psycopg.Error):
+            _drop_slot(admin, slot)
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _sweep_postgres(admin: psycopg.Connection[Any], current_db: str | None) -> list[str]:
+    """Drop this session's leftover slots/databases and stale ones of crashed sessions."""
+    swept: list[str] = []
+    for (slot,) in admin.execute(
+        "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'cdc\\_test\\_%'"
+    ).fetchall():
+        if _is_ours_or_stale(slot, f"cdc_test_{SESSION}_", _STALE_SLOT_RE):
+            with contextlib.suppress(psycopg.Error):
+                _drop_slot(admin, slot)
+                swept.append(f"slot {slot}")
+    for (name,) in admin.execute(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'cdc\\_test\\_%'"
+    ).fetchall():
+        m = _STALE_DB_RE.match(name)
+        if name == current_db or (m and time.time() - int(m.group(1), 16) > STALE_AFTER_S):
+            with contextlib.suppress(psycopg.Error):
+                _drop_database(admin, name)
+                swept.append(f"database {name}")
+    return swept
+
+
+# --------------------------------------------------------------------------------------------
+# the relay subprocess
+
+
+class Relay:
+    """One ``python -m cdc relay`` subprocess; stdout+stderr go to ``log_path``."""
+
+    def __init__(
+        self,
+        env_vars: dict[str, str],
+        log_path: Path,
+        slot_active: Callable[[], bool],
+        name: str = "relay",
+    ) -> None:
+        self.env_vars = env_vars
+        self.log_path = log_path
+        self.name = name
+        self._slot_active = slot_active
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+        port = int(env_vars.get("CDC_METRICS_PORT", "0"))
+        self.metrics_port = port or None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> Relay:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+        env.update(self.env_vars)
+        env["PYTHONUNBUFFERED"] = "1"
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()/wait
+        self._log_file.write(f"\n===== start {self.name} {time.time():.3f} =====\n".encode())
+        self._log_file.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cdc", "relay"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def sigkill(self) -> None:
+        assert self.proc is not None
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def sigterm(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for the exit and return the exit code (kill -9 and fail on timeout)."""
+        assert self.proc is not None
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail(f"{self.name} did not exit within {timeout}s of SIGTERM\n{self.tail()}")
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} still running after {timeout}s\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.alive():
+            self.sigkill()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    # -- observation ------------------------------------------------------------------------
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 60) -> str:
+        return f"--- {self.name} log ({self.log_path}) ---\n" + "\n".join(
+            self.log().splitlines()[-lines:]
+        )
+
+    def _get(self, path: str) -> tuple[int, str] | None:
+        if self.metrics_port is None:
+            raise AssertionError(f"{self.name} has no metrics port (CDC_METRICS_PORT=0)")
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2
+            ) as resp:
+                return resp.status, resp.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode("utf-8", "replace")
+        except (OSError, urllib.error.URLError):
+            return None
+
+    def healthz(self) -> dict[str, Any] | None:
+        got = self._get("/healthz")
+        if got is None:
+            return None
+        try:
+            return dict(json.loads(got[1]))
+        except ValueError:
+            return {"state": None, "raw": got[1], "status": got[0]}
+
+    def state(self) -> str | None:
+        h = self.healthz()
+        return None if h is None else h.get("state")
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """Sum of ``name``'s samples matching ``labels`` from /metrics (None if absent)."""
+        return metric_sum(self.metrics(), name, **labels)
+
+    def metrics(self) -> str:
+        got = self._get("/metrics")
+        assert got is not None and got[0] == 200, f"/metrics not reachable: {got}"
+        return got[1]
+
+    def _check_alive(self) -> None:
+        if not self.alive():
+            pytest.fail(f"{self.name} exited early with code {self.proc.returncode}\n{self.tail()}")  # type: ignore[union-attr]
+
+    def wait_state(self, state: str, timeout: float = 30.0) -> float:
+        """Wait for /healthz to report ``state``; returns the seconds it took."""
+        t0 = time.monotonic()
+
+        def ok() -> bool:
+            self._check_alive()
+            return self.state() == state
+
+        wait_for(
+            ok,
+            timeout,
+            lambda: f"{self.name} state {state!r} (now {self.healthz()})\n{self.tail()}",
+            interval=0.05,
+        )
+        return time.monotonic() - t0
+
+    def wait_streaming(self, timeout: float = 30.0) -> float:
+        """Wait until the relay streams: /healthz if it has a port, else the slot is active."""
+        if self.metrics_port is not None:
+            return self.wait_state("streaming", timeout)
+        t0 = time.monotonic()
+
+        def ok() -> bool:
+            self._check_alive()
+            return self._slot_active()
+
+        wait_for(ok, timeout, lambda: f"{self.name} to take the slot\n{self.tail()}", interval=0.05)
+        return time.monotonic() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# rows, transactions, writers
+
+
+def new_event(
+    event_type: str = "test.created",
+    payload: Any = None,
+    *,
+    aggregate_type: str = "device",
+    aggregate_id: str | None = None,
+    headers: Any = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One outbox row as a dict (``payload``/``headers`` are Python values, sent as jsonb)."""
+    row: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "aggregate_type": aggregate_type,
+        "aggregate_id": aggregate_id if aggregate_id is not None else f"agg-{secrets.token_hex(3)}",
+        "event_type": event_type,
+        "payload": {"n": secrets.token_hex(4)} if payload is None else payload,
+    }
+    if headers is not None:
+        row["headers"] = headers
+    row.update(extra)
+    return row
+
+
+_JSON_COLUMNS = {"payload", "headers"}
+
+
+class RawJson(str):
+    """JSON text to send as is to a jsonb column (other values are ``json.dumps``-ed)."""
+
+
+def insert_rows(cur: psycopg.Cursor[Any], table: str, rows: list[dict[str, Any]]) -> None:
+    """INSERT ``rows`` (dicts; same keys per batch) into ``table`` inside the current txn."""
+    if not rows:
+        return
+    schema, name = table.split(".")
+    # Keep the order of rows across groups: insert consecutive runs of the same shape.
+    runs: list[tuple[tuple[str, ...], list[dict[str, Any]]]] = []
+    for r in rows:
+        cols = tuple(r)
+        if runs and runs[-1][0] == cols:
+            runs[-1][1].append(r)
+        else:
+            runs.append((cols, [r]))
+    for cols, batch in runs:
+        placeholders = sql.SQL(", ").join(
+            sql.SQL("%s::jsonb") if c in _JSON_COLUMNS else sql.SQL("%s") for c in cols
+        )
+        query = sql.SQL("INSERT INTO {}.{} ({}) VALUES ({})").format(
+            sql.Identifier(schema),
+            sql.Identifier(name),
+            sql.SQL(", ").join(map(sql.Identifier, cols)),
+            placeholders,
+        )
+        params = [
+            tuple(
+                (json.dumps(r[c], ensure_ascii=False) if r[c] is not None else None)
+                if c in _JSON_COLUMNS and not isinstance(r[c], RawJson)
+                else r[c]
+                for c in cols
+            )
+            for r in batch
+        ]
+        cur.executemany(query, params)
+
+
+@dataclass
+class TxnRecord:
+    txn: str
+    kind: str
+    writer: int
+    kept: list[str] = field(default_factory=list)  # ids that must arrive, in insert order
+    dropped: list[str] = field(default_factory=list)  # ids that must never arrive
+
+
+class Workload:
+    """Writer threads inserting outbox rows in transactions of various kinds.
+
+    Kinds: ``commit``, ``rollback``, ``savepoint`` (a middle part rolled back to a savepoint,
+    the rest committed), ``2pc_commit`` and ``2pc_rollback`` (PREPARE TRANSACTION then
+    COMMIT/ROLLBACK PREPARED). Each payload carries ``txn``, ``seq`` (insert order within the
+    transaction) and ``w`` (writer). A writer stops after ``events_per_writer`` committed
+    events, when ``stop()`` is called, or on error (kept in ``errors``).
+    """
+
+    def __init__(
+        self,
+        env: Env,
+        *,
+        writers: int = 4,
+        events_per_writer: int = 1000,
+        max_txn: int = 100,
+        kinds: dict[str, float] | None = None,
+        rate_per_writer: float | None = None,
+        seed: int | None = None,
+        event_type: Callable[[random.Random], str] | None = None,
+        extra_columns: Callable[[], dict[str, Any]] | None = None,
+        pad: tuple[int, int] = (10, 120),
+    ) -> None:
+        self.env = env
+        self.writers = writers
+        self.events_per_writer = events_per_writer
+        self.max_txn = max_txn
+        self.kinds = kinds or {"commit": 1.0}
+        self.rate = rate_per_writer
+        self.seed = random.randrange(1 << 30) if seed is None else seed
+        self.event_type = event_type or (
+            lambda rng: rng.choice(["device.started", "user.updated", "app.installed"])
+        )
+        self.extra_columns = extra_columns
+        self.pad = pad
+        self.txns: list[TxnRecord] = []
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- results ----------------------------------------------------------------------------
+
+    @property
+    def committed_ids(self) -> set[str]:
+        with self._lock:
+            return {i for t in self.txns for i in t.kept}
+
+    @property
+    def dropped_ids(self) -> set[str]:
+        with self._lock:
+            return {i for t in self.txns for i in t.dropped}
+
+    @property
+    def committed_count(self) -> int:
+        with self._lock:
+            return sum(len(t.kept) for t in self.txns)
+
+    def kinds_seen(self) -> dict[str, int]:
+        with self._lock:
+            out: dict[str, int] = {}
+            for t in self.txns:
+                out[t.kind] = out.get(t.kind, 0) + 1
+            return out
+
+    def check_commit_order(self, msgs: list[Msg]) -> int:
+        """Assert stream order = commit order, one transaction at a time, rows in insert order.
+
+        ``commit_lsn`` never decreases along the stream; the messages of one commit LSN form
+        one contiguous run that is exactly the kept rows of one transaction, in ``seq`` order;
+        and every transaction forms exactly one run. Returns the number of transactions.
+        """
+        with self._lock:
+            kept = {t.txn: t.kept for t in self.txns if t.kept}
+        runs: list[tuple[int, list[Msg]]] = []
+        for m in msgs:
+            lsn = m.commit_lsn
+            if runs and lsn < runs[-1][0]:
+                raise AssertionError(
+                    f"commit_lsn went backwards: {format_lsn(lsn)} after "
+                    f"{format_lsn(runs[-1][0])} (message {m.message_id})"
+                )
+            if runs and runs[-1][0] == lsn:
+                runs[-1][1].append(m)
+            else:
+                runs.append((lsn, [m]))
+        seen: dict[str, int] = {}
+        for lsn, run in runs:
+            txns = {m.json["txn"] for m in run}
+            assert len(txns) == 1, f"commit_lsn {format_lsn(lsn)} shared by transactions {txns}"
+            txn = txns.pop()
+            assert txn not in seen, (
+                f"transaction {txn} split/interleaved: commit_lsn {format_lsn(seen[txn])} "
+                f"and {format_lsn(lsn)}"
+            )
+            seen[txn] = lsn
+            seqs = [m.json["seq"] for m in run]
+            assert seqs == sorted(seqs), f"order inside {txn} not kept: {seqs}"
+            assert [m.message_id for m in run] == kept[txn], (
+                f"transaction {txn}: arrived {len(run)} rows, committed {len(kept[txn])}"
+            )
+        assert set(seen) == set(kept), f"transactions missing: {sorted(set(kept) - set(seen))}"
+        return len(runs)
+
+    # -- control ----------------------------------------------------------------------------
+
+    def start(self) -> Workload:
+        for w in range(self.writers):
+            t = threading.Thread(target=self._writer, args=(w,), daemon=True, name=f"writer-{w}")
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        self._stop.set()
+        if self.errors:
+            raise AssertionError(f"writer failed: {self.errors[0]!r}") from self.errors[0]
+        assert not alive, f"writers still running after {timeout}s: {alive}"
+
+    def done(self) -> bool:
+        return all(not t.is_alive() for t in self._threads)
+
+    # -- one writer -------------------------------------------------------------------------
+
+    def _size(self, rng: random.Random) -> int:
+        if rng.random() < 0.5:
+            return rng.randint(1, min(20, self.max_txn))
+        return rng.randint(1, self.max_txn)
+
+    def _rows(
+        self, rng: random.Random, txn: str, w: int, kind: str, n: int
+    ) -> list[dict[str, Any]]:
+        rows = []
+        for seq in range(n):
+            payload = {
+                "txn": txn,
+                "seq": seq,
+                "w": w,
+                "kind": kind,
+                "pad": secrets.token_hex(rng.randint(*self.pad) // 2),
+            }
+            extra = self.extra_columns() if self.extra_columns else {}
+            rows.append(new_event(self.event_type(rng), payload, aggregate_id=f"{txn}", **extra))
+        return rows
+
+    def _writer(self, w: int) -> None:
+        rng = random.Random(self.seed * 100 + w)
+        kinds, weights = zip(*self.kinds.items(), strict=True)
+        committed = 0
+        n = 0
+        t0 = time.monotonic()
+        try:
+            with pg_connect(self.env.db_url) as conn, conn.cursor() as cur:
+                # the first transactions cycle through every kind, then random ones
+                while committed < self.events_per_writer and not self._stop.is_set():
+                    kind = kinds[n] if n < len(kinds) else rng.choices(kinds, weights)[0]
+                    txn = f"{self.env.tag}-w{w}-{n}"
+                    n += 1
+                    size = min(self._size(rng), max(1, self.events_per_writer - committed))
+                    rows = self._rows(rng, txn, w, kind, size)
+                    rec = TxnRecord(txn, kind, w)
+                    self._run_txn(cur, kind, txn, rows, rec, rng)
+                    with self._lock:
+                        self.txns.append(rec)
+                    committed += len(rec.kept)
+                    if self.rate:
+                        ahead = committed / self.rate - (time.monotonic() - t0)
+                        if ahead > 0:
+                            self._stop.wait(ahead)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def _run_txn(
+        self,
+        cur: psycopg.Cursor[Any],
+        kind: str,
+        txn: str,
+        rows: list[dict[str, Any]],
+        rec: TxnRecord,
+        rng: random.Random,
+    ) -> None:
+        table = self.env.table
+        ids = [r["id"] for r in rows]
+        cur.execute("BEGIN")
+        if kind == "savepoint" and len(rows) >= 2:
+            a = rng.randint(0, len(rows) - 1)
+            b = rng.randint(a + 1, len(rows))
+            insert_rows(cur, table, rows[:a])
+            cur.execute("SAVEPOINT sp")
+            insert_rows(cur, table, rows[a:b])
+            cur.execute("ROLLBACK TO SAVEPOINT sp")
+            insert_rows(cur, table, rows[b:])
+            cur.execute("COMMIT")
+            rec.kept, rec.dropped = ids[:a] + ids[b:], ids[a:b]
+            return
+        insert_rows(cur, table, rows)
+        if kind in ("commit", "savepoint"):
+            cur.execute("COMMIT")
+            rec.kept = ids
+        elif kind == "rollback":
+            cur.execute("ROLLBACK")
+            rec.dropped = ids
+        elif kind in ("2pc_commit", "2pc_rollback"):
+            gid = f"{self.env.gid_prefix}{txn}"
+            cur.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gid)))
+            if kind == "2pc_commit":
+                cur.execute(sql.SQL("COMMIT PREPARED {}").format(sql.Literal(gid)))
+                rec.kept = ids
+            else:
+                cur.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+                rec.dropped = ids
+        else:
+            raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------------------------
+# the per-test environment
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: str
+    aggregate_type: str | None
+    aggregate_id: str | None
+    event_type: str | None
+    payload_text: str | None
+    headers: dict[str, Any] | None
+    created_at: dt.datetime
+
+
+def _iso(text: Any) -> dt.datetime:
+    assert isinstance(text, str), f"expected ISO 8601 text, got {text!r}"
+    return dt.datetime.fromisoformat(text)
+
+
+class Env:
+    """Unique names for one test and helpers over them; ``cleanup()`` removes everything."""
+
+    def __init__(self, dbname: str, broker: Broker, tmp_path: Path) -> None:
+        self.tag = secrets.token_hex(3)
+        self.dbname = dbname
+        self.db_url = db_url(dbname)
+        self.broker = broker
+        self.tmp_path = tmp_path
+        self.table = f"public.outbox_{self.tag}"
+        self.slot = f"cdc_test_{SESSION}_{self.tag}"
+        self.publication = f"cdc_test_pub_{self.tag}"
+        self.exchange = f"cdc_test.{SESSION}.{self.tag}"
+        self.parking_queue = f"{self.exchange}.parked"
+        self.sink_queue = f"{self.exchange}.sink"
+        self.gid_prefix = f"cdc_test_{SESSION}_{self.tag}_"
+        self.extra_tables: list[str] = []
+        self.extra_queues: list[str] = []
+        self.relays: list[Relay] = []
+        self._conn: psycopg.Connection[Any] | None = None
+        self.t0 = dt.datetime.now(dt.UTC)
+
+    # -- topology ---------------------------------------------------------------------------
+
+    def declare_sink(self, keys: Iterable[str] = ("#",)) -> None:
+        """The exchange (as the relay declares it) and the durable classic sink queue."""
+        self.broker.declare_exchange(self.exchange)
+        self.broker.declare_queue(self.sink_queue, self.exchange, keys)
+
+    def declare_queue(self, suffix: str, keys: Iterable[str]) -> str:
+        name = f"{self.exchange}.{suffix}"
+        self.extra_queues.append(name)
+        self.broker.declare_queue(name, self.exchange, keys)
+        return name
+
+    # -- SQL --------------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = pg_connect(self.db_url)
+        return self._conn
+
+    def sql(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
+        cur = self.conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return pg_connect(self.db_url)
+
+    def table_ident(self) -> sql.Composed:
+        schema, name = self.table.split(".")
+        return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+    def current_wal_lsn(self) -> int:
+        return parse_lsn(self.sql("SELECT pg_current_wal_lsn()::text")[0][0])
+
+    def slot_info(self) -> dict[str, Any] | None:
+        rows = self.sql(
+            "SELECT slot_name, plugin, active, active_pid, restart_lsn::text,"
+            " confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            (self.slot,),
+        )
+        if not rows:
+            return None
+        keys = ("slot_name", "plugin", "active", "active_pid", "restart_lsn", "confirmed_flush_lsn")
+        return dict(zip(keys, rows[0], strict=True))
+
+    def confirmed_flush_lsn(self) -> int:
+        info = self.slot_info()
+        assert info is not None, f"slot {self.slot} does not exist"
+        return parse_lsn(info["confirmed_flush_lsn"])
+
+    def slot_active(self) -> bool:
+        info = self.slot_info()
+        return bool(info and info["active"])
+
+    def insert(self, rows: list[dict[str, Any]], table: str | None = None) -> list[dict[str, Any]]:
+        """Insert ``rows`` in one committed transaction; returns them."""
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            insert_rows(cur, table or self.table, rows)
+        return rows
+
+    # plain helpers, reachable from tests without importing conftest
+    event = staticmethod(new_event)
+    raw_json = RawJson
+    parse_lsn = staticmethod(parse_lsn)
+    format_lsn = staticmethod(format_lsn)
+    wait_for = staticmethod(wait_for)
+    free_port = staticmethod(free_port)
+
+    def workload(self, **kw: Any) -> Workload:
+        return Workload(self, **kw)
+
+    def prepare(self, rows: list[dict[str, Any]], name: str) -> str:
+        """Insert ``rows`` and PREPARE TRANSACTION; returns the gid (rolled back at teardown)."""
+        gid = f"{self.gid_prefix}{name}"
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute("BEGIN")
+            insert_rows(cur, self.table, rows)
+            cur.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gid)))
+        return gid
+
+    def finish_prepared(self, gid: str, commit: bool) -> None:
+        verb = "COMMIT PREPARED {}" if commit else "ROLLBACK PREPARED {}"
+        self.sql(sql.SQL(verb).format(sql.Literal(gid)))
+
+    def columns(self) -> dict[str, str]:
+        schema, name = self.table.split(".")
+        return dict(
+            self.sql(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+                (schema, name),
+            )
+        )
+
+    def ensure_headers_column(self) -> None:
+        if "headers" not in self.columns():
+            self.sql(sql.SQL("ALTER TABLE {} ADD COLUMN headers jsonb").format(self.table_ident()))
+
+    def fetch_rows(self) -> dict[str, Row]:
+        """The committed rows of the outbox (the ground truth), keyed by id."""
+        has_headers = "headers" in self.columns()
+        query = sql.SQL(
+            "SELECT id::text, aggregate_type, aggregate_id, event_type, payload::text, {},"
+            " created_at FROM {}"
+        ).format(sql.SQL("headers" if has_headers else "NULL::jsonb"), self.table_ident())
+        return {r[0]: Row(*r) for r in self.sql(query)}
+
+    def create_legacy_table(self) -> None:
+        """``event_outbox`` exactly as the seed report shows it (no ``headers`` column)."""
+        self.sql(
+            sql.SQL(
+                """
+                CREATE TABLE {} (
+                    id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+                    aggregate_type varchar(100) NOT NULL,
+                    aggregate_id   varchar(255),
+                    event_type     varchar(255) NOT NULL,
+                    payload        jsonb NOT NULL,
+                    status         varchar(50) NOT NULL DEFAULT 'pending',
+                    retry_count    integer NOT NULL DEFAULT 0,
+                    error_message  text,
+                    last_error_at  timestamptz,
+                    published_at   timestamptz,
+                    created_at     timestamptz NOT NULL DEFAULT now()
+                )
+                """
+            ).format(self.table_ident())
+        )
+
+    # -- the cdc CLI ------------------------------------------------------------------------
+
+    def relay_env(self, **overrides: Any) -> dict[str, str]:
+        """CDC_* variables for this test; ``overrides`` by field name (``max_in_flight=10``)."""
+        env = {
+            "CDC_DATABASE_URL": self.db_url,
+            "CDC_AMQP_URL": AMQP_URL,
+            "CDC_SLOT_NAME": self.slot,
+            "CDC_PUBLICATION_NAME": self.publication,
+            "CDC_OUTBOX_TABLE": self.table,
+            "CDC_EXCHANGE": self.exchange,
+            "CDC_PARKING_QUEUE": self.parking_queue,
+            "CDC_METRICS_PORT": "0",
+            "CDC_METRICS_HOST": "127.0.0.1",
+            "CDC_RECONNECT_MIN_DELAY": "0.1",
+            "CDC_RECONNECT_MAX_DELAY": "1",
+            "CDC_STANDBY_POLL_INTERVAL": "0.5",
+            "CDC_STATUS_INTERVAL": "1",
+            "CDC_LOG_FORMAT": "json",
+            "CDC_LOG_LEVEL": "INFO",
+        }
+        for key, value in overrides.items():
+            name = key if key.startswith("CDC_") else f"CDC_{key.upper()}"
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = str(value)
+        return env
+
+    def cdc(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m cdc ARGS`` with ``env`` (default: ``relay_env()``)."""
+        full = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+        full.update(self.relay_env() if env is None else env)
+        return subprocess.run(
+            [sys.executable, "-m", "cdc", *args],
+            cwd=REPO,
+            env=full,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def setup(self, **overrides: Any) -> subprocess.CompletedProcess[str]:
+        """``cdc setup``; fails the test unless it exits 0."""
+        res = self.cdc("setup", env=self.relay_env(**overrides))
+        if res.returncode != 0:
+            pytest.fail(f"cdc setup exited {res.returncode}\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def relay(self, metrics: bool = False, **overrides: Any) -> Relay:
+        """A started relay subprocess (killed at teardown if still running)."""
+        if metrics:
+            overrides.setdefault("metrics_port", free_port())
+        n = len(self.relays)
+        r = Relay(
+            self.relay_env(**overrides),
+            self.tmp_path / f"relay-{n}.log",
+            self.slot_active,
+            name=f"relay-{n}",
+        )
+        self.relays.append(r)
+        return r.start()
+
+    # -- the sink ---------------------------------------------------------------------------
+
+    def drain(self, expected: int | None = None, queue: str | None = None, **kw: Any) -> list[Msg]:
+        return self.broker.drain(queue or self.sink_queue, expected, **kw)
+
+    def sink_count(self) -> int:
+        n = self.broker.queue_count(self.sink_queue)
+        assert n is not None, f"sink queue {self.sink_queue} vanished"
+        return n
+
+    def wait_sink_count(self, n: int, timeout: float = 60.0, queue: str | None = None) -> int:
+        q = queue or self.sink_queue
+
+        def got() -> int | None:
+            c = self.broker.queue_count(q)
+            return c if c is not None and c >= n else None
+
+        return int(
+            wait_for(
+                got,
+                timeout,
+                lambda: (
+                    f"{n} messages in {q} (has {self.broker.queue_count(q)})\n{self.relay_tails()}"
+                ),
+                interval=0.1,
+            )
+        )
+
+    def relay_tails(self) -> str:
+        return "\n".join(r.tail(30) for r in self.relays)
+
+    # -- the contract -----------------------------------------------------------------------
+
+    def check_message(self, msg: Msg, row: Row) -> None:
+        """Assert one message is exactly what docs/contract.md says for ``row``."""
+        where = f"message for row {row.id}"
+        assert msg.exchange == self.exchange, where
+        assert msg.routing_key == row.event_type, where
+        assert msg.message_id == row.id, where
+        assert msg.type == row.event_type, where
+        assert msg.content_type == "application/json", where
+        assert msg.delivery_mode == 2, where
+        # body: the payload exactly as PostgreSQL prints it
+        assert row.payload_text is not None
+        assert msg.body == row.payload_text.encode("utf-8"), where
+        assert json.loads(msg.body) == json.loads(row.payload_text), where
+        # timestamp = created_at in whole seconds
+        assert msg.timestamp is not None, f"{where}: no timestamp"
+        ts = msg.timestamp if msg.timestamp.tzinfo else msg.timestamp.replace(tzinfo=dt.UTC)
+        created = row.created_at.timestamp()
+        assert int(ts.timestamp()) in (int(created), round(created)), (where, ts, row.created_at)
+        h = msg.headers
+        assert h.get("aggregate_type") == row.aggregate_type, (where, h)
+        if row.aggregate_id is None:
+            assert h.get("aggregate_id") in (None, ""), (where, h)
+        else:
+            assert h.get("aggregate_id") == row.aggregate_id, (where, h)
+        assert _LSN_RE.match(str(h.get("commit_lsn"))), (where, h)
+        commit_time = _iso(h.get("commit_time"))
+        assert commit_time.utcoffset() == dt.timedelta(0), (where, h["commit_time"])
+        now = dt.datetime.now(dt.UTC)
+        assert self.t0 - dt.timedelta(minutes=1) <= commit_time <= now + dt.timedelta(minutes=1)
+        created_h = _iso(h.get("created_at"))
+        if created_h.tzinfo is not None:
+            assert created_h == row.created_at, (where, h["created_at"], row.created_at)
+        else:
+            assert created_h in (
+                row.created_at.astimezone(dt.UTC).replace(tzinfo=None),
+                row.created_at.astimezone().replace(tzinfo=None),
+            ), (where, h["created_at"], row.created_at)
+        if isinstance(row.headers, dict):
+            relay_keys = {
+                "aggregate_type",
+                "aggregate_id",
+                "commit_lsn",
+                "commit_time",
+                "created_at",
+            }
+            for key, value in row.headers.items():
+                assert key in h, f"{where}: row header {key!r} missing from {h}"
+                if key not in relay_keys and isinstance(value, str):
+                    assert h[key] == value, (where, key, h[key], value)
+
+    def check_exactly_once(
+        self, msgs: list[Msg], rows: dict[str, Row], allow_duplicates: bool = False
+    ) -> dict[str, int]:
+        """Every row arrived (once, unless duplicates allowed), nothing else arrived, and
+        every message matches the contract. Returns {id: copies} for duplicated ids."""
+        copies: dict[str, int] = {}
+        for m in msgs:
+            assert m.message_id in rows, f"unexpected message {m.message_id}: {m.body[:200]!r}"
+            copies[m.message_id] = copies.get(m.message_id, 0) + 1
+        missing = set(rows) - set(copies)
+        assert not missing, f"{len(missing)} of {len(rows)} events lost, e.g. {sorted(missing)[:5]}"
+        dups = {k: v for k, v in copies.items() if v > 1}
+        if not allow_duplicates:
+            assert not dups, f"{len(dups)} duplicated events, e.g. {list(dups.items())[:5]}"
+        for m in msgs:
+            self.check_message(m, rows[m.message_id])  # type: ignore[index]
+        return dups
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def cleanup(self) -> list[str]:
+        errors: list[str] = []
+
+        def step(what: str, fn: Callable[[], Any]) -> None:
+            try:
+                fn()
+            except Exception as exc:
+                errors.append(f"{what}: {exc!r}")
+
+        for r in self.relays:
+            step(f"stop {r.name}", r.stop)
+        with contextlib.suppress(Exception):
+            if self._conn is not None:
+                self._conn.close()
+        try:
+            with pg_connect(self.db_url) as conn:
+                step(
+                    "rollback prepared",
+                    lambda: _rollback_prepared(conn, self.dbname, self.gid_prefix),
+                )
+                step("drop slot", lambda: _drop_slot(conn, self.slot))
+                step(
+                    "drop publication",
+                    lambda: conn.execute(
+                        sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
+                            sql.Identifier(self.publication)
+                        )
+                    ),
+                )
+                for table in [self.table, *self.extra_tables]:
+                    schema, name = table.split(".")
+                    step(
+                        f"drop {table}",
+                        lambda s=schema, n=name: conn.execute(
+                            sql.SQL("DROP TABLE IF EXISTS {}.{} CASCADE").format(
+                                sql.Identifier(s), sql.Identifier(n)
+                            )
+                        ),
+                    )
+        except Exception as exc:
+            errors.append(f"postgres: {exc!r}")
+        for q in [self.sink_queue, self.parking_queue, *self.extra_queues]:
+            step(f"delete queue {q}", lambda q=q: self.broker.delete_queue(q))
+        step(f"delete exchange {self.exchange}", lambda: self.broker.delete_exchange(self.exchange))
+        return errors
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def pg_session_db() -> Iterator[str]:
+    """A throwaway database for the whole session, dropped (with its slots) at the end."""
+    name = f"cdc_test_{SESSION}"
+    with pg_connect(ADMIN_URL) as admin:
+        _sweep_postgres(admin, None)  # stale leftovers of crashed sessions
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        with pg_connect(ADMIN_URL) as admin:
+            swept = _sweep_postgres(admin, name)
+        leftovers = [s for s in swept if s != f"database {name}"]
+        if leftovers:
+            print(f"session sweep removed: {leftovers}")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    """The test-side AMQP client; sweeps this session's (and stale) queues/exchanges at end."""
+    b = Broker()
+    try:
+        yield b
+    finally:
+        leftovers: list[str] = []
+        with contextlib.suppress(Exception):
+            wait_amqp_ready(timeout=60)
+        for q in list(b.declared_queues):
+            with contextlib.suppress(Exception):
+                b.delete_queue(q)
+        for e in list(b.declared_exchanges):
+            with contextlib.suppress(Exception):
+                b.delete_exchange(e)
+        ours = f"cdc_test.{SESSION}."
+        for q in _rabbitmqctl_names("list_queues"):
+            if _is_ours_or_stale(q, ours, _STALE_AMQP_RE):
+                with contextlib.suppress(Exception):
+                    b.delete_queue(q)
+                    leftovers.append(q)
+        for e in _rabbitmqctl_names("list_exchanges"):
+            if _is_ours_or_stale(e, ours, _STALE_AMQP_RE):
+                with contextlib.suppress(Exception):
+                    b.delete_exchange(e)
+                    leftovers.append(e)
+        if leftovers:
+            print(f"session sweep removed: {leftovers}")
+        b.close()
+
+
+@pytest.fixture
+def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
+    """A fresh set of names; the sink queue is declared and bound with '#'. Nothing is set up
+    in PostgreSQL: call ``env.setup()`` (after creating a custom table if the test needs one)."""
+    e = Env(pg_session_db, broker, tmp_path)
+    try:
+        e.declare_sink()
+        yield e
+    finally:
+        for r in e.relays:
+            if r.log_path.exists():
+                print(r.tail(80))
+        errors = e.cleanup()
+        if errors:
+            print("teardown problems:", *errors, sep="\n  ")
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[Any]:
+    """A TCP proxy to the broker (127.0.0.1:<free port> -> 5672), stopped at test end."""
+    from tcp_proxy import TcpProxy
+
+    parts = urlsplit(AMQP_URL)
+    proxy = TcpProxy(upstream_port=parts.port or 5672, upstream_host=parts.hostname or "127.0.0.1")
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+class RabbitApp:
+    """``rabbitmqctl stop_app`` / ``start_app`` on the shared broker; always restored."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    @staticmethod
+    def _ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._ctl("stop_app")
+
+    def start(self) -> None:
+        self._ctl("start_app")
+        wait_amqp_ready(timeout=90)
+        self.stopped = False
+
+
+@pytest.fixture
+def rabbit_app() -> Iterator[RabbitApp]:
+    """Stops/starts the broker application; the finalizer starts it again whatever happened."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is needed for the broker outage test")
+    app = RabbitApp()
+    try:
+        yield app
+    finally:
+        if app.stopped:
+            with contextlib.suppress(Exception):
+                app._ctl("start_app")
+        wait_amqp_ready(timeout=120)
