@@ -261,9 +261,6 @@ Message: TypeAlias = (
     | Prepare | CommitPrepared | RollbackPrepared | StreamPrepare
 )  # fmt: skip
 
-_WIRE: Final = {"B": "Int8", "?": "Int8", "H": "Int16", "I": "Int32", "i": "Int32", "q": "Int64",
-                 "Q": "Int64"}  # fmt: skip
-
 
 class _Layout:
     """A fixed run of big-endian fields read with one precompiled ``struct.Struct``.
@@ -285,20 +282,19 @@ class _Layout:
         self._unpack = st.unpack_from
         self.size = st.size
         self.what = what
-        ends = [struct.calcsize(">" + "".join(codes[: i + 1])) for i in range(len(codes))]
-        self._fields = [(name, codes[i], ends[i]) for i, (name, _) in enumerate(fields)]
-        self._times = [(i, name, ends[i] - 8) for i, (name, c) in enumerate(fields) if c == "t"]
+        at = [struct.calcsize(">" + "".join(codes[:i])) for i in range(len(codes) + 1)]
+        self._fields = [(name, at[i], at[i + 1]) for i, (name, _) in enumerate(fields)]
+        self._times = [(i, name, at[i]) for i, (name, code) in enumerate(fields) if code == "t"]
 
     def read(self, buf: bytes, pos: int, lsn: int | None) -> tuple[Any, ...]:
         """Unpack the fields at ``pos``; raise ProtocolError naming the first missing one."""
         try:
             values: tuple[Any, ...] = self._unpack(buf, pos)
         except struct.error:
-            name, code, end = next(f for f in self._fields if pos + f[2] > len(buf))
-            start = end - struct.calcsize(">" + code)
+            name, start, end = next(f for f in self._fields if pos + f[2] > len(buf))
             raise ProtocolError(
-                f"truncated {self.what}: expected {_WIRE[code]} {name} ({end - start} bytes), "
-                f"{max(len(buf) - pos - start, 0)} left",
+                f"truncated {self.what}: expected Int{8 * (end - start)} {name}, "
+                f"{max(len(buf) - pos - start, 0)} of {end - start} bytes left",
                 offset=min(pos + start, len(buf)),
                 lsn=lsn,
             ) from None
@@ -353,14 +349,17 @@ def _bad_length(buf: bytes, pos: int, length: int, what: str, lsn: int | None) -
 _XID: Final = _Layout("streamed change", "xid:I")
 _NCOLS: Final = _Layout("tuple data", "column_count:H")
 _LEN: Final = struct.Struct(">i")
+_OID: Final = struct.Struct(">I").unpack_from
 _T, _B, _N, _U = b"tbnu"
 
 
 def _tuple(buf: bytes, pos: int, what: str, lsn: int | None) -> tuple[TupleData, int]:
     # The hot path: explicit bounds checks and local names instead of a _Layout per column.
-    (ncols,) = _NCOLS.read(buf, pos, lsn)
-    pos += 2
     size = len(buf)
+    if pos + 2 > size:
+        _NCOLS.read(buf, pos, lsn)  # raises the truncation error
+    ncols = buf[pos] << 8 | buf[pos + 1]
+    pos += 2
     values: list[bytes | UnchangedToast | BinaryValue | None] = []
     append = values.append
     unpack_len = _LEN.unpack_from
@@ -453,7 +452,10 @@ def _change_head(
 
 
 def _insert(buf: bytes, in_stream: bool, lsn: int | None) -> tuple[Message, int]:
-    xid, oid, _, pos = _change_head(buf, in_stream, lsn, _INSERT_HEAD, b"N")
+    if not in_stream and len(buf) > 5 and buf[5] == 0x4E:  # the common case, without calls
+        xid, oid, pos = None, _OID(buf, 1)[0], 6
+    else:
+        xid, oid, _, pos = _change_head(buf, in_stream, lsn, _INSERT_HEAD, b"N")
     new, pos = _tuple(buf, pos, "Insert new tuple", lsn)
     return Insert(xid, oid, new), pos
 

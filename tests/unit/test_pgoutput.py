@@ -86,10 +86,11 @@ def test_fixture_decodes_to_its_class(name):
     if isinstance(result, XID_CLASSES):
         # The leading xid exists exactly inside a stream block.
         assert (result.xid is not None) == fixture.in_stream
-    for value in result.__slots__:
-        if isinstance(getattr(result, value), datetime):
-            assert getattr(result, value).tzinfo is UTC
-            assert getattr(result, value).year >= 2024  # captured recently, not garbage
+    for field in result.__slots__:
+        value = getattr(result, field)
+        if isinstance(value, datetime):
+            assert value.tzinfo is UTC
+            assert value.year >= 2024  # captured recently, so the epoch math is right
     # bytearray and memoryview give the same answer as bytes.
     assert decode(bytearray(fixture.data), in_stream=fixture.in_stream) == result
     assert decode(memoryview(fixture.data), in_stream=fixture.in_stream) == result
@@ -352,6 +353,22 @@ def test_v4_parallel_stream_abort_by_length():
     for cut in [*range(1, 9), *range(10, len(data))]:
         with pytest.raises(ProtocolError, match="truncated Stream Abort"):
             decode(data[:cut])
+
+
+@pytest.mark.parametrize(
+    ("options", "cascade", "restart_identity"),
+    [(0, False, False), (1, True, False), (2, False, True), (3, True, True)],
+)
+def test_truncate_options(options, cascade, restart_identity):
+    truncate = decode(b"T" + struct.pack(">IBI", 1, options, 16400))
+    assert truncate == pg.Truncate(None, options, (16400,))
+    assert (truncate.cascade, truncate.restart_identity) == (cascade, restart_identity)
+
+
+def test_flag_properties():
+    assert pg.Column(1, "id", 23, -1).is_key and not pg.Column(0, "id", 23, -1).is_key
+    assert pg.LogicalMessage(None, 1, 0, "p", b"").transactional
+    assert not pg.LogicalMessage(None, 0, 0, "p", b"").transactional
 
 
 def test_values_are_frozen_and_unchanged_toast_is_a_singleton():
