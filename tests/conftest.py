@@ -211,11 +211,22 @@ def _to_msg(m: aio_pika.abc.AbstractIncomingMessage) -> Msg:
     )
 
 
+_CONNECTION_ERRORS = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    RuntimeError,  # aio-pika: "<Connection ...> closed"
+)
+
+
 class Broker:
     """Synchronous facade over one aio-pika connection living in a background loop thread.
 
     Every operation opens a channel, so a channel-level error (e.g. a passive declare of a
-    missing queue) does not break later calls; a dead connection is reopened once.
+    missing queue) does not break later calls; a dead connection is reopened, retrying for
+    up to ``OUTAGE_S`` while the broker is unreachable.
     """
 
     def __init__(self, url: str = AMQP_URL) -> None:
@@ -224,33 +235,53 @@ class Broker:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="amqp")
         self._thread.start()
         self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._conn_lock = asyncio.Lock()
         self.declared_queues: set[str] = set()
         self.declared_exchanges: set[str] = set()
 
-    def _run(self, fn: Callable[[aio_pika.abc.AbstractChannel], Any], timeout: float = 60) -> Any:
-        async def with_channel() -> Any:
-            for attempt in range(2):
-                try:
-                    if self._conn is None or self._conn.is_closed:
-                        self._conn = await aio_pika.connect(self.url, timeout=10)
-                    async with self._conn.channel() as channel:
-                        return await fn(channel)
-                except (
-                    aiormq.exceptions.AMQPConnectionError,
-                    aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError,
-                    OSError,
-                    RuntimeError,  # aio-pika: "<Connection ...> closed"
-                ):
-                    if self._conn is not None:
-                        with contextlib.suppress(Exception):
-                            await self._conn.close()
-                    self._conn = None
-                    if attempt:
-                        raise
-            return None
+    #: How long an operation keeps retrying while the broker is unreachable (another test
+    #: session may be running ``rabbitmqctl stop_app`` on the shared broker).
+    OUTAGE_S = 60.0
 
-        return asyncio.run_coroutine_threadsafe(with_channel(), self._loop).result(timeout)
+    async def _connection(self, deadline: float) -> aio_pika.abc.AbstractConnection:
+        async with self._conn_lock:
+            while True:
+                if self._conn is not None and not self._conn.is_closed:
+                    return self._conn
+                try:
+                    self._conn = await aio_pika.connect(self.url, timeout=5)
+                    return self._conn
+                except _CONNECTION_ERRORS:
+                    self._conn = None
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+
+    async def _forget_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+        self._conn = None
+
+    def _run(self, fn: Callable[[aio_pika.abc.AbstractChannel], Any], timeout: float = 60) -> Any:
+        """Run ``fn(channel)`` on a fresh channel, retrying through a broker outage."""
+
+        async def with_channel() -> Any:
+            deadline = time.monotonic() + self.OUTAGE_S
+            while True:
+                try:
+                    conn = await self._connection(deadline)
+                    async with conn.channel() as channel:
+                        return await fn(channel)
+                except _CONNECTION_ERRORS:
+                    await self._forget_connection()
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+
+        return asyncio.run_coroutine_threadsafe(with_channel(), self._loop).result(
+            timeout + self.OUTAGE_S
+        )
 
     def close(self) -> None:
         async def close() -> None:
@@ -336,13 +367,6 @@ class Broker:
             self._run(fn)
         self.declared_exchanges.discard(name)
 
-    def publish(self, exchange: str, routing_key: str, body: bytes) -> None:
-        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
-            ex = await ch.get_exchange(exchange, ensure=False)
-            await ex.publish(aio_pika.Message(body), routing_key=routing_key)
-
-        self._run(fn)
-
     # -- consuming --------------------------------------------------------------------------
 
     def drain(
@@ -360,33 +384,56 @@ class Broker:
         with ``expected`` None, or at ``timeout`` (the caller asserts on what it got).
         """
 
-        async def fn(ch: aio_pika.abc.AbstractChannel) -> list[Msg]:
-            await ch.set_qos(prefetch_count=2000)
-            q = await ch.declare_queue(queue, passive=True)
+        async def consume() -> list[Msg]:
             msgs: list[Msg] = []
+            ids: set[str | None] = set()
             last = [time.monotonic()]
+            deadline = time.monotonic() + timeout
+            reconnected = False
+
+            def enough() -> bool:
+                return (expected is None or len(msgs) >= expected) and (stop is None or stop(msgs))
 
             async def on_message(m: aio_pika.abc.AbstractIncomingMessage) -> None:
-                msgs.append(_to_msg(m))
+                # After a reconnect, a message we took but whose ack was lost comes back
+                # flagged redelivered: that is our artefact, not a duplicate from the relay.
+                if not (reconnected and m.redelivered and m.message_id in ids):
+                    msgs.append(_to_msg(m))
+                    ids.add(m.message_id)
                 last[0] = time.monotonic()
                 await m.ack()
 
-            tag = await q.consume(on_message)
-            deadline = time.monotonic() + timeout
-            try:
-                while time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                    enough = (expected is None or len(msgs) >= expected) and (
-                        stop is None or stop(msgs)
-                    )
-                    if enough and time.monotonic() - last[0] >= quiet:
-                        break
-            finally:
-                with contextlib.suppress(Exception):
-                    await q.cancel(tag)
-            return msgs
+            while True:
+                try:
+                    conn = await self._connection(deadline + self.OUTAGE_S)
+                    async with conn.channel() as ch:
+                        await ch.set_qos(prefetch_count=2000)
+                        q = await ch.declare_queue(queue, passive=True)
+                        tag = await q.consume(on_message)
+                        try:
+                            while time.monotonic() < deadline:
+                                await asyncio.sleep(0.05)
+                                if ch.is_closed:
+                                    raise ConnectionError("channel closed under the drain")
+                                if enough() and time.monotonic() - last[0] >= quiet:
+                                    break
+                        finally:
+                            with contextlib.suppress(Exception):
+                                await q.cancel(tag)
+                    return msgs
+                except _CONNECTION_ERRORS:
+                    # keep what was taken (and acked) so far; go on after the broker is back
+                    reconnected = True
+                    await self._forget_connection()
+                    if time.monotonic() > deadline + self.OUTAGE_S:
+                        return msgs
+                    await asyncio.sleep(0.5)
 
-        return list(self._run(fn, timeout=timeout + 30))
+        return list(
+            asyncio.run_coroutine_threadsafe(consume(), self._loop).result(
+                timeout + 2 * self.OUTAGE_S + 30
+            )
+        )
 
 
 def wait_amqp_ready(url: str = AMQP_URL, timeout: float = 90.0) -> None:

@@ -1,7 +1,7 @@
 """kill -9 of the relay, over and over, while writers commit: nothing lost, duplicates bounded,
 and the slot never confirmed an event the broker did not have.
 
-Three writers commit ~6,000 events (transactions of 1..MAX_TXN rows) while the relay is
+Three writers commit 7,500 events (transactions of 1..MAX_TXN rows) while the relay is
 SIGKILLed at random moments (>= 4 times) and restarted. Meanwhile a sampler reads the slot's
 ``confirmed_flush_lsn`` and right after it the sink queue's depth (passive declare; the sink
 is not consumed until the end). At the end, with every event's ``commit_lsn`` known from its
@@ -36,7 +36,7 @@ MAX_TXN = 50
 STATUS_INTERVAL = 0.5
 KILLS = 4
 WRITERS = 3
-EVENTS_PER_WRITER = 2000
+EVENTS_PER_WRITER = 2500
 
 
 class Sampler(threading.Thread):
@@ -108,13 +108,14 @@ def test_sigkill_loses_nothing_and_never_confirms_ahead_of_the_broker(env):
         writers=WRITERS,
         events_per_writer=EVENTS_PER_WRITER,
         max_txn=MAX_TXN,
-        rate_per_writer=250,
+        rate_per_writer=400,
         kinds={"commit": 0.8, "2pc_commit": 0.1, "savepoint": 0.1},
     ).start()
 
     rng = random.Random()
     depth_at_kill: list[int] = []
     kill_times: list[float] = []
+    kills_while_writing = 0
     try:
         while len(depth_at_kill) < KILLS or not work.done():
             if len(depth_at_kill) >= KILLS + 4:
@@ -122,6 +123,7 @@ def test_sigkill_loses_nothing_and_never_confirms_ahead_of_the_broker(env):
             time.sleep(rng.uniform(0.3, 1.2))  # a random moment of the stream
             relay.sigkill()
             kill_times.append(time.monotonic())
+            kills_while_writing += not work.done()
             depth_at_kill.append(_settled_depth(env))
             relay = env.relay(**overrides)
             relay.wait_streaming()
@@ -136,6 +138,7 @@ def test_sigkill_loses_nothing_and_never_confirms_ahead_of_the_broker(env):
     finally:
         sampler.stop()
     assert len(depth_at_kill) >= KILLS
+    assert kills_while_writing >= 3, f"only {kills_while_writing} kills while writers ran"
     final_depth = _settled_depth(env)
     msgs = env.drain(final_depth, quiet=1.5, timeout=90)
     assert len(msgs) == final_depth
@@ -182,7 +185,8 @@ def test_sigkill_loses_nothing_and_never_confirms_ahead_of_the_broker(env):
         per_segment.append(n)
     total_dups = sum(c - 1 for c in dups.values())
     print(
-        f"{len(committed)} events, {len(depth_at_kill)} kills, {total_dups} duplicates; "
+        f"{len(committed)} events, {len(depth_at_kill)} kills ({kills_while_writing} while "
+        f"writing), {total_dups} duplicates; "
         f"per kill {per_segment[1:]} (before the first kill: {per_segment[0]}); "
         f"peak rate {peak:.0f}/s -> bound per kill {bound}; {len(sampler.samples)} samples"
     )
