@@ -1,0 +1,1 @@
+"""The worker runtime: topology, inbox dedup, retries, parking, shutdown (see ``spec``)."""
