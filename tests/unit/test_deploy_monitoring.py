@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import runpy
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +234,18 @@ def test_dashboard_is_the_generators_output_and_importable() -> None:
             assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"])
     titles = {p["title"] for p in panels if p["type"] == "row"}
     assert {"Relay", "Consumers"} <= titles
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
+    promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    if not promtool:
+        pytest.skip(
+            "promtool is not installed (Debian package `prometheus`, or set PROMTOOL); "
+            "the PromQL and the alert scenarios of rules.test.yml are then not evaluated"
+        )
+    for args in (
+        ["check", "rules", str(RULES / "alerts.yml"), str(RULES / "recording.yml")],
+        ["test", "rules", str(RULES / "rules.test.yml")],
+    ):
+        done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
