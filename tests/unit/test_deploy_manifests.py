@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,27 @@ def required(model: type[BaseSettings]) -> set[str]:
     return {f"{prefix}{n}".upper() for n, f in model.model_fields.items() if f.is_required()}
 
 
-def env_value(model: type[BaseSettings], env: dict[str, str], field: str) -> Any:
-    """``field`` as the process would see it: the variable if set, else the default."""
-    name = f"{model.model_config.get('env_prefix', '')}{field}".upper()
-    default = model.model_fields[field].default
-    return type(default)(env[name]) if name in env else default
+def settings(
+    model: type[BaseSettings], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """``model`` built from exactly ``env``, as the process would build it: values that
+    the model rejects fail here."""
+    for name in [n for n in os.environ if n.startswith("CDC_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return model()
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's variables; those read from a Secret get a well-formed stand-in."""
+    stand_in = {"amqp-url": "amqp://u:p@broker:5672/"}
+    return {
+        e["name"]: e["value"]
+        if "value" in e
+        else stand_in.get(e["valueFrom"]["secretKeyRef"]["key"], "postgresql://u:p@db/app")
+        for e in container.get("env", [])
+    }
 
 
 def containers() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -105,12 +122,13 @@ def test_kustomization_lists_existing_files() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(container_ids())), ids=container_ids())
-def test_container_uses_only_known_settings(index: int) -> None:
+def test_container_uses_only_known_settings(index: int, monkeypatch: pytest.MonkeyPatch) -> None:
     where, _, container = containers()[index]
     model = settings_model(container["command"])
     env = {e["name"] for e in container.get("env", [])}
     assert env <= variables(model), f"{where}: unknown {sorted(env - variables(model))}"
     assert required(model) <= env, f"{where}: missing {sorted(required(model) - env)}"
+    settings(model, container_env(container), monkeypatch)  # the values are valid too
     secrets = {
         d["metadata"]["name"]: set(d["stringData"]) for d in documents(K8S / "secret.example.yaml")
     }
@@ -120,13 +138,15 @@ def test_container_uses_only_known_settings(index: int) -> None:
 
 
 @pytest.mark.parametrize("index", range(len(container_ids())), ids=container_ids())
-def test_probes_scrape_and_grace_period_match_the_process(index: int) -> None:
+def test_probes_scrape_and_grace_period_match_the_process(
+    index: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     where, pod, container = containers()[index]
     command = container["command"]
     model = settings_model(command)
-    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    s = settings(model, container_env(container), monkeypatch)
     relay = model is RelaySettings
-    drain = env_value(model, env, "shutdown_timeout" if relay else "worker_shutdown_timeout")
+    drain = s.shutdown_timeout if relay else s.worker_shutdown_timeout
     prestops = [
         float(c["lifecycle"]["preStop"]["exec"]["command"][1])
         for c in pod["containers"]
@@ -136,7 +156,7 @@ def test_probes_scrape_and_grace_period_match_the_process(index: int) -> None:
     assert grace > max([drain, *prestops]) + 5, f"{where}: grace {grace}s vs drain {drain}s"
     if command[-1] == "setup":
         return  # a one-shot Job: no port, no probes
-    port = env_value(model, env, "metrics_port" if relay else "worker_metrics_port")
+    port = s.metrics_port if relay else s.worker_metrics_port
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("livenessProbe", "readinessProbe"):
         get = container[probe]["httpGet"]
@@ -216,7 +236,7 @@ UNITS = [
 
 @pytest.mark.parametrize(("name", "instance", "command"), UNITS)
 def test_systemd_unit_runs_the_documented_command(
-    name: str, instance: str, command: list[str]
+    name: str, instance: str, command: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keys = unit(SYSTEMD / name)
     argv = keys["ExecStart"][0].replace("%i", instance).split()
@@ -227,10 +247,9 @@ def test_systemd_unit_runs_the_documented_command(
         env |= env_file(path, instance)
     assert set(env) <= variables(model), f"{name}: unknown {sorted(set(env) - variables(model))}"
     assert required(model) <= set(env)
+    s = settings(model, env, monkeypatch)
     if command[-1] == "setup":
         return
-    drain = env_value(
-        model, env, "shutdown_timeout" if model is RelaySettings else "worker_shutdown_timeout"
-    )
+    drain = s.shutdown_timeout if model is RelaySettings else s.worker_shutdown_timeout
     assert seconds(keys["TimeoutStopSec"][0]) > drain + 5
     assert keys["KillSignal"] == ["SIGTERM"]
