@@ -15,6 +15,7 @@ import re
 import runpy
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,10 @@ def test_dashboard_is_the_generators_output_and_importable() -> None:
 
 
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) -> None:
+    # `make install` unpacks promtool into the venv (scripts/fetch-promtool.sh).
+    venv_bin = str(Path(sys.executable).parent)
     promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
+    promtool = promtool or shutil.which("promtool", path=venv_bin)
     if not promtool:
         pytest.skip(
             "promtool is not installed (Debian package `prometheus`, or set PROMTOOL); "
