@@ -143,7 +143,9 @@ class Runner:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self._s.database_url.get_secret_value(), connect_timeout=10
+                    self._s.database_url.get_secret_value(),
+                    connect_timeout=10,
+                    application_name=f"cdc-worker:{self._spec.name}"[:63],
                 )
                 await inbox.apply_schema(conn, self._s.worker_inbox_table, self._spec.schema)
             except psycopg.OperationalError as exc:
