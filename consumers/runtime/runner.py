@@ -163,7 +163,13 @@ class Runner:
         while True:
             conn = await self._database()
             try:
-                await run_batch(conn, self._s.worker_inbox_table, self._spec.name, items)
+                await run_batch(
+                    conn,
+                    self._s.worker_inbox_table,
+                    self._spec.name,
+                    items,
+                    optimistic=self._spec.db_only,
+                )
                 return
             except BatchAborted as exc:
                 if conn.broken or conn.closed:

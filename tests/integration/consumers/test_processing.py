@@ -126,17 +126,25 @@ def test_permanent_errors_are_parked_at_once(ledger, routing_key, body, mid, kin
     assert w.sigterm() == 0
 
 
-def test_failing_message_rolls_back_only_its_own_savepoint(ledger):
-    # start with a big prefetch so all of them arrive in one batch, then fail one in the middle
-    bodies = [ledger.entry(f"k{i}", i) for i in range(50)]
-    bodies[25] = ledger.entry("bad", 0, fail="permanent")
-    w = ledger.start(worker_batch_size=100)
+@pytest.mark.parametrize("db_only", [False, True], ids=["savepoints", "db-only"])
+def test_failing_message_rolls_back_only_its_own_effects(ledger, db_only):
+    # Failures in the middle of batches: the others commit, each exactly once. With
+    # db_only the batch first runs without savepoints, then again with them after a failure.
+    bodies = [ledger.entry(f"k{i}", i) for i in range(400)]
+    bad = {25, 26, 150, 399}
+    for i in bad:
+        bodies[i] = ledger.entry("bad", 0, fail="permanent")
+    bodies[200] = ledger.entry("late", 1, fail="times", fail_times=1)
+    w = ledger.start(worker_batch_size=100, worker_prefetch=400, ledger_db_only=db_only)
     ids = ledger.publish(bodies)
-    ledger.wait_rows(49)
-    ledger.wait_parked(1)
-    got = {r[0] for r in ledger.rows()}
-    assert got == set(ids) - {ids[25]}
+    ledger.wait_parked(len(bad))
+    ledger.wait_rows(len(ids) - len(bad))
+    time.sleep(0.3)
+    got = [r[0] for r in ledger.rows()]
+    assert len(got) == len(set(got))
+    assert set(got) == set(ids) - {ids[i] for i in bad}
     assert sorted(ledger.inbox_ids()) == sorted(got)
+    assert w.metric("cdc_worker_processed_total") == len(got)
     assert w.sigterm() == 0
 
 
