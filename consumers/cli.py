@@ -90,7 +90,7 @@ def _run_worker(argv: Sequence[str]) -> int:
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where installed: it halves the event loop's cost per message."""
+    """uvloop where installed: less event-loop CPU per message than asyncio's own loop."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - a platform without uvloop
@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return dlq_main(argv[1:])
         return _run_worker(argv)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     except ConsumerError as exc:
         log.error("%s", exc)
         return EXIT_ERROR

@@ -159,3 +159,16 @@ def test_parked_messages_show_in_a_metric_and_healthz(ledger):
     )
     assert w.healthz()["state"] == "consuming"
     assert w.sigterm() == 0
+
+
+def test_conflicting_existing_queue_is_a_config_error(ledger):
+    # an existing classic queue of the same name (as the seed platform has them)
+    ledger.broker.declare_queue(ledger.queue)
+    w = ledger.start(wait=False)
+    assert w.wait_exit(30) == 2
+    assert "CDC_WORKER_QUEUE_TYPE" in w.log()
+    # with the matching type the worker starts on that queue
+    w2 = ledger.start(worker_queue_type="classic")
+    ledger.publish([ledger.entry("c", 1)])
+    ledger.wait_rows(1)
+    assert w2.sigterm() == 0
