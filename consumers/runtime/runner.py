@@ -201,7 +201,8 @@ class Runner:
             consuming = await connection.channel(publisher_confirms=False)
             consuming.close_callbacks.add(self._on_close)
             await consuming.set_qos(prefetch_count=self._s.worker_prefetch)
-            publishing = await connection.channel(publisher_confirms=True)
+            # on_return_raises: a copy no queue took must fail, not count as confirmed.
+            publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
             publishing.close_callbacks.add(self._on_close)
             await topology.declare(publishing, self._s, self.names)
             self._publisher = await publishing.get_underlay_channel()

@@ -172,3 +172,16 @@ def test_conflicting_existing_queue_is_a_config_error(ledger):
     ledger.publish([ledger.entry("c", 1)])
     ledger.wait_rows(1)
     assert w2.sigterm() == 0
+
+
+def test_missing_parking_queue_is_redeclared_and_nothing_is_lost(ledger):
+    w = ledger.start()
+    ledger.broker.delete_queue(ledger.parking_queue)  # an operator deleted it under the worker
+    [mid] = ledger.publish([ledger.entry("x", 1, fail="permanent")])
+    # the copy is returned (no queue), the original is not acked, the session restarts,
+    # re-declares the topology and parks it
+    ledger.wait_parked(1, timeout=20)
+    [parked] = ledger.broker.drain(ledger.parking_queue, expected=1, quiet=0.3, timeout=15)
+    assert parked.message_id == mid
+    assert (w.metric("cdc_worker_reconnects_total", side="broker") or 0) >= 1
+    assert w.sigterm() == 0
