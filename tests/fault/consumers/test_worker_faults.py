@@ -38,10 +38,10 @@ def _publish_in_background(ledger, bodies):
 
 @pytest.mark.parametrize("db_only", [False, True], ids=["savepoints", "db-only"])
 def test_sigkill_mid_batch_then_restart_every_effect_once(ledger, db_only):
-    n = 4000
+    n = 3000
     w = ledger.start(worker_prefetch=500, worker_batch_size=200, ledger_db_only=db_only)
     t, out = _publish_in_background(ledger, [ledger.entry(f"k{i}", i) for i in range(n)])
-    ledger.wait_rows(800)
+    ledger.wait_rows(600)
     w.sigkill()  # mid-stream: a batch is open, hundreds are prefetched and unacked
     t.join(60)
     killed_at = ledger.row_count()
