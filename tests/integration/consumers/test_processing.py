@@ -129,13 +129,18 @@ def test_permanent_errors_are_parked_at_once(ledger, routing_key, body, mid, kin
 @pytest.mark.parametrize("db_only", [False, True], ids=["savepoints", "db-only"])
 def test_failing_message_rolls_back_only_its_own_effects(ledger, db_only):
     # Failures in the middle of batches: the others commit, each exactly once. With
-    # db_only the batch first runs without savepoints, then again with them after a failure.
+    # db_only the batch first runs pipelined without savepoints, then again with them after
+    # a failure (an SQL error surfaces late in a pipeline: it must still hit only its message).
     bodies = [ledger.entry(f"k{i}", i) for i in range(400)]
     bad = {25, 26, 150, 399}
     for i in bad:
         bodies[i] = ledger.entry("bad", 0, fail="permanent")
+    bad.add(300)
+    bodies[300] = ledger.entry("sql", 0, fail="sql")
     bodies[200] = ledger.entry("late", 1, fail="times", fail_times=1)
-    w = ledger.start(worker_batch_size=100, worker_prefetch=400, ledger_db_only=db_only)
+    w = ledger.start(
+        worker_batch_size=100, worker_prefetch=400, worker_max_attempts=2, ledger_db_only=db_only
+    )
     ids = ledger.publish(bodies)
     ledger.wait_parked(len(bad))
     ledger.wait_rows(len(ids) - len(bad))
@@ -145,6 +150,11 @@ def test_failing_message_rolls_back_only_its_own_effects(ledger, db_only):
     assert set(got) == set(ids) - {ids[i] for i in bad}
     assert sorted(ledger.inbox_ids()) == sorted(got)
     assert w.metric("cdc_worker_processed_total") == len(got)
+    parked = ledger.broker.drain(ledger.parking_queue, expected=len(bad), quiet=0.3, timeout=15)
+    by_id = {m.message_id: m.headers for m in parked}
+    assert by_id[ids[300]]["x-cdc-error-kind"] == "exhausted"
+    assert "division by zero" in by_id[ids[300]]["x-cdc-error"]
+    assert by_id[ids[300]]["x-cdc-attempt"] == 2
     assert w.sigterm() == 0
 
 
