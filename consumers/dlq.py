@@ -175,7 +175,7 @@ async def _replay(
             kept.append(message)
             skipped += 1
             continue
-        props = copy_properties(message, hdr.replay_headers(message.headers))
+        props = copy_properties(message.properties, hdr.replay_headers(message.headers))
         await publish_confirmed(
             raw, message.body, "", origin, props, settings.worker_confirm_timeout
         )
