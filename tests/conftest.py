@@ -1678,6 +1678,7 @@ class Ledger:
                                 message_id=mid,
                                 content_type="application/json",
                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                timestamp=dt.datetime.now(dt.UTC),
                             ),
                             routing_key,
                             mandatory=True,

@@ -301,6 +301,12 @@ class Runner:
             await last.channel.basic_ack(last.delivery_tag or 0, multiple=True)
         except _AMQP_ERRORS as exc:
             raise BrokerLost(f"ack failed: {exc!r}") from exc
+        props = last.header.properties
+        committed = hdr.committed_at(props.headers, props.timestamp)
+        if committed is not None:
+            self._metrics.event_age.labels(worker=self._spec.name, queue=batch[-1][0]).set(
+                max(0.0, time.time() - committed)
+            )
 
     def _record(self, items: list[Item]) -> None:
         m, worker = self._metrics, self._spec.name

@@ -45,6 +45,9 @@ def test_duplicate_event_has_one_effect_and_is_counted(ledger):
     assert ledger.inbox_ids() == [mid]
     assert w.metric("cdc_worker_processed_total", queue=ledger.queue) == 1
     assert w.metric("cdc_worker_duplicates_total", queue=ledger.queue) == 2
+    # the consumer-acked lag: commit (here the AMQP timestamp, whole seconds) to ack
+    age = w.metric("cdc_worker_event_age_seconds", queue=ledger.queue)
+    assert age is not None and 0 <= age < 30, age
     assert ledger.broker.queue_count(ledger.queue) == 0
     assert w.sigterm() == 0
 
