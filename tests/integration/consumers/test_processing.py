@@ -54,6 +54,7 @@ def test_duplicate_event_has_one_effect_and_is_counted(ledger):
 
 def test_poison_message_is_tried_n_times_with_growing_delays_then_parked(ledger):
     w = ledger.start()
+    other = ledger.other_service_queue()  # another service bound to every event
     [mid] = ledger.publish([ledger.entry("p", 1, fail="always")])
     ledger.wait_parked(1, timeout=30)
     tries = ledger.attempts()[mid]
@@ -79,6 +80,8 @@ def test_poison_message_is_tried_n_times_with_growing_delays_then_parked(ledger)
         assert ledger.broker.queue_count(q) == 0, q
     assert w.metric("cdc_worker_retried_total") == 3
     assert w.metric("cdc_worker_parked_total", reason="exhausted") == 1
+    # the retries went back to the ledger's queue only: the other service saw the event once
+    assert [m.message_id for m in ledger.broker.drain(other, quiet=0.3, timeout=10)] == [mid]
     assert w.sigterm() == 0
 
 
