@@ -29,16 +29,12 @@ from pydantic import ValidationError
 
 from consumers.cli import EXIT_OK, EXIT_USAGE, add_setting_flags, build_settings, explain
 from consumers.config import ConsumerSettings
-from consumers.errors import ConfigError
+from consumers.errors import ConfigError, DlqError
 from consumers.runtime import headers as hdr
 from consumers.runtime.policy import ATTEMPT_HEADER
 from consumers.runtime.republish import copy_properties, publish_confirmed
 
 PARKED_SUFFIX = ".parked"
-
-
-class DlqError(ConfigError):
-    """A DLQ command cannot run as asked (wrong queue, missing flag)."""
 
 
 def _parser() -> argparse.ArgumentParser:

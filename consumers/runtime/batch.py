@@ -24,16 +24,13 @@ from typing import Any
 import psycopg
 from pydantic import BaseModel
 
+from consumers.errors import BatchAborted
 from consumers.runtime import inbox
 from consumers.runtime.spec import Delivery, HandlerContext, Route
 
 DONE = "done"
 DUPLICATE = "duplicate"
 FAILED = "failed"
-
-
-class BatchAborted(Exception):
-    """The batch's transaction could not complete; run the batch again on a fresh connection."""
 
 
 @dataclass(slots=True)

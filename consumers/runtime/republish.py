@@ -19,18 +19,12 @@ import aiormq
 from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
+from consumers.errors import BrokerLost, Unroutable
+
 log = logging.getLogger(__name__)
 
 _PERSISTENT = 2
 _MAX_DELAY = 5.0
-
-
-class BrokerLost(Exception):
-    """The broker connection or channel is gone; the session must start again."""
-
-
-class Unroutable(Exception):
-    """The broker returned a copy: the target queue does not exist (re-declare the topology)."""
 
 
 def copy_properties(source: Basic.Properties, headers: Mapping[str, Any]) -> Basic.Properties:

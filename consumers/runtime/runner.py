@@ -38,15 +38,15 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from cdc.backoff import Backoff
 from consumers.config import ConsumerSettings
-from consumers.errors import PermanentError
+from consumers.errors import BatchAborted, BrokerLost, PermanentError, Unroutable
 from consumers.runtime import headers as hdr
 from consumers.runtime import inbox, topology
-from consumers.runtime.batch import DONE, DUPLICATE, FAILED, BatchAborted, Item, run_batch
+from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item, run_batch
 from consumers.runtime.dispatch import Rejected, resolve
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
 from consumers.runtime.policy import Park, after_failure, attempt_of
-from consumers.runtime.republish import BrokerLost, Unroutable, copy_properties, publish_confirmed
+from consumers.runtime.republish import copy_properties, publish_confirmed
 from consumers.runtime.spec import Delivery, WorkerSpec
 
 log = logging.getLogger(__name__)
