@@ -126,9 +126,15 @@ async def _serve(settings: ConsumerSettings, spec: Any) -> int:
         loop.add_signal_handler(sig, on_signal)
     server = None
     if settings.worker_metrics_port:
-        server = await serve(
-            settings.worker_metrics_host, settings.worker_metrics_port, metrics, runner.health
-        )
+        try:
+            server = await serve(
+                settings.worker_metrics_host, settings.worker_metrics_port, metrics, runner.health
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on port {settings.worker_metrics_port}: {exc.strerror}. "
+                "Replicas on one host need distinct CDC_WORKER_METRICS_PORT values (0 disables)"
+            ) from exc
     task = asyncio.create_task(runner.run())
     code = EXIT_OK
     try:

@@ -201,3 +201,15 @@ def test_missing_parking_queue_is_redeclared_and_nothing_is_lost(ledger):
     assert parked.message_id == mid
     assert (w.metric("cdc_worker_reconnects_total", side="broker") or 0) >= 1
     assert w.sigterm() == 0
+
+
+def test_metrics_port_in_use_is_a_config_error(ledger):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        w = ledger.start(wait=False, metrics=False, worker_metrics_port=port)
+        assert w.wait_exit(30) == 2
+    assert "CDC_WORKER_METRICS_PORT" in w.log()
