@@ -723,6 +723,23 @@ class Relay:
 
 
 # --------------------------------------------------------------------------------------------
+# domain workers (billing, notifications): a throwaway schema for their tables
+
+
+@pytest.fixture
+def pg_schema(pg_session_db: str) -> Iterator[str]:
+    """A fresh schema ``cdc_test_<tag>`` in the session database, dropped (CASCADE) at the end."""
+    name = f"cdc_test_{secrets.token_hex(4)}"
+    with pg_connect(db_url(pg_session_db)) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        with pg_connect(db_url(pg_session_db)) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+# --------------------------------------------------------------------------------------------
 # rows, transactions, writers
 
 

@@ -76,6 +76,14 @@ _DDL = (
     )""",
 )
 
+async def _run(
+    conn: psycopg.AsyncConnection[Any], query: str, params: Any
+) -> psycopg.AsyncCursor[Any]:
+    # Not prepared: a statement prepared inside a pipeline that a deadlock aborts is left
+    # unknown to the server while psycopg believes it exists (InvalidSqlStatementName).
+    return await conn.execute(query, params, prepare=False)
+
+
 _RECORD_COLUMNS = (
     "record_id, device_id, user_id, started_at, stopped_at, duration_seconds, rate, cost, "
     "closed_by"
@@ -144,7 +152,8 @@ class BillingStore:
         self._delete_records = q("DELETE FROM {s}.usage_records WHERE record_id = ANY(%s)")
         self._upsert_record = q(
             f"INSERT INTO {{s}}.usage_records ({_RECORD_COLUMNS})"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[],"
+            " %s::timestamptz[], %s::numeric[], %s::numeric[], %s::numeric[], %s::text[])"
             " ON CONFLICT (record_id) DO UPDATE SET device_id = EXCLUDED.device_id,"
             " user_id = EXCLUDED.user_id, started_at = EXCLUDED.started_at,"
             " stopped_at = EXCLUDED.stopped_at, duration_seconds = EXCLUDED.duration_seconds,"
@@ -181,13 +190,13 @@ class BillingStore:
     ) -> list[Alert]:
         """Store a ``device.*`` event once and bring the device's records up to date."""
         async with conn.pipeline():
-            await conn.execute(self._lock, (metering.lock_key("device", event.device_id),))
-            inserted = await conn.execute(
+            await _run(conn, self._lock, (metering.lock_key("device", event.device_id),))
+            inserted = await _run(conn,
                 self._insert_event,
                 (event.message_id, event.device_id, event.kind, event.at, event.user_id,
                  event.plan, event.rate),
             )
-            owners = await conn.execute(self._owners, (event.device_id,))
+            owners = await _run(conn, self._owners, (event.device_id,))
         if await inserted.fetchone() is None:
             return []  # the same event under the same id: already counted
         users = sorted(str(row[0]) for row in await owners.fetchall())
@@ -198,17 +207,17 @@ class BillingStore:
     ) -> list[Alert]:
         """Store a user's plan change once and re-rate the user's devices."""
         async with conn.pipeline():
-            await conn.execute(self._lock, (metering.lock_key("user", change.user_id),))
-            inserted = await conn.execute(
+            await _run(conn, self._lock, (metering.lock_key("user", change.user_id),))
+            inserted = await _run(conn,
                 self._insert_plan, (change.message_id, change.user_id, change.at, change.plan)
             )
-            devices = await conn.execute(self._user_devices, (change.user_id,))
+            devices = await _run(conn, self._user_devices, (change.user_id,))
         if await inserted.fetchone() is None:
             return []
         alerts: list[Alert] = []
         for (device_id,) in await devices.fetchall():
-            await conn.execute(self._lock, (metering.lock_key("device", device_id),))
-            owners = await conn.execute(self._owners, (device_id,))
+            await _run(conn, self._lock, (metering.lock_key("device", device_id),))
+            owners = await _run(conn, self._owners, (device_id,))
             users = sorted(str(row[0]) for row in await owners.fetchall())
             alerts += await self._recompute(conn, device_id, users)
         return alerts
@@ -220,12 +229,12 @@ class BillingStore:
     ) -> list[Alert]:
         async with conn.pipeline():
             if users:
-                await conn.execute(
+                await _run(conn,
                     self._lock_shared, ([metering.lock_key("user", u) for u in users],)
                 )
-                plans_cur = await conn.execute(self._plans, (list(users),))
-            events_cur = await conn.execute(self._events, (device_id,))
-            records_cur = await conn.execute(self._records, (device_id,))
+                plans_cur = await _run(conn, self._plans, (list(users),))
+            events_cur = await _run(conn, self._events, (device_id,))
+            records_cur = await _run(conn, self._records, (device_id,))
         events = [
             DeviceEvent(
                 message_id=r[0], device_id=r[1], kind=r[2], at=r[3], user_id=r[4], plan=r[5],
@@ -246,19 +255,17 @@ class BillingStore:
             return []
         async with conn.pipeline():
             if diff.deletes:
-                await conn.execute(self._delete_records, (list(diff.deletes),))
-            async with conn.cursor() as cur:
-                if diff.upserts:
-                    await cur.executemany(
-                        self._upsert_record,
-                        [
-                            (r.record_id, r.device_id, r.user_id, r.started_at, r.stopped_at,
-                             r.duration_seconds, r.rate, r.cost, r.closed_by)
-                            for r in diff.upserts
-                        ],
-                    )
+                await _run(conn, self._delete_records, (list(diff.deletes),))
+            if diff.upserts:
+                rows = [
+                    (r.record_id, r.device_id, r.user_id, r.started_at, r.stopped_at,
+                     r.duration_seconds, r.rate, r.cost, r.closed_by)
+                    for r in diff.upserts
+                ]
+                columns = [list(col) for col in zip(*rows, strict=True)]
+                await _run(conn, self._upsert_record, columns)
             debits = [
-                (user, await conn.execute(
+                (user, await _run(conn,
                     self._debit,
                     {"user": user, "initial": self.initial_balance, "delta": delta},
                 ))
@@ -270,7 +277,7 @@ class BillingStore:
             assert row is not None
             balance, spent = row
             if spent == 0:
-                await conn.execute(self._drop_balance, (user,))
+                await _run(conn, self._drop_balance, (user,))
             elif balance < self.threshold:
                 alert = await self._alert_once(conn, user, balance)
                 if alert is not None:
@@ -287,7 +294,7 @@ class BillingStore:
             "threshold": float(self.threshold),
             "eventId": event_id,
         }
-        cur = await conn.execute(
+        cur = await _run(conn,
             self._alert,
             {
                 "user": user,

@@ -35,9 +35,6 @@ class BillingSettings(ConsumerSettings):
     """The billing worker's settings (``CDC_BILLING_*``) on top of the runtime's."""
 
     billing_schema: str = Field("public", description="schema of billing's tables")
-    billing_service: str = Field(
-        "billing-service", description="prefix of the worker's queue names"
-    )
     billing_low_balance_threshold: Decimal = Field(
         Decimal("10"), description="billing.balance_low is written when a balance falls below"
     )
@@ -54,6 +51,9 @@ class BillingSettings(ConsumerSettings):
 
 
 SETTINGS = BillingSettings
+#: The seed's service name: queues ``billing-service.device-started`` ... (a
+#: ``CDC_WORKER_QUEUE_PREFIX`` goes in front of every name).
+SERVICE = "billing-service"
 
 _QUEUES = (
     ("device-started", "device.started"),
@@ -109,7 +109,7 @@ def build(settings: BillingSettings) -> WorkerSpec:
         Route("device.deleted", ev.DeviceDeleted, device_handler("delete")),
         Route("user.updated", ev.UserUpdated, user_updated),
     )
-    service = settings.billing_service
+    service = SERVICE
     return WorkerSpec(
         name="billing",
         service=service,

@@ -41,9 +41,6 @@ class NotificationSettings(ConsumerSettings):
     """The notifications worker's settings on top of the runtime's."""
 
     notifications_schema: str = Field("public", description="schema of the tables")
-    notifications_service: str = Field(
-        "notification-service", description="prefix of the worker's queue names"
-    )
     notifications_default_channels: list[str] = Field(
         default_factory=lambda: ["in_app"],
         description="channels of a user with no preferences row (JSON list)",
@@ -63,6 +60,9 @@ class NotificationSettings(ConsumerSettings):
 
 
 SETTINGS = NotificationSettings
+#: The seed's service name: queues ``notification-service.user`` ... (a
+#: ``CDC_WORKER_QUEUE_PREFIX`` goes in front of every name).
+SERVICE = "notification-service"
 
 _UserId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
 
@@ -173,7 +173,7 @@ def build(settings: NotificationSettings) -> WorkerSpec:
                 assert address is not None
                 await send(channel, ctx, note, user, address, payload)
 
-    service = settings.notifications_service
+    service = SERVICE
     return WorkerSpec(
         name="notifications",
         service=service,
