@@ -61,46 +61,72 @@ async def run_batch(
     consumer: str,
     items: Sequence[Item],
     clock: Callable[[], float] = time.perf_counter,
+    optimistic: bool = False,
 ) -> None:
-    """Process ``items`` in one transaction on ``conn`` (not in autocommit); see module doc."""
-    for item in items:
-        item.outcome, item.error = None, None
+    """Process ``items`` in one transaction on ``conn`` (not in autocommit); see module doc.
+
+    ``optimistic`` (for workers whose handlers only touch the database) first runs the
+    batch without savepoints; if a handler fails, that transaction is rolled back and the
+    batch runs again with a savepoint per message, so the result is the same either way.
+    """
     try:
-        fresh = await inbox.claim(
-            conn,
-            table,
-            consumer,
-            [i.delivery.message_id for i in items],
-            [i.delivery.routing_key for i in items],
-        )
-        savepoint = False
-        for item in items:
-            mid = item.delivery.message_id
-            if mid not in fresh:
-                item.outcome = DUPLICATE
-                continue
-            fresh.discard(mid)  # a second copy inside the same batch is a duplicate
-            # One round trip between messages: release the last savepoint, open the next.
-            await conn.execute(_NEXT if savepoint else _FIRST)
-            savepoint = True
-            started = clock()
-            try:
-                await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
-            except Exception as exc:
-                item.seconds = clock() - started
-                if conn.broken:
-                    raise BatchAborted(f"database connection lost in a handler: {exc}") from exc
-                await conn.execute(_UNDO)
-                await inbox.unclaim(conn, table, consumer, mid)
-                item.outcome, item.error = FAILED, exc
-            else:
-                item.seconds = clock() - started
-                item.outcome = DONE
-        await conn.commit()
+        if optimistic and await _run(conn, table, consumer, items, clock, savepoints=False):
+            return
+        await _run(conn, table, consumer, items, clock, savepoints=True)
     except psycopg.Error as exc:
         # (On cancellation the caller closes the connection: the server rolls back.)
         await _rollback_quietly(conn)
         raise BatchAborted(f"batch transaction failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _run(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    consumer: str,
+    items: Sequence[Item],
+    clock: Callable[[], float],
+    savepoints: bool,
+) -> bool:
+    """One pass; False when a handler failed without savepoints (rolled back, run again)."""
+    for item in items:
+        item.outcome, item.error = None, None
+    fresh = await inbox.claim(
+        conn,
+        table,
+        consumer,
+        [i.delivery.message_id for i in items],
+        [i.delivery.routing_key for i in items],
+    )
+    opened = False
+    cur = conn.cursor()  # one cursor for the runtime's own statements: cheaper per message
+    for item in items:
+        mid = item.delivery.message_id
+        if mid not in fresh:
+            item.outcome = DUPLICATE
+            continue
+        fresh.discard(mid)  # a second copy inside the same batch is a duplicate
+        if savepoints:
+            # One round trip between messages: release the last savepoint, open the next.
+            await cur.execute(_NEXT if opened else _FIRST)
+            opened = True
+        started = clock()
+        try:
+            await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
+        except Exception as exc:
+            item.seconds = clock() - started
+            if conn.broken:
+                raise BatchAborted(f"database connection lost in a handler: {exc}") from exc
+            if not savepoints:
+                await conn.rollback()
+                return False
+            await cur.execute(_UNDO)
+            await inbox.unclaim(conn, table, consumer, mid)
+            item.outcome, item.error = FAILED, exc
+        else:
+            item.seconds = clock() - started
+            item.outcome = DONE
+    await conn.commit()
+    return True
 
 
 async def _rollback_quietly(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
 from consumers.runtime.headers import KIND_NO_MESSAGE_ID, KIND_NO_ROUTE, KIND_VALIDATION
-from consumers.runtime.spec import Route
 from consumers.runtime.topic import matches
+
+if TYPE_CHECKING:  # spec names psycopg's connection type; routing needs none of it
+    from consumers.runtime.spec import Route
 
 _MAX_ERRORS_SHOWN = 5
 

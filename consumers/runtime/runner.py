@@ -143,7 +143,9 @@ class Runner:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self._s.database_url.get_secret_value(), connect_timeout=10
+                    self._s.database_url.get_secret_value(),
+                    connect_timeout=10,
+                    application_name=f"cdc-worker:{self._spec.name}"[:63],
                 )
                 await inbox.apply_schema(conn, self._s.worker_inbox_table, self._spec.schema)
             except psycopg.OperationalError as exc:
@@ -161,7 +163,13 @@ class Runner:
         while True:
             conn = await self._database()
             try:
-                await run_batch(conn, self._s.worker_inbox_table, self._spec.name, items)
+                await run_batch(
+                    conn,
+                    self._s.worker_inbox_table,
+                    self._spec.name,
+                    items,
+                    optimistic=self._spec.db_only,
+                )
                 return
             except BatchAborted as exc:
                 if conn.broken or conn.closed:
@@ -193,7 +201,8 @@ class Runner:
             consuming = await connection.channel(publisher_confirms=False)
             consuming.close_callbacks.add(self._on_close)
             await consuming.set_qos(prefetch_count=self._s.worker_prefetch)
-            publishing = await connection.channel(publisher_confirms=True)
+            # on_return_raises: a copy no queue took must fail, not count as confirmed.
+            publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
             publishing.close_callbacks.add(self._on_close)
             await topology.declare(publishing, self._s, self.names)
             self._publisher = await publishing.get_underlay_channel()

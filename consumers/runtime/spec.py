@@ -69,3 +69,7 @@ class WorkerSpec:
     schema: tuple[str, ...] = ()  # idempotent DDL applied at start, after the inbox table
     on_close: Callable[[], Awaitable[None]] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # True when the handlers have no effect outside their PostgreSQL transaction (no HTTP, no
+    # email, no file): the runtime may then run a batch without savepoints and, only if a
+    # handler fails, roll the batch back and run it again with a savepoint per message.
+    db_only: bool = False

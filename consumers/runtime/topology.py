@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel
 
 from consumers.config import ConsumerSettings
+from consumers.errors import ConfigError
 from consumers.runtime.headers import RETRY_QUEUE_HEADER
 from consumers.runtime.names import Names
 
@@ -36,8 +38,28 @@ def retry_queue_arguments(settings: ConsumerSettings, ttl_ms: int) -> dict[str, 
     return args
 
 
+class TopologyConflict(ConfigError):
+    """A queue or exchange exists with other arguments than the worker declares."""
+
+
 async def declare(channel: AbstractChannel, settings: ConsumerSettings, names: Names) -> None:
-    """Declare the events exchange, the worker queues and bindings, retries and parking."""
+    """Declare the events exchange, the worker queues and bindings, retries and parking.
+
+    Raises :class:`TopologyConflict` when the broker has a same-named queue or exchange with
+    other arguments (say a classic queue of the seed where a quorum queue is declared):
+    retrying cannot fix that, an operator must.
+    """
+    try:
+        await _declare(channel, settings, names)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise TopologyConflict(
+            f"the broker refused the worker's topology: {exc}. A queue or exchange of that "
+            "name exists with other arguments: set CDC_WORKER_QUEUE_TYPE to its type, or "
+            "drain and delete it so the worker can declare it"
+        ) from exc
+
+
+async def _declare(channel: AbstractChannel, settings: ConsumerSettings, names: Names) -> None:
     events = await channel.declare_exchange(
         settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )

@@ -35,6 +35,7 @@ class LedgerSettings(ConsumerSettings):
     ledger_table: str = Field("public.ledger", description="table of ledger rows")
     ledger_namespace: str = Field("ledger", description="prefix of the queue/service names")
     ledger_attempt_log: str = Field("", description="file that records every attempt")
+    ledger_db_only: bool = Field(False, description="declare the handlers database-only")
 
 
 SETTINGS = LedgerSettings
@@ -100,4 +101,5 @@ def build(settings: ConsumerSettings) -> WorkerSpec:
         queues=(QueueSpec(f"{ns}.ledger.entries", ("ledger.#", "unrouted.#")),),
         routes=(Route("ledger.#", Entry, on_entry),),
         schema=tuple(s.as_string() for s in schema),
+        db_only=settings.ledger_db_only,
     )
