@@ -742,6 +742,164 @@ def pg_schema(pg_session_db: str) -> Iterator[str]:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
+class Domain:
+    """The billing/notifications workers of one test, on ``env`` (database, exchange, outbox
+    table, relays) with their tables and the inbox in ``schema``.
+
+    Queues carry ``CDC_WORKER_QUEUE_PREFIX=<env.exchange>.`` (the session tag); ``cleanup()``
+    stops the workers and deletes every queue and exchange their topology declared.
+    """
+
+    RETRY_DELAYS = "0.3,0.6,1"
+
+    def __init__(self, env: Env, schema: str) -> None:
+        self.env = env
+        self.schema = schema
+        self.prefix = f"{env.exchange}."
+        self.inbox = f"{schema}.inbox"
+        self.workers: list[Relay] = []
+        self._names: list[Any] = []
+
+    def worker_env(self, **overrides: Any) -> dict[str, str]:
+        """CDC_* variables of a worker; ``overrides`` by field name (``smtp_port=25``)."""
+        out = {
+            "CDC_DATABASE_URL": self.env.db_url,
+            "CDC_AMQP_URL": AMQP_URL,
+            "CDC_EXCHANGE": self.env.exchange,
+            "CDC_OUTBOX_TABLE": self.env.table,
+            "CDC_WORKER_QUEUE_PREFIX": self.prefix,
+            "CDC_WORKER_QUEUE_TYPE": "classic",
+            "CDC_WORKER_INBOX_TABLE": self.inbox,
+            "CDC_WORKER_RETRY_DELAYS": self.RETRY_DELAYS,
+            "CDC_WORKER_MAX_ATTEMPTS": "6",
+            "CDC_WORKER_METRICS_HOST": "127.0.0.1",
+            "CDC_WORKER_RECONNECT_MIN_DELAY": "0.1",
+            "CDC_WORKER_RECONNECT_MAX_DELAY": "1",
+            "CDC_WORKER_LOG_FORMAT": "json",
+            "CDC_BILLING_SCHEMA": self.schema,
+            "CDC_NOTIFICATIONS_SCHEMA": self.schema,
+        }
+        for key, value in overrides.items():
+            out[key if key.startswith("CDC_") else f"CDC_{key.upper()}"] = str(value)
+        return out
+
+    def start(self, worker: str, **overrides: Any) -> Relay:
+        """``python -m consumers <worker>`` started and consuming (killed at teardown)."""
+        from consumers.config import ConsumerSettings
+        from consumers.loader import build_spec, load
+        from consumers.runtime.runner import names_for
+
+        variables = self.worker_env(worker_metrics_port=free_port(), **overrides)
+        module = load(worker)
+        # Only the runtime's fields decide the names (the worker's own keep their defaults).
+        base = {k[4:].lower(): v for k, v in variables.items() if k.startswith("CDC_")}
+        settings = module.settings(
+            **{k: v for k, v in base.items() if k in ConsumerSettings.model_fields}
+        )
+        self._names.append(names_for(settings, build_spec(module, settings)))
+        n = len(self.workers)
+        proc = Relay(
+            variables,
+            self.env.tmp_path / f"{worker}-{n}.log",
+            lambda: True,
+            name=f"{worker}-{n}",
+            argv=["-m", "consumers", worker],
+        )
+        self.workers.append(proc)
+        proc.start()
+        proc.wait_state("consuming", timeout=60)
+        return proc
+
+    def publish(self, messages: list[tuple[str, str, Any]]) -> None:
+        """Publish ``(routing_key, message_id, payload)`` in this order, each confirmed,
+        with a ``created_at`` header as the relay sets it."""
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            ex = await ch.get_exchange(self.env.exchange, ensure=False)
+            for key, mid, payload in messages:
+                await ex.publish(
+                    aio_pika.Message(
+                        json.dumps(payload).encode(),
+                        message_id=mid,
+                        type=key,
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        headers={"created_at": dt.datetime.now(dt.UTC).isoformat()},
+                    ),
+                    key,
+                    mandatory=True,
+                    timeout=30,
+                )
+
+        self.env.broker._run(fn)
+
+    def table(self, name: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(name))
+
+    def inbox_count(self, consumer: str) -> int:
+        try:
+            rows = self.env.sql(
+                sql.SQL("SELECT count(*) FROM {} WHERE consumer = %s").format(
+                    self.table("inbox")
+                ),
+                (consumer,),
+            )
+        except psycopg.errors.UndefinedTable:
+            return 0
+        return int(rows[0][0])
+
+    def wait_inbox(self, consumer: str, n: int, timeout: float = 60.0) -> None:
+        """Until ``n`` distinct messages of ``consumer`` are committed."""
+        wait_for(
+            lambda: self.inbox_count(consumer) >= n,
+            timeout,
+            lambda: f"{n} inbox rows of {consumer} (have {self.inbox_count(consumer)})\n"
+            + self.tails(),
+        )
+
+    def parked(self) -> dict[str, int | None]:
+        return {n.parking_queue: self.env.broker.queue_count(n.parking_queue) for n in self._names}
+
+    def tails(self) -> str:
+        return "\n".join(w.tail(40) for w in self.workers)
+
+    def cleanup(self) -> list[str]:
+        errors: list[str] = []
+        for w in self.workers:
+            try:
+                w.stop()
+            except Exception as exc:
+                errors.append(f"stop {w.name}: {exc!r}")
+        for names in self._names:
+            queues = [q for q, _ in names.queues]
+            queues += [rq.name for rq in names.retry_queues] + [names.parking_queue]
+            for q in queues:
+                try:
+                    self.env.broker.delete_queue(q)
+                except Exception as exc:
+                    errors.append(f"delete queue {q}: {exc!r}")
+            try:
+                self.env.broker.delete_exchange(names.retry_exchange)
+            except Exception as exc:
+                errors.append(f"delete exchange {names.retry_exchange}: {exc!r}")
+        return errors
+
+
+@pytest.fixture
+def domain(env: Env, pg_schema: str) -> Iterator[Domain]:
+    """Billing/notifications workers on ``env`` and ``pg_schema``; all removed at the end."""
+    d = Domain(env, pg_schema)
+    try:
+        yield d
+    finally:
+        for w in d.workers:
+            if w.log_path.exists():
+                print(w.tail(60))
+        errors = d.cleanup()
+        if errors:
+            print("teardown problems:", *errors, sep="\n  ")
+
+
 # --------------------------------------------------------------------------------------------
 # rows, transactions, writers
 
