@@ -26,6 +26,8 @@ PURE = [
     "cdc.backoff",
     "cdc.errors",
     "consumers.billing.metering",
+    "consumers.notifications.templates",
+    "consumers.notifications.signing",
 ]
 PACKAGES = {"cdc", "consumers"}
 FORBIDDEN = {"asyncio", "psycopg", "psycopg_binary", "psycopg_c", "aiormq", "aio_pika", "pamqp"}
