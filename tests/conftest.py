@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -898,6 +900,113 @@ def domain(env: Env, pg_schema: str) -> Iterator[Domain]:
         errors = d.cleanup()
         if errors:
             print("teardown problems:", *errors, sep="\n  ")
+
+
+@dataclass
+class HookRequest:
+    """One POST the webhook receiver got, and whether its signature verified."""
+
+    body: bytes
+    headers: dict[str, str]
+    signature_ok: bool
+    status: int
+
+
+class WebhookReceiver:
+    """A real HTTP server on 127.0.0.1 that verifies the HMAC-SHA256 signature of each POST
+    itself (not with the code under test) and answers 401 to a bad one. ``fail_first``
+    answers 500 to the first request of each idempotency key; ``accepted()`` is what a
+    receiver that dedups by idempotency key would keep."""
+
+    SECRET = "whsec-" + secrets.token_hex(8)
+
+    def __init__(self, fail_first: bool = False) -> None:
+        import http.server
+
+        receiver = self
+        self.fail_first = fail_first
+        self.requests: list[HookRequest] = []
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                mac = hmac.new(receiver.SECRET.encode(), body, hashlib.sha256).hexdigest()
+                ok = hmac.compare_digest(
+                    f"sha256={mac}", self.headers.get("X-CDC-Signature", "")
+                )
+                key = self.headers.get("Idempotency-Key", "")
+                with receiver._lock:
+                    seen = any(r.headers.get("Idempotency-Key") == key for r in receiver.requests)
+                    status = 401 if not ok else 500 if receiver.fail_first and not seen else 200
+                    receiver.requests.append(HookRequest(body, dict(self.headers), ok, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def accepted(self) -> dict[str, HookRequest]:
+        """Idempotency key -> the first 2xx request with that key."""
+        out: dict[str, HookRequest] = {}
+        with self._lock:
+            for r in self.requests:
+                if r.status == 200:
+                    out.setdefault(r.headers["Idempotency-Key"], r)
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    r = WebhookReceiver(fail_first=True)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts."""
+
+    def __init__(self) -> None:
+        from email import message_from_bytes
+        from email.message import Message
+
+        from aiosmtpd.controller import Controller
+
+        sink = self
+        self.messages: list[Message] = []
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                sink.messages.append(message_from_bytes(envelope.content))
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def close(self) -> None:
+        self.controller.stop()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    s = SmtpSink()
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 # --------------------------------------------------------------------------------------------
