@@ -24,7 +24,6 @@ plan (``user.updated``) at or before the start, else the default rate. Rates are
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -236,12 +235,6 @@ def balance_low_id(user_id: str, threshold: Decimal) -> uuid.UUID:
     Deterministic, so even a second writer would collide on the outbox primary key.
     """
     return uuid.uuid5(BALANCE_LOW_NAMESPACE, f"{user_id}\x00{threshold.normalize()}")
-
-
-def lock_key(kind: str, ident: str) -> int:
-    """A stable signed 64-bit key for ``pg_advisory_xact_lock`` (same in every process)."""
-    digest = hashlib.blake2b(f"billing\x00{kind}\x00{ident}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 # --------------------------------------------------------------------------------------------

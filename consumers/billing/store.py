@@ -5,7 +5,8 @@ Contract: inside the caller's transaction, :meth:`BillingStore.device_event` sto
 :func:`metering.device_records` under a per-device advisory lock, writes only the rows that
 changed, moves each owner's balance by the change in spend, and writes ``billing.balance_low``
 into the outbox (once per user and threshold) when a balance is below the threshold.
-Statements are pipelined: an in-order event costs two round trips, a late one three or four.
+One statement (the ``billing_state`` function) reads and locks, one more writes when records
+change: an event costs one or two round trips, a balance crossing one more.
 
 Locks (transaction-scoped advisory locks, so replicas serialise per device): a device event
 takes the device's lock, then a shared lock on each session owner before reading plans; a
@@ -67,6 +68,47 @@ _DDL = (
         balance numeric(20, 6) NOT NULL,
         spent   numeric(20, 6) NOT NULL
     )""",
+    # One round trip per event: lock the device, store the event once, lock the session
+    # owners (shared), and return what the recompute needs. Each statement of a volatile
+    # function takes a fresh snapshot, so rows committed while it waited for a lock are seen.
+    """CREATE OR REPLACE FUNCTION {s}.billing_state(
+        p_device text, p_new text, p_kind text, p_at timestamptz, p_user text, p_plan text,
+        p_rate numeric
+    ) RETURNS TABLE (tag text, id text, kind text, at timestamptz, stopped_at timestamptz,
+                     user_id text, plan text, rate numeric, duration numeric, cost numeric)
+    LANGUAGE plpgsql AS $fn$
+    #variable_conflict use_column
+    DECLARE
+        owners text[];
+    BEGIN
+        PERFORM pg_advisory_xact_lock(hashtextextended('billing device ' || p_device, 0));
+        IF p_new IS NOT NULL THEN
+            INSERT INTO {s}.device_events (message_id, device_id, kind, at, user_id, plan, rate)
+            VALUES (p_new, p_device, p_kind, p_at, p_user, p_plan, p_rate)
+            ON CONFLICT DO NOTHING;
+            IF NOT FOUND THEN
+                RETURN QUERY SELECT 'dup'::text, p_new, NULL::text, NULL::timestamptz,
+                    NULL::timestamptz, NULL::text, NULL::text, NULL::numeric, NULL::numeric,
+                    NULL::numeric;
+                RETURN;
+            END IF;
+        END IF;
+        SELECT coalesce(array_agg(DISTINCT e.user_id ORDER BY e.user_id), '{{}}') INTO owners
+          FROM {s}.device_events e
+         WHERE e.device_id = p_device AND e.kind = 'start' AND e.user_id IS NOT NULL;
+        PERFORM pg_advisory_xact_lock_shared(hashtextextended('billing user ' || o, 0))
+           FROM unnest(owners) AS o ORDER BY o;
+        RETURN QUERY SELECT 'e'::text, e.message_id, e.kind, e.at, NULL::timestamptz,
+            e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
+          FROM {s}.device_events e WHERE e.device_id = p_device;
+        RETURN QUERY SELECT 'p'::text, p.message_id, NULL::text, p.at, NULL::timestamptz,
+            p.user_id, p.plan, NULL::numeric, NULL::numeric, NULL::numeric
+          FROM {s}.user_plans p WHERE p.user_id = ANY(owners);
+        RETURN QUERY SELECT 'r'::text, r.record_id, r.closed_by, r.started_at, r.stopped_at,
+            r.user_id, NULL::text, r.rate, r.duration_seconds, r.cost
+          FROM {s}.usage_records r WHERE r.device_id = p_device;
+    END
+    $fn$""",
     """CREATE TABLE IF NOT EXISTS {s}.balance_alerts (
         user_id   text NOT NULL,
         threshold numeric NOT NULL,
@@ -75,14 +117,6 @@ _DDL = (
         PRIMARY KEY (user_id, threshold)
     )""",
 )
-
-async def _run(
-    conn: psycopg.AsyncConnection[Any], query: str, params: Any
-) -> psycopg.AsyncCursor[Any]:
-    # Not prepared: a statement prepared inside a pipeline that a deadlock aborts is left
-    # unknown to the server while psycopg believes it exists (InvalidSqlStatementName).
-    return await conn.execute(query, params, prepare=False)
-
 
 _RECORD_COLUMNS = (
     "record_id, device_id, user_id, started_at, stopped_at, duration_seconds, rate, cost, "
@@ -126,44 +160,25 @@ class BillingStore:
         def q(text: str) -> str:
             return render(sql.SQL(text).format(s=s, outbox=outbox))
 
-        self._lock = "SELECT pg_advisory_xact_lock(%s)"
-        self._lock_shared = (
-            "SELECT pg_advisory_xact_lock_shared(k) FROM unnest(%s::bigint[]) WITH ORDINALITY"
-            " AS l(k, n) ORDER BY n"
+        self._state = q(
+            "SELECT * FROM {s}.billing_state(%s::text, %s::text, %s::text, %s::timestamptz,"
+            " %s::text, %s::text, %s::numeric)"
         )
-        self._insert_event = q(
-            "INSERT INTO {s}.device_events (message_id, device_id, kind, at, user_id, plan, rate)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1"
-        )
-        self._owners = q(
-            "SELECT DISTINCT user_id FROM {s}.device_events"
-            " WHERE device_id = %s AND kind = 'start' AND user_id IS NOT NULL"
-        )
-        self._events = q(
-            "SELECT message_id, device_id, kind, at, user_id, plan, rate"
-            " FROM {s}.device_events WHERE device_id = %s"
-        )
-        self._plans = q(
-            "SELECT message_id, user_id, at, plan FROM {s}.user_plans WHERE user_id = ANY(%s)"
-        )
-        self._records = q(
-            f"SELECT {_RECORD_COLUMNS} FROM {{s}}.usage_records WHERE device_id = %s"
-        )
-        self._delete_records = q("DELETE FROM {s}.usage_records WHERE record_id = ANY(%s)")
-        self._upsert_record = q(
-            f"INSERT INTO {{s}}.usage_records ({_RECORD_COLUMNS})"
-            " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[],"
-            " %s::timestamptz[], %s::numeric[], %s::numeric[], %s::numeric[], %s::text[])"
+        self._write = q(
+            "WITH gone AS (DELETE FROM {s}.usage_records WHERE record_id = ANY(%(deletes)s)),"
+            f" up AS (INSERT INTO {{s}}.usage_records ({_RECORD_COLUMNS})"
+            " SELECT * FROM unnest(%(ids)s::text[], %(devices)s::text[], %(users)s::text[],"
+            " %(starts)s::timestamptz[], %(stops)s::timestamptz[], %(durations)s::numeric[],"
+            " %(rates)s::numeric[], %(costs)s::numeric[], %(closed)s::text[])"
             " ON CONFLICT (record_id) DO UPDATE SET device_id = EXCLUDED.device_id,"
             " user_id = EXCLUDED.user_id, started_at = EXCLUDED.started_at,"
             " stopped_at = EXCLUDED.stopped_at, duration_seconds = EXCLUDED.duration_seconds,"
-            " rate = EXCLUDED.rate, cost = EXCLUDED.cost, closed_by = EXCLUDED.closed_by"
-        )
-        self._debit = q(
-            "INSERT INTO {s}.balances AS b (user_id, balance, spent)"
-            " VALUES (%(user)s, %(initial)s - %(delta)s, %(delta)s)"
+            " rate = EXCLUDED.rate, cost = EXCLUDED.cost, closed_by = EXCLUDED.closed_by)"
+            " INSERT INTO {s}.balances AS b (user_id, balance, spent)"
+            " SELECT u, %(initial)s - d, d FROM unnest(%(who)s::text[], %(deltas)s::numeric[])"
+            " AS t(u, d) ORDER BY u"
             " ON CONFLICT (user_id) DO UPDATE SET balance = b.balance - EXCLUDED.spent,"
-            " spent = b.spent + EXCLUDED.spent RETURNING balance, spent"
+            " spent = b.spent + EXCLUDED.spent RETURNING user_id, balance, spent"
         )
         self._drop_balance = q("DELETE FROM {s}.balances WHERE user_id = %s AND spent = 0")
         self._alert = q(
@@ -174,9 +189,12 @@ class BillingStore:
             " SELECT event_id, 'billing', %(user)s, 'billing.balance_low', %(payload)s::jsonb"
             " FROM a RETURNING id"
         )
-        self._insert_plan = q(
-            "INSERT INTO {s}.user_plans (message_id, user_id, at, plan)"
-            " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1"
+        self._plan = q(
+            "WITH lock AS (SELECT pg_advisory_xact_lock("
+            "hashtextextended('billing user ' || %(user)s, 0)))"
+            " INSERT INTO {s}.user_plans (message_id, user_id, at, plan)"
+            " SELECT %(id)s, %(user)s, %(at)s, %(plan)s FROM lock ON CONFLICT DO NOTHING"
+            " RETURNING 1"
         )
         self._user_devices = q(
             "SELECT DISTINCT device_id FROM {s}.device_events"
@@ -189,95 +207,77 @@ class BillingStore:
         self, conn: psycopg.AsyncConnection[Any], event: DeviceEvent
     ) -> list[Alert]:
         """Store a ``device.*`` event once and bring the device's records up to date."""
-        async with conn.pipeline():
-            await _run(conn, self._lock, (metering.lock_key("device", event.device_id),))
-            inserted = await _run(conn,
-                self._insert_event,
-                (event.message_id, event.device_id, event.kind, event.at, event.user_id,
-                 event.plan, event.rate),
-            )
-            owners = await _run(conn, self._owners, (event.device_id,))
-        if await inserted.fetchone() is None:
+        cur = await conn.execute(
+            self._state,
+            (event.device_id, event.message_id, event.kind, event.at, event.user_id,
+             event.plan, event.rate),
+        )
+        rows = await cur.fetchall()
+        if rows and rows[0][0] == "dup":
             return []  # the same event under the same id: already counted
-        users = sorted(str(row[0]) for row in await owners.fetchall())
-        return await self._recompute(conn, event.device_id, users)
+        return await self._settle(conn, event.device_id, rows)
 
     async def plan_change(
         self, conn: psycopg.AsyncConnection[Any], change: PlanChange
     ) -> list[Alert]:
-        """Store a user's plan change once and re-rate the user's devices."""
-        async with conn.pipeline():
-            await _run(conn, self._lock, (metering.lock_key("user", change.user_id),))
-            inserted = await _run(conn,
-                self._insert_plan, (change.message_id, change.user_id, change.at, change.plan)
-            )
-            devices = await _run(conn, self._user_devices, (change.user_id,))
-        if await inserted.fetchone() is None:
+        """Store a user's plan change once (under the user's lock) and re-rate the user's
+        devices."""
+        cur = await conn.execute(
+            self._plan,
+            {"id": change.message_id, "user": change.user_id, "at": change.at,
+             "plan": change.plan},
+        )
+        if await cur.fetchone() is None:
             return []
+        devices = await conn.execute(self._user_devices, (change.user_id,))
         alerts: list[Alert] = []
         for (device_id,) in await devices.fetchall():
-            await _run(conn, self._lock, (metering.lock_key("device", device_id),))
-            owners = await _run(conn, self._owners, (device_id,))
-            users = sorted(str(row[0]) for row in await owners.fetchall())
-            alerts += await self._recompute(conn, device_id, users)
+            state = await conn.execute(self._state, (device_id, None, None, None, None, None,
+                                                     None))
+            alerts += await self._settle(conn, device_id, await state.fetchall())
         return alerts
 
     # -- the recompute ----------------------------------------------------------------------
 
-    async def _recompute(
-        self, conn: psycopg.AsyncConnection[Any], device_id: str, users: Sequence[str]
+    async def _settle(
+        self, conn: psycopg.AsyncConnection[Any], device_id: str, rows: Sequence[Any]
     ) -> list[Alert]:
-        async with conn.pipeline():
-            if users:
-                await _run(conn,
-                    self._lock_shared, ([metering.lock_key("user", u) for u in users],)
-                )
-                plans_cur = await _run(conn, self._plans, (list(users),))
-            events_cur = await _run(conn, self._events, (device_id,))
-            records_cur = await _run(conn, self._records, (device_id,))
-        events = [
-            DeviceEvent(
-                message_id=r[0], device_id=r[1], kind=r[2], at=r[3], user_id=r[4], plan=r[5],
-                rate=r[6],
-            )
-            for r in await events_cur.fetchall()
-        ]
-        plans = (
-            [PlanChange(message_id=r[0], user_id=r[1], at=r[2], plan=r[3])
-             for r in await plans_cur.fetchall()]
-            if users
-            else []
-        )
-        old = [UsageRecord(*row) for row in await records_cur.fetchall()]
-        new = metering.device_records(events, plans, self.pricing)
-        diff = metering.diff_records(old, new)
+        """Recompute the device's records from ``rows`` (billing_state) and write the diff."""
+        events, plans, old = [], [], []
+        for tag, ident, kind, at, stopped_at, user, plan, rate, duration, cost in rows:
+            if tag == "e":
+                events.append(DeviceEvent(ident, device_id, kind, at, user, plan, rate))
+            elif tag == "p":
+                plans.append(PlanChange(ident, user, at, plan))
+            else:
+                old.append(UsageRecord(ident, device_id, user, at, stopped_at, duration, rate,
+                                       cost, kind))
+        diff = metering.diff_records(old, metering.device_records(events, plans, self.pricing))
         if diff.empty:
             return []
-        async with conn.pipeline():
-            if diff.deletes:
-                await _run(conn, self._delete_records, (list(diff.deletes),))
-            if diff.upserts:
-                rows = [
-                    (r.record_id, r.device_id, r.user_id, r.started_at, r.stopped_at,
-                     r.duration_seconds, r.rate, r.cost, r.closed_by)
-                    for r in diff.upserts
-                ]
-                columns = [list(col) for col in zip(*rows, strict=True)]
-                await _run(conn, self._upsert_record, columns)
-            debits = [
-                (user, await _run(conn,
-                    self._debit,
-                    {"user": user, "initial": self.initial_balance, "delta": delta},
-                ))
-                for user, delta in diff.spent_delta.items()
-            ]
+        ups = diff.upserts
+        cur = await conn.execute(
+            self._write,
+            {
+                "deletes": list(diff.deletes),
+                "ids": [r.record_id for r in ups],
+                "devices": [r.device_id for r in ups],
+                "users": [r.user_id for r in ups],
+                "starts": [r.started_at for r in ups],
+                "stops": [r.stopped_at for r in ups],
+                "durations": [r.duration_seconds for r in ups],
+                "rates": [r.rate for r in ups],
+                "costs": [r.cost for r in ups],
+                "closed": [r.closed_by for r in ups],
+                "initial": self.initial_balance,
+                "who": list(diff.spent_delta),
+                "deltas": list(diff.spent_delta.values()),
+            },
+        )
         alerts = []
-        for user, cur in debits:
-            row = await cur.fetchone()
-            assert row is not None
-            balance, spent = row
-            if spent == 0:
-                await _run(conn, self._drop_balance, (user,))
+        for user, balance, spent in await cur.fetchall():
+            if spent == 0:  # no usage left (a late event undid it): no balance row
+                await conn.execute(self._drop_balance, (user,))
             elif balance < self.threshold:
                 alert = await self._alert_once(conn, user, balance)
                 if alert is not None:
@@ -294,7 +294,7 @@ class BillingStore:
             "threshold": float(self.threshold),
             "eventId": event_id,
         }
-        cur = await _run(conn,
+        cur = await conn.execute(
             self._alert,
             {
                 "user": user,

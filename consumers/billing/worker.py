@@ -116,4 +116,5 @@ def build(settings: BillingSettings) -> WorkerSpec:
         queues=tuple(QueueSpec(f"{service}.{suffix}", (key,)) for suffix, key in _QUEUES),
         routes=routes,
         schema=schema_ddl(settings.billing_schema),
+        db_only=True,  # effects are rows only: no savepoints unless a batch fails
     )

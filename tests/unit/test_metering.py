@@ -23,7 +23,6 @@ from consumers.billing.metering import (
     balance_low_id,
     device_records,
     diff_records,
-    lock_key,
     meter,
     seconds_between,
     session_cost,
@@ -155,12 +154,9 @@ def test_diff_moves_spend_between_users_and_deletes_vanished_records():
     assert diff_records(old, old).empty
 
 
-def test_ids_and_lock_keys_are_stable():
+def test_balance_low_ids_are_stable():
     assert balance_low_id("u1", Decimal("10")) == balance_low_id("u1", Decimal("10.00"))
     assert balance_low_id("u1", Decimal("10")) != balance_low_id("u2", Decimal("10"))
-    key = lock_key("device", "d1")
-    assert -(2**63) <= key < 2**63 and key == lock_key("device", "d1")
-    assert key != lock_key("user", "d1")
 
 
 def test_ledger_alerts_once_when_the_balance_falls_below_the_threshold():
