@@ -29,6 +29,11 @@ from consumers.billing import metering
 from consumers.billing.metering import DeviceEvent, PlanChange, Pricing, UsageRecord
 from consumers.sqlnames import check_name, qualified_table, render
 
+_RECORD_COLUMNS = (
+    "record_id, device_id, user_id, started_at, stopped_at, duration_seconds, rate, cost, "
+    "closed_by"
+)
+
 _DDL = (
     "CREATE SCHEMA IF NOT EXISTS {s}",
     """CREATE TABLE IF NOT EXISTS {s}.device_events (
@@ -76,7 +81,7 @@ _DDL = (
         p_rate numeric
     ) RETURNS TABLE (tag text, id text, kind text, at timestamptz, stopped_at timestamptz,
                      user_id text, plan text, rate numeric, duration numeric, cost numeric)
-    LANGUAGE plpgsql AS $fn$
+    LANGUAGE plpgsql SET lock_timeout = {lock_timeout} AS $fn$
     #variable_conflict use_column
     DECLARE
         owners text[];
@@ -109,6 +114,33 @@ _DDL = (
           FROM {s}.usage_records r WHERE r.device_id = p_device;
     END
     $fn$""",
+    # The write of a recompute: records out, records in, balances moved by the spend change.
+    f"""CREATE OR REPLACE FUNCTION {{s}}.billing_write(
+        p_deletes text[], p_ids text[], p_devices text[], p_users text[],
+        p_starts timestamptz[], p_stops timestamptz[], p_durations numeric[],
+        p_rates numeric[], p_costs numeric[], p_closed text[], p_initial numeric,
+        p_who text[], p_deltas numeric[]
+    ) RETURNS TABLE (user_id text, balance numeric, spent numeric)
+    LANGUAGE plpgsql SET lock_timeout = {{lock_timeout}} AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        RETURN QUERY WITH gone AS (DELETE FROM {{s}}.usage_records WHERE record_id = ANY(p_deletes)),
+        up AS (
+            INSERT INTO {{s}}.usage_records ({_RECORD_COLUMNS})
+            SELECT * FROM unnest(p_ids, p_devices, p_users, p_starts, p_stops, p_durations,
+                                 p_rates, p_costs, p_closed)
+            ON CONFLICT (record_id) DO UPDATE SET device_id = EXCLUDED.device_id,
+                user_id = EXCLUDED.user_id, started_at = EXCLUDED.started_at,
+                stopped_at = EXCLUDED.stopped_at, duration_seconds = EXCLUDED.duration_seconds,
+                rate = EXCLUDED.rate, cost = EXCLUDED.cost, closed_by = EXCLUDED.closed_by
+        )
+        INSERT INTO {{s}}.balances AS b (user_id, balance, spent)
+        SELECT u, p_initial - d, d FROM unnest(p_who, p_deltas) AS t(u, d) ORDER BY u
+        ON CONFLICT (user_id) DO UPDATE SET balance = b.balance - EXCLUDED.spent,
+            spent = b.spent + EXCLUDED.spent
+        RETURNING b.user_id, b.balance, b.spent;
+    END
+    $fn$""",
     """CREATE TABLE IF NOT EXISTS {s}.balance_alerts (
         user_id   text NOT NULL,
         threshold numeric NOT NULL,
@@ -118,16 +150,16 @@ _DDL = (
     )""",
 )
 
-_RECORD_COLUMNS = (
-    "record_id, device_id, user_id, started_at, stopped_at, duration_seconds, rate, cost, "
-    "closed_by"
-)
 
 
-def schema_ddl(schema: str) -> tuple[str, ...]:
-    """Idempotent DDL of billing's tables in ``schema`` (applied by the runtime at start)."""
+def schema_ddl(schema: str, lock_timeout: float = 0.2) -> tuple[str, ...]:
+    """Idempotent DDL of billing's tables and functions in ``schema`` (applied by the runtime
+    at start). ``lock_timeout`` (seconds) bounds a wait for another replica's device or user:
+    past it the event fails and is retried later, so a lock cycle between two replicas'
+    batches costs that long, not PostgreSQL's ``deadlock_timeout``."""
     s = sql.Identifier(check_name(schema, "CDC_BILLING_SCHEMA"))
-    return tuple(render(sql.SQL(stmt).format(s=s)) for stmt in _DDL)
+    timeout = sql.Literal(f"{max(1, round(lock_timeout * 1000))}ms")
+    return tuple(render(sql.SQL(stmt).format(s=s, lock_timeout=timeout)) for stmt in _DDL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,20 +197,11 @@ class BillingStore:
             " %s::text, %s::text, %s::numeric)"
         )
         self._write = q(
-            "WITH gone AS (DELETE FROM {s}.usage_records WHERE record_id = ANY(%(deletes)s)),"
-            f" up AS (INSERT INTO {{s}}.usage_records ({_RECORD_COLUMNS})"
-            " SELECT * FROM unnest(%(ids)s::text[], %(devices)s::text[], %(users)s::text[],"
-            " %(starts)s::timestamptz[], %(stops)s::timestamptz[], %(durations)s::numeric[],"
-            " %(rates)s::numeric[], %(costs)s::numeric[], %(closed)s::text[])"
-            " ON CONFLICT (record_id) DO UPDATE SET device_id = EXCLUDED.device_id,"
-            " user_id = EXCLUDED.user_id, started_at = EXCLUDED.started_at,"
-            " stopped_at = EXCLUDED.stopped_at, duration_seconds = EXCLUDED.duration_seconds,"
-            " rate = EXCLUDED.rate, cost = EXCLUDED.cost, closed_by = EXCLUDED.closed_by)"
-            " INSERT INTO {s}.balances AS b (user_id, balance, spent)"
-            " SELECT u, %(initial)s - d, d FROM unnest(%(who)s::text[], %(deltas)s::numeric[])"
-            " AS t(u, d) ORDER BY u"
-            " ON CONFLICT (user_id) DO UPDATE SET balance = b.balance - EXCLUDED.spent,"
-            " spent = b.spent + EXCLUDED.spent RETURNING user_id, balance, spent"
+            "SELECT * FROM {s}.billing_write(%(deletes)s::text[], %(ids)s::text[],"
+            " %(devices)s::text[], %(users)s::text[], %(starts)s::timestamptz[],"
+            " %(stops)s::timestamptz[], %(durations)s::numeric[], %(rates)s::numeric[],"
+            " %(costs)s::numeric[], %(closed)s::text[], %(initial)s::numeric,"
+            " %(who)s::text[], %(deltas)s::numeric[])"
         )
         self._drop_balance = q("DELETE FROM {s}.balances WHERE user_id = %s AND spent = 0")
         self._alert = q(

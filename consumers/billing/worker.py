@@ -44,6 +44,10 @@ class BillingSettings(ConsumerSettings):
     billing_default_rate: Decimal = Field(
         Decimal("1.20"), ge=0, description="hourly rate of a device with no known plan"
     )
+    billing_lock_timeout: float = Field(
+        0.2, gt=0, le=60,
+        description="seconds a replica waits for another's device/user lock before retrying",
+    )
     billing_plan_rates: dict[str, Decimal] = Field(
         default_factory=lambda: dict(DEFAULT_PLAN_RATES),
         description="hourly rate per plan, JSON object",
@@ -115,6 +119,6 @@ def build(settings: BillingSettings) -> WorkerSpec:
         service=service,
         queues=tuple(QueueSpec(f"{service}.{suffix}", (key,)) for suffix, key in _QUEUES),
         routes=routes,
-        schema=schema_ddl(settings.billing_schema),
+        schema=schema_ddl(settings.billing_schema, settings.billing_lock_timeout),
         db_only=True,  # effects are rows only: no savepoints unless a batch fails
     )
