@@ -124,7 +124,8 @@ _DDL = (
     LANGUAGE plpgsql SET lock_timeout = {{lock_timeout}} AS $fn$
     #variable_conflict use_column
     BEGIN
-        RETURN QUERY WITH gone AS (DELETE FROM {{s}}.usage_records WHERE record_id = ANY(p_deletes)),
+        RETURN QUERY
+        WITH gone AS (DELETE FROM {{s}}.usage_records WHERE record_id = ANY(p_deletes)),
         up AS (
             INSERT INTO {{s}}.usage_records ({_RECORD_COLUMNS})
             SELECT * FROM unnest(p_ids, p_devices, p_users, p_starts, p_stops, p_durations,
