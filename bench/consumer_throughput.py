@@ -8,8 +8,9 @@ For each replica count it declares a fresh topology (quorum queue by default) an
 database table set, publishes ``--events`` persistent events into the backlog, starts the
 replicas of ``tests.workers.ledger`` (one INSERT per event + the inbox row, a savepoint per
 message, one commit per batch), and reports events/s from the first committed effect to the
-last (start-up excluded). It then checks that every event has exactly one effect, and removes
-what it created.
+last (start-up excluded), and the workers' CPU time per event (user+system, from /proc), which
+is the steadier figure on a shared machine. It then checks that every event has exactly one
+effect, and removes what it created.
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ async def _delete(names: list[str], exchanges: list[str]) -> None:
     await conn.close()
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """user+system CPU of the processes so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _run(
     events: int, replicas: int, queue_type: str, batch: int, prefetch: int, db_only: bool
 ) -> dict[str, float]:
@@ -120,16 +130,25 @@ def _run(
         run = cmd if not profile else [sys.executable, "-m", "cProfile", "-o", profile, *cmd[1:]]
         procs = [subprocess.Popen(run, cwd=REPO, env=env) for _ in range(replicas)]
         count = 0
+        cpu0 = None
         while count < events:
-            time.sleep(0.2)
+            time.sleep(0.05 if cpu0 is None else 0.2)
             count = db.execute("SELECT count(*) FROM ledger").fetchone()[0]  # type: ignore[index]
+            if cpu0 is None and count:
+                cpu0, count0 = _cpu_seconds([p.pid for p in procs]), count
+        cpu = _cpu_seconds([p.pid for p in procs]) - (cpu0 or 0.0)
         first_at, last_at, distinct, total = db.execute(
             "SELECT min(at), max(at), count(DISTINCT message_id), count(*) FROM ledger"
         ).fetchone()  # type: ignore[misc]
         seconds = (last_at - first_at).total_seconds()
         assert distinct == total == events == len(set(ids)), (distinct, total, events)
         db.close()
-        return {"events/s": events / seconds, "seconds": seconds, "publish/s": events / publish_s}
+        return {
+            "events/s": events / seconds,
+            "seconds": seconds,
+            "publish/s": events / publish_s,
+            "cpu_us": cpu / max(1, events - count0) * 1e6,
+        }
     finally:
         for p in procs:
             p.terminate()
@@ -160,7 +179,9 @@ def main() -> None:
                 f"mode={mode} replicas={n} queue={args.queue_type} batch={args.batch} "
                 f"prefetch={args.prefetch}: "
                 f"{r['events/s']:.0f} events/s ({args.events} events in {r['seconds']:.2f}s, "
-                f"exact); backlog published at {r['publish/s']:.0f}/s"
+                f"exact); worker CPU {r['cpu_us']:.0f} us/event "
+            f"(= {1e6 / r['cpu_us']:.0f} events/s per busy core); "
+            f"backlog published at {r['publish/s']:.0f}/s"
             )
 
 

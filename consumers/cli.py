@@ -34,10 +34,18 @@ S = TypeVar("S", bound=ConsumerSettings)
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, model: type[ConsumerSettings]) -> None:
-    """One ``--name`` flag per settings field (``CDC_NAME`` is the variable it overrides)."""
-    for field, info in model.model_fields.items():
+    """One ``--name`` flag per settings field (``CDC_NAME`` is the variable it overrides).
+
+    The runtime's ``worker_*`` fields also answer to the short form (``--prefetch``).
+    """
+    fields = model.model_fields
+    for field, info in fields.items():
+        flags = [f"--{field.replace('_', '-')}"]
+        short = field.removeprefix("worker_")
+        if short != field and short not in fields:
+            flags.append(f"--{short.replace('_', '-')}")  # --prefetch for --worker-prefetch
         parser.add_argument(
-            f"--{field.replace('_', '-')}",
+            *flags,
             dest=field,
             default=None,
             help=f"{info.description} (env CDC_{field.upper()})",
@@ -118,9 +126,15 @@ async def _serve(settings: ConsumerSettings, spec: Any) -> int:
         loop.add_signal_handler(sig, on_signal)
     server = None
     if settings.worker_metrics_port:
-        server = await serve(
-            settings.worker_metrics_host, settings.worker_metrics_port, metrics, runner.health
-        )
+        try:
+            server = await serve(
+                settings.worker_metrics_host, settings.worker_metrics_port, metrics, runner.health
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on port {settings.worker_metrics_port}: {exc.strerror}. "
+                "Replicas on one host need distinct CDC_WORKER_METRICS_PORT values (0 disables)"
+            ) from exc
     task = asyncio.create_task(runner.run())
     code = EXIT_OK
     try:

@@ -29,16 +29,12 @@ from pydantic import ValidationError
 
 from consumers.cli import EXIT_OK, EXIT_USAGE, add_setting_flags, build_settings, explain
 from consumers.config import ConsumerSettings
-from consumers.errors import ConfigError
+from consumers.errors import ConfigError, DlqError
 from consumers.runtime import headers as hdr
 from consumers.runtime.policy import ATTEMPT_HEADER
 from consumers.runtime.republish import copy_properties, publish_confirmed
 
 PARKED_SUFFIX = ".parked"
-
-
-class DlqError(ConfigError):
-    """A DLQ command cannot run as asked (wrong queue, missing flag)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -175,7 +171,7 @@ async def _replay(
             kept.append(message)
             skipped += 1
             continue
-        props = copy_properties(message, hdr.replay_headers(message.headers))
+        props = copy_properties(message.properties, hdr.replay_headers(message.headers))
         await publish_confirmed(
             raw, message.body, "", origin, props, settings.worker_confirm_timeout
         )

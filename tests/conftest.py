@@ -1850,7 +1850,15 @@ class Ledger:
         self.inbox = f"public.inbox_{self.tag}"
         self.attempt_log = tmp_path / f"attempts-{self.tag}.log"
         self.workers: list[Relay] = []
+        self.extra_queues: list[str] = []
         self._conn: psycopg.Connection[Any] | None = None
+
+    def other_service_queue(self, keys: Iterable[str] = ("#",)) -> str:
+        """A queue of another service on the same exchange (removed at teardown)."""
+        name = f"{self.ns}.other-service"
+        self.extra_queues.append(name)
+        self.broker.declare_queue(name, self.exchange, keys)
+        return name
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -1962,6 +1970,7 @@ class Ledger:
                                 message_id=mid,
                                 content_type="application/json",
                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                timestamp=dt.datetime.now(dt.UTC),
                             ),
                             routing_key,
                             mandatory=True,
@@ -2098,7 +2107,7 @@ class Ledger:
                     )
         except Exception as exc:
             errors.append(f"postgres: {exc!r}")
-        for q in [self.queue, *self.retry_queues, self.parking_queue]:
+        for q in [self.queue, *self.retry_queues, self.parking_queue, *self.extra_queues]:
             step(f"delete queue {q}", lambda q=q: self.broker.delete_queue(q))
         for e in (self.retry_exchange, self.exchange):
             step(f"delete exchange {e}", lambda e=e: self.broker.delete_exchange(e))

@@ -153,6 +153,16 @@ _DDL = (
 
 
 
+async def _execute(
+    conn: psycopg.AsyncConnection[Any], query: str, params: Any
+) -> psycopg.AsyncCursor[Any]:
+    # Never server-prepared: the runtime may run a db_only batch in pipeline mode, and a
+    # statement psycopg prepares in a pipeline that an error aborts stays unknown to the
+    # server while psycopg believes it exists ("prepared statement ... does not exist").
+    # The statements are function calls and small DML: planning them is cheap.
+    return await conn.execute(query, params, prepare=False)
+
+
 def schema_ddl(schema: str, lock_timeout: float = 0.2) -> tuple[str, ...]:
     """Idempotent DDL of billing's tables and functions in ``schema`` (applied by the runtime
     at start). ``lock_timeout`` (seconds) bounds a wait for another replica's device or user:
@@ -231,7 +241,7 @@ class BillingStore:
         self, conn: psycopg.AsyncConnection[Any], event: DeviceEvent
     ) -> list[Alert]:
         """Store a ``device.*`` event once and bring the device's records up to date."""
-        cur = await conn.execute(
+        cur = await _execute(conn,
             self._state,
             (event.device_id, event.message_id, event.kind, event.at, event.user_id,
              event.plan, event.rate),
@@ -246,17 +256,17 @@ class BillingStore:
     ) -> list[Alert]:
         """Store a user's plan change once (under the user's lock) and re-rate the user's
         devices."""
-        cur = await conn.execute(
+        cur = await _execute(conn,
             self._plan,
             {"id": change.message_id, "user": change.user_id, "at": change.at,
              "plan": change.plan},
         )
         if await cur.fetchone() is None:
             return []
-        devices = await conn.execute(self._user_devices, (change.user_id,))
+        devices = await _execute(conn, self._user_devices, (change.user_id,))
         alerts: list[Alert] = []
         for (device_id,) in await devices.fetchall():
-            state = await conn.execute(self._state, (device_id, None, None, None, None, None,
+            state = await _execute(conn, self._state, (device_id, None, None, None, None, None,
                                                      None))
             alerts += await self._settle(conn, device_id, await state.fetchall())
         return alerts
@@ -280,7 +290,7 @@ class BillingStore:
         if diff.empty:
             return []
         ups = diff.upserts
-        cur = await conn.execute(
+        cur = await _execute(conn,
             self._write,
             {
                 "deletes": list(diff.deletes),
@@ -301,7 +311,7 @@ class BillingStore:
         alerts = []
         for user, balance, spent in await cur.fetchall():
             if spent == 0:  # no usage left (a late event undid it): no balance row
-                await conn.execute(self._drop_balance, (user,))
+                await _execute(conn, self._drop_balance, (user,))
             elif balance < self.threshold:
                 alert = await self._alert_once(conn, user, balance)
                 if alert is not None:
@@ -318,7 +328,7 @@ class BillingStore:
             "threshold": float(self.threshold),
             "eventId": event_id,
         }
-        cur = await conn.execute(
+        cur = await _execute(conn,
             self._alert,
             {
                 "user": user,

@@ -24,16 +24,13 @@ from typing import Any
 import psycopg
 from pydantic import BaseModel
 
+from consumers.errors import BatchAborted
 from consumers.runtime import inbox
 from consumers.runtime.spec import Delivery, HandlerContext, Route
 
 DONE = "done"
 DUPLICATE = "duplicate"
 FAILED = "failed"
-
-
-class BatchAborted(Exception):
-    """The batch's transaction could not complete; run the batch again on a fresh connection."""
 
 
 @dataclass(slots=True)
@@ -66,49 +63,91 @@ async def run_batch(
     """Process ``items`` in one transaction on ``conn`` (not in autocommit); see module doc.
 
     ``optimistic`` (for workers whose handlers only touch the database) first runs the
-    batch without savepoints; if a handler fails, that transaction is rolled back and the
-    batch runs again with a savepoint per message, so the result is the same either way.
+    batch in pipeline mode without savepoints; if anything fails, that transaction is
+    rolled back and the batch runs again the plain way, with a savepoint per message, so
+    the outcome is the same either way.
     """
     try:
-        if optimistic and await _run(conn, table, consumer, items, clock, savepoints=False):
+        if optimistic and await _optimistic(conn, table, consumer, items, clock):
             return
-        await _run(conn, table, consumer, items, clock, savepoints=True)
+        await _with_savepoints(conn, table, consumer, items, clock)
     except psycopg.Error as exc:
         # (On cancellation the caller closes the connection: the server rolls back.)
         await _rollback_quietly(conn)
         raise BatchAborted(f"batch transaction failed: {type(exc).__name__}: {exc}") from exc
 
 
-async def _run(
-    conn: psycopg.AsyncConnection[Any],
-    table: str,
-    consumer: str,
-    items: Sequence[Item],
-    clock: Callable[[], float],
-    savepoints: bool,
-) -> bool:
-    """One pass; False when a handler failed without savepoints (rolled back, run again)."""
+async def _claim(
+    conn: psycopg.AsyncConnection[Any], table: str, consumer: str, items: Sequence[Item]
+) -> set[str]:
     for item in items:
         item.outcome, item.error = None, None
-    fresh = await inbox.claim(
+    return await inbox.claim(
         conn,
         table,
         consumer,
         [i.delivery.message_id for i in items],
         [i.delivery.routing_key for i in items],
     )
+
+
+def _take(fresh: set[str], item: Item) -> bool:
+    """True if ``item`` is new; a second copy inside the same batch is a duplicate."""
+    if item.delivery.message_id in fresh:
+        fresh.discard(item.delivery.message_id)
+        return True
+    item.outcome = DUPLICATE
+    return False
+
+
+async def _optimistic(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    consumer: str,
+    items: Sequence[Item],
+    clock: Callable[[], float],
+) -> bool:
+    """The whole batch pipelined, no savepoints; False (rolled back) if anything failed.
+
+    In pipeline mode a statement's error may surface later (at a fetch or at the sync), so
+    any failure here only means "run the batch the plain way", never "this message failed".
+    """
+    try:
+        async with conn.pipeline():
+            fresh = await _claim(conn, table, consumer, items)
+            for item in items:
+                if not _take(fresh, item):
+                    continue
+                started = clock()
+                await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
+                item.seconds = clock() - started
+                item.outcome = DONE
+        await conn.commit()
+        return True
+    except Exception as exc:
+        if conn.broken:
+            raise BatchAborted(f"database connection lost: {exc}") from exc
+        await conn.rollback()
+        return False
+
+
+async def _with_savepoints(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    consumer: str,
+    items: Sequence[Item],
+    clock: Callable[[], float],
+) -> None:
+    """The batch with a savepoint per message: a failure undoes only its own message."""
+    fresh = await _claim(conn, table, consumer, items)
     opened = False
     cur = conn.cursor()  # one cursor for the runtime's own statements: cheaper per message
     for item in items:
-        mid = item.delivery.message_id
-        if mid not in fresh:
-            item.outcome = DUPLICATE
+        if not _take(fresh, item):
             continue
-        fresh.discard(mid)  # a second copy inside the same batch is a duplicate
-        if savepoints:
-            # One round trip between messages: release the last savepoint, open the next.
-            await cur.execute(_NEXT if opened else _FIRST)
-            opened = True
+        # One round trip between messages: release the last savepoint, open the next.
+        await cur.execute(_NEXT if opened else _FIRST)
+        opened = True
         started = clock()
         try:
             await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
@@ -116,17 +155,13 @@ async def _run(
             item.seconds = clock() - started
             if conn.broken:
                 raise BatchAborted(f"database connection lost in a handler: {exc}") from exc
-            if not savepoints:
-                await conn.rollback()
-                return False
             await cur.execute(_UNDO)
-            await inbox.unclaim(conn, table, consumer, mid)
+            await inbox.unclaim(conn, table, consumer, item.delivery.message_id)
             item.outcome, item.error = FAILED, exc
         else:
             item.seconds = clock() - started
             item.outcome = DONE
     await conn.commit()
-    return True
 
 
 async def _rollback_quietly(conn: psycopg.AsyncConnection[Any]) -> None:

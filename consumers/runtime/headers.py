@@ -16,6 +16,7 @@ that the broker's counters start afresh and never leak into ours.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,6 +129,23 @@ def replay_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
         for k, v in _base(headers).items()
         if k not in _PARKING_KEYS and k != ATTEMPT_HEADER
     }
+
+
+def committed_at(headers: Mapping[str, Any] | None, timestamp: Any) -> float | None:
+    """When the event was committed, as a Unix time: the relay's ``commit_time`` header
+    (ISO 8601), else the AMQP ``timestamp`` property; None if neither is usable."""
+    value = text((headers or {}).get("commit_time"))
+    if value:
+        try:
+            when = dt.datetime.fromisoformat(value)
+        except ValueError:
+            when = None
+        if when is not None:
+            return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+    if isinstance(timestamp, dt.datetime):
+        ts = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=dt.UTC)
+        return ts.timestamp()
+    return None
 
 
 def describe(exc: BaseException) -> str:

@@ -62,6 +62,13 @@ class WorkerMetrics:
             ["worker", "queue"],
             registry=r,
         )
+        self.event_age = Gauge(
+            "cdc_worker_event_age_seconds",
+            "Commit (relay's commit_time header, else the AMQP timestamp) to ack, of the last"
+            " event acked: the consumer-acked level of lag",
+            ["worker", "queue"],
+            registry=r,
+        )
         self.reconnects = Counter(
             "cdc_worker_reconnects_total",
             "Sessions restarted after a broker or database failure",

@@ -19,38 +19,32 @@ import aiormq
 from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
+from consumers.errors import BrokerLost, Unroutable
+
 log = logging.getLogger(__name__)
 
 _PERSISTENT = 2
 _MAX_DELAY = 5.0
 
 
-class BrokerLost(Exception):
-    """The broker connection or channel is gone; the session must start again."""
-
-
-class Unroutable(Exception):
-    """The broker returned a copy: the target queue does not exist (re-declare the topology)."""
-
-
-def copy_properties(message: Any, headers: Mapping[str, Any]) -> Basic.Properties:
-    """The properties of ``message`` (an aio-pika incoming message) with new ``headers``.
+def copy_properties(source: Basic.Properties, headers: Mapping[str, Any]) -> Basic.Properties:
+    """The properties of a received message with new ``headers``, persistent.
 
     ``expiration`` and ``user_id`` are not copied: a per-message TTL would fight the retry
     queues' TTL, and the broker rejects a user id that is not the connection's.
     """
     return Basic.Properties(
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
+        content_type=source.content_type,
+        content_encoding=source.content_encoding,
         headers=dict(headers),
         delivery_mode=_PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        message_type=message.type,
-        app_id=message.app_id,
+        priority=source.priority,
+        correlation_id=source.correlation_id,
+        reply_to=source.reply_to,
+        message_id=source.message_id,
+        timestamp=source.timestamp,
+        message_type=source.message_type,
+        app_id=source.app_id,
     )
 
 

@@ -70,6 +70,7 @@ class WorkerSpec:
     on_close: Callable[[], Awaitable[None]] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     # True when the handlers have no effect outside their PostgreSQL transaction (no HTTP, no
-    # email, no file): the runtime may then run a batch without savepoints and, only if a
-    # handler fails, roll the batch back and run it again with a savepoint per message.
+    # email, no file): the runtime may then run a batch pipelined without savepoints and,
+    # only if something fails, roll it back and run it again with a savepoint per message.
+    # A handler may thus run twice for one delivery (only the second run commits).
     db_only: bool = False

@@ -15,7 +15,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 
 from consumers.config import ConsumerSettings
-from consumers.errors import ConfigError
+from consumers.errors import TopologyConflict
 from consumers.runtime.headers import RETRY_QUEUE_HEADER
 from consumers.runtime.names import Names
 
@@ -36,10 +36,6 @@ def retry_queue_arguments(settings: ConsumerSettings, ttl_ms: int) -> dict[str, 
         args["x-dead-letter-strategy"] = "at-least-once"
         args["x-overflow"] = "reject-publish"
     return args
-
-
-class TopologyConflict(ConfigError):
-    """A queue or exchange exists with other arguments than the worker declares."""
 
 
 async def declare(channel: AbstractChannel, settings: ConsumerSettings, names: Names) -> None:

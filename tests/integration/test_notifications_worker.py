@@ -6,7 +6,8 @@ verifies the HMAC signature itself, and a real SMTP server (aiosmtpd).
   carries the same idempotency key and a valid signature), one email;
 - bob: no preferences row (defaults: in-app only); an unknown device.* type gets the
   family template;
-- carol: email only, device.* muted.
+- carol: email only, device.* muted;
+- a system event without a user: an in-app notification with no user_id.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def test_channels_preferences_retries_and_duplicates(env, domain, webhook_receiv
         smtp_port=smtp_sink.port,
         smtp_from="notify@cloudphone.test",
     )
-    error_id, low_id, created_id, reboot_id, muted_id, app_id, started_id = (
-        _mid() for _ in range(7)
+    error_id, low_id, created_id, reboot_id, muted_id, app_id, started_id, system_id = (
+        _mid() for _ in range(8)
     )
     domain.publish([
         ("device.error", error_id, {"userId": "alice", "deviceId": "d1", "error": "adb lost"}),
@@ -61,8 +62,9 @@ def test_channels_preferences_retries_and_duplicates(env, domain, webhook_receiv
         ("device.rebooted", reboot_id, {"userId": "bob", "deviceId": "d2"}),
         ("device.error", muted_id, {"userId": "carol", "deviceId": "d3"}),
         ("app.installed", app_id, {"userId": "carol", "appName": "Maps", "deviceId": "d3"}),
+        ("system.maintenance", system_id, {"title": "Upgrade", "message": "down at 2am"}),
     ])
-    domain.wait_inbox("notifications", 7, timeout=60)
+    domain.wait_inbox("notifications", 8, timeout=60)
 
     notes = {
         r[0]: r[1:]
@@ -72,7 +74,9 @@ def test_channels_preferences_retries_and_duplicates(env, domain, webhook_receiv
             ).format(domain.table("notifications"))
         )
     }
-    assert set(notes) == {error_id, low_id, started_id, created_id, reboot_id}
+    assert set(notes) == {error_id, low_id, started_id, created_id, reboot_id, system_id}
+    assert notes[system_id] == (None, "system.maintenance", "System notice",
+                                "Upgrade: down at 2am.", "family:system")
     assert notes[error_id][:3] == ("alice", "device.error", "Device error")
     assert notes[error_id][3] == "Device d1 failed: adb lost."
     assert notes[reboot_id][4] == "family:device"
@@ -111,5 +115,6 @@ def test_channels_preferences_retries_and_duplicates(env, domain, webhook_receiv
         + [(low_id, c) for c in ("email", "in_app", "webhook")]
         + [(started_id, "in_app"), (started_id, "webhook")]
         + [(created_id, "in_app"), (reboot_id, "in_app"), (app_id, "email")]
+        + [(system_id, "in_app")]
     )
     assert all(n == 0 for n in domain.parked().values()), domain.parked()

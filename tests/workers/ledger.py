@@ -8,6 +8,7 @@ row into ``CDC_LEDGER_TABLE`` (message_id, key, amount, attempt, pid) and can fa
 - ``fail="times"``: raises ``Retry`` while ``attempt <= fail_times``;
 - ``fail="permanent"``: raises ``PermanentError``;
 - ``fail="blocked"``: raises ``PermanentError`` while ``key`` is in ``<table>_blocked``;
+- ``fail="sql"``: runs a statement that fails in PostgreSQL (division by zero);
 - ``sleep_ms``: waits that long inside the transaction (in-flight work for shutdown tests).
 
 Every attempt that reaches the handler appends ``message_id attempt wall_time`` to
@@ -46,7 +47,7 @@ class Entry(BaseModel):
 
     key: str
     amount: int
-    fail: Literal["always", "times", "permanent", "blocked"] | None = None
+    fail: Literal["always", "times", "permanent", "blocked", "sql"] | None = None
     fail_times: int = 0
     sleep_ms: int = 0
 
@@ -73,6 +74,8 @@ def build(settings: ConsumerSettings) -> WorkerSpec:
             raise Retry(f"asked to fail (attempt {d.attempt})")
         if entry.fail == "permanent":
             raise PermanentError("asked to fail permanently")
+        if entry.fail == "sql":
+            await ctx.conn.execute("SELECT 1 / 0")
         if entry.fail == "blocked":
             cur = await ctx.conn.execute(
                 sql.SQL("SELECT 1 FROM {} WHERE key = %s").format(blocked), (entry.key,)

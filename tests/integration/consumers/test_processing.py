@@ -45,12 +45,16 @@ def test_duplicate_event_has_one_effect_and_is_counted(ledger):
     assert ledger.inbox_ids() == [mid]
     assert w.metric("cdc_worker_processed_total", queue=ledger.queue) == 1
     assert w.metric("cdc_worker_duplicates_total", queue=ledger.queue) == 2
+    # the consumer-acked lag: commit (here the AMQP timestamp, whole seconds) to ack
+    age = w.metric("cdc_worker_event_age_seconds", queue=ledger.queue)
+    assert age is not None and 0 <= age < 30, age
     assert ledger.broker.queue_count(ledger.queue) == 0
     assert w.sigterm() == 0
 
 
 def test_poison_message_is_tried_n_times_with_growing_delays_then_parked(ledger):
     w = ledger.start()
+    other = ledger.other_service_queue()  # another service bound to every event
     [mid] = ledger.publish([ledger.entry("p", 1, fail="always")])
     ledger.wait_parked(1, timeout=30)
     tries = ledger.attempts()[mid]
@@ -76,6 +80,8 @@ def test_poison_message_is_tried_n_times_with_growing_delays_then_parked(ledger)
         assert ledger.broker.queue_count(q) == 0, q
     assert w.metric("cdc_worker_retried_total") == 3
     assert w.metric("cdc_worker_parked_total", reason="exhausted") == 1
+    # the retries went back to the ledger's queue only: the other service saw the event once
+    assert [m.message_id for m in ledger.broker.drain(other, quiet=0.3, timeout=10)] == [mid]
     assert w.sigterm() == 0
 
 
@@ -129,13 +135,18 @@ def test_permanent_errors_are_parked_at_once(ledger, routing_key, body, mid, kin
 @pytest.mark.parametrize("db_only", [False, True], ids=["savepoints", "db-only"])
 def test_failing_message_rolls_back_only_its_own_effects(ledger, db_only):
     # Failures in the middle of batches: the others commit, each exactly once. With
-    # db_only the batch first runs without savepoints, then again with them after a failure.
+    # db_only the batch first runs pipelined without savepoints, then again with them after
+    # a failure (an SQL error surfaces late in a pipeline: it must still hit only its message).
     bodies = [ledger.entry(f"k{i}", i) for i in range(400)]
     bad = {25, 26, 150, 399}
     for i in bad:
         bodies[i] = ledger.entry("bad", 0, fail="permanent")
+    bad.add(300)
+    bodies[300] = ledger.entry("sql", 0, fail="sql")
     bodies[200] = ledger.entry("late", 1, fail="times", fail_times=1)
-    w = ledger.start(worker_batch_size=100, worker_prefetch=400, ledger_db_only=db_only)
+    w = ledger.start(
+        worker_batch_size=100, worker_prefetch=400, worker_max_attempts=2, ledger_db_only=db_only
+    )
     ids = ledger.publish(bodies)
     ledger.wait_parked(len(bad))
     ledger.wait_rows(len(ids) - len(bad))
@@ -145,6 +156,11 @@ def test_failing_message_rolls_back_only_its_own_effects(ledger, db_only):
     assert set(got) == set(ids) - {ids[i] for i in bad}
     assert sorted(ledger.inbox_ids()) == sorted(got)
     assert w.metric("cdc_worker_processed_total") == len(got)
+    parked = ledger.broker.drain(ledger.parking_queue, expected=len(bad), quiet=0.3, timeout=15)
+    by_id = {m.message_id: m.headers for m in parked}
+    assert by_id[ids[300]]["x-cdc-error-kind"] == "exhausted"
+    assert "division by zero" in by_id[ids[300]]["x-cdc-error"]
+    assert by_id[ids[300]]["x-cdc-attempt"] == 2
     assert w.sigterm() == 0
 
 
@@ -185,3 +201,15 @@ def test_missing_parking_queue_is_redeclared_and_nothing_is_lost(ledger):
     assert parked.message_id == mid
     assert (w.metric("cdc_worker_reconnects_total", side="broker") or 0) >= 1
     assert w.sigterm() == 0
+
+
+def test_metrics_port_in_use_is_a_config_error(ledger):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        w = ledger.start(wait=False, metrics=False, worker_metrics_port=port)
+        assert w.wait_exit(30) == 2
+    assert "CDC_WORKER_METRICS_PORT" in w.log()

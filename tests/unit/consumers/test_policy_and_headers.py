@@ -171,3 +171,18 @@ def test_original_routing_key_prefers_our_header():
 def test_describe_names_the_exception_type():
     assert hdr.describe(ValueError("bad rate")) == "ValueError: bad rate"
     assert hdr.describe(TimeoutError()) == "TimeoutError"
+
+
+def test_committed_at_prefers_the_relays_commit_time():
+    import datetime as dt
+
+    ts = dt.datetime(2024, 5, 1, 12, 0, 0)
+    assert hdr.committed_at({"commit_time": "2024-05-01T12:00:01.5+00:00"}, ts) == (
+        dt.datetime(2024, 5, 1, 12, 0, 1, 500000, tzinfo=dt.UTC).timestamp()
+    )
+    assert hdr.committed_at({"commit_time": b"2024-05-01T12:00:01+00:00"}, None) == (
+        dt.datetime(2024, 5, 1, 12, 0, 1, tzinfo=dt.UTC).timestamp()
+    )
+    # AMQP timestamps arrive naive, in UTC
+    assert hdr.committed_at({"commit_time": "junk"}, ts) == ts.replace(tzinfo=dt.UTC).timestamp()
+    assert hdr.committed_at({}, None) is None

@@ -100,6 +100,24 @@ def test_cli_exit_codes_for_config_errors(environ, capsys):
     environ.delenv("CDC_WORKER_QUEUE_TYPE")
     assert main(["tests.workers.ledger", "--worker-prefetch", "0"]) == EXIT_USAGE
     assert "CDC_WORKER_PREFETCH" in capsys.readouterr().err
+    assert main(["tests.workers.ledger", "--retry-delays", "1,-2"]) == EXIT_USAGE
+    assert "CDC_WORKER_RETRY_DELAYS" in capsys.readouterr().err
+
+
+def test_flags_override_the_environment(environ):
+    import argparse
+
+    from consumers.cli import add_setting_flags, build_settings
+
+    environ.setenv("CDC_WORKER_PREFETCH", "10")
+    environ.setenv("CDC_WORKER_QUEUE_TYPE", "classic")
+    parser = argparse.ArgumentParser()
+    add_setting_flags(parser, ConsumerSettings)
+    args = parser.parse_args(["--prefetch", "77", "--worker-retry-delays", "1,2"])
+    s = build_settings(ConsumerSettings, args)
+    assert s.worker_prefetch == 77
+    assert s.worker_retry_delays == (1.0, 2.0)
+    assert s.worker_queue_type == "classic"  # no flag: the environment holds
 
 
 def test_secrets_never_in_config_errors(environ, capsys):
