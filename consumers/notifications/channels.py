@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -63,14 +64,21 @@ def _post(hook: Webhook, secret: bytes, timeout: float) -> int:
         return int(exc.code)
 
 
+def _where(url: str) -> str:
+    # Webhook URLs often carry a token in the path or query: errors (which end up in logs
+    # and parking headers) name the scheme and host only.
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}".rstrip(":")
+
+
 async def post_webhook(hook: Webhook, secret: bytes, timeout: float) -> None:
     """POST the signed body; a 2xx answer is a delivery, anything else is a :class:`Retry`."""
     try:
         status = await asyncio.to_thread(_post, hook, secret, timeout)
-    except (OSError, urllib.error.URLError) as exc:
-        raise Retry(f"webhook {hook.url} unreachable: {exc}") from exc
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        raise Retry(f"webhook {_where(hook.url)} unreachable: {exc!r}") from exc
     if not 200 <= status < 300:
-        raise Retry(f"webhook {hook.url} answered {status}")
+        raise Retry(f"webhook {_where(hook.url)} answered {status}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,10 @@ def test_any_delivery_order_gives_the_tables_of_the_event_set(env, domain, repli
             billing_default_rate=PRICING.default_rate,
             billing_plan_rates=json.dumps({k: str(v) for k, v in PRICING.rates.items()}),
             worker_batch_size=20,
+            # replicas wait for each other's batches: a longer bound and more attempts keep
+            # a busy shared machine from parking an event that only lost lock races
+            billing_lock_timeout=1,
+            worker_max_attempts=12,
         )
     order = delivery_order(events, seed=20 + replicas, duplicates=25)
     domain.publish([(e.routing_key, e.message_id, e.payload) for e in order])
