@@ -21,6 +21,8 @@ from cdc.pgoutput import BinaryValue, Relation, TupleData, UnchangedToast
 REQUIRED_COLUMNS = ("id", "event_type", "payload")
 _OPTIONAL_COLUMNS = ("aggregate_type", "aggregate_id", "created_at", "headers")
 _MAX_ROUTING_KEY = 255
+_MAX_SHORT_STRING = 255  # AMQP shortstr: message_id and type
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # AMQP timestamps are unsigned seconds
 _INT64 = 1 << 63
 
 
@@ -125,6 +127,8 @@ def route(
         return bad(f"outbox table lacks required columns: {missing}", message_id)
     if message_id is None:
         return bad("id is NULL")
+    if raw_id is not None and len(raw_id) > _MAX_SHORT_STRING:
+        return bad("id is longer than 255 bytes (AMQP message_id limit)")
     event_type = raw_type.decode("utf-8", "replace") if raw_type is not None else ""
     if not event_type.strip():
         return bad("event_type is NULL or empty", message_id)
@@ -156,4 +160,6 @@ def route(
     headers["commit_time"] = commit_time.isoformat()
     created_iso = created_at.isoformat(timespec="microseconds") if created_at else None
     headers["created_at"] = created_iso or created_text
-    return OutboxEvent(message_id, event_type, payload, created_at, headers)
+    # Before 1970 the AMQP timestamp cannot carry it: the header keeps the time.
+    stamp = created_at if created_at is not None and created_at >= _UNIX_EPOCH else None
+    return OutboxEvent(message_id, event_type, payload, stamp, headers)

@@ -25,7 +25,6 @@ from cdc.errors import SetupError, SinkError, SlotBusyError, SourceError
 from cdc.feed import Item, OutboxFeed
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.metrics import Metrics
-from cdc.outbox import Malformed
 from cdc.publisher import Publisher
 from cdc.replication import Keepalive, parse_copy_data
 from cdc.source import ReplicationStream
@@ -115,10 +114,10 @@ class Relay:
     async def _session(self) -> int:
         start_lsn = await asyncio.to_thread(self._prepare)
         stream = await ReplicationStream.start(self._settings)
-        publisher = Publisher(self._settings, self._metrics)
+        session = _Session(self._settings, self._metrics, stream, start_lsn)
+        publisher = session.publisher
         try:
             await publisher.connect()
-            session = _Session(self._settings, self._metrics, stream, publisher, start_lsn)
             self._watermark = session.watermark
             self._set_state("streaming")
             log.info(
@@ -135,17 +134,12 @@ class _Session:
     """One replication connection and one broker connection, joined by a queue."""
 
     def __init__(
-        self,
-        settings: RelaySettings,
-        metrics: Metrics,
-        stream: ReplicationStream,
-        publisher: Publisher,
-        start_lsn: int,
+        self, settings: RelaySettings, metrics: Metrics, stream: ReplicationStream, start_lsn: int
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._stream = stream
-        self._publisher = publisher
+        self.publisher = Publisher(settings, metrics, self._confirmed)
         self.watermark = Watermark(flushed=start_lsn)
         self._feed = OutboxFeed(
             settings.table_schema,
@@ -155,10 +149,7 @@ class _Session:
         )
         self._queue: deque[Item] = deque()
         self._queued = asyncio.Event()
-        self._window = asyncio.Semaphore(settings.max_in_flight)
-        self._deliveries: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
-        self._failed: asyncio.Future[None] = loop.create_future()
         self._progress: asyncio.Future[None] = loop.create_future()
         self._reported = start_lsn
         self._server_end = start_lsn
@@ -168,25 +159,24 @@ class _Session:
         reader = asyncio.create_task(self._read(), name="cdc-reader")
         writer = asyncio.create_task(self._publish(), name="cdc-publisher")
         stopper = asyncio.create_task(stop.wait())
-        tasks: set[asyncio.Future[Any]] = {reader, writer, stopper, self._failed}
+        failed = self.publisher.closed
+        tasks: set[asyncio.Future[Any]] = {reader, writer, stopper, failed}
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for done in (self._failed, reader, writer):
+            for done in (failed, reader, writer):
                 if done.done() and not done.cancelled() and done.exception() is not None:
                     raise done.exception()  # type: ignore[misc]
             set_state("draining")
             reader.cancel()
             return await self._drain()
         finally:
-            for task in (reader, writer, stopper, *self._deliveries):
+            for task in (reader, writer, stopper):
                 task.cancel()
-            if not self._failed.done():
-                self._failed.cancel()
 
     async def _drain(self) -> int:
         deadline = time.monotonic() + self._settings.shutdown_timeout
         while self.watermark.in_flight and time.monotonic() < deadline:
-            if self._failed.done():
+            if self.publisher.closed.done():
                 break
             await asyncio.sleep(0.02)
         left = self.watermark.in_flight
@@ -250,32 +240,27 @@ class _Session:
         oldest = self.watermark.oldest_pending_commit()
         m.lag_seconds.set(max(0.0, time.time() - oldest) if oldest else 0.0)
 
-    # -- publisher: bounded window of unconfirmed messages ------------------------------------
+    # -- publisher: everything queued goes out in one write per loop turn ---------------------
+    # The window needs no semaphore: the reader stops reading once `max_in_flight` events
+    # are decoded but not confirmed, and every queued event counts in that number.
 
     async def _publish(self) -> None:
+        queue, publisher = self._queue, self.publisher
         while True:
-            while not self._queue:
+            while not queue:
                 self._queued.clear()
                 await self._queued.wait()
-            txn, item = self._queue.popleft()
-            await self._window.acquire()
-            task = asyncio.create_task(self._deliver(txn, item))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+            await publisher.wait_writable()
+            while queue:
+                txn, item = queue.popleft()
+                publisher.publish(txn, item)
 
-    async def _deliver(self, txn: Txn, item: Any) -> None:
-        try:
-            if isinstance(item, Malformed):
-                await self._publisher.park(item)
-            else:
-                await self._publisher.deliver(item)
-        except (SinkError, SourceError) as exc:
-            if not self._failed.done():
-                self._failed.set_exception(exc)
-            return
-        finally:
-            self._window.release()
-        self.watermark.confirm(txn)
-        self._metrics.confirm_latency.observe(max(0.0, time.time() - txn.commit_time))
+    def _confirmed(self, txns: list[Txn]) -> None:
+        now = time.time()
+        observe = self._metrics.confirm_latency.observe
+        confirm = self.watermark.confirm
+        for txn in txns:
+            confirm(txn)
+            observe(max(0.0, now - txn.commit_time))
         if not self._progress.done():
             self._progress.set_result(None)
