@@ -61,23 +61,40 @@ def _shortstr(text: str) -> bytes:
     return bytes((len(data),)) + data
 
 
+# Encoded "shortstr key" prefixes of header names seen so far (a handful in practice).
+_KEYS: dict[str, bytes] = {}
+_MAX_KEYS = 4096
+
+
+def _key(key: str) -> bytes | None:
+    name = key.encode()
+    # pamqp truncates names over 128 bytes; leave those to it so the bytes stay identical.
+    if len(name) > 128:
+        return None
+    prefix = bytes((len(name),)) + name
+    if len(_KEYS) < _MAX_KEYS:
+        _KEYS[key] = prefix
+    return prefix
+
+
 def _table(headers: Mapping[str, Any]) -> bytes:
     """A field table; plain strings and None fast, anything else through pamqp."""
-    parts = []
-    for key, value in sorted(headers.items()):
-        name = key.encode()
-        # pamqp truncates keys over 128 bytes; let it, so the bytes stay identical.
-        if len(name) > 128:
+    parts: list[bytes] = []
+    append = parts.append
+    for key in sorted(headers):
+        name = _KEYS.get(key) or _key(key)
+        value = headers[key]
+        if name is None:
             return encode.field_table(dict(headers))
         if value is None:
-            parts.append(bytes((len(name),)) + name + b"V")
+            append(name + b"V")
         elif type(value) is str:
             data = value.encode()
-            parts.append(bytes((len(name),)) + name + b"S" + _U32.pack(len(data)) + data)
+            append(name + b"S" + len(data).to_bytes(4, "big") + data)
         else:
             return encode.field_table(dict(headers))
     body = b"".join(parts)
-    return _U32.pack(len(body)) + body
+    return len(body).to_bytes(4, "big") + body
 
 
 def properties_block(
@@ -103,7 +120,7 @@ def properties_block(
         flags |= _TIMESTAMP
         if timestamp.tzinfo is None:  # pamqp reads a naive datetime as UTC
             timestamp = timestamp.replace(tzinfo=UTC)
-        parts.append(_U64.pack(int(timestamp.timestamp())))
+        parts.append(int(timestamp.timestamp()).to_bytes(8, "big"))
     if message_type:
         flags |= _TYPE
         parts.append(_shortstr(message_type))
@@ -111,22 +128,34 @@ def properties_block(
     return b"".join(parts)
 
 
+_PUBLISH_METHODS: dict[tuple[str, str], bytes] = {}
+
+
+def _publish_method(channel: int, exchange: str, routing_key: str) -> bytes:
+    method = _PUBLISH_HEAD + _shortstr(exchange) + _shortstr(routing_key) + _MANDATORY
+    frame_bytes = _FRAME_HEAD.pack(METHOD, channel, len(method)) + method + _END
+    if channel == 1 and len(_PUBLISH_METHODS) < _MAX_KEYS:
+        _PUBLISH_METHODS[exchange, routing_key] = frame_bytes
+    return frame_bytes
+
+
 def publish_frames(
     channel: int, exchange: str, routing_key: str, props: bytes, body: bytes, frame_max: int
 ) -> bytes:
     """One mandatory ``Basic.Publish`` with its content header and body frames."""
-    method = _PUBLISH_HEAD + _shortstr(exchange) + _shortstr(routing_key) + _MANDATORY
+    method = (channel == 1 and _PUBLISH_METHODS.get((exchange, routing_key))) or _publish_method(
+        channel, exchange, routing_key
+    )
     size = len(body)
-    parts = [
-        _FRAME_HEAD.pack(METHOD, channel, len(method)),
-        method,
-        _END,
-        _FRAME_HEAD.pack(CONTENT_HEADER, channel, 12 + len(props)),
-        _CONTENT_HEAD.pack(_BASIC_CLASS, 0, size),
-        props,
-        _END,
-    ]
+    head = _FRAME_HEAD.pack(CONTENT_HEADER, channel, 12 + len(props))
+    content = _CONTENT_HEAD.pack(_BASIC_CLASS, 0, size)
     chunk = frame_max - 8  # frame header and end byte count against frame_max
+    if size <= chunk:
+        if not size:
+            return b"".join((method, head, content, props, _END))
+        body_head = _FRAME_HEAD.pack(BODY, channel, size)
+        return b"".join((method, head, content, props, _END, body_head, body, _END))
+    parts = [method, head, content, props, _END]
     for start in range(0, size, chunk):
         piece = body[start : start + chunk]
         parts += (_FRAME_HEAD.pack(BODY, channel, len(piece)), piece, _END)

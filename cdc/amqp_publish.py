@@ -33,7 +33,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pamqp import base, commands
@@ -153,8 +153,10 @@ class ConfirmChannel(asyncio.Protocol):
                 await loop.create_connection(lambda: channel, host, port, ssl=tls)
                 await channel._open(user, password, vhost, heartbeat)
         except (OSError, TimeoutError, SinkError) as exc:
-            channel._fail(SinkError(f"cannot connect to the broker: {exc!r}"))
-            raise channel._error() from exc
+            cause = channel._error() if channel.closed.done() else exc
+            error = SinkError(f"cannot connect to the broker: {cause!r}")
+            channel._fail(error)
+            raise error from exc
         except BaseException:
             channel._fail(SinkError("connecting was cancelled"))
             raise
@@ -348,9 +350,9 @@ class ConfirmChannel(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.write(wire.PROTOCOL_HEADER)
+        # uvloop's transports do not subclass asyncio.Transport, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.write(wire.PROTOCOL_HEADER)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = time.monotonic()

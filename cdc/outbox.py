@@ -11,8 +11,9 @@ The column layout is looked up by *name* once per Relation message, so columns a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from cdc.lsn import format_lsn
@@ -53,6 +54,13 @@ class Layout:
 
     relation: Relation
     index: dict[str, int]
+    #: Required columns this relation lacks (its rows are all parked as malformed).
+    missing: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Computed once per Relation message, not once per row.
+        missing = tuple(c for c in REQUIRED_COLUMNS if c not in self.index)
+        object.__setattr__(self, "missing", missing)
 
     @classmethod
     def of(cls, relation: Relation) -> Layout:
@@ -60,11 +68,6 @@ class Layout:
         names = {col.name: i for i, col in enumerate(relation.columns)}
         wanted = REQUIRED_COLUMNS + _OPTIONAL_COLUMNS
         return cls(relation, {name: names[name] for name in wanted if name in names})
-
-    @property
-    def missing(self) -> tuple[str, ...]:
-        """Required columns this relation lacks (its rows are all parked as malformed)."""
-        return tuple(c for c in REQUIRED_COLUMNS if c not in self.index)
 
 
 def _text(value: bytes | UnchangedToast | BinaryValue | None) -> str | None:
@@ -102,6 +105,12 @@ def _amqp_safe(value: Any) -> bool:
     if isinstance(value, dict):
         return all(len(k.encode()) <= 255 and _amqp_safe(v) for k, v in value.items())
     return False
+
+
+@lru_cache(maxsize=64)
+def _commit_headers(commit_lsn: int, commit_time: datetime) -> tuple[str, str]:
+    # Every row of a transaction shares these: format them once per transaction.
+    return format_lsn(commit_lsn), commit_time.isoformat()
 
 
 def route(
@@ -156,8 +165,7 @@ def route(
     created_at = _parse_time(created_text)
     headers["aggregate_type"] = _text(col("aggregate_type"))
     headers["aggregate_id"] = _text(col("aggregate_id"))
-    headers["commit_lsn"] = format_lsn(commit_lsn)
-    headers["commit_time"] = commit_time.isoformat()
+    headers["commit_lsn"], headers["commit_time"] = _commit_headers(commit_lsn, commit_time)
     created_iso = created_at.isoformat(timespec="microseconds") if created_at else None
     headers["created_at"] = created_iso or created_text
     # Before 1970 the AMQP timestamp cannot carry it: the header keeps the time.

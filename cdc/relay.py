@@ -125,6 +125,11 @@ class Relay:
                 self._settings.slot_name, format_lsn(start_lsn), stream.proto_version,
             )
             return await session.run(self._stop, self._set_state)
+        except (SourceError, SinkError) as exc:
+            if not isinstance(exc, SetupError):
+                # Say so before the (possibly slow) teardown of the other connection.
+                self._set_state("reconnecting")
+            raise
         finally:
             await publisher.close()
             await stream.close()
@@ -152,7 +157,9 @@ class _Session:
         loop = asyncio.get_running_loop()
         self._progress: asyncio.Future[None] = loop.create_future()
         self._reported = start_lsn
+        self._reported_at = 0.0
         self._server_end = start_lsn
+        self._received = start_lsn
 
     async def run(self, stop: asyncio.Event, set_state: Any) -> int:
         """Stream until ``stop`` is set or a task fails (re-raised with its real cause)."""
@@ -194,8 +201,10 @@ class _Session:
         next_status = time.monotonic() + interval
         while True:
             now = time.monotonic()
-            if self.watermark.flushed > self._reported or now >= next_status:
+            moved = self.watermark.flushed > self._reported
+            if (moved and now - self._reported_at >= _FLUSH_REPORT_DELAY) or now >= next_status:
                 await self._report()
+                self._reported_at = now
                 next_status = now + interval
             if self.watermark.in_flight >= self._settings.max_in_flight:
                 await self._wait_progress(min(interval, max(0.0, next_status - now)))
@@ -203,8 +212,8 @@ class _Session:
             pending = self.watermark.flushed > self._reported or self.watermark.in_flight
             timeout = _FLUSH_REPORT_DELAY if pending else max(0.0, next_status - now)
             data = await self._stream.read(timeout)
-            if data is not None:
-                await self._on_copy_data(data)
+            if data is not None and self._on_copy_data(data):
+                await self._report()
 
     async def _wait_progress(self, timeout: float) -> None:
         if self._progress.done():
@@ -212,27 +221,28 @@ class _Session:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._progress), timeout)
 
-    async def _on_copy_data(self, data: memoryview) -> None:
+    def _on_copy_data(self, data: memoryview) -> bool:
+        """Handle one CopyData message; True if the server asked for an immediate reply."""
         msg = parse_copy_data(data)
+        if msg.wal_end > self._server_end:
+            self._server_end = msg.wal_end
         if isinstance(msg, Keepalive):
-            self._server_end = max(self._server_end, msg.wal_end)
             if not self._feed.in_transaction:
                 self.watermark.keepalive(msg.wal_end)
-            if msg.reply_requested:
-                await self._report()
-            return
-        self._server_end = max(self._server_end, msg.wal_end)
-        self._metrics.received_lsn.set(msg.wal_start)
+            return msg.reply_requested
+        self._received = msg.wal_start
         item = self._feed.handle(msg.payload, msg.wal_start)
         if item is not None:
             self._queue.append(item)
             self._queued.set()
+        return False
 
     async def _report(self) -> None:
         flushed = self.watermark.flushed
         await self._stream.send_status(flushed)
         self._reported = flushed
         m = self._metrics
+        m.received_lsn.set(self._received)
         m.flushed_lsn.set(flushed)
         m.server_lsn.set(self._server_end)
         m.lag_bytes.set(max(0, self._server_end - flushed))

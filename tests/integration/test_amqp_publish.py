@@ -220,11 +220,11 @@ def test_idle_relay_notices_a_lost_broker_at_once(env, tcp_proxy):
     tcp_proxy.pause("refuse")
     t0 = time.monotonic()
     tcp_proxy.cut()
-    env.wait_for(lambda: relay.state() == "reconnecting", 3, "the idle relay to notice")
+    env.wait_for(lambda: relay.state() == "reconnecting", 5, "the idle relay to notice")
     noticed = time.monotonic() - t0
     tcp_proxy.resume()
     relay.wait_streaming()
     row = env.insert([env.event("after.cut")])[0]
     assert [m.message_id for m in env.drain(1, quiet=0.5)] == [row["id"]]
     print(f"idle relay reported 'reconnecting' {noticed:.2f}s after the cut")
-    assert noticed < 2
+    assert noticed < 3  # before: never, until an event was published
