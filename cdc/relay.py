@@ -179,6 +179,9 @@ class _Session:
         finally:
             for task in (reader, writer, stopper):
                 task.cancel()
+            # Let them finish before the sockets close: the reader must unregister its fd
+            # first, or a reused fd number would be taken from the next session's socket.
+            await asyncio.gather(reader, writer, stopper, return_exceptions=True)
 
     async def _drain(self) -> int:
         deadline = time.monotonic() + self._settings.shutdown_timeout
