@@ -8,7 +8,7 @@ export CDC_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/
 DEMO_RATE  ?= 5
 DEMO_COUNT ?= 0
 
-.PHONY: run test lint typecheck services install clean
+.PHONY: run run-clean test lint typecheck services install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: install services lint typecheck
 run: install services
 	$(BIN)/cdc setup
 	bash scripts/run-demo.sh $(DEMO_RATE) $(DEMO_COUNT)
+
+# `make run` leaves its slot for the next run; an unread slot pins WAL, so drop it when done.
+run-clean:
+	psql "$(CDC_DATABASE_URL)" -X -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cdc_outbox' AND NOT active"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
