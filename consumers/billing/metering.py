@@ -229,6 +229,24 @@ def diff_records(
     )
 
 
+def merge_diffs(diffs: Iterable[RecordDiff]) -> RecordDiff:
+    """One diff for several devices' diffs (records of distinct devices never overlap):
+    every upsert and delete, and each user's spend changes summed (zero sums dropped)."""
+    upserts: list[UsageRecord] = []
+    deletes: list[str] = []
+    delta: dict[str, Decimal] = {}
+    for diff in diffs:
+        upserts += diff.upserts
+        deletes += diff.deletes
+        for user, amount in diff.spent_delta.items():
+            delta[user] = delta.get(user, Decimal(0)) + amount
+    return RecordDiff(
+        upserts=tuple(sorted(upserts, key=lambda r: r.record_id)),
+        deletes=tuple(sorted(deletes)),
+        spent_delta={u: d for u, d in sorted(delta.items()) if d != 0},
+    )
+
+
 def balance_low_id(user_id: str, threshold: Decimal) -> uuid.UUID:
     """Id of the one ``billing.balance_low`` outbox row for ``user_id`` under ``threshold``.
 
