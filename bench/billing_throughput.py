@@ -150,8 +150,10 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
                 cpu0, counted0 = _cpu(db, procs), count
             load.append(os.getloadavg()[0])
         cpu1 = _cpu(db, procs)
-        first_at, last_at = db.execute(
-            "SELECT min(processed_at), max(processed_at) FROM consumer_inbox"
+        # processed_at is now(): the start of the transaction, so one value per batch
+        first_at, last_at, batches = db.execute(
+            "SELECT min(processed_at), max(processed_at), count(DISTINCT processed_at)"
+            " FROM consumer_inbox"
         ).fetchone()  # type: ignore[misc]
         seconds = (last_at - first_at).total_seconds()
         records, spent = db.execute(
@@ -166,7 +168,7 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
         return {"events/s": len(events) / seconds, "seconds": seconds, "records": records,
                 "worker_us": (cpu1[0] - cpu0[0]) / done * 1e6,
                 "pg_us": (cpu1[1] - cpu0[1]) / done * 1e6,
-                "load": sum(load) / len(load)}
+                "load": sum(load) / len(load), "batch": len(events) / batches}
     finally:
         for p in procs:
             p.terminate()
@@ -194,13 +196,13 @@ def main() -> None:
     print(f"{len(events)} events, {args.devices} devices, batch {args.batch}, prefetch "
           f"{args.prefetch}, {args.queue_type} queues, {os.cpu_count()} CPUs", flush=True)
     print(f"{'replicas':>8} {'events/s':>9} {'per replica':>11} {'seconds':>8}"
-          f" {'worker us/ev':>12} {'pg us/ev':>9} {'load avg':>8}", flush=True)
+          f" {'worker us/ev':>12} {'pg us/ev':>9} {'mean batch':>10} {'load avg':>8}", flush=True)
     rates = {}
     for n in args.replicas:
         r = _run(events, n, args.queue_type, args.batch, args.prefetch)
         rates[n] = r["events/s"]
         print(f"{n:>8} {r['events/s']:>9.0f} {r['events/s'] / n:>11.0f} {r['seconds']:>8.1f}"
-              f" {r['worker_us']:>12.0f} {r['pg_us']:>9.0f} {r['load']:>8.2f}"
+              f" {r['worker_us']:>12.0f} {r['pg_us']:>9.0f} {r['batch']:>10.1f} {r['load']:>8.2f}"
               f"  ({r['records']} usage records, exact)", flush=True)
     if len(rates) > 1:
         base = min(rates)

@@ -144,20 +144,26 @@ _DDL = (
             ON CONFLICT DO NOTHING RETURNING device_id
         )
         SELECT coalesce(array_agg(DISTINCT ins.device_id), '{{}}') INTO touched FROM ins;
+        -- (LATERAL per device: an index lookup each, whatever the table's statistics say;
+        -- "device_id = ANY(array)" was planned as a scan of the whole table)
         SELECT coalesce(array_agg(DISTINCT e.user_id ORDER BY e.user_id), '{{}}') INTO owners
-          FROM {s}.device_events e
-         WHERE e.device_id = ANY(touched) AND e.kind = 'start' AND e.user_id IS NOT NULL;
+          FROM unnest(touched) AS t(d), LATERAL (
+               SELECT x.user_id FROM {s}.device_events x
+                WHERE x.device_id = t.d AND x.kind = 'start' AND x.user_id IS NOT NULL) e;
         PERFORM pg_advisory_xact_lock_shared(hashtextextended('billing user ' || o, 0))
            FROM unnest(owners) AS o ORDER BY o;
         RETURN QUERY SELECT 'e'::text, e.device_id, e.message_id, e.kind, e.at,
             NULL::timestamptz, e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
-          FROM {s}.device_events e WHERE e.device_id = ANY(touched);
+          FROM unnest(touched) AS t(d),
+               LATERAL (SELECT * FROM {s}.device_events x WHERE x.device_id = t.d) e;
         RETURN QUERY SELECT 'p'::text, NULL::text, p.message_id, NULL::text, p.at,
             NULL::timestamptz, p.user_id, p.plan, NULL::numeric, NULL::numeric, NULL::numeric
-          FROM {s}.user_plans p WHERE p.user_id = ANY(owners);
+          FROM unnest(owners) AS o(u),
+               LATERAL (SELECT * FROM {s}.user_plans x WHERE x.user_id = o.u) p;
         RETURN QUERY SELECT 'r'::text, r.device_id, r.record_id, r.closed_by, r.started_at,
             r.stopped_at, r.user_id, NULL::text, r.rate, r.duration_seconds, r.cost
-          FROM {s}.usage_records r WHERE r.device_id = ANY(touched);
+          FROM unnest(touched) AS t(d),
+               LATERAL (SELECT * FROM {s}.usage_records x WHERE x.device_id = t.d) r;
     END
     $fn$""",
     # The write of a recompute: records out, records in, balances moved by the spend change.
