@@ -301,11 +301,34 @@ class Ledger:
         for device in devices:
             self._recompute(device)
 
-    def _recompute(self, device_id: str) -> None:
+    def apply_batch(self, batch: Iterable[DeviceEvent | PlanChange]) -> None:
+        """What the worker's batch path does: store the batch's device events once,
+        recompute every device that got a new one and write one merged diff, then apply
+        the batch's plan changes one by one."""
+        touched: set[str] = set()
+        plans: list[PlanChange] = []
+        for event in batch:
+            if isinstance(event, PlanChange):
+                plans.append(event)
+                continue
+            seen = self.device_events.setdefault(event.device_id, {})
+            if event.message_id not in seen:
+                seen[event.message_id] = event
+                touched.add(event.device_id)
+        self._write(merge_diffs(self._diff(device) for device in sorted(touched)))
+        for change in plans:
+            self.apply(change)
+
+    def _diff(self, device_id: str) -> RecordDiff:
         events = self.device_events[device_id].values()
         new = device_records(events, self.plan_changes.values(), self.pricing)
         old = [r for r in self.records.values() if r.device_id == device_id]
-        diff = diff_records(old, new)
+        return diff_records(old, new)
+
+    def _recompute(self, device_id: str) -> None:
+        self._write(self._diff(device_id))
+
+    def _write(self, diff: RecordDiff) -> None:
         for rid in diff.deletes:
             del self.records[rid]
         for rec in diff.upserts:
