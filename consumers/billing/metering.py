@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Kind = Literal["start", "stop", "delete", "update"]
 #: Tie-break at equal timestamps: close before open, so back-to-back sessions pair right.
@@ -40,9 +40,11 @@ _SECONDS_PER_HOUR = Decimal(3600)
 BALANCE_LOW_NAMESPACE = uuid.UUID("5b0e7c1e-6f2a-4f57-9d8e-0c8b1d9a4b21")
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceEvent:
-    """One ``device.*`` event as billing keeps it (``rate`` per hour, ``at`` tz-aware)."""
+class DeviceEvent(NamedTuple):
+    """One ``device.*`` event as billing keeps it (``rate`` per hour, ``at`` tz-aware).
+
+    (A named tuple rather than a frozen dataclass, like :class:`UsageRecord`: a batch turns
+    thousands of stored rows into these, and a tuple is built and compared in C.)"""
 
     message_id: str
     device_id: str
@@ -81,8 +83,7 @@ class Pricing:
         return self.rates.get(plan, self.default_rate)
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
+class UsageRecord(NamedTuple):
     """One closed session: the row of ``usage_records`` (``record_id`` = the start's id)."""
 
     record_id: str
