@@ -9,7 +9,8 @@ of ``device.started``/``device.stopped`` pairs (seed payloads, in event-time ord
 over the five seed queues so starts and stops are consumed concurrently), then the replicas
 of ``python -m consumers billing``. Events/s is measured from the first committed inbox row
 to the last (start-up excluded), CPU per event (replicas, and their PostgreSQL backends) over
-the same span from /proc, with the 1-minute load average while draining (the machine may be
+the same span from /proc, the share of samples (every 0.2 s) in which a replica's backend
+waited for a lock, and the 1-minute load average while draining (the machine may be
 shared). The usage records and balances are then compared with the pure metering of the
 same event set; everything created is removed. One table row per replica count, side by side.
 """
@@ -143,12 +144,20 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
         run = cmd if not profile else [sys.executable, "-m", "cProfile", "-o", profile, *cmd[1:]]
         procs = [subprocess.Popen(run, cwd=REPO, env=env) for _ in range(replicas)]
         count, cpu0, load = 0, None, []
+        samples = [0, 0]  # backends seen waiting for a lock, backends seen
         while count < len(events):
             time.sleep(0.2)
             count = db.execute("SELECT count(*) FROM consumer_inbox").fetchone()[0]  # type: ignore[index]
             if count and cpu0 is None:  # start-up excluded, as for events/s
                 cpu0, counted0 = _cpu(db, procs), count
             load.append(os.getloadavg()[0])
+            waiting, backends = db.execute(
+                "SELECT count(*) FILTER (WHERE wait_event_type = 'Lock'), count(*)"
+                " FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name LIKE 'cdc-worker:%'"
+            ).fetchone()  # type: ignore[misc]
+            samples[0] += waiting
+            samples[1] += backends
         cpu1 = _cpu(db, procs)
         # processed_at is now(): the start of the transaction, so one value per batch
         first_at, last_at, batches = db.execute(
@@ -168,7 +177,8 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
         return {"events/s": len(events) / seconds, "seconds": seconds, "records": records,
                 "worker_us": (cpu1[0] - cpu0[0]) / done * 1e6,
                 "pg_us": (cpu1[1] - cpu0[1]) / done * 1e6,
-                "load": sum(load) / len(load), "batch": len(events) / batches}
+                "load": sum(load) / len(load), "batch": len(events) / batches,
+                "lock_wait": 100 * samples[0] / max(1, samples[1])}
     finally:
         for p in procs:
             p.terminate()
@@ -196,13 +206,15 @@ def main() -> None:
     print(f"{len(events)} events, {args.devices} devices, batch {args.batch}, prefetch "
           f"{args.prefetch}, {args.queue_type} queues, {os.cpu_count()} CPUs", flush=True)
     print(f"{'replicas':>8} {'events/s':>9} {'per replica':>11} {'seconds':>8}"
-          f" {'worker us/ev':>12} {'pg us/ev':>9} {'mean batch':>10} {'load avg':>8}", flush=True)
+          f" {'worker us/ev':>12} {'pg us/ev':>9} {'mean batch':>10} {'lock wait':>9}"
+          f" {'load avg':>8}", flush=True)
     rates = {}
     for n in args.replicas:
         r = _run(events, n, args.queue_type, args.batch, args.prefetch)
         rates[n] = r["events/s"]
         print(f"{n:>8} {r['events/s']:>9.0f} {r['events/s'] / n:>11.0f} {r['seconds']:>8.1f}"
-              f" {r['worker_us']:>12.0f} {r['pg_us']:>9.0f} {r['batch']:>10.1f} {r['load']:>8.2f}"
+              f" {r['worker_us']:>12.0f} {r['pg_us']:>9.0f} {r['batch']:>10.1f}"
+              f" {r['lock_wait']:>8.0f}% {r['load']:>8.2f}"
               f"  ({r['records']} usage records, exact)", flush=True)
     if len(rates) > 1:
         base = min(rates)
