@@ -8,8 +8,11 @@ For each replica count: a fresh database and topology (quorum queues by default)
 of ``device.started``/``device.stopped`` pairs (seed payloads, in event-time order, spread
 over the five seed queues so starts and stops are consumed concurrently), then the replicas
 of ``python -m consumers billing``. Events/s is measured from the first committed inbox row
-to the last (start-up excluded). The usage records and balances are then compared with the
-pure metering of the same event set; everything created is removed.
+to the last (start-up excluded), CPU per event (replicas, and their PostgreSQL backends) over
+the same span from /proc, the share of samples (every 0.2 s) in which a replica's backend
+waited for a lock, and the 1-minute load average while draining (the machine may be
+shared). The usage records and balances are then compared with the pure metering of the
+same event set; everything created is removed. One table row per replica count, side by side.
 """
 
 from __future__ import annotations
@@ -90,6 +93,24 @@ def _expected(events: list[tuple[str, str, dict[str, Any]]]) -> tuple[int, Decim
     return len(records), sum(spent.values(), Decimal(0))
 
 
+def _ticks(pid: int) -> float:
+    """CPU seconds (user + system) of a live process, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(db: psycopg.Connection[Any], procs: list[subprocess.Popen[bytes]]) -> tuple[float, float]:
+    """CPU seconds so far of the replicas and of their PostgreSQL backends."""
+    backends = db.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name LIKE 'cdc-worker:%'"
+    ).fetchall()
+    return sum(_ticks(p.pid) for p in procs), sum(_ticks(pid) for (pid,) in backends)
+
+
 def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_type: str,
          batch: int, prefetch: int) -> dict[str, float]:
     tag = f"{int(time.time()):08x}{secrets.token_hex(2)}"
@@ -122,12 +143,26 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
         profile = os.environ.get("CDC_BENCH_PROFILE")  # cProfile output of the replicas
         run = cmd if not profile else [sys.executable, "-m", "cProfile", "-o", profile, *cmd[1:]]
         procs = [subprocess.Popen(run, cwd=REPO, env=env) for _ in range(replicas)]
-        count = 0
+        count, cpu0, load = 0, None, []
+        samples = [0, 0]  # backends seen waiting for a lock, backends seen
         while count < len(events):
             time.sleep(0.2)
             count = db.execute("SELECT count(*) FROM consumer_inbox").fetchone()[0]  # type: ignore[index]
-        first_at, last_at = db.execute(
-            "SELECT min(processed_at), max(processed_at) FROM consumer_inbox"
+            if count and cpu0 is None:  # start-up excluded, as for events/s
+                cpu0, counted0 = _cpu(db, procs), count
+            load.append(os.getloadavg()[0])
+            waiting, backends = db.execute(
+                "SELECT count(*) FILTER (WHERE wait_event_type = 'Lock'), count(*)"
+                " FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name LIKE 'cdc-worker:%'"
+            ).fetchone()  # type: ignore[misc]
+            samples[0] += waiting
+            samples[1] += backends
+        cpu1 = _cpu(db, procs)
+        # processed_at is now(): the start of the transaction, so one value per batch
+        first_at, last_at, batches = db.execute(
+            "SELECT min(processed_at), max(processed_at), count(DISTINCT processed_at)"
+            " FROM consumer_inbox"
         ).fetchone()  # type: ignore[misc]
         seconds = (last_at - first_at).total_seconds()
         records, spent = db.execute(
@@ -137,7 +172,13 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
         assert (records, spent) == (want_records, want_spent), (records, spent, want_records,
                                                                  want_spent)
         db.close()
-        return {"events/s": len(events) / seconds, "seconds": seconds, "records": records}
+        assert cpu0 is not None
+        done = len(events) - counted0
+        return {"events/s": len(events) / seconds, "seconds": seconds, "records": records,
+                "worker_us": (cpu1[0] - cpu0[0]) / done * 1e6,
+                "pg_us": (cpu1[1] - cpu0[1]) / done * 1e6,
+                "load": sum(load) / len(load), "batch": len(events) / batches,
+                "lock_wait": 100 * samples[0] / max(1, samples[1])}
     finally:
         for p in procs:
             p.terminate()
@@ -162,11 +203,23 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=256)
     args = parser.parse_args()
     events = _events(args.events, args.devices)
+    print(f"{len(events)} events, {args.devices} devices, batch {args.batch}, prefetch "
+          f"{args.prefetch}, {args.queue_type} queues, {os.cpu_count()} CPUs", flush=True)
+    print(f"{'replicas':>8} {'events/s':>9} {'per replica':>11} {'seconds':>8}"
+          f" {'worker us/ev':>12} {'pg us/ev':>9} {'mean batch':>10} {'lock wait':>9}"
+          f" {'load avg':>8}", flush=True)
+    rates = {}
     for n in args.replicas:
-        result = _run(events, n, args.queue_type, args.batch, args.prefetch)
-        print(f"billing, {n} replica(s), {len(events)} events: "
-              f"{result['events/s']:.0f} events/s ({result['seconds']:.1f} s), "
-              f"{result['records']} usage records, exact", flush=True)
+        r = _run(events, n, args.queue_type, args.batch, args.prefetch)
+        rates[n] = r["events/s"]
+        print(f"{n:>8} {r['events/s']:>9.0f} {r['events/s'] / n:>11.0f} {r['seconds']:>8.1f}"
+              f" {r['worker_us']:>12.0f} {r['pg_us']:>9.0f} {r['batch']:>10.1f}"
+              f" {r['lock_wait']:>8.0f}% {r['load']:>8.2f}"
+              f"  ({r['records']} usage records, exact)", flush=True)
+    if len(rates) > 1:
+        base = min(rates)
+        print("ratio to " + f"{base} replica(s): " + ", ".join(
+            f"{n}: {v / rates[base]:.2f}x" for n, v in rates.items() if n != base))
 
 
 if __name__ == "__main__":

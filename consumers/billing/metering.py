@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Kind = Literal["start", "stop", "delete", "update"]
 #: Tie-break at equal timestamps: close before open, so back-to-back sessions pair right.
@@ -40,9 +40,11 @@ _SECONDS_PER_HOUR = Decimal(3600)
 BALANCE_LOW_NAMESPACE = uuid.UUID("5b0e7c1e-6f2a-4f57-9d8e-0c8b1d9a4b21")
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceEvent:
-    """One ``device.*`` event as billing keeps it (``rate`` per hour, ``at`` tz-aware)."""
+class DeviceEvent(NamedTuple):
+    """One ``device.*`` event as billing keeps it (``rate`` per hour, ``at`` tz-aware).
+
+    (A named tuple rather than a frozen dataclass, like :class:`UsageRecord`: a batch turns
+    thousands of stored rows into these, and a tuple is built and compared in C.)"""
 
     message_id: str
     device_id: str
@@ -81,8 +83,7 @@ class Pricing:
         return self.rates.get(plan, self.default_rate)
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
+class UsageRecord(NamedTuple):
     """One closed session: the row of ``usage_records`` (``record_id`` = the start's id)."""
 
     record_id: str
@@ -229,6 +230,24 @@ def diff_records(
     )
 
 
+def merge_diffs(diffs: Iterable[RecordDiff]) -> RecordDiff:
+    """One diff for several devices' diffs (records of distinct devices never overlap):
+    every upsert and delete, and each user's spend changes summed (zero sums dropped)."""
+    upserts: list[UsageRecord] = []
+    deletes: list[str] = []
+    delta: dict[str, Decimal] = {}
+    for diff in diffs:
+        upserts += diff.upserts
+        deletes += diff.deletes
+        for user, amount in diff.spent_delta.items():
+            delta[user] = delta.get(user, Decimal(0)) + amount
+    return RecordDiff(
+        upserts=tuple(sorted(upserts, key=lambda r: r.record_id)),
+        deletes=tuple(sorted(deletes)),
+        spent_delta={u: d for u, d in sorted(delta.items()) if d != 0},
+    )
+
+
 def balance_low_id(user_id: str, threshold: Decimal) -> uuid.UUID:
     """Id of the one ``billing.balance_low`` outbox row for ``user_id`` under ``threshold``.
 
@@ -283,11 +302,34 @@ class Ledger:
         for device in devices:
             self._recompute(device)
 
-    def _recompute(self, device_id: str) -> None:
+    def apply_batch(self, batch: Iterable[DeviceEvent | PlanChange]) -> None:
+        """What the worker's batch path does: store the batch's device events once,
+        recompute every device that got a new one and write one merged diff, then apply
+        the batch's plan changes one by one."""
+        touched: set[str] = set()
+        plans: list[PlanChange] = []
+        for event in batch:
+            if isinstance(event, PlanChange):
+                plans.append(event)
+                continue
+            seen = self.device_events.setdefault(event.device_id, {})
+            if event.message_id not in seen:
+                seen[event.message_id] = event
+                touched.add(event.device_id)
+        self._write(merge_diffs(self._diff(device) for device in sorted(touched)))
+        for change in plans:
+            self.apply(change)
+
+    def _diff(self, device_id: str) -> RecordDiff:
         events = self.device_events[device_id].values()
         new = device_records(events, self.plan_changes.values(), self.pricing)
         old = [r for r in self.records.values() if r.device_id == device_id]
-        diff = diff_records(old, new)
+        return diff_records(old, new)
+
+    def _recompute(self, device_id: str) -> None:
+        self._write(self._diff(device_id))
+
+    def _write(self, diff: RecordDiff) -> None:
         for rid in diff.deletes:
             del self.records[rid]
         for rec in diff.upserts:

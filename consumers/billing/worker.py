@@ -4,21 +4,26 @@ Consumes the five events the seed's billing-service subscribed to, one durable q
 named as in the seed (``billing-service.device-started``, ...). Every handler stores the event
 once and recomputes what it changes (:mod:`consumers.billing.store`), so replicas may take
 events in any order: the tables are a function of the set of events, not of their order.
+The device routes also share a batch handler: the runtime hands it all device events of a
+micro-batch at once (one locked read, one write); the per-message handlers are the fallback
+the runtime uses when a batch fails, so a bad event is retried or parked on its own.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 from pydantic import Field
 
 from consumers.billing import events as ev
 from consumers.billing.metering import DeviceEvent, Kind, PlanChange, Pricing
-from consumers.billing.store import BillingStore, schema_ddl
+from consumers.billing.store import Alert, BillingStore, schema_ddl
 from consumers.config import ConsumerSettings
-from consumers.runtime.spec import HandlerContext, QueueSpec, Route, WorkerSpec
+from consumers.runtime.spec import Delivery, HandlerContext, QueueSpec, Route, WorkerSpec
 
 log = logging.getLogger("consumers.billing")
 
@@ -68,6 +73,31 @@ _QUEUES = (
 )
 
 
+_KINDS: dict[type[Any], Kind] = {
+    ev.DeviceStarted: "start",
+    ev.DeviceStopped: "stop",
+    ev.DeviceUpdated: "update",
+    ev.DeviceDeleted: "delete",
+}
+
+
+def _device_event(delivery: Delivery, model: Any, kind: Kind) -> DeviceEvent:
+    return DeviceEvent(
+        message_id=delivery.message_id,
+        device_id=model.device_id,
+        kind=kind,
+        at=model.event_time(delivery.headers),
+        user_id=model.user_id,
+        plan=getattr(model, "plan", None),
+        rate=getattr(model, "rate", None),
+    )
+
+
+def _logged(alerts: Sequence[Alert]) -> None:
+    for alert in alerts:
+        log.info("billing.balance_low for %s at %s", alert.user_id, alert.balance)
+
+
 def build(settings: BillingSettings) -> WorkerSpec:
     """The billing worker's queues, routes and schema for ``settings``."""
     store = BillingStore(
@@ -80,19 +110,16 @@ def build(settings: BillingSettings) -> WorkerSpec:
 
     def device_handler(kind: Kind) -> Any:
         async def handle(ctx: HandlerContext, model: Any) -> None:
-            event = DeviceEvent(
-                message_id=ctx.delivery.message_id,
-                device_id=model.device_id,
-                kind=kind,
-                at=model.event_time(ctx.delivery.headers),
-                user_id=model.user_id,
-                plan=getattr(model, "plan", None),
-                rate=getattr(model, "rate", None),
-            )
-            for alert in await store.device_event(ctx.conn, event):
-                log.info("billing.balance_low for %s at %s", alert.user_id, alert.balance)
+            _logged(await store.device_event(ctx.conn, _device_event(ctx.delivery, model, kind)))
 
         return handle
+
+    async def device_batch(
+        conn: psycopg.AsyncConnection[Any], messages: Sequence[tuple[Delivery, Any]]
+    ) -> None:
+        # One call for every device event of a runtime batch (all four device routes).
+        events = [_device_event(d, model, _KINDS[type(model)]) for d, model in messages]
+        _logged(await store.device_events(conn, events))
 
     async def user_updated(ctx: HandlerContext, model: ev.UserUpdated) -> None:
         if model.plan is None:
@@ -103,14 +130,13 @@ def build(settings: BillingSettings) -> WorkerSpec:
             at=model.event_time(ctx.delivery.headers),
             plan=model.plan,
         )
-        for alert in await store.plan_change(ctx.conn, change):
-            log.info("billing.balance_low for %s at %s", alert.user_id, alert.balance)
+        _logged(await store.plan_change(ctx.conn, change))
 
     routes = (
-        Route("device.started", ev.DeviceStarted, device_handler("start")),
-        Route("device.stopped", ev.DeviceStopped, device_handler("stop")),
-        Route("device.updated", ev.DeviceUpdated, device_handler("update")),
-        Route("device.deleted", ev.DeviceDeleted, device_handler("delete")),
+        Route("device.started", ev.DeviceStarted, device_handler("start"), device_batch),
+        Route("device.stopped", ev.DeviceStopped, device_handler("stop"), device_batch),
+        Route("device.updated", ev.DeviceUpdated, device_handler("update"), device_batch),
+        Route("device.deleted", ev.DeviceDeleted, device_handler("delete"), device_batch),
         Route("user.updated", ev.UserUpdated, user_updated),
     )
     service = SERVICE

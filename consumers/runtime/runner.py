@@ -145,6 +145,10 @@ class Runner:
                     self._s.database_url.get_secret_value(),
                     connect_timeout=10,
                     application_name=f"cdc-worker:{self._spec.name}"[:63],
+                    # No server-side prepared statements: psycopg may prepare one inside a
+                    # pipelined batch that then fails, and later believe it exists ("prepared
+                    # statement _pg3_N does not exist"). Batches make planning a small cost.
+                    prepare_threshold=None,
                 )
                 await inbox.apply_schema(conn, self._s.worker_inbox_table, self._spec.schema)
             except psycopg.OperationalError as exc:

@@ -7,11 +7,19 @@ declares the topology, applies the schema, and for every message: validates the 
 route's pydantic model (failure = permanent error, parked at once), opens a PostgreSQL
 transaction, records ``(consumer, message_id)`` in the inbox (a duplicate is skipped and
 counted), calls the handler with that transaction, commits, and only then acks.
+
+A ``db_only`` worker may also give a route a *batch handler* (``Route.batch``): in the
+optimistic pass the runtime then hands it every new message of the batch whose route shares
+that batch handler, at once, so it can read and write set-wise (one locked read, one write)
+instead of once per message. The per-message ``handler`` stays the reference: if anything in
+the optimistic pass fails, the batch is rolled back and runs again message by message with a
+savepoint each, so a bad event costs only itself. A batch handler must therefore leave the
+same tables as the per-message handlers would, for any order of the messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +47,11 @@ class HandlerContext:
 
 
 Handler = Callable[[HandlerContext, Any], Awaitable[None]]
+#: ``(conn, [(delivery, validated model), ...])``: the new messages of one batch, in delivery
+#: order, all inside the batch's open transaction (their inbox claims are in it).
+BatchHandler = Callable[
+    [psycopg.AsyncConnection[Any], Sequence[tuple[Delivery, Any]]], Awaitable[None]
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +61,9 @@ class Route:
     pattern: str
     model: type[BaseModel]
     handler: Handler
+    # Optional set-wise form of ``handler`` (db_only workers only); routes that share one
+    # batch handler object get their messages of a batch in one call. See the module doc.
+    batch: BatchHandler | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from consumers.billing.metering import (
     balance_low_id,
     device_records,
     diff_records,
+    merge_diffs,
     meter,
     seconds_between,
     session_cost,
@@ -264,3 +265,33 @@ def test_the_property_on_a_big_fixed_set(seed):
             ledger.apply(e)
         assert (ledger.records, ledger.spent) == expected
     assert len(expected[0]) == 20 * 15
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), events=event_sets())
+def test_batches_of_any_size_in_any_order_give_the_records_of_the_set(data, events):
+    """The batch path's model (``Ledger.apply_batch``): same records and spend as the set."""
+    delivered = _deliver(
+        events,
+        data.draw(st.permutations(range(len(events))), label="order"),
+        data.draw(st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100)), max_size=10)),
+    )
+    size = data.draw(st.integers(1, 12), label="batch size")
+    ledger = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    for i in range(0, len(delivered), size):
+        ledger.apply_batch(delivered[i : i + size])
+    assert (ledger.records, ledger.spent) == meter(events, PRICING)
+    for user, spent in ledger.spent.items():  # below the threshold at the end: alerted
+        if Decimal("2") - spent < Decimal("1"):
+            assert user in ledger.alerts
+
+
+def test_merged_diffs_sum_spend_per_user_and_drop_zero_sums():
+    a = diff_records([], device_records([start("s1", 0, "d1", "u1"), stop("t1", 60, "d1")]))
+    b = diff_records(device_records([start("s2", 0, "d2", "u1"), stop("t2", 60, "d2")]), [])
+    c = diff_records([], device_records([start("s3", 0, "d3", "u2"), stop("t3", 30, "d3")]))
+    merged = merge_diffs([a, b, c])
+    assert [r.record_id for r in merged.upserts] == ["s1", "s3"]
+    assert merged.deletes == ("s2",)
+    assert merged.spent_delta == {"u2": c.spent_delta["u2"]}  # u1: +x and -x
+    assert merge_diffs([]).empty
