@@ -8,7 +8,7 @@ export CDC_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/
 DEMO_RATE  ?= 5
 DEMO_COUNT ?= 0
 
-.PHONY: run test lint typecheck services install clean
+.PHONY: run test lint typecheck services install clean bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,16 @@ run: install services
 	$(BIN)/cdc setup
 	bash scripts/run-demo.sh $(DEMO_RATE) $(DEMO_COUNT)
 
+# Benchmarks (docs/benchmarks.md): not part of `make test`. Installs the bench extra and the
+# locked npm packages of bench/, then runs every scenario; BENCH_ARGS='--quick' for small sizes.
+BENCH_ARGS ?=
+$(BIN)/.bench-installed: $(BIN)/.installed pyproject.toml bench/package-lock.json
+	$(BIN)/pip install -q -e '.[test,bench]'
+	cd bench && npm ci --no-audit --no-fund
+	touch $@
+
+bench: $(BIN)/.bench-installed services
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/node_modules
