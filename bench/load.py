@@ -89,30 +89,34 @@ class Offered:
 
 async def paced_writer(
     db_url: str, table: str, *, rate: float, duration: float, rows_per_txn: int,
-    payload_size: int, event_type: str = EVENT_TYPE,
+    payload_size: int, event_type: str = EVENT_TYPE, connections: int = 4,
 ) -> Offered:
     """Commit ``rate`` rows/s for ``duration`` s, ``rows_per_txn`` per transaction.
 
     Transactions follow an absolute schedule, so a late one is followed at once by the next
-    instead of shifting all later ones (the offered rate does not drift down); the achieved
-    rate is returned for the record.
+    instead of shifting all later ones (the offered rate does not drift down). The schedule
+    is dealt round-robin to ``connections`` sessions, as concurrent writers would commit:
+    one session waiting for each commit's WAL flush in turn could not offer the higher
+    rates. The achieved rate is returned for the record.
     """
     pad = await pad_for(db_url, payload_size)
     insert = _insert_sql(table, pad, event_type)
     interval = rows_per_txn / rate
-    rows = 0
-    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db:
-        started = time.monotonic()
-        tick = 0
-        while True:
-            due = started + tick * interval
-            if due - started >= duration:
-                break
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await db.execute(insert, (rows_per_txn,), prepare=True)
-            rows += rows_per_txn
-            tick += 1
-        elapsed = time.monotonic() - started
-    return Offered(rows, elapsed)
+    connections = max(1, min(connections, int(duration / interval) or 1))
+    started = time.monotonic() + 0.2  # every session connected before the first tick
+
+    async def session(first: int) -> int:
+        rows = 0
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db:
+            tick = first
+            while (due := started + tick * interval) - started < duration:
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await db.execute(insert, (rows_per_txn,), prepare=True)
+                rows += rows_per_txn
+                tick += connections
+        return rows
+
+    written = await asyncio.gather(*(session(c) for c in range(connections)))
+    return Offered(sum(written), time.monotonic() - started)

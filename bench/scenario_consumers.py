@@ -55,9 +55,11 @@ def available() -> str | None:
 
 
 def _events(pairs: int) -> list[tuple[str, str, bytes, dict[str, Any]]]:
-    """``(message_id, routing_key, body, headers)`` for every delivery, duplicates included."""
+    """``(message_id, routing_key, body, headers)`` for every delivery, in the order the
+    platform would publish them (by event time: a session starts every second and lasts
+    60 s), a random 10% delivered a second time right after the first."""
     base = datetime(2026, 1, 1, tzinfo=UTC)
-    out: list[tuple[str, str, bytes, dict[str, Any]]] = []
+    timed: list[tuple[datetime, tuple[str, str, bytes, dict[str, Any]]]] = []
     for i in range(pairs):
         device, user = f"bench-dev-{i}", f"bench-user-{i % 50}"
         started = base + timedelta(seconds=i)
@@ -70,10 +72,14 @@ def _events(pairs: int) -> list[tuple[str, str, bytes, dict[str, Any]]]:
         ):
             headers = {"aggregate_type": "device", "aggregate_id": device,
                        "created_at": at.isoformat()}
-            out.append((str(uuid.uuid4()), key, orjson.dumps(payload), headers))
+            timed.append((at, (str(uuid.uuid4()), key, orjson.dumps(payload), headers)))
+    timed.sort(key=lambda item: item[0])
     rng = random.Random(7)
-    out += rng.sample(out, int(len(out) * DUPLICATE_SHARE))
-    rng.shuffle(out)
+    out: list[tuple[str, str, bytes, dict[str, Any]]] = []
+    for _, event in timed:
+        out.append(event)
+        if rng.random() < DUPLICATE_SHARE:
+            out.append(event)
     return out
 
 
@@ -100,11 +106,13 @@ async def _publish(amqp_url: str, exchange: str, events: list[Any]) -> None:
         await conn.close()
 
 
-async def _queues_ready(amqp_url: str, queues: list[str], timeout: float) -> bool:
+async def _queues_ready(
+    amqp_url: str, queues: list[str], timeout: float, procs: list[Any]
+) -> bool:
     conn = await aiormq.connect(amqp_url)
     try:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and all(p.returncode is None for p in procs):
             try:
                 channel = await conn.channel()
                 for queue in queues:
@@ -121,8 +129,9 @@ async def _start_workers(env: dict[str, str], count: int, log_path: Path) -> lis
     procs = []
     with log_path.open("ab") as log:
         for _ in range(count):
+            # cwd away from any checkout, so the installed package is what runs.
             procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "consumers", "billing", env=env,
+                sys.executable, "-m", "consumers", "billing", env=env, cwd=log_path.parent,
                 stdout=log, stderr=log, start_new_session=True,
             ))
     return procs
@@ -166,7 +175,7 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
         "CDC_OUTBOX_TABLE": "public.event_outbox",
         "CDC_WORKER_QUEUE_PREFIX": prefix,
         "CDC_WORKER_METRICS_PORT": "0",
-        "CDC_WORKER_LOG_LEVEL": "WARNING",
+        "CDC_WORKER_LOG_LEVEL": os.environ.get("CDC_WORKER_LOG_LEVEL", "WARNING"),
     }
     log_path = run.results_dir / f"billing-{replicas}.log"
     async with await psycopg.AsyncConnection.connect(run.admin_url, autocommit=True) as admin:
@@ -176,10 +185,12 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
         await create_seed_table(db_url, "event_outbox")
         queues = [f"{prefix}billing-service.device-{kind}" for kind in ("started", "stopped")]
         procs = await _start_workers(env, 1, log_path)
-        ready = await _queues_ready(run.amqp_url, queues, timeout=60)
+        ready = await _queues_ready(run.amqp_url, queues, timeout=60, procs=procs)
         await _stop_workers(procs)
         if not ready:
-            return {"error": f"the billing worker declared no queues in 60 s; see {log_path}"}
+            code = procs[0].returncode
+            return {"error": f"the billing worker declared no queues (exit code {code}); "
+                             f"see {log_path}"}
         events = _events(p.consumer_pairs)
         await _publish(run.amqp_url, exchange, events)
         procs = await _start_workers(env, replicas, log_path)
@@ -208,6 +219,7 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
             "replicas": replicas,
             "deliveries": len(events),
             "duplicates": len(events) - 2 * p.consumer_pairs,
+            "order": "by event time, each duplicate right after its original",
             "events_per_s": round(len(events) / elapsed, 1) if count >= p.consumer_pairs else None,
             "events_per_s_per_replica": (
                 round(len(events) / elapsed / replicas, 1) if count >= p.consumer_pairs else None

@@ -32,6 +32,7 @@ from bench.stats import (
 )
 
 HISTOGRAM = "cdc_confirm_latency_seconds"
+PUBLISHED = "cdc_events_published_total"
 ROUTING_KEY = "device.started"
 
 
@@ -138,9 +139,12 @@ def _window_latencies(
 
 async def _offered_load(
     run: Run, relay: RelayProcess, proc: ProcessSampler, *, rate: float, seconds: float,
-    warmup: float, rows_per_txn: int, payload: int,
+    warmup: float, rows_per_txn: int, payload: int, catch_up: float = 60.0,
 ) -> dict[str, Any]:
-    """One load level: paced writer, scrape before/after, CPU and RSS over the window."""
+    """One load level: paced writer, scrape before/after, CPU and RSS over the window, then
+    wait (bounded) until the relay has confirmed everything offered, so the level's slowest
+    events are in its latency figures and do not spill into the next level."""
+    published_before = counter_value(await relay.metrics(), PUBLISHED)
     writer = asyncio.create_task(paced_writer(
         run.db_url, relay.names.table, rate=rate, duration=warmup + seconds,
         rows_per_txn=rows_per_txn, payload_size=payload,
@@ -158,6 +162,13 @@ async def _offered_load(
     share = cpu.share()
     after = histogram_buckets(await relay.metrics(), HISTOGRAM)
     rss = proc.rss_between(mono_start, mono_end)
+    target = published_before + offered.rows
+    published = counter_value(await relay.metrics(), PUBLISHED)
+    while published < target and time.monotonic() - mono_end < catch_up:
+        await asyncio.sleep(0.2)
+        published = counter_value(await relay.metrics(), PUBLISHED)
+    caught_up = time.monotonic() - mono_end
+    await asyncio.sleep(0.5)  # confirmed -> delivered to the consumer
     histogram = {
         f"p{int(q * 100)}_ms": (round(v * 1000, 2) if v is not None else None)
         for q in (0.5, 0.95, 0.99)
@@ -172,6 +183,8 @@ async def _offered_load(
         "relay_cpu_cores": round(share, 2),
         "relay_rss_max_mib": mib(rss),
         "relay_histogram": histogram,
+        "catch_up_s": round(caught_up, 1),
+        "unconfirmed_after_catch_up": max(0, int(target - published)),
     }
 
 
@@ -204,7 +217,6 @@ async def loads_on(
                 run, relay, proc, rate=rate, seconds=seconds, warmup=warmup,
                 rows_per_txn=rows_per_txn, payload=payload,
             )
-            await asyncio.sleep(2.0)  # let the last events of the level arrive
     finally:
         await proc.stop()
         arrivals = await consumer.stop()
