@@ -29,6 +29,7 @@ class DepthSampler:
         self.samples: list[tuple[float, int]] = []
         self._task: asyncio.Task[None] | None = None
         self._conn: aiormq.abc.AbstractConnection | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         self._conn = await aiormq.connect(self.amqp_url)
@@ -36,7 +37,7 @@ class DepthSampler:
         self._task = asyncio.create_task(self._loop(channel))
 
     async def _loop(self, channel: aiormq.abc.AbstractChannel) -> None:
-        while True:
+        while not self._stopping:
             declared = await channel.queue_declare(self.queue, passive=True)
             self.samples.append((time.monotonic(), int(declared.message_count or 0)))
             await asyncio.sleep(self.interval)
@@ -64,10 +65,16 @@ class DepthSampler:
         return self.samples[-1][1] if self.samples else 0
 
     async def stop(self) -> None:
+        # Let the loop finish its declare rather than cancel it: a cancelled RPC makes
+        # aiormq close the channel and log about it.
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=5)
+            except (TimeoutError, Exception):
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._task
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()

@@ -227,7 +227,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     p50 = [lv.get("latency", {}).get("p50_ms") for lv in levels]
     hist99 = [lv.get("relay_histogram", {}).get("p99_ms") for lv in levels]
     ceiling = _scenario(results, "ceiling").get("rate")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     left.plot(offered, delivered, "o-", label="relay, delivered")
     top = max([*offered, *delivered, ceiling or 0]) * 1.1
     left.plot([0, top], [0, top], ":", color="grey", label="delivered = offered")
@@ -237,17 +237,23 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     left.set_ylabel("throughput (events/s)")
     left.set_xlim(0, top)
     left.set_ylim(0, top)
-    left.legend(loc="lower right")
+    left.legend(loc="best", fontsize="small")
     left.set_title("Throughput")
-    right.plot(offered, [v or 0 for v in p99], "o-", label="p99, commit→consumer")
-    right.plot(offered, [v or 0 for v in p50], "s-", label="p50, commit→consumer")
-    right.plot(offered, [v or 0 for v in hist99], "^--", label="p99, commit→confirm (relay)")
-    right.axhline(25, color="tab:red", linestyle="--", label="target p99 at 50%: 25 ms")
+    for values, style, label in (
+        (p99, "o-", "p99, commit→consumer"),
+        (p50, "s-", "p50, commit→consumer"),
+        (hist99, "^--", "p99, commit→confirm (relay histogram)"),
+    ):
+        points = [(x, y) for x, y in zip(offered, values, strict=True) if y]
+        if points:
+            right.plot(*zip(*points, strict=True), style, label=label)
+    right.axhline(25, color="tab:red", linestyle="--", label="target: p99 ≤ 25 ms at 50%")
     right.set_xlabel("offered load (events/s)")
-    right.set_ylabel("latency (ms)")
+    right.set_ylabel("latency (ms, log scale)")
+    right.set_yscale("log")
+    right.set_ylim(bottom=1)
     right.set_xlim(0, top)
-    right.set_ylim(bottom=0)
-    right.legend(loc="upper left")
+    right.legend(loc="best", fontsize="small")
     right.set_title("Latency")
     commit = (results.get("machine", {}).get("relay", {}).get("commit") or "?")[:10]
     fig.suptitle(f"outbox-cdc relay, {results.get('started_at')}, relay {commit}")
