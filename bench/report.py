@@ -152,7 +152,10 @@ def shape_table(results: dict[str, Any]) -> str:
 
 def rss_table(results: dict[str, Any]) -> str:
     rss = _scenario(results, "rss")
-    rows = [[_n(rss.get("events")), "yes" if rss.get("complete") else "**no**",
+    drained = "yes" if rss.get("complete") else (
+        f"**cut** at {_n(rss.get('cut_after_s'), 0)} s ({_n(rss.get('published'))} published)"
+    )
+    rows = [[_n(rss.get("events")), drained,
              _n(rss.get("seconds"), 0, " s"), _n(rss.get("rate_incl_startup"), 0),
              _n(_mb(rss.get("rss_first_mib")), 1), _n(_mb(rss.get("rss_max_mib")), 1),
              _n(_mb(rss.get("rss_last_mib")), 1), _n(rss.get("rss_samples"))]]
@@ -171,9 +174,13 @@ def consumers_table(results: dict[str, Any]) -> str:
         if "error" in v:
             rows.append([key, v["error"], "", "", "", ""])
             continue
+        if v.get("complete", True):
+            exact = "yes" if v.get("exact") else "**no**"
+        else:
+            exact = (f"**incomplete**: {_n(v.get('usage_records'))} of "
+                     f"{_n(v.get('expected_records'))} records after {_n(v.get('seconds'), 0)} s")
         rows.append([_n(v.get("replicas")), _n(v.get("deliveries")), _n(v.get("events_per_s"), 0),
-                     _n(v.get("events_per_s_per_replica"), 0), _n(v.get("seconds"), 1),
-                     "yes" if v.get("exact") else "**no**"])
+                     _n(v.get("events_per_s_per_replica"), 0), _n(v.get("seconds"), 1), exact])
     return _table(["replicas", "deliveries (10% duplicates)", "events/s", "per replica",
                    "seconds", "exact effects"], rows)
 

@@ -197,7 +197,7 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
         started = time.monotonic()
         first: float | None = None
         count, cost = 0, Decimal(0)
-        deadline = started + len(events) / 50 + 120
+        deadline = started + p.max_drain_seconds
         while time.monotonic() < deadline:
             count, cost = await _effects(db_url)
             now = time.monotonic()
@@ -209,6 +209,7 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
                 return {"error": f"a billing replica exited early; see {log_path}"}
             await asyncio.sleep(0.2)
         finished = time.monotonic()
+        complete = count >= p.consumer_pairs
         await asyncio.sleep(1.0)  # anything extra (a doubled effect) would show now
         count, cost = await _effects(db_url)
         expected_cost = (DEFAULT_RATE * SESSION_SECONDS / 3600 * p.consumer_pairs).quantize(
@@ -220,9 +221,11 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
             "deliveries": len(events),
             "duplicates": len(events) - 2 * p.consumer_pairs,
             "order": "by event time, each duplicate right after its original",
-            "events_per_s": round(len(events) / elapsed, 1) if count >= p.consumer_pairs else None,
+            "complete": complete,
+            "cut_after_s": None if complete else p.max_drain_seconds,
+            "events_per_s": round(len(events) / elapsed, 1) if complete else None,
             "events_per_s_per_replica": (
-                round(len(events) / elapsed / replicas, 1) if count >= p.consumer_pairs else None
+                round(len(events) / elapsed / replicas, 1) if complete else None
             ),
             "seconds": round(elapsed, 2),
             "startup_seconds": round((first or started) - started, 2),

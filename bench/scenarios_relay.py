@@ -65,7 +65,8 @@ async def ceiling(run: Run, p: Params) -> dict[str, Any]:
 
 
 async def _drain(
-    run: Run, relay: RelayProcess, *, events: int, rows_per_txn: int, payload: int
+    run: Run, relay: RelayProcess, *, events: int, rows_per_txn: int, payload: int,
+    max_seconds: float,
 ) -> dict[str, Any]:
     """Commit a backlog, start ``relay``, time the drain by queue depth (relay left running)."""
     insert_s = await insert_backlog(
@@ -80,7 +81,7 @@ async def _drain(
         proc = ProcessSampler(relay.pid)
         proc.start()
         cpu = CpuWindow(proc)
-        reached = await sampler.wait_for(events, timeout=events / 200 + 120)
+        reached = await sampler.wait_for(events, timeout=max_seconds)
         share = cpu.share()
         metrics = await relay.metrics()
         await proc.stop()
@@ -109,7 +110,7 @@ async def drain(run: Run, p: Params, ceiling_rate: float | None) -> dict[str, An
     async with relay_scenario(run, "drain") as relay:
         result = await _drain(
             run, relay, events=p.drain_events, rows_per_txn=p.backlog_rows_per_txn,
-            payload=p.payload_size,
+            payload=p.payload_size, max_seconds=p.max_drain_seconds,
         )
     result["ratio_to_ceiling"] = (
         round(result["rate"] / ceiling_rate, 3) if result["rate"] and ceiling_rate else None
@@ -139,7 +140,7 @@ def _window_latencies(
 
 async def _offered_load(
     run: Run, relay: RelayProcess, proc: ProcessSampler, *, rate: float, seconds: float,
-    warmup: float, rows_per_txn: int, payload: int, catch_up: float = 60.0,
+    warmup: float, rows_per_txn: int, payload: int, catch_up: float = 30.0,
 ) -> dict[str, Any]:
     """One load level: paced writer, scrape before/after, CPU and RSS over the window, then
     wait (bounded) until the relay has confirmed everything offered, so the level's slowest
@@ -256,7 +257,7 @@ async def shape(run: Run, p: Params) -> dict[str, Any]:
         label = f"shape_{size}b_{txn}r"
         async with relay_scenario(run, label) as relay:
             result = await _drain(run, relay, events=p.shape_events, rows_per_txn=txn,
-                                  payload=size)
+                                  payload=size, max_seconds=p.max_drain_seconds)
             loads = await loads_on(
                 run, relay, label, [("load", p.shape_rate)], seconds=p.shape_seconds,
                 warmup=1.0, rows_per_txn=min(txn, 10), payload=size,
@@ -300,7 +301,7 @@ async def rss(run: Run, p: Params) -> dict[str, Any]:
         proc = ProcessSampler(relay.pid, interval=0.5)
         proc.start()
         started = time.monotonic()
-        deadline = started + p.rss_events / 200 + 120
+        deadline = started + p.rss_max_seconds
         done = False
         try:
             while time.monotonic() < deadline:
@@ -318,6 +319,7 @@ async def rss(run: Run, p: Params) -> dict[str, Any]:
         "events": p.rss_events,
         "insert_seconds": round(insert_s, 2),
         "complete": done,
+        "cut_after_s": None if done else p.rss_max_seconds,
         "seconds": round(elapsed, 1),
         "rate_incl_startup": round(p.rss_events / elapsed, 1) if done else None,
         "published": counter_value(metrics, "cdc_events_published_total"),
