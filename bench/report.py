@@ -367,13 +367,15 @@ def markdown(results: dict[str, Any], notes: str) -> str:
         f"- **RSS**: a {_n(p.get('rss_events'))}-event backlog drained while psutil samples "
         "the relay's RSS every 0.5 s; done when the slot's `confirmed_flush_lsn` passes the "
         f"end of the backlog. The queue keeps only the newest {_n(p.get('rss_queue_cap'))} "
-        "messages (drop-head; still persisted and confirmed).",
+        "messages (drop-head; still persisted and confirmed). Cut after "
+        f"{_n(p.get('rss_max_seconds'))} s; the RSS figures then cover what was drained.",
         f"- **Consumers**: {_n(p.get('consumer_pairs'))} `device.started`/`device.stopped` "
         "pairs (a session starts every second, lasts 60 s) in event-time order, 10% of them "
         "delivered twice right after the first, published into the billing worker's queues; "
         "then `python -m consumers billing` (1, then 2 replicas) drains them; events/s from "
         "the first usage record until `usage_records` holds every session; exact = one "
-        f"record per pair and the expected total cost. Cut after {p.get('max_drain_seconds')} s.",
+        f"record per pair and the expected total cost. Cut after "
+        f"{_n(p.get('max_drain_seconds'))} s.",
         "",
         "Each scenario uses its own table, publication, slot, exchange and queues in a "
         "throwaway database and RabbitMQ vhost, removed at the end even on failure or Ctrl-C.",
