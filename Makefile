@@ -14,6 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	bash scripts/fetch-promtool.sh $(BIN)
 	touch $@
 
 install: $(BIN)/.installed

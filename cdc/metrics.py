@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -69,8 +70,14 @@ class Metrics:
             self.state.labels(state=name).set(1 if name == state else 0)
 
 
+class Registered(Protocol):
+    """Anything that keeps its metrics on ``registry`` (the relay's, a worker's)."""
+
+    registry: CollectorRegistry
+
+
 async def serve(
-    host: str, port: int, metrics: Metrics, health: Callable[[], dict[str, object]]
+    host: str, port: int, metrics: Registered, health: Callable[[], dict[str, object]]
 ) -> asyncio.Server:
     """Start the HTTP endpoint; the caller closes the returned server."""
 

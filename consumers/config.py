@@ -3,15 +3,39 @@
 Connection variables are the relay's (``CDC_DATABASE_URL``, ``CDC_AMQP_URL``,
 ``CDC_EXCHANGE``, ``CDC_OUTBOX_TABLE``) so one environment serves the relay and its workers;
 the runtime's own knobs are ``CDC_WORKER_*``. A worker subclasses this model to add its own
-fields (``consumers.billing.worker.SETTINGS``, ...).
+fields (``consumers.billing.worker.SETTINGS``, ...). Every field becomes a ``--flag`` of
+``python -m consumers <worker>`` that overrides the environment.
 """
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_EXCHANGE = "cloudphone.events"
+DEFAULT_INBOX_TABLE = "public.consumer_inbox"
+
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+_AMQP_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
+
+
+def parse_delays(value: object) -> object:
+    """``"5,10,20"`` (the environment's form) -> ``(5.0, 10.0, 20.0)``; lists pass through."""
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    return value
+
+
+def check_table(value: str) -> str:
+    """``table`` or ``schema.table`` of plain identifiers -> ``schema.table``."""
+    parts = value.split(".")
+    if len(parts) > 2 or not all(_IDENT_RE.fullmatch(p) for p in parts):
+        raise ValueError("must be 'table' or 'schema.table' made of plain SQL identifiers")
+    return value if len(parts) == 2 else f"public.{value}"
 
 
 class ConsumerSettings(BaseSettings):
@@ -23,3 +47,92 @@ class ConsumerSettings(BaseSettings):
     amqp_url: SecretStr = Field(description="amqp:// URL of the broker")
     exchange: str = Field(DEFAULT_EXCHANGE, description="topic exchange the events come from")
     outbox_table: str = Field("public.event_outbox", description="where workers write events")
+
+    # -- the runtime's knobs (CDC_WORKER_*) ------------------------------------------------
+    worker_prefetch: int = Field(
+        256, ge=1, le=65535, description="unacked messages the broker may push to this replica"
+    )
+    worker_batch_size: int = Field(
+        100, ge=1, le=10_000, description="messages handled in one PostgreSQL transaction"
+    )
+    worker_retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
+        (5.0, 10.0, 20.0),
+        description="seconds before retry 1, 2, 3... (comma-separated; the last one repeats)",
+    )
+    worker_max_attempts: int = Field(
+        4, ge=1, le=100, description="attempts before a failing message is parked (1 + retries)"
+    )
+    worker_queue_type: Literal["quorum", "classic"] = Field(
+        "quorum", description="x-queue-type of the worker, retry and parking queues"
+    )
+    worker_queue_prefix: str = Field(
+        "", description="prepended to every queue/exchange name of the worker (e.g. 'staging.')"
+    )
+    worker_inbox_table: str = Field(
+        DEFAULT_INBOX_TABLE, description="inbox table (consumer, message_id), [schema.]table"
+    )
+    worker_shutdown_timeout: float = Field(
+        10.0, ge=0, description="seconds to finish and ack in-flight messages on SIGTERM"
+    )
+    worker_metrics_port: int = Field(
+        9191, ge=0, le=65535, description="/metrics and /healthz port; 0 disables (one per host)"
+    )
+    worker_metrics_host: str = Field("0.0.0.0", description="/metrics bind address")
+    worker_parked_poll_interval: float = Field(
+        5.0, gt=0, description="seconds between reads of the parking queue depth (metric)"
+    )
+    worker_confirm_timeout: float = Field(
+        30.0, gt=0, description="seconds to wait for a broker confirm of a retry/park publish"
+    )
+    worker_reconnect_min_delay: float = Field(
+        0.5, gt=0, description="first reconnect backoff in seconds (full jitter)"
+    )
+    worker_reconnect_max_delay: float = Field(
+        30.0, gt=0, description="largest reconnect backoff in seconds"
+    )
+    worker_log_format: Literal["text", "json"] = Field("text", description="log output format")
+    worker_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="log level"
+    )
+
+    @field_validator("worker_retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        try:
+            return parse_delays(value)
+        except ValueError as exc:
+            raise ValueError("must be seconds separated by commas, e.g. 5,10,20") from exc
+
+    @field_validator("worker_retry_delays")
+    @classmethod
+    def _check_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("needs at least one delay, e.g. 5,10,20")
+        if any(d <= 0 or d > 86_400 for d in value):
+            raise ValueError("each delay must be > 0 and at most 86400 seconds")
+        return value
+
+    @field_validator("outbox_table", "worker_inbox_table")
+    @classmethod
+    def _check_table(cls, value: str) -> str:
+        return check_table(value)
+
+    @field_validator("exchange")
+    @classmethod
+    def _check_exchange(cls, value: str) -> str:
+        if not _AMQP_NAME_RE.fullmatch(value):
+            raise ValueError("AMQP names may use letters, digits and . _ - : only (1-255)")
+        return value
+
+    @field_validator("worker_queue_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if value and not _AMQP_NAME_RE.fullmatch(value):
+            raise ValueError("AMQP names may use letters, digits and . _ - : only")
+        return value
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> ConsumerSettings:
+        if self.worker_reconnect_max_delay < self.worker_reconnect_min_delay:
+            raise ValueError("CDC_WORKER_RECONNECT_MAX_DELAY must be >= the minimum delay")
+        return self

@@ -5,6 +5,9 @@ A handler signals *how* it failed; the runtime decides what happens next:
 - :class:`PermanentError` (and a payload that fails validation): parked at once;
 - :class:`Retry` or any other exception: tried again after a backoff delay, parked after the
   last attempt.
+
+The others are the runtime's: configuration problems (exit 2) and the broker/database
+failures its reconnect loops absorb.
 """
 
 from __future__ import annotations
@@ -24,3 +27,23 @@ class PermanentError(ConsumerError):
 
 class Retry(ConsumerError):
     """A transient failure (a dependency is down): try again after the next backoff delay."""
+
+
+class TopologyConflict(ConfigError):
+    """A queue or exchange exists on the broker with other arguments than the worker declares."""
+
+
+class DlqError(ConfigError):
+    """A DLQ command cannot run as asked (not a parking queue, no such queue, missing flag)."""
+
+
+class BrokerLost(ConsumerError):
+    """The broker connection or channel is gone: the worker's session starts again."""
+
+
+class Unroutable(BrokerLost):
+    """The broker returned a copy (no queue took it): the topology is declared again."""
+
+
+class BatchAborted(ConsumerError):
+    """A batch's transaction could not complete: it runs again on a fresh connection."""

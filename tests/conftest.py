@@ -570,14 +570,17 @@ class Relay:
         log_path: Path,
         slot_active: Callable[[], bool],
         name: str = "relay",
+        argv: list[str] | None = None,
     ) -> None:
+        self.argv = argv or ["-m", "cdc", "relay"]
         self.env_vars = env_vars
         self.log_path = log_path
         self.name = name
         self._slot_active = slot_active
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
-        port = int(env_vars.get("CDC_METRICS_PORT", "0"))
+        port_var = "CDC_METRICS_PORT" if self.argv[1] == "cdc" else "CDC_WORKER_METRICS_PORT"
+        port = int(env_vars.get(port_var, "0"))
         self.metrics_port = port or None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -591,7 +594,7 @@ class Relay:
         self._log_file.write(f"\n===== start {self.name} {time.time():.3f} =====\n".encode())
         self._log_file.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cdc", "relay"],
+            [sys.executable, *self.argv],
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -1529,3 +1532,314 @@ def rabbit_app() -> Iterator[RabbitApp]:
             with contextlib.suppress(Exception):
                 app._ctl("start_app")
         wait_amqp_ready(timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# consumer workers (python -m consumers): the test ledger worker and its broker/database names
+
+
+class Ledger:
+    """Names and helpers for one test of the worker runtime with ``tests.workers.ledger``.
+
+    Everything carries the session tag: exchange ``cdc_test.<S>.<t>.events``, queues and the
+    retry exchange ``cdc_test.<S>.<t>.ledger*``, tables ``ledger_<t>``, ``ledger_<t>_blocked``
+    and ``inbox_<t>``. ``cleanup()`` removes them all and stops the workers.
+    """
+
+    RETRY_DELAYS = (0.2, 0.4, 0.8)
+    wait_for = staticmethod(wait_for)
+
+    def __init__(self, dbname: str, broker: Broker, tmp_path: Path) -> None:
+        self.tag = secrets.token_hex(3)
+        self.db_url = db_url(dbname)
+        self.broker = broker
+        self.tmp_path = tmp_path
+        self.ns = f"cdc_test.{SESSION}.{self.tag}"
+        self.exchange = f"{self.ns}.events"
+        self.queue = f"{self.ns}.ledger.entries"
+        self.service = f"{self.ns}.ledger-service"
+        self.retry_exchange = f"{self.service}.retry"
+        self.retry_queues = [f"{self.retry_exchange}.{d:g}s" for d in self.RETRY_DELAYS]
+        self.parking_queue = f"{self.service}.parked"
+        self.consumer = f"{self.ns}-ledger"
+        self.table = f"public.ledger_{self.tag}"
+        self.inbox = f"public.inbox_{self.tag}"
+        self.attempt_log = tmp_path / f"attempts-{self.tag}.log"
+        self.workers: list[Relay] = []
+        self.extra_queues: list[str] = []
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def other_service_queue(self, keys: Iterable[str] = ("#",)) -> str:
+        """A queue of another service on the same exchange (removed at teardown)."""
+        name = f"{self.ns}.other-service"
+        self.extra_queues.append(name)
+        self.broker.declare_queue(name, self.exchange, keys)
+        return name
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def worker_env(self, **overrides: Any) -> dict[str, str]:
+        env = {
+            "CDC_DATABASE_URL": self.db_url,
+            "CDC_AMQP_URL": AMQP_URL,
+            "CDC_EXCHANGE": self.exchange,
+            "CDC_LEDGER_NAMESPACE": self.ns,
+            "CDC_LEDGER_TABLE": self.table,
+            "CDC_LEDGER_ATTEMPT_LOG": str(self.attempt_log),
+            "CDC_WORKER_INBOX_TABLE": self.inbox,
+            "CDC_WORKER_RETRY_DELAYS": ",".join(f"{d:g}" for d in self.RETRY_DELAYS),
+            "CDC_WORKER_METRICS_PORT": "0",
+            "CDC_WORKER_METRICS_HOST": "127.0.0.1",
+            "CDC_WORKER_RECONNECT_MIN_DELAY": "0.1",
+            "CDC_WORKER_RECONNECT_MAX_DELAY": "1",
+            "CDC_WORKER_PARKED_POLL_INTERVAL": "0.2",
+            "CDC_WORKER_LOG_FORMAT": "json",
+        }
+        for key, value in overrides.items():
+            name = key if key.startswith("CDC_") else f"CDC_{key.upper()}"
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = str(value)
+        return env
+
+    def start(self, metrics: bool = True, wait: bool = True, **overrides: Any) -> Relay:
+        """A started ``python -m consumers tests.workers.ledger`` (killed at teardown)."""
+        if metrics:
+            overrides.setdefault("worker_metrics_port", free_port())
+        n = len(self.workers)
+        w = Relay(
+            self.worker_env(**overrides),
+            self.tmp_path / f"worker-{n}.log",
+            lambda: True,
+            name=f"worker-{n}",
+            argv=["-m", "consumers", "tests.workers.ledger"],
+        )
+        self.workers.append(w)
+        w.start()
+        if wait:
+            self.wait_consuming(w)
+        return w
+
+    def wait_consuming(self, w: Relay, timeout: float = 30.0) -> None:
+        """Until the worker consumes: /healthz if it has a port, else the broker's view."""
+        if w.metrics_port is not None:
+            w.wait_state("consuming", timeout)
+            return
+
+        def consuming() -> bool:
+            w._check_alive()
+            return self.consumers() > len([x for x in self.workers if x.alive()]) - 1
+
+        wait_for(consuming, timeout, lambda: f"{w.name} to consume\n{w.tail()}", interval=0.1)
+
+    def consumers(self) -> int:
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> int:
+            try:
+                ok = await (await ch.get_underlay_channel()).queue_declare(self.queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return 0
+            return int(ok.consumer_count)
+
+        return int(self.broker._run(fn, timeout=20))
+
+    def consumers_cli(
+        self, *args: str, timeout: float = 60.0, **overrides: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """``python -m consumers ARGS`` with this test's environment."""
+        full = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+        full.update(self.worker_env(**overrides))
+        return subprocess.run(
+            [sys.executable, "-m", "consumers", *args],
+            cwd=REPO,
+            env=full,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    # -- events ------------------------------------------------------------------------------
+
+    @staticmethod
+    def entry(key: str = "k", amount: int = 1, **extra: Any) -> dict[str, Any]:
+        return {"key": key, "amount": amount, **extra}
+
+    def publish(
+        self,
+        bodies: list[Any],
+        routing_key: str = "ledger.entry",
+        message_ids: list[str | None] | None = None,
+    ) -> list[str | None]:
+        """Publish (persistent, confirmed) to the events exchange; returns the message ids."""
+        ids = message_ids or [str(uuid.uuid4()) for _ in bodies]
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            ex = await ch.get_exchange(self.exchange, ensure=False)
+            for chunk in range(0, len(bodies), 500):
+                await asyncio.gather(
+                    *(
+                        ex.publish(
+                            aio_pika.Message(
+                                body if isinstance(body, bytes) else json.dumps(body).encode(),
+                                message_id=mid,
+                                content_type="application/json",
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                timestamp=dt.datetime.now(dt.UTC),
+                            ),
+                            routing_key,
+                            mandatory=True,
+                            timeout=30,
+                        )
+                        for body, mid in zip(
+                            bodies[chunk : chunk + 500], ids[chunk : chunk + 500], strict=True
+                        )
+                    )
+                )
+
+        self.broker._run(fn)
+        return ids
+
+    # -- ground truth ------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = pg_connect(self.db_url)
+        return self._conn
+
+    def sql(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
+        cur = self.conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+    def _ident(self, table: str) -> sql.Composed:
+        schema, name = table.split(".")
+        return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+    def rows(self) -> list[tuple[str, str, int, int, int]]:
+        """(message_id, key, amount, attempt, pid) of every ledger row (empty if no table)."""
+        try:
+            return [
+                tuple(r)  # type: ignore[misc]
+                for r in self.sql(
+                    sql.SQL("SELECT message_id, key, amount, attempt, pid FROM {} ORDER BY id")
+                    .format(self._ident(self.table))
+                )
+            ]
+        except psycopg.errors.UndefinedTable:
+            return []
+
+    def row_count(self) -> int:
+        return len(self.rows())
+
+    def inbox_ids(self) -> list[str]:
+        return [
+            r[0]
+            for r in self.sql(
+                sql.SQL("SELECT message_id FROM {} WHERE consumer = %s").format(
+                    self._ident(self.inbox)
+                ),
+                (self.consumer,),
+            )
+        ]
+
+    def block(self, key: str) -> None:
+        self.sql(
+            sql.SQL("INSERT INTO {} (key) VALUES (%s) ON CONFLICT DO NOTHING").format(
+                self._ident(self.table + "_blocked")
+            ),
+            (key,),
+        )
+
+    def unblock(self, key: str) -> None:
+        self.sql(
+            sql.SQL("DELETE FROM {} WHERE key = %s").format(self._ident(self.table + "_blocked")),
+            (key,),
+        )
+
+    def attempts(self) -> dict[str, list[tuple[int, float]]]:
+        """message_id -> [(attempt, wall time)] from the worker's attempt log."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        if not self.attempt_log.exists():
+            return out
+        for line in self.attempt_log.read_text().splitlines():
+            mid, attempt, at = line.split()
+            out.setdefault(mid, []).append((int(attempt), float(at)))
+        return out
+
+    def wait_rows(self, n: int, timeout: float = 60.0) -> int:
+        return int(
+            wait_for(
+                lambda: (c := self.row_count()) >= n and c,
+                timeout,
+                lambda: f"{n} ledger rows (have {self.row_count()})\n{self.tails()}",
+                interval=0.1,
+            )
+        )
+
+    def wait_parked(self, n: int, timeout: float = 30.0) -> int:
+        def got() -> int | None:
+            c = self.broker.queue_count(self.parking_queue)
+            return c if c is not None and c >= n else None
+
+        return int(
+            wait_for(
+                got,
+                timeout,
+                lambda: f"{n} parked (have {self.broker.queue_count(self.parking_queue)})\n"
+                + self.tails(),
+                interval=0.1,
+            )
+        )
+
+    def tails(self) -> str:
+        return "\n".join(w.tail(30) for w in self.workers)
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def cleanup(self) -> list[str]:
+        errors: list[str] = []
+
+        def step(what: str, fn: Callable[[], Any]) -> None:
+            try:
+                fn()
+            except Exception as exc:
+                errors.append(f"{what}: {exc!r}")
+
+        for w in self.workers:
+            step(f"stop {w.name}", w.stop)
+        with contextlib.suppress(Exception):
+            if self._conn is not None:
+                self._conn.close()
+        try:
+            with pg_connect(self.db_url) as conn:
+                for table in (self.table, f"{self.table}_blocked", self.inbox):
+                    step(
+                        f"drop {table}",
+                        lambda t=table: conn.execute(
+                            sql.SQL("DROP TABLE IF EXISTS {}").format(self._ident(t))
+                        ),
+                    )
+        except Exception as exc:
+            errors.append(f"postgres: {exc!r}")
+        for q in [self.queue, *self.retry_queues, self.parking_queue, *self.extra_queues]:
+            step(f"delete queue {q}", lambda q=q: self.broker.delete_queue(q))
+        for e in (self.retry_exchange, self.exchange):
+            step(f"delete exchange {e}", lambda e=e: self.broker.delete_exchange(e))
+        return errors
+
+
+@pytest.fixture
+def ledger(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Ledger]:
+    """Names for one runtime test with the ledger worker; everything removed at the end."""
+    lg = Ledger(pg_session_db, broker, tmp_path)
+    try:
+        yield lg
+    finally:
+        for w in lg.workers:
+            if w.log_path.exists():
+                print(w.tail(60))
+        errors = lg.cleanup()
+        if errors:
+            print("teardown problems:", *errors, sep="\n  ")

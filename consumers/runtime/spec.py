@@ -69,3 +69,8 @@ class WorkerSpec:
     schema: tuple[str, ...] = ()  # idempotent DDL applied at start, after the inbox table
     on_close: Callable[[], Awaitable[None]] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # True when the handlers have no effect outside their PostgreSQL transaction (no HTTP, no
+    # email, no file): the runtime may then run a batch pipelined without savepoints and,
+    # only if something fails, roll it back and run it again with a savepoint per message.
+    # A handler may thus run twice for one delivery (only the second run commits).
+    db_only: bool = False

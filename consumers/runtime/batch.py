@@ -1,0 +1,171 @@
+"""One micro-batch of messages in one PostgreSQL transaction, a SAVEPOINT per message.
+
+:func:`run_batch` claims every message id in the inbox (one statement), runs each new
+message's handler inside its own savepoint, and commits once. A failing handler rolls back
+only its savepoint and its inbox claim; the others commit. It sets each item's outcome:
+
+- ``DONE``: effects and inbox row committed;
+- ``DUPLICATE``: the inbox already had the id (skipped);
+- ``FAILED``: the handler raised; ``error`` holds the exception.
+
+Anything that breaks the transaction itself (lost connection, deadlock on the claim) raises
+:class:`BatchAborted`: nothing of the batch was committed, or the commit's outcome is
+unknown, and the caller runs the same batch again (the inbox makes that safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from pydantic import BaseModel
+
+from consumers.errors import BatchAborted
+from consumers.runtime import inbox
+from consumers.runtime.spec import Delivery, HandlerContext, Route
+
+DONE = "done"
+DUPLICATE = "duplicate"
+FAILED = "failed"
+
+
+@dataclass(slots=True)
+class Item:
+    """A validated message on its way through a batch."""
+
+    delivery: Delivery
+    route: Route
+    payload: BaseModel
+    queue: str
+    outcome: str | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+    message: Any = None  # the broker's message, for the runner (acks, republishing)
+
+
+_FIRST = b"SAVEPOINT cdc_msg"
+_NEXT = b"RELEASE SAVEPOINT cdc_msg; SAVEPOINT cdc_msg"
+_UNDO = b"ROLLBACK TO SAVEPOINT cdc_msg"
+
+
+async def run_batch(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    consumer: str,
+    items: Sequence[Item],
+    clock: Callable[[], float] = time.perf_counter,
+    optimistic: bool = False,
+) -> None:
+    """Process ``items`` in one transaction on ``conn`` (not in autocommit); see module doc.
+
+    ``optimistic`` (for workers whose handlers only touch the database) first runs the
+    batch in pipeline mode without savepoints; if anything fails, that transaction is
+    rolled back and the batch runs again the plain way, with a savepoint per message, so
+    the outcome is the same either way.
+    """
+    try:
+        if optimistic and await _optimistic(conn, table, consumer, items, clock):
+            return
+        await _with_savepoints(conn, table, consumer, items, clock)
+    except psycopg.Error as exc:
+        # (On cancellation the caller closes the connection: the server rolls back.)
+        await _rollback_quietly(conn)
+        raise BatchAborted(f"batch transaction failed: {type(exc).__name__}: {exc}") from exc
+
+
+async def _claim(
+    conn: psycopg.AsyncConnection[Any], table: str, consumer: str, items: Sequence[Item]
+) -> set[str]:
+    for item in items:
+        item.outcome, item.error = None, None
+    return await inbox.claim(
+        conn,
+        table,
+        consumer,
+        [i.delivery.message_id for i in items],
+        [i.delivery.routing_key for i in items],
+    )
+
+
+def _take(fresh: set[str], item: Item) -> bool:
+    """True if ``item`` is new; a second copy inside the same batch is a duplicate."""
+    if item.delivery.message_id in fresh:
+        fresh.discard(item.delivery.message_id)
+        return True
+    item.outcome = DUPLICATE
+    return False
+
+
+async def _optimistic(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    consumer: str,
+    items: Sequence[Item],
+    clock: Callable[[], float],
+) -> bool:
+    """The whole batch pipelined, no savepoints; False (rolled back) if anything failed.
+
+    In pipeline mode a statement's error may surface later (at a fetch or at the sync), so
+    any failure here only means "run the batch the plain way", never "this message failed".
+    """
+    try:
+        async with conn.pipeline():
+            fresh = await _claim(conn, table, consumer, items)
+            for item in items:
+                if not _take(fresh, item):
+                    continue
+                started = clock()
+                await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
+                item.seconds = clock() - started
+                item.outcome = DONE
+        await conn.commit()
+        return True
+    except Exception as exc:
+        if conn.broken:
+            raise BatchAborted(f"database connection lost: {exc}") from exc
+        await conn.rollback()
+        return False
+
+
+async def _with_savepoints(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    consumer: str,
+    items: Sequence[Item],
+    clock: Callable[[], float],
+) -> None:
+    """The batch with a savepoint per message: a failure undoes only its own message."""
+    fresh = await _claim(conn, table, consumer, items)
+    opened = False
+    cur = conn.cursor()  # one cursor for the runtime's own statements: cheaper per message
+    for item in items:
+        if not _take(fresh, item):
+            continue
+        # One round trip between messages: release the last savepoint, open the next.
+        await cur.execute(_NEXT if opened else _FIRST)
+        opened = True
+        started = clock()
+        try:
+            await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
+        except Exception as exc:
+            item.seconds = clock() - started
+            if conn.broken:
+                raise BatchAborted(f"database connection lost in a handler: {exc}") from exc
+            await cur.execute(_UNDO)
+            await inbox.unclaim(conn, table, consumer, item.delivery.message_id)
+            item.outcome, item.error = FAILED, exc
+        else:
+            item.seconds = clock() - started
+            item.outcome = DONE
+    await conn.commit()
+
+
+async def _rollback_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
+    if conn.broken or conn.closed:
+        return
+    with contextlib.suppress(psycopg.Error):
+        await conn.rollback()

@@ -1,0 +1,86 @@
+"""Prometheus metrics of one worker process (served with the relay's ``/metrics`` endpoint).
+
+Every counter is labelled by ``worker`` and ``queue`` (the origin queue); the parking gauge
+by the parking queue. No label carries a URL or a payload.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STATES = ("starting", "consuming", "reconnecting", "draining", "stopped")
+
+
+class WorkerMetrics:
+    """The worker's metrics on a private registry."""
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        r = self.registry = CollectorRegistry()
+        labels = ["worker", "queue"]
+        self.processed = Counter(
+            "cdc_worker_processed_total",
+            "Messages whose handler succeeded and whose transaction committed",
+            labels,
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "cdc_worker_duplicates_total",
+            "Messages skipped because the inbox already had their message_id",
+            labels,
+            registry=r,
+        )
+        self.retried = Counter(
+            "cdc_worker_retried_total",
+            "Messages sent to a retry (TTL) queue after a failed attempt",
+            labels,
+            registry=r,
+        )
+        self.parked = Counter(
+            "cdc_worker_parked_total",
+            "Messages sent to the parking queue, by reason",
+            [*labels, "reason"],
+            registry=r,
+        )
+        self.handler_seconds = Histogram(
+            "cdc_worker_handler_seconds",
+            "Time in the handler, per message (inside the batch transaction)",
+            labels,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "cdc_worker_batch_messages",
+            "Messages per PostgreSQL transaction",
+            ["worker"],
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+            registry=r,
+        )
+        self.parked_messages = Gauge(
+            "cdc_worker_parked_messages",
+            "Messages waiting in the parking queue (read from the broker)",
+            ["worker", "queue"],
+            registry=r,
+        )
+        self.event_age = Gauge(
+            "cdc_worker_event_age_seconds",
+            "Commit (relay's commit_time header, else the AMQP timestamp) to ack, of the last"
+            " event acked: the consumer-acked level of lag",
+            ["worker", "queue"],
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "cdc_worker_reconnects_total",
+            "Sessions restarted after a broker or database failure",
+            ["worker", "side"],
+            registry=r,
+        )
+        self.state = Gauge(
+            "cdc_worker_state", "1 for the current state", ["worker", "state"], registry=r
+        )
+        self.set_state("starting")
+
+    def set_state(self, state: str) -> None:
+        """Make ``state`` the one current state."""
+        for name in STATES:
+            self.state.labels(worker=self.worker, state=name).set(1 if name == state else 0)

@@ -1,0 +1,394 @@
+"""The worker's I/O shell: sessions, consuming, micro-batches, acks, shutdown, reconnects.
+
+A *session* is one broker connection with a consuming channel (prefetch
+``CDC_WORKER_PREFETCH``) and a confirm-mode publishing channel. Deliveries land in a local
+buffer; one loop takes up to ``CDC_WORKER_BATCH_SIZE`` of them at a time and, in order:
+
+1. routes and validates each (``dispatch``): a rejected message is parked at once;
+2. runs the valid ones in one PostgreSQL transaction (``batch``): inbox claim, a savepoint
+   per handler, one commit;
+3. publishes the copies of the failed ones (retry TTL queue, or parking queue after the last
+   attempt) and waits for every confirm;
+4. acks the whole batch with one ``basic.ack(multiple=True)`` on its last delivery tag (the
+   buffer is in delivery order, so every earlier tag of the channel is settled).
+
+Nothing is acked before its effects are committed or its copy is confirmed. A broker failure
+ends the session: the buffer is dropped (those messages are redelivered, the inbox absorbs
+what already committed) and a new session starts after a backoff with jitter. A database
+failure keeps the batch in hand and runs it again once PostgreSQL is back.
+
+Shutdown (:meth:`Runner.stop`): cancel the consumers, finish and ack what is buffered, exit.
+The CLI bounds that with ``CDC_WORKER_SHUTDOWN_TIMEOUT`` and then cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections import Counter, deque
+from typing import Any
+
+import aio_pika
+import aiormq
+import psycopg
+from aiormq.abc import AbstractChannel, DeliveredMessage
+
+from cdc.backoff import Backoff
+from consumers.config import ConsumerSettings
+from consumers.errors import BatchAborted, BrokerLost, PermanentError, Unroutable
+from consumers.runtime import headers as hdr
+from consumers.runtime import inbox, topology
+from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item, run_batch
+from consumers.runtime.dispatch import Rejected, resolve
+from consumers.runtime.metrics import WorkerMetrics
+from consumers.runtime.names import Names, build_names
+from consumers.runtime.policy import Park, after_failure, attempt_of
+from consumers.runtime.republish import copy_properties, publish_confirmed
+from consumers.runtime.spec import Delivery, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+_HEALTHY_SESSION = 30.0
+_AMQP_ERRORS = (aiormq.exceptions.AMQPError, OSError, RuntimeError, TimeoutError)
+
+
+def names_for(settings: ConsumerSettings, spec: WorkerSpec) -> Names:
+    """The broker names of ``spec`` under ``settings`` (prefix, retry ladder)."""
+    return build_names(
+        settings.worker_queue_prefix,
+        spec.service,
+        tuple((q.name, q.bindings) for q in spec.queues),
+        settings.worker_max_attempts,
+        settings.worker_retry_delays,
+    )
+
+
+class Runner:
+    """Runs one worker until stopped; see the module docstring."""
+
+    def __init__(
+        self, settings: ConsumerSettings, spec: WorkerSpec, metrics: WorkerMetrics
+    ) -> None:
+        self._s = settings
+        self._spec = spec
+        self._metrics = metrics
+        self.names = names_for(settings, spec)
+        self._stop = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
+        self._lost: asyncio.Future[BaseException] | None = None
+        self._db: psycopg.AsyncConnection[Any] | None = None
+        self._publisher: AbstractChannel | None = None
+        self.state = "starting"
+
+    # -- control ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop consuming, finish what is buffered, return from :meth:`run` (signal handler)."""
+        self._stop.set()
+        self._wakeup.set()
+
+    def health(self) -> dict[str, Any]:
+        """What ``/healthz`` reports."""
+        return {"state": self.state, "worker": self._spec.name, "buffered": len(self._buffer)}
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            log.info("worker state: %s", state, extra={"worker": self._spec.name})
+        self.state = state
+        self._metrics.set_state(state)
+
+    async def run(self) -> None:
+        """Prepare the database, then run sessions until stopped."""
+        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
+        await self._database()
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                await self._session()
+            except (BrokerLost, Unroutable, *_AMQP_ERRORS) as exc:
+                self._buffer.clear()
+                if self._stop.is_set():
+                    break
+                self._metrics.reconnects.labels(worker=self._spec.name, side="broker").inc()
+                self._set_state("reconnecting")
+                if time.monotonic() - started > _HEALTHY_SESSION:
+                    backoff.reset()
+                delay = backoff.next_delay()
+                log.warning("broker session ended: %r; reconnecting in %.2fs", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+        self._set_state("stopped")
+
+    async def close(self) -> None:
+        """Release the database connection and the worker's own resources."""
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                await self._db.close()
+            self._db = None
+        if self._spec.on_close is not None:
+            await self._spec.on_close()
+
+    # -- database ---------------------------------------------------------------------------
+
+    async def _database(self) -> psycopg.AsyncConnection[Any]:
+        """The open connection, or a new one (schema applied), retrying with backoff."""
+        if self._db is not None and not self._db.closed and not self._db.broken:
+            return self._db
+        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._s.database_url.get_secret_value(),
+                    connect_timeout=10,
+                    application_name=f"cdc-worker:{self._spec.name}"[:63],
+                )
+                await inbox.apply_schema(conn, self._s.worker_inbox_table, self._spec.schema)
+            except psycopg.OperationalError as exc:
+                delay = backoff.next_delay()
+                self._metrics.reconnects.labels(worker=self._spec.name, side="database").inc()
+                log.warning("database unavailable: %s; retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self._db = conn
+            return conn
+
+    async def _run_in_database(self, items: list[Item]) -> None:
+        """Run ``items`` as one batch until it commits (a database outage waits it out)."""
+        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
+        while True:
+            conn = await self._database()
+            try:
+                await run_batch(
+                    conn,
+                    self._s.worker_inbox_table,
+                    self._spec.name,
+                    items,
+                    optimistic=self._spec.db_only,
+                )
+                return
+            except BatchAborted as exc:
+                if conn.broken or conn.closed:
+                    self._metrics.reconnects.labels(worker=self._spec.name, side="database").inc()
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                    self._db = None
+                delay = backoff.next_delay()
+                log.warning("%s; running the batch again in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    # -- broker -----------------------------------------------------------------------------
+
+    def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(exc or BrokerLost("broker connection closed"))
+        self._wakeup.set()
+
+    def _on_message(self, queue: str, message: DeliveredMessage) -> None:
+        self._buffer.append((queue, message))
+        self._wakeup.set()
+
+    async def _session(self) -> None:
+        self._lost = asyncio.get_running_loop().create_future()
+        connection = await aio_pika.connect(self._s.amqp_url.get_secret_value(), timeout=10)
+        connection.close_callbacks.add(self._on_close)
+        poller: asyncio.Task[None] | None = None
+        try:
+            consuming = await connection.channel(publisher_confirms=False)
+            consuming.close_callbacks.add(self._on_close)
+            # Deliveries go straight to aiormq's frames (no aio-pika message object): the
+            # per-message cost of the wrapper was a large share of the worker's CPU.
+            raw = await consuming.get_underlay_channel()
+            await raw.basic_qos(prefetch_count=self._s.worker_prefetch)
+            # on_return_raises: a copy no queue took must fail, not count as confirmed.
+            publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            publishing.close_callbacks.add(self._on_close)
+            await topology.declare(publishing, self._s, self.names)
+            self._publisher = await publishing.get_underlay_channel()
+            poller = asyncio.create_task(self._poll_parked(connection))
+            tags = []
+            for name, _ in self.names.queues:
+
+                async def deliver(m: DeliveredMessage, q: str = name) -> None:
+                    self._on_message(q, m)
+
+                ok = await raw.basic_consume(name, deliver, no_ack=False)
+                tags.append(str(ok.consumer_tag))
+            self._set_state("consuming")
+            await self._consume(raw, tags)
+        finally:
+            if poller is not None:
+                poller.cancel()
+            self._publisher = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), timeout=2)
+
+    async def _consume(self, channel: AbstractChannel, tags: list[str]) -> None:
+        stopping = False
+        while True:
+            if self._lost is not None and self._lost.done():
+                raise BrokerLost(repr(self._lost.result()))
+            if self._stop.is_set() and not stopping:
+                stopping = True
+                self._set_state("draining")
+                # Deliveries sent before cancel-ok still land in the buffer; none after.
+                for tag in tags:
+                    await channel.basic_cancel(tag)
+                log.info("consumers cancelled; finishing %d buffered messages", len(self._buffer))
+            if not self._buffer:
+                if stopping:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            size = min(len(self._buffer), self._s.worker_batch_size)
+            batch = [self._buffer.popleft() for _ in range(size)]
+            await self._handle(batch)
+
+    async def _poll_parked(self, connection: Any) -> None:
+        """Keep the parked-messages gauge current (a passive declare reads the depth)."""
+        gauge = self._metrics.parked_messages.labels(
+            worker=self._spec.name, queue=self.names.parking_queue
+        )
+        with contextlib.suppress(*_AMQP_ERRORS):
+            channel = await connection.channel(publisher_confirms=False)
+            raw = await channel.get_underlay_channel()
+            while True:
+                ok = await raw.queue_declare(self.names.parking_queue, passive=True)
+                gauge.set(int(ok.message_count or 0))
+                await asyncio.sleep(self._s.worker_parked_poll_interval)
+
+    # -- one batch --------------------------------------------------------------------------
+
+    async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
+        items: list[Item] = []
+        copies: list[tuple[str, DeliveredMessage, str, int, str, str]] = []
+        for queue, message in batch:
+            props = message.header.properties
+            headers = props.headers or {}
+            key = hdr.original_routing_key(headers, message.routing_key or "")
+            attempt = attempt_of(headers)
+            found = resolve(self._spec.routes, key, props.message_id, message.body)
+            if isinstance(found, Rejected):
+                copies.append((queue, message, key, attempt, found.kind, found.reason))
+                continue
+            delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
+            items.append(Item(delivery, found.route, found.payload, queue, message=message))
+        if items:
+            await self._run_in_database(items)
+        self._record(items)
+        for item in items:
+            if item.outcome == FAILED:
+                assert item.error is not None
+                kind = hdr.KIND_PERMANENT if isinstance(item.error, PermanentError) else ""
+                copies.append(
+                    (
+                        item.queue,
+                        item.message,
+                        item.delivery.routing_key,
+                        item.delivery.attempt,
+                        kind,
+                        hdr.describe(item.error),
+                    )
+                )
+        if copies:
+            await asyncio.gather(*(self._copy(*c) for c in copies))
+        try:
+            last = batch[-1][1]
+            await last.channel.basic_ack(last.delivery_tag or 0, multiple=True)
+        except _AMQP_ERRORS as exc:
+            raise BrokerLost(f"ack failed: {exc!r}") from exc
+        props = last.header.properties
+        committed = hdr.committed_at(props.headers, props.timestamp)
+        if committed is not None:
+            self._metrics.event_age.labels(worker=self._spec.name, queue=batch[-1][0]).set(
+                max(0.0, time.time() - committed)
+            )
+
+    def _record(self, items: list[Item]) -> None:
+        m, worker = self._metrics, self._spec.name
+        counts: Counter[tuple[str, str]] = Counter()
+        for item in items:
+            counts[(item.queue, item.outcome or "")] += 1
+            if item.outcome in (DONE, FAILED):
+                m.handler_seconds.labels(worker=worker, queue=item.queue).observe(item.seconds)
+        for (queue, outcome), n in counts.items():
+            if outcome == DONE:
+                m.processed.labels(worker=worker, queue=queue).inc(n)
+            elif outcome == DUPLICATE:
+                m.duplicates.labels(worker=worker, queue=queue).inc(n)
+        if items:
+            m.batch_size.labels(worker=worker).observe(len(items))
+
+    async def _copy(
+        self,
+        queue: str,
+        message: DeliveredMessage,
+        key: str,
+        attempt: int,
+        kind: str,
+        reason: str,
+    ) -> None:
+        """Publish the retry or parked copy of a failed/rejected message, confirmed."""
+        channel = self._publisher
+        if channel is None:
+            raise BrokerLost("publishing channel is closed")
+        step = (
+            Park(attempt)
+            if kind and kind != hdr.KIND_PERMANENT
+            else after_failure(
+                attempt,
+                self._s.worker_max_attempts,
+                self._s.worker_retry_delays,
+                permanent=kind == hdr.KIND_PERMANENT,
+            )
+        )
+        worker = self._spec.name
+        props = message.header.properties
+        if isinstance(step, Park):
+            kind = kind or hdr.KIND_EXHAUSTED
+            headers = hdr.parking_headers(
+                props.headers,
+                attempts=attempt,
+                routing_key=key,
+                origin_queue=queue,
+                kind=kind,
+                error=reason,
+                consumer=worker,
+                parked_at=dt.datetime.now(dt.UTC).isoformat(),
+            )
+            exchange, routing_key = "", self.names.parking_queue
+            counter = self._metrics.parked.labels(worker=worker, queue=queue, reason=kind)
+            log.warning(
+                "parking message",
+                extra={"id": props.message_id, "kind": kind, "attempt": attempt, "why": reason},
+            )
+        else:
+            retry = self.names.retry_queue_for(step.delay)
+            headers = hdr.retry_headers(
+                props.headers,
+                attempts=attempt,
+                routing_key=key,
+                origin_queue=queue,
+                retry_queue=retry.name,
+            )
+            exchange, routing_key = self.names.retry_exchange, queue
+            log.info(
+                "retrying message in %gs",
+                step.delay,
+                extra={"id": props.message_id, "attempt": attempt, "why": reason},
+            )
+            counter = self._metrics.retried.labels(worker=worker, queue=queue)
+        await publish_confirmed(
+            channel,
+            message.body,
+            exchange,
+            routing_key,
+            copy_properties(props, headers),
+            self._s.worker_confirm_timeout,
+        )
+        counter.inc()
+

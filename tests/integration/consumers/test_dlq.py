@@ -1,0 +1,81 @@
+"""``python -m consumers dlq list|show|replay|purge`` against the real broker."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_dlq_round_trip(ledger):
+    w = ledger.start()
+    ledger.block("blocked-key")
+    a, b, c = ledger.publish(
+        [
+            ledger.entry("blocked-key", 1, fail="blocked"),
+            ledger.entry("blocked-key", 2, fail="blocked"),
+            ledger.entry("gone", 3, fail="permanent"),
+        ]
+    )
+    ledger.wait_parked(3)
+    worker = ["--worker", "tests.workers.ledger"]
+
+    # list: the parking queue and its count
+    res = ledger.consumers_cli("dlq", "list", *worker)
+    assert res.returncode == 0, res.stderr
+    assert f"{ledger.parking_queue}\t3" in res.stdout.splitlines()
+
+    # show: headers and bodies, and the messages stay parked
+    res = ledger.consumers_cli("dlq", "show", ledger.parking_queue, "-n", "2")
+    assert res.returncode == 0, res.stderr
+    shown = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(shown) == 2
+    for doc in shown:
+        assert doc["origin_queue"] == ledger.queue
+        assert doc["routing_key"] == "ledger.entry"
+        assert doc["attempts"] == 1
+        assert doc["error_kind"] == "permanent"
+        assert "blocked" in doc["error"] or "permanently" in doc["error"]
+        assert json.loads(doc["body"])["key"] in ("blocked-key", "gone")
+    assert ledger.broker.queue_count(ledger.parking_queue) == 3
+
+    # replay one by id after fixing the cause: it goes back to the origin queue and succeeds
+    ledger.unblock("blocked-key")
+    res = ledger.consumers_cli("dlq", "replay", ledger.parking_queue, "--id", a)
+    assert res.returncode == 0, res.stderr
+    assert f"replayed {a} -> {ledger.queue}" in res.stdout
+    ledger.wait_rows(1)
+    assert [(r[0], r[3]) for r in ledger.rows()] == [(a, 1)]  # attempt counter reset
+    assert ledger.broker.queue_count(ledger.parking_queue) == 2
+
+    # replay an id that is not there: usage error, nothing changes
+    res = ledger.consumers_cli("dlq", "replay", ledger.parking_queue, "--id", "nope")
+    assert res.returncode == 2
+    assert ledger.broker.queue_count(ledger.parking_queue) == 2
+
+    # replay --all: b succeeds now, c fails permanently again and is parked again
+    res = ledger.consumers_cli("dlq", "replay", ledger.parking_queue, "--all")
+    assert res.returncode == 0, res.stderr
+    ledger.wait_rows(2)
+    ledger.wait_parked(1)
+    assert {r[0] for r in ledger.rows()} == {a, b}
+
+    # purge needs --yes, then empties the queue
+    res = ledger.consumers_cli("dlq", "purge", ledger.parking_queue)
+    assert res.returncode == 2 and "--yes" in res.stderr
+    assert ledger.broker.queue_count(ledger.parking_queue) == 1
+    res = ledger.consumers_cli("dlq", "purge", ledger.parking_queue, "--yes")
+    assert res.returncode == 0, res.stderr
+    assert "purged 1" in res.stdout
+    assert ledger.broker.queue_count(ledger.parking_queue) == 0
+    assert c not in {r[0] for r in ledger.rows()}
+
+    # a queue that is not a parking queue, or does not exist, is refused
+    res = ledger.consumers_cli("dlq", "purge", ledger.queue, "--yes")
+    assert res.returncode == 2
+    assert ledger.broker.queue_count(ledger.queue) is not None
+    res = ledger.consumers_cli("dlq", "show", f"{ledger.ns}.missing.parked")
+    assert res.returncode == 2 and "no queue" in res.stderr
+    assert w.sigterm() == 0

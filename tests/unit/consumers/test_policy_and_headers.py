@@ -1,0 +1,188 @@
+"""Attempt counting, the backoff ladder, broker names, and the headers of copies."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumers.runtime import headers as hdr
+from consumers.runtime.names import build_names
+from consumers.runtime.policy import (
+    Park,
+    RetryLater,
+    after_failure,
+    attempt_of,
+    delay_label,
+    delays_used,
+)
+
+
+@pytest.mark.parametrize(
+    ("headers", "attempt"),
+    [
+        (None, 1),
+        ({}, 1),
+        ({"x-cdc-attempt": 1}, 2),
+        ({"x-cdc-attempt": 3}, 4),
+        ({"x-cdc-attempt": b"2"}, 3),  # a long string from another client
+        ({"x-cdc-attempt": "junk"}, 1),
+        ({"x-cdc-attempt": -5}, 1),
+        # a quorum queue counts deliveries that ended without ack (a crashed worker)
+        ({"x-delivery-count": 1}, 2),
+        ({"x-cdc-attempt": 2, "x-delivery-count": 1}, 4),
+        # x-death is the broker's; it never counts
+        ({"x-death": [{"count": 7}]}, 1),
+    ],
+)
+def test_attempt_is_counted_from_our_header_and_redeliveries(headers, attempt):
+    assert attempt_of(headers) == attempt
+
+
+DELAYS = (5.0, 10.0, 20.0)
+
+
+def test_default_ladder_is_three_growing_retries_then_park():
+    steps = [after_failure(n, 4, DELAYS) for n in range(1, 5)]
+    assert steps == [RetryLater(5.0, 1), RetryLater(10.0, 2), RetryLater(20.0, 3), Park(4)]
+
+
+def test_permanent_failure_parks_at_once():
+    assert after_failure(1, 4, DELAYS, permanent=True) == Park(1)
+
+
+def test_last_delay_repeats_and_extra_delays_are_unused():
+    assert [after_failure(n, 6, (1.0, 2.0)) for n in range(1, 7)] == [
+        RetryLater(1.0, 1),
+        RetryLater(2.0, 2),
+        RetryLater(2.0, 3),
+        RetryLater(2.0, 4),
+        RetryLater(2.0, 5),
+        Park(6),
+    ]
+    assert delays_used(6, (1.0, 2.0)) == (1.0, 2.0)
+    assert delays_used(2, DELAYS) == (5.0,)
+    assert delays_used(1, DELAYS) == ()
+    assert after_failure(1, 1, DELAYS) == Park(1)
+
+
+def test_attempts_beyond_the_limit_park():
+    # redeliveries after crashes can push the count past the limit
+    assert after_failure(9, 4, DELAYS) == Park(9)
+
+
+def test_delay_labels_and_names():
+    assert [delay_label(d) for d in (5.0, 0.2, 10, 1.5)] == ["5s", "0.2s", "10s", "1.5s"]
+    queues = (("billing-service.device-started", ("device.started",)),)
+    names = build_names("p.", "billing-service", queues, 4, DELAYS)
+    assert names.queues == (("p.billing-service.device-started", ("device.started",)),)
+    assert names.retry_exchange == "p.billing-service.retry"
+    assert [(q.name, q.ttl_ms) for q in names.retry_queues] == [
+        ("p.billing-service.retry.5s", 5000),
+        ("p.billing-service.retry.10s", 10000),
+        ("p.billing-service.retry.20s", 20000),
+    ]
+    assert names.parking_queue == "p.billing-service.parked"
+    assert names.retry_queue_for(10.0).name == "p.billing-service.retry.10s"
+    with pytest.raises(KeyError):
+        names.retry_queue_for(7.0)
+
+
+RELAY_HEADERS = {
+    "aggregate_type": "device",
+    "aggregate_id": "d1",
+    "commit_lsn": "0/1",
+    "x-death": [{"count": 1}],
+    "x-delivery-count": 2,
+}
+
+
+def test_retry_headers_carry_attempts_key_and_origin_and_drop_broker_ones():
+    h = hdr.retry_headers(
+        RELAY_HEADERS,
+        attempts=3,
+        routing_key="device.started",
+        origin_queue="billing.q",
+        retry_queue="billing.retry.5s",
+    )
+    assert h == {
+        "aggregate_type": "device",
+        "aggregate_id": "d1",
+        "commit_lsn": "0/1",
+        "x-cdc-attempt": 3,
+        "x-cdc-routing-key": "device.started",
+        "x-cdc-origin-queue": "billing.q",
+        hdr.RETRY_QUEUE_HEADER: "billing.retry.5s",
+    }
+    # the retry exchange is a headers exchange, which ignores x-* keys when matching
+    assert not hdr.RETRY_QUEUE_HEADER.startswith("x-")
+    # after the next failure, the next attempt number follows from the copy's headers
+    assert attempt_of(h) == 4
+
+
+def test_parking_headers_say_why_how_often_and_from_where():
+    long_error = "E" * 5000
+    h = hdr.parking_headers(
+        {**RELAY_HEADERS, hdr.RETRY_QUEUE_HEADER: "old"},
+        attempts=4,
+        routing_key="device.started",
+        origin_queue="billing.q",
+        kind=hdr.KIND_EXHAUSTED,
+        error=long_error,
+        consumer="billing",
+        parked_at="2024-01-01T00:00:00+00:00",
+    )
+    assert h["x-cdc-attempt"] == 4
+    assert h["x-cdc-routing-key"] == "device.started"
+    assert h["x-cdc-origin-queue"] == "billing.q"
+    assert h["x-cdc-error-kind"] == "exhausted"
+    assert h["x-cdc-error"] == "E" * hdr.MAX_ERROR_CHARS
+    assert h["x-cdc-consumer"] == "billing"
+    assert "x-death" not in h and "x-delivery-count" not in h
+    assert hdr.RETRY_QUEUE_HEADER not in h
+    assert h["aggregate_id"] == "d1"
+
+
+def test_replay_headers_reset_attempts_but_keep_routing():
+    parked = hdr.parking_headers(
+        RELAY_HEADERS,
+        attempts=4,
+        routing_key="device.started",
+        origin_queue="billing.q",
+        kind="exhausted",
+        error="boom",
+        consumer="billing",
+        parked_at="t",
+    )
+    h = hdr.replay_headers(parked)
+    assert attempt_of(h) == 1
+    assert h["x-cdc-routing-key"] == "device.started"
+    assert h["x-cdc-origin-queue"] == "billing.q"
+    assert not any(k in h for k in ("x-cdc-error", "x-cdc-error-kind", "x-cdc-parked-at"))
+    assert h["commit_lsn"] == "0/1"
+
+
+def test_original_routing_key_prefers_our_header():
+    assert hdr.original_routing_key({"x-cdc-routing-key": b"device.started"}, "q") == (
+        "device.started"
+    )
+    assert hdr.original_routing_key({}, "device.stopped") == "device.stopped"
+    assert hdr.original_routing_key(None, "k") == "k"
+
+
+def test_describe_names_the_exception_type():
+    assert hdr.describe(ValueError("bad rate")) == "ValueError: bad rate"
+    assert hdr.describe(TimeoutError()) == "TimeoutError"
+
+
+def test_committed_at_prefers_the_relays_commit_time():
+    import datetime as dt
+
+    ts = dt.datetime(2024, 5, 1, 12, 0, 0)
+    assert hdr.committed_at({"commit_time": "2024-05-01T12:00:01.5+00:00"}, ts) == (
+        dt.datetime(2024, 5, 1, 12, 0, 1, 500000, tzinfo=dt.UTC).timestamp()
+    )
+    assert hdr.committed_at({"commit_time": b"2024-05-01T12:00:01+00:00"}, None) == (
+        dt.datetime(2024, 5, 1, 12, 0, 1, tzinfo=dt.UTC).timestamp()
+    )
+    # AMQP timestamps arrive naive, in UTC
+    assert hdr.committed_at({"commit_time": "junk"}, ts) == ts.replace(tzinfo=dt.UTC).timestamp()
+    assert hdr.committed_at({}, None) is None
