@@ -33,6 +33,7 @@ class Params:
     consumer_pairs: int = 5_000  # device.started + device.stopped pairs (2 events each)
     max_drain_seconds: float = 300.0  # a drain (or a consumer run) slower than this is cut
     rss_max_seconds: float = 420.0  # the RSS drain is cut here; RSS is still reported
+    consumer_max_seconds: float = 120.0  # per replica count; a slower drain is cut
 
     @classmethod
     def quick(cls) -> Params:

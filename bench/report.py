@@ -375,7 +375,7 @@ def markdown(results: dict[str, Any], notes: str) -> str:
         "then `python -m consumers billing` (1, then 2 replicas) drains them; events/s from "
         "the first usage record until `usage_records` holds every session; exact = one "
         f"record per pair and the expected total cost. Cut after "
-        f"{_n(p.get('max_drain_seconds'))} s.",
+        f"{_n(p.get('consumer_max_seconds'))} s.",
         "",
         "Each scenario uses its own table, publication, slot, exchange and queues in a "
         "throwaway database and RabbitMQ vhost, removed at the end even on failure or Ctrl-C.",

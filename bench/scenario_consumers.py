@@ -197,7 +197,7 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
         started = time.monotonic()
         first: float | None = None
         count, cost = 0, Decimal(0)
-        deadline = started + p.max_drain_seconds
+        deadline = started + p.consumer_max_seconds
         while time.monotonic() < deadline:
             count, cost = await _effects(db_url)
             now = time.monotonic()
@@ -222,7 +222,7 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
             "duplicates": len(events) - 2 * p.consumer_pairs,
             "order": "by event time, each duplicate right after its original",
             "complete": complete,
-            "cut_after_s": None if complete else p.max_drain_seconds,
+            "cut_after_s": None if complete else p.consumer_max_seconds,
             "events_per_s": round(len(events) / elapsed, 1) if complete else None,
             "events_per_s_per_replica": (
                 round(len(events) / elapsed / replicas, 1) if complete else None
