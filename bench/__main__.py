@@ -4,10 +4,11 @@
     python -m bench --quick              # small sizes, for development (docs untouched)
     python -m bench --only drain,steady  # by name; what they need (the ceiling) runs too
 
-Results go to ``bench/results/<time>-<tag>.json`` and ``bench/results/latest.json``; a full
-run also regenerates ``docs/benchmarks.md`` and ``docs/bench-load.png`` (``--docs`` forces
-it, ``--no-docs`` skips it). Every scenario's resources are removed at the end, also on
-failure, SIGTERM or Ctrl-C; a failed scenario is recorded as an error and the run goes on.
+Results go to ``bench/results/<start time>.json`` and ``bench/results/latest.json`` (relay
+logs and raw arrival times in ``bench/results/runs/<start>-<tag>/``); a full run also
+regenerates ``docs/benchmarks.md`` and ``docs/bench-load.png`` (``--docs`` forces it,
+``--no-docs`` skips it). Every scenario's resources are removed at the end, also on failure,
+SIGTERM or Ctrl-C; a failed scenario is recorded as an error and the run goes on.
 """
 
 from __future__ import annotations
