@@ -21,11 +21,25 @@ from psycopg import sql
 
 from cdc.config import RelaySettings
 
+
+def _device(i: int, **extra: object) -> dict[str, object]:
+    # Seven devices; device d belongs to user u-(d % 3), so billing can pair its sessions.
+    d = i % 7
+    return {"deviceId": f"dev-{d}", "userId": f"u-{d % 3}", **extra}
+
+
+# Seed-like events (payload fields as the platform's services publish them); starts and
+# stops are the most frequent so the billing worker makes sessions out of them.
 _EVENTS = (
-    ("device", "device.started", lambda i: {"deviceId": f"dev-{i % 7}", "userId": f"u-{i % 3}"}),
-    ("device", "device.stopped", lambda i: {"deviceId": f"dev-{i % 7}", "duration": 60 + i}),
-    ("user", "user.updated", lambda i: {"userId": f"u-{i % 3}", "plan": "pro"}),
-    ("billing", "billing.balance_low", lambda i: {"userId": f"u-{i % 3}", "balance": 4.5}),
+    ("device", "device.started", lambda i: _device(i)),
+    ("device", "device.started", lambda i: _device(i)),
+    ("device", "device.stopped", lambda i: _device(i)),
+    ("device", "device.stopped", lambda i: _device(i)),
+    ("device", "device.updated", lambda i: _device(i, plan=random.choice(["basic", "pro"]))),
+    ("user", "user.updated", lambda i: {"userId": f"u-{i % 3}", "plan": "standard"}),
+    ("app", "app.installed", lambda i: _device(i, appName="Maps")),
+    ("scheduler", "scheduler.task_completed", lambda i: {"userId": f"u-{i % 3}",
+                                                         "taskName": "nightly backup"}),
 )
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -723,6 +725,288 @@ class Relay:
 
         wait_for(ok, timeout, lambda: f"{self.name} to take the slot\n{self.tail()}", interval=0.05)
         return time.monotonic() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# domain workers (billing, notifications): a throwaway schema for their tables
+
+
+@pytest.fixture
+def pg_schema(pg_session_db: str) -> Iterator[str]:
+    """A fresh schema ``cdc_test_<tag>`` in the session database, dropped (CASCADE) at the end."""
+    name = f"cdc_test_{secrets.token_hex(4)}"
+    with pg_connect(db_url(pg_session_db)) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        with pg_connect(db_url(pg_session_db)) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+class Domain:
+    """The billing/notifications workers of one test, on ``env`` (database, exchange, outbox
+    table, relays) with their tables and the inbox in ``schema``.
+
+    Queues carry ``CDC_WORKER_QUEUE_PREFIX=<env.exchange>.`` (the session tag); ``cleanup()``
+    stops the workers and deletes every queue and exchange their topology declared.
+    """
+
+    RETRY_DELAYS = "0.3,0.6,1"
+
+    def __init__(self, env: Env, schema: str) -> None:
+        self.env = env
+        self.schema = schema
+        self.prefix = f"{env.exchange}."
+        self.inbox = f"{schema}.inbox"
+        self.workers: list[Relay] = []
+        self._names: list[Any] = []
+
+    def worker_env(self, **overrides: Any) -> dict[str, str]:
+        """CDC_* variables of a worker; ``overrides`` by field name (``smtp_port=25``)."""
+        out = {
+            "CDC_DATABASE_URL": self.env.db_url,
+            "CDC_AMQP_URL": AMQP_URL,
+            "CDC_EXCHANGE": self.env.exchange,
+            "CDC_OUTBOX_TABLE": self.env.table,
+            "CDC_WORKER_QUEUE_PREFIX": self.prefix,
+            "CDC_WORKER_QUEUE_TYPE": "classic",
+            "CDC_WORKER_INBOX_TABLE": self.inbox,
+            "CDC_WORKER_RETRY_DELAYS": self.RETRY_DELAYS,
+            "CDC_WORKER_MAX_ATTEMPTS": "6",
+            "CDC_WORKER_METRICS_HOST": "127.0.0.1",
+            "CDC_WORKER_RECONNECT_MIN_DELAY": "0.1",
+            "CDC_WORKER_RECONNECT_MAX_DELAY": "1",
+            "CDC_WORKER_LOG_FORMAT": "json",
+            "CDC_BILLING_SCHEMA": self.schema,
+            "CDC_NOTIFICATIONS_SCHEMA": self.schema,
+        }
+        for key, value in overrides.items():
+            out[key if key.startswith("CDC_") else f"CDC_{key.upper()}"] = str(value)
+        return out
+
+    def start(self, worker: str, **overrides: Any) -> Relay:
+        """``python -m consumers <worker>`` started and consuming (killed at teardown)."""
+        from consumers.config import ConsumerSettings
+        from consumers.loader import build_spec, load
+        from consumers.runtime.runner import names_for
+
+        variables = self.worker_env(worker_metrics_port=free_port(), **overrides)
+        module = load(worker)
+        # Only the runtime's fields decide the names (the worker's own keep their defaults).
+        base = {k[4:].lower(): v for k, v in variables.items() if k.startswith("CDC_")}
+        settings = module.settings(
+            **{k: v for k, v in base.items() if k in ConsumerSettings.model_fields}
+        )
+        self._names.append(names_for(settings, build_spec(module, settings)))
+        n = len(self.workers)
+        proc = Relay(
+            variables,
+            self.env.tmp_path / f"{worker}-{n}.log",
+            lambda: True,
+            name=f"{worker}-{n}",
+            argv=["-m", "consumers", worker],
+        )
+        self.workers.append(proc)
+        proc.start()
+        proc.wait_state("consuming", timeout=60)
+        return proc
+
+    def publish(self, messages: list[tuple[str, str, Any]]) -> None:
+        """Publish ``(routing_key, message_id, payload)`` in this order, each confirmed,
+        with a ``created_at`` header as the relay sets it."""
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            ex = await ch.get_exchange(self.env.exchange, ensure=False)
+            for key, mid, payload in messages:
+                await ex.publish(
+                    aio_pika.Message(
+                        json.dumps(payload).encode(),
+                        message_id=mid,
+                        type=key,
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        headers={"created_at": dt.datetime.now(dt.UTC).isoformat()},
+                    ),
+                    key,
+                    mandatory=True,
+                    timeout=30,
+                )
+
+        self.env.broker._run(fn)
+
+    def table(self, name: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(name))
+
+    def inbox_count(self, consumer: str) -> int:
+        try:
+            rows = self.env.sql(
+                sql.SQL("SELECT count(*) FROM {} WHERE consumer = %s").format(
+                    self.table("inbox")
+                ),
+                (consumer,),
+            )
+        except psycopg.errors.UndefinedTable:
+            return 0
+        return int(rows[0][0])
+
+    def wait_inbox(self, consumer: str, n: int, timeout: float = 60.0) -> None:
+        """Until ``n`` distinct messages of ``consumer`` are committed."""
+        wait_for(
+            lambda: self.inbox_count(consumer) >= n,
+            timeout,
+            lambda: f"{n} inbox rows of {consumer} (have {self.inbox_count(consumer)})\n"
+            + self.tails(),
+        )
+
+    def parked(self) -> dict[str, int | None]:
+        return {n.parking_queue: self.env.broker.queue_count(n.parking_queue) for n in self._names}
+
+    def tails(self) -> str:
+        return "\n".join(w.tail(40) for w in self.workers)
+
+    def cleanup(self) -> list[str]:
+        errors: list[str] = []
+        for w in self.workers:
+            try:
+                w.stop()
+            except Exception as exc:
+                errors.append(f"stop {w.name}: {exc!r}")
+        for names in self._names:
+            queues = [q for q, _ in names.queues]
+            queues += [rq.name for rq in names.retry_queues] + [names.parking_queue]
+            for q in queues:
+                try:
+                    self.env.broker.delete_queue(q)
+                except Exception as exc:
+                    errors.append(f"delete queue {q}: {exc!r}")
+            try:
+                self.env.broker.delete_exchange(names.retry_exchange)
+            except Exception as exc:
+                errors.append(f"delete exchange {names.retry_exchange}: {exc!r}")
+        return errors
+
+
+@pytest.fixture
+def domain(env: Env, pg_schema: str) -> Iterator[Domain]:
+    """Billing/notifications workers on ``env`` and ``pg_schema``; all removed at the end."""
+    d = Domain(env, pg_schema)
+    try:
+        yield d
+    finally:
+        for w in d.workers:
+            if w.log_path.exists():
+                print(w.tail(60))
+        errors = d.cleanup()
+        if errors:
+            print("teardown problems:", *errors, sep="\n  ")
+
+
+@dataclass
+class HookRequest:
+    """One POST the webhook receiver got, and whether its signature verified."""
+
+    body: bytes
+    headers: dict[str, str]
+    signature_ok: bool
+    status: int
+
+
+class WebhookReceiver:
+    """A real HTTP server on 127.0.0.1 that verifies the HMAC-SHA256 signature of each POST
+    itself (not with the code under test) and answers 401 to a bad one. ``fail_first``
+    answers 500 to the first request of each idempotency key; ``accepted()`` is what a
+    receiver that dedups by idempotency key would keep."""
+
+    SECRET = "whsec-" + secrets.token_hex(8)
+
+    def __init__(self, fail_first: bool = False) -> None:
+        import http.server
+
+        receiver = self
+        self.fail_first = fail_first
+        self.requests: list[HookRequest] = []
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                mac = hmac.new(receiver.SECRET.encode(), body, hashlib.sha256).hexdigest()
+                ok = hmac.compare_digest(
+                    f"sha256={mac}", self.headers.get("X-CDC-Signature", "")
+                )
+                key = self.headers.get("Idempotency-Key", "")
+                with receiver._lock:
+                    seen = any(r.headers.get("Idempotency-Key") == key for r in receiver.requests)
+                    status = 401 if not ok else 500 if receiver.fail_first and not seen else 200
+                    receiver.requests.append(HookRequest(body, dict(self.headers), ok, status))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def accepted(self) -> dict[str, HookRequest]:
+        """Idempotency key -> the first 2xx request with that key."""
+        out: dict[str, HookRequest] = {}
+        with self._lock:
+            for r in self.requests:
+                if r.status == 200:
+                    out.setdefault(r.headers["Idempotency-Key"], r)
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    r = WebhookReceiver(fail_first=True)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts."""
+
+    def __init__(self) -> None:
+        from email import message_from_bytes
+        from email.message import Message
+
+        from aiosmtpd.controller import Controller
+
+        sink = self
+        self.messages: list[Message] = []
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                sink.messages.append(message_from_bytes(envelope.content))
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def close(self) -> None:
+        self.controller.stop()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    s = SmtpSink()
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""Billing worker throughput: events/s drained from a backlog, effects checked exactly.
+
+Run by hand (not part of ``make test``)::
+
+    .venv/bin/python bench/billing_throughput.py [--events 20000] [--devices 1000] [--replicas 1 2]
+
+For each replica count: a fresh database and topology (quorum queues by default), a backlog
+of ``device.started``/``device.stopped`` pairs (seed payloads, in event-time order, spread
+over the five seed queues so starts and stops are consumed concurrently), then the replicas
+of ``python -m consumers billing``. Events/s is measured from the first committed inbox row
+to the last (start-up excluded). The usage records and balances are then compared with the
+pure metering of the same event set; everything created is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import psycopg
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.consumer_throughput import AMQP, PG, _db_url, _delete  # noqa: E402
+from consumers.billing.metering import DeviceEvent, Pricing, meter  # noqa: E402
+from consumers.billing.worker import DEFAULT_PLAN_RATES, BillingSettings, build  # noqa: E402
+from consumers.runtime.runner import names_for  # noqa: E402
+
+T0 = dt.datetime(2025, 10, 30, tzinfo=dt.UTC)
+
+
+def _events(n: int, devices: int, seed: int = 1) -> list[tuple[str, str, dict[str, Any]]]:
+    rng = random.Random(seed)
+    out: list[tuple[float, str, str, dict[str, Any]]] = []
+    per_device = max(1, n // (2 * devices))
+    for d in range(devices):
+        t = rng.uniform(0, 60)
+        for _ in range(per_device):
+            start, t = t, t + rng.uniform(1, 120)
+            out.append((start, "device.started", str(uuid.uuid4()),
+                        {"deviceId": f"dev-{d}", "userId": f"u-{d % 200}",
+                         "startedAt": (T0 + dt.timedelta(seconds=start)).isoformat()}))
+            out.append((t, "device.stopped", str(uuid.uuid4()),
+                        {"deviceId": f"dev-{d}",
+                         "stoppedAt": (T0 + dt.timedelta(seconds=t)).isoformat()}))
+            t += rng.uniform(1, 60)
+    out.sort(key=lambda e: e[0])
+    return [(key, mid, payload) for _, key, mid, payload in out]
+
+
+async def _publish(exchange: str, events: list[tuple[str, str, dict[str, Any]]]) -> None:
+    conn = await aio_pika.connect(AMQP)
+    ch = await conn.channel()
+    ex = await ch.get_exchange(exchange, ensure=False)
+    for start in range(0, len(events), 1000):
+        await asyncio.gather(*(
+            ex.publish(
+                aio_pika.Message(json.dumps(payload).encode(), message_id=mid,
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                key, mandatory=True,
+            )
+            for key, mid, payload in events[start : start + 1000]
+        ))
+    await conn.close()
+
+
+def _expected(events: list[tuple[str, str, dict[str, Any]]]) -> tuple[int, Decimal]:
+    metering = [
+        DeviceEvent(mid, p["deviceId"], "start" if key == "device.started" else "stop",
+                    dt.datetime.fromisoformat(p.get("startedAt") or p["stoppedAt"]),
+                    p.get("userId"))
+        for key, mid, p in events
+    ]
+    records, spent = meter(metering, Pricing(DEFAULT_PLAN_RATES, Decimal("1.20")))
+    return len(records), sum(spent.values(), Decimal(0))
+
+
+def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_type: str,
+         batch: int, prefetch: int) -> dict[str, float]:
+    tag = f"{int(time.time()):08x}{secrets.token_hex(2)}"
+    ns, dbname = f"cdc_bench.{tag}", f"cdc_bench_{tag}"
+    with psycopg.connect(PG, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+    env.update(
+        CDC_DATABASE_URL=_db_url(dbname), CDC_AMQP_URL=AMQP, CDC_EXCHANGE=f"{ns}.events",
+        CDC_WORKER_QUEUE_PREFIX=f"{ns}.", CDC_WORKER_METRICS_PORT="0",
+        CDC_WORKER_QUEUE_TYPE=queue_type, CDC_WORKER_BATCH_SIZE=str(batch),
+        CDC_WORKER_PREFETCH=str(prefetch), CDC_WORKER_LOG_LEVEL="WARNING",
+    )
+    settings = BillingSettings(**{k[4:].lower(): v for k, v in env.items()
+                                  if k.startswith("CDC_")})
+    names = names_for(settings, build(settings))
+    cmd = [sys.executable, "-m", "consumers", "billing"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        db = psycopg.connect(_db_url(dbname), autocommit=True)
+        db.execute("CREATE TABLE event_outbox (id uuid PRIMARY KEY, aggregate_type text,"
+                   " aggregate_id text, event_type text, payload jsonb)")
+        first = subprocess.Popen(cmd, cwd=REPO, env=env)  # declares the topology
+        while not db.execute("SELECT to_regclass('usage_records')").fetchone()[0]:  # type: ignore[index]
+            time.sleep(0.2)
+        time.sleep(1.5)
+        first.terminate()
+        first.wait(20)
+        asyncio.run(_publish(f"{ns}.events", events))
+        profile = os.environ.get("CDC_BENCH_PROFILE")  # cProfile output of the replicas
+        run = cmd if not profile else [sys.executable, "-m", "cProfile", "-o", profile, *cmd[1:]]
+        procs = [subprocess.Popen(run, cwd=REPO, env=env) for _ in range(replicas)]
+        count = 0
+        while count < len(events):
+            time.sleep(0.2)
+            count = db.execute("SELECT count(*) FROM consumer_inbox").fetchone()[0]  # type: ignore[index]
+        first_at, last_at = db.execute(
+            "SELECT min(processed_at), max(processed_at) FROM consumer_inbox"
+        ).fetchone()  # type: ignore[misc]
+        seconds = (last_at - first_at).total_seconds()
+        records, spent = db.execute(
+            "SELECT (SELECT count(*) FROM usage_records), (SELECT sum(spent) FROM balances)"
+        ).fetchone()  # type: ignore[misc]
+        want_records, want_spent = _expected(events)
+        assert (records, spent) == (want_records, want_spent), (records, spent, want_records,
+                                                                 want_spent)
+        db.close()
+        return {"events/s": len(events) / seconds, "seconds": seconds, "records": records}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        queues = [q for q, _ in names.queues] + [r.name for r in names.retry_queues]
+        asyncio.run(_delete([*queues, names.parking_queue],
+                            [names.retry_exchange, f"{ns}.events"]))
+        with psycopg.connect(PG, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--queue-type", default="quorum", choices=["quorum", "classic"])
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--prefetch", type=int, default=256)
+    args = parser.parse_args()
+    events = _events(args.events, args.devices)
+    for n in args.replicas:
+        result = _run(events, n, args.queue_type, args.batch, args.prefetch)
+        print(f"billing, {n} replica(s), {len(events)} events: "
+              f"{result['events/s']:.0f} events/s ({result['seconds']:.1f} s), "
+              f"{result['records']} usage records, exact", flush=True)
+
+
+if __name__ == "__main__":
+    main()

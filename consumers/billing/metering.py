@@ -1,0 +1,323 @@
+"""Usage metering as a pure function of the SET of events (no I/O, no clock, no arrival order).
+
+Contract: :func:`device_records` turns every event ever seen for one device (plus the plan
+changes of its users) into the device's usage records. It sorts its input by event time and
+message id, so the same set gives the same records whatever order the events arrived in
+and however often each came. The worker stores each event once (keyed by message id) and
+recomputes the device's records under a lock when one arrives; :func:`diff_records` says
+which rows to write and how much each user's spend moves, so balances are exact sums of
+record costs. :class:`Ledger` is the same algorithm over dicts: the reference model of the
+tests and of the integration test's expected tables.
+
+Pairing rule, in event-time order (ties: stop, then delete, then start; then message id):
+
+- a start opens a session unless one is open (a second start while running is ignored);
+- a stop closes the open session; a stop with nothing open is ignored;
+- a delete closes the open session, and the device is gone: later events are ignored;
+- a start without a stop is an open session and makes no record yet.
+
+Rate of a session, fixed at its start: the latest device plan/rate change (from
+``device.started``/``device.updated``) at or before the start, else the owner's latest
+plan (``user.updated``) at or before the start, else the default rate. Rates are per hour;
+``cost = duration_seconds * rate / 3600``, rounded half-even to 6 decimals.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Literal
+
+Kind = Literal["start", "stop", "delete", "update"]
+#: Tie-break at equal timestamps: close before open, so back-to-back sessions pair right.
+_RANK: dict[str, int] = {"stop": 0, "delete": 1, "start": 2, "update": 3}
+MICRO = Decimal("0.000001")
+_SECONDS_PER_HOUR = Decimal(3600)
+#: Namespace of the deterministic ids of ``billing.balance_low`` outbox rows.
+BALANCE_LOW_NAMESPACE = uuid.UUID("5b0e7c1e-6f2a-4f57-9d8e-0c8b1d9a4b21")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """One ``device.*`` event as billing keeps it (``rate`` per hour, ``at`` tz-aware)."""
+
+    message_id: str
+    device_id: str
+    kind: Kind
+    at: datetime
+    user_id: str | None = None
+    plan: str | None = None
+    rate: Decimal | None = None
+
+    @property
+    def order(self) -> tuple[datetime, int, str]:
+        return (self.at, _RANK[self.kind], self.message_id)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanChange:
+    """A ``user.updated`` that set the user's plan (tier)."""
+
+    message_id: str
+    user_id: str
+    at: datetime
+    plan: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """Hourly rate per plan, and the rate of a device whose plan is unknown."""
+
+    rates: Mapping[str, Decimal] = field(default_factory=dict)
+    default_rate: Decimal = Decimal("1")
+
+    def rate_of(self, plan: str | None) -> Decimal:
+        """The plan's hourly rate; an unknown or missing plan pays the default rate."""
+        if plan is None:
+            return self.default_rate
+        return self.rates.get(plan, self.default_rate)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One closed session: the row of ``usage_records`` (``record_id`` = the start's id)."""
+
+    record_id: str
+    device_id: str
+    user_id: str
+    started_at: datetime
+    stopped_at: datetime
+    duration_seconds: Decimal
+    rate: Decimal
+    cost: Decimal
+    closed_by: Literal["stop", "delete"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordDiff:
+    """What to write after a recompute: rows to upsert and delete, spend moved per user."""
+
+    upserts: tuple[UsageRecord, ...]
+    deletes: tuple[str, ...]
+    spent_delta: Mapping[str, Decimal]
+
+    @property
+    def empty(self) -> bool:
+        return not self.upserts and not self.deletes
+
+
+def seconds_between(start: datetime, stop: datetime) -> Decimal:
+    """Exact elapsed seconds (microsecond resolution) as a Decimal."""
+    delta = stop - start
+    whole = delta.days * 86400 + delta.seconds
+    return (Decimal(whole) + Decimal(delta.microseconds) / 1_000_000).quantize(MICRO)
+
+
+def session_cost(duration_seconds: Decimal, rate_per_hour: Decimal) -> Decimal:
+    """Cost of a session, rounded half-even to 6 decimals (the ``numeric`` scale of the table)."""
+    return (duration_seconds * rate_per_hour / _SECONDS_PER_HOUR).quantize(
+        MICRO, rounding=ROUND_HALF_EVEN
+    )
+
+
+def _latest_before(
+    candidates: Iterable[tuple[datetime, str, Decimal]], at: datetime
+) -> Decimal | None:
+    best: tuple[datetime, str, Decimal] | None = None
+    for cand in candidates:
+        if cand[0] <= at and (best is None or cand[:2] > best[:2]):
+            best = cand
+    return None if best is None else best[2]
+
+
+def _session_rate(
+    start: DeviceEvent,
+    device_rates: list[tuple[datetime, str, Decimal]],
+    user_plans: Mapping[str, list[tuple[datetime, str, Decimal]]],
+    pricing: Pricing,
+) -> Decimal:
+    rate = _latest_before(device_rates, start.at)
+    if rate is None and start.user_id is not None:
+        rate = _latest_before(user_plans.get(start.user_id, ()), start.at)
+    return pricing.default_rate if rate is None else rate
+
+
+def device_records(
+    events: Iterable[DeviceEvent],
+    plan_changes: Iterable[PlanChange] = (),
+    pricing: Pricing | None = None,
+) -> tuple[UsageRecord, ...]:
+    """The usage records of one device, from every event of it ever seen (any order, dups).
+
+    ``events`` must all be of the same device; ``plan_changes`` may hold any users' plan
+    changes (only the session owners' count). The result is sorted by start time.
+    """
+    pricing = pricing or Pricing()
+    unique = {e.message_id: e for e in events}
+    timeline = sorted(unique.values(), key=lambda e: e.order)
+    device_rates = [
+        (e.at, e.message_id, e.rate if e.rate is not None else pricing.rate_of(e.plan))
+        for e in timeline
+        if e.kind in ("start", "update") and (e.rate is not None or e.plan is not None)
+    ]
+    user_plans: dict[str, list[tuple[datetime, str, Decimal]]] = {}
+    for change in {c.message_id: c for c in plan_changes}.values():
+        user_plans.setdefault(change.user_id, []).append(
+            (change.at, change.message_id, pricing.rate_of(change.plan))
+        )
+    records: list[UsageRecord] = []
+    open_start: DeviceEvent | None = None
+    for event in timeline:
+        if event.kind == "start":
+            if open_start is None:
+                open_start = event
+        elif event.kind in ("stop", "delete"):
+            if open_start is not None:
+                if open_start.user_id is None:
+                    raise ValueError(f"start {open_start.message_id} has no user id")
+                duration = seconds_between(open_start.at, event.at)
+                rate = _session_rate(open_start, device_rates, user_plans, pricing)
+                records.append(
+                    UsageRecord(
+                        record_id=open_start.message_id,
+                        device_id=open_start.device_id,
+                        user_id=open_start.user_id,
+                        started_at=open_start.at,
+                        stopped_at=event.at,
+                        duration_seconds=duration,
+                        rate=rate,
+                        cost=session_cost(duration, rate),
+                        closed_by="delete" if event.kind == "delete" else "stop",
+                    )
+                )
+                open_start = None
+            if event.kind == "delete":
+                break
+    return tuple(records)
+
+
+def diff_records(
+    old: Iterable[UsageRecord], new: Iterable[UsageRecord]
+) -> RecordDiff:
+    """Rows to write to go from ``old`` to ``new`` records, and each user's spend change."""
+    before = {r.record_id: r for r in old}
+    after = {r.record_id: r for r in new}
+    delta: dict[str, Decimal] = {}
+
+    def move(user: str, amount: Decimal) -> None:
+        delta[user] = delta.get(user, Decimal(0)) + amount
+
+    upserts = []
+    for rid, rec in after.items():
+        prev = before.get(rid)
+        if prev == rec:
+            continue
+        upserts.append(rec)
+        move(rec.user_id, rec.cost)
+        if prev is not None:
+            move(prev.user_id, -prev.cost)
+    deletes = sorted(set(before) - set(after))
+    for rid in deletes:
+        move(before[rid].user_id, -before[rid].cost)
+    return RecordDiff(
+        upserts=tuple(sorted(upserts, key=lambda r: r.record_id)),
+        deletes=tuple(deletes),
+        spent_delta={u: d for u, d in sorted(delta.items()) if d != 0},
+    )
+
+
+def balance_low_id(user_id: str, threshold: Decimal) -> uuid.UUID:
+    """Id of the one ``billing.balance_low`` outbox row for ``user_id`` under ``threshold``.
+
+    Deterministic, so even a second writer would collide on the outbox primary key.
+    """
+    return uuid.uuid5(BALANCE_LOW_NAMESPACE, f"{user_id}\x00{threshold.normalize()}")
+
+
+# --------------------------------------------------------------------------------------------
+# the reference model: the worker's algorithm over dicts
+
+
+@dataclass
+class Ledger:
+    """The billing state after some events, updated one event at a time like the worker.
+
+    ``alerts`` maps user -> balance at the moment the ``billing.balance_low`` was emitted.
+    """
+
+    pricing: Pricing = field(default_factory=Pricing)
+    initial_balance: Decimal = Decimal("100")
+    threshold: Decimal = Decimal("10")
+    device_events: dict[str, dict[str, DeviceEvent]] = field(default_factory=dict)
+    plan_changes: dict[str, PlanChange] = field(default_factory=dict)
+    records: dict[str, UsageRecord] = field(default_factory=dict)
+    spent: dict[str, Decimal] = field(default_factory=dict)
+    alerts: dict[str, Decimal] = field(default_factory=dict)
+
+    def balance(self, user_id: str) -> Decimal:
+        return self.initial_balance - self.spent.get(user_id, Decimal(0))
+
+    def balances(self) -> dict[str, Decimal]:
+        return {u: self.balance(u) for u in sorted(self.spent)}
+
+    def apply(self, event: DeviceEvent | PlanChange) -> None:
+        """Store ``event`` once and recompute what it can change."""
+        if isinstance(event, PlanChange):
+            if event.message_id in self.plan_changes:
+                return
+            self.plan_changes[event.message_id] = event
+            devices = sorted(
+                d
+                for d, evs in self.device_events.items()
+                if any(e.user_id == event.user_id for e in evs.values())
+            )
+        else:
+            seen = self.device_events.setdefault(event.device_id, {})
+            if event.message_id in seen:
+                return
+            seen[event.message_id] = event
+            devices = [event.device_id]
+        for device in devices:
+            self._recompute(device)
+
+    def _recompute(self, device_id: str) -> None:
+        events = self.device_events[device_id].values()
+        new = device_records(events, self.plan_changes.values(), self.pricing)
+        old = [r for r in self.records.values() if r.device_id == device_id]
+        diff = diff_records(old, new)
+        for rid in diff.deletes:
+            del self.records[rid]
+        for rec in diff.upserts:
+            self.records[rec.record_id] = rec
+        for user, amount in diff.spent_delta.items():
+            self.spent[user] = self.spent.get(user, Decimal(0)) + amount
+            if self.spent[user] == 0:  # like the table: no usage, no balance row
+                del self.spent[user]
+            balance = self.balance(user)
+            if balance < self.threshold and user not in self.alerts:
+                self.alerts[user] = balance
+
+
+def meter(
+    events: Iterable[DeviceEvent | PlanChange],
+    pricing: Pricing | None = None,
+) -> tuple[dict[str, UsageRecord], dict[str, Decimal]]:
+    """Records by id and spend by user, straight from the set of events (no increments)."""
+    pricing = pricing or Pricing()
+    by_device: dict[str, list[DeviceEvent]] = {}
+    plans: list[PlanChange] = []
+    for e in events:
+        if isinstance(e, PlanChange):
+            plans.append(e)
+        else:
+            by_device.setdefault(e.device_id, []).append(e)
+    records: dict[str, UsageRecord] = {}
+    spent: dict[str, Decimal] = {}
+    for device in sorted(by_device):
+        for rec in device_records(by_device[device], plans, pricing):
+            records[rec.record_id] = rec
+            spent[rec.user_id] = spent.get(rec.user_id, Decimal(0)) + rec.cost
+    return records, {u: s for u, s in spent.items() if s != 0}

@@ -1,0 +1,39 @@
+"""SQL names taken from configuration: validated, then quoted, never pasted into SQL.
+
+A worker's tables live in a schema named by a setting (``CDC_BILLING_SCHEMA``, ...) and the
+outbox is ``CDC_OUTBOX_TABLE`` (``schema.table`` or ``table``). Both go through here.
+"""
+
+from __future__ import annotations
+
+import re
+
+from psycopg import sql
+
+from consumers.errors import ConfigError
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def check_name(value: str, setting: str) -> str:
+    """``value`` if it is a plain SQL identifier, else a :class:`ConfigError` naming ``setting``."""
+    if not _NAME.fullmatch(value):
+        raise ConfigError(
+            f"{setting}={value!r} is not a valid name: use letters, digits and '_' "
+            "(63 at most, not starting with a digit)"
+        )
+    return value
+
+
+def qualified_table(value: str, setting: str) -> sql.Composed:
+    """``schema.table`` or ``table`` (schema ``public``) as a quoted SQL name."""
+    schema, _, table = value.rpartition(".")
+    return sql.SQL("{}.{}").format(
+        sql.Identifier(check_name(schema or "public", setting)),
+        sql.Identifier(check_name(table, setting)),
+    )
+
+
+def render(query: sql.Composable) -> str:
+    """The query as text, rendered once at start (names are quoted identifiers)."""
+    return query.as_string(None)

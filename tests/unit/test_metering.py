@@ -1,0 +1,266 @@
+"""Billing metering: pairing rules on real cases, and order tolerance as a property.
+
+The property: the worker's incremental algorithm (:class:`Ledger`, one event at a time,
+store once, recompute the device) ends in the same records and balances for every
+permutation of a set of events with any duplicates, and that state equals the one computed
+straight from the set (:func:`meter`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consumers.billing.metering import (
+    DeviceEvent,
+    Ledger,
+    PlanChange,
+    Pricing,
+    balance_low_id,
+    device_records,
+    diff_records,
+    meter,
+    seconds_between,
+    session_cost,
+)
+
+T0 = dt.datetime(2025, 10, 30, 5, 0, tzinfo=dt.UTC)
+PRICING = Pricing({"basic": Decimal("0.60"), "pro": Decimal("2.40")}, Decimal("1.20"))
+
+
+def at(minutes: float) -> dt.datetime:
+    return T0 + dt.timedelta(minutes=minutes)
+
+
+def start(mid: str, minute: float, device: str = "d1", user: str = "u1", **kw) -> DeviceEvent:
+    return DeviceEvent(mid, device, "start", at(minute), user, **kw)
+
+
+def stop(mid: str, minute: float, device: str = "d1") -> DeviceEvent:
+    return DeviceEvent(mid, device, "stop", at(minute))
+
+
+def delete(mid: str, minute: float, device: str = "d1") -> DeviceEvent:
+    return DeviceEvent(mid, device, "delete", at(minute))
+
+
+def update(mid: str, minute: float, device: str = "d1", **kw) -> DeviceEvent:
+    return DeviceEvent(mid, device, "update", at(minute), **kw)
+
+
+def spans(records) -> list[tuple[float, float, str]]:
+    return [
+        ((r.started_at - T0).total_seconds() / 60, (r.stopped_at - T0).total_seconds() / 60,
+         r.closed_by)
+        for r in records
+    ]
+
+
+# -- pairing ----------------------------------------------------------------------------------
+
+
+def test_a_start_and_a_stop_make_one_record_with_exact_cost():
+    (rec,) = device_records([start("s", 0), stop("t", 90)], pricing=PRICING)
+    assert rec.record_id == "s" and rec.user_id == "u1" and rec.device_id == "d1"
+    assert rec.duration_seconds == Decimal("5400")
+    assert rec.rate == Decimal("1.20")
+    assert rec.cost == Decimal("1.800000")
+    assert rec.closed_by == "stop"
+
+
+def test_sessions_pair_in_event_time_not_in_the_order_given():
+    events = [stop("t2", 30), start("s2", 20), stop("t1", 10), start("s1", 0)]
+    assert spans(device_records(events, pricing=PRICING)) == [(0, 10, "stop"), (20, 30, "stop")]
+
+
+def test_a_second_start_while_running_is_ignored_and_a_lone_stop_too():
+    events = [start("s1", 0), start("s2", 5), stop("t1", 10), stop("t2", 12)]
+    assert spans(device_records(events, pricing=PRICING)) == [(0, 10, "stop")]
+
+
+def test_an_open_session_makes_no_record_yet():
+    assert device_records([start("s1", 0)], pricing=PRICING) == ()
+    assert spans(device_records([stop("t0", 1), start("s1", 2), stop("t1", 3), start("s2", 4)],
+                                pricing=PRICING)) == [(2, 3, "stop")]
+
+
+def test_delete_closes_the_open_session_and_ends_the_device():
+    events = [start("s1", 0), delete("x", 7), start("s2", 8), stop("t2", 9)]
+    assert spans(device_records(events, pricing=PRICING)) == [(0, 7, "delete")]
+
+
+def test_at_equal_times_a_stop_closes_before_the_next_start_opens():
+    events = [start("s1", 0), stop("t1", 5), start("s2", 5), stop("t2", 6)]
+    assert spans(device_records(events, pricing=PRICING)) == [(0, 5, "stop"), (5, 6, "stop")]
+
+
+def test_duplicates_by_message_id_count_once():
+    events = [start("s1", 0), start("s1", 0), stop("t1", 10), stop("t1", 10)]
+    assert len(device_records(events, pricing=PRICING)) == 1
+
+
+def test_the_rate_is_the_one_in_force_at_the_start():
+    events = [
+        update("p1", -5, plan="pro"),
+        start("s1", 0),
+        stop("t1", 60),
+        update("r2", 61, rate=Decimal("6")),
+        start("s2", 120),
+        stop("t2", 150),
+        update("p3", 140, plan="basic"),  # during s2: applies from the next session on
+    ]
+    a, b = device_records(events, pricing=PRICING)
+    assert (a.rate, a.cost) == (Decimal("2.40"), Decimal("2.400000"))
+    assert (b.rate, b.cost) == (Decimal("6"), Decimal("3.000000"))
+
+
+def test_a_plan_on_the_start_event_and_the_users_plan_as_fallback():
+    own = device_records([start("s1", 0, plan="basic"), stop("t1", 60)], pricing=PRICING)
+    assert own[0].rate == Decimal("0.60")
+    users = [PlanChange("u", "u1", at(-1), "pro"), PlanChange("v", "u2", at(-1), "basic")]
+    fallback = device_records([start("s1", 0), stop("t1", 60)], users, PRICING)
+    assert fallback[0].rate == Decimal("2.40")
+    later = [PlanChange("w", "u1", at(1), "basic")]  # after the start: not this session's
+    assert device_records([start("s1", 0), stop("t1", 60)], later, PRICING)[0].rate == (
+        Decimal("1.20")
+    )
+
+
+def test_an_unknown_plan_pays_the_default_rate():
+    recs = device_records([start("s1", 0, plan="mystery"), stop("t1", 60)], pricing=PRICING)
+    assert recs[0].rate == Decimal("1.20")
+
+
+def test_seconds_and_cost_are_exact_decimals():
+    t = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    assert seconds_between(t, t + dt.timedelta(days=1, microseconds=7)) == Decimal("86400.000007")
+    # 1 s at 1/h = 0.000277777... -> half-even at 6 decimals
+    assert session_cost(Decimal(1), Decimal(1)) == Decimal("0.000278")
+    assert session_cost(Decimal("1.8"), Decimal(1)) == Decimal("0.000500")
+
+
+def test_diff_moves_spend_between_users_and_deletes_vanished_records():
+    old = device_records([start("s1", 0), stop("t1", 60)], pricing=PRICING)
+    new = device_records([start("s1", 0), stop("t0", 30), stop("t1", 60)], pricing=PRICING)
+    diff = diff_records(old, new)
+    assert [r.record_id for r in diff.upserts] == ["s1"] and diff.deletes == ()
+    assert diff.spent_delta == {"u1": Decimal("-0.600000")}
+    gone = diff_records(old, ())
+    assert gone.deletes == ("s1",) and gone.spent_delta == {"u1": Decimal("-1.200000")}
+    assert diff_records(old, old).empty
+
+
+def test_balance_low_ids_are_stable():
+    assert balance_low_id("u1", Decimal("10")) == balance_low_id("u1", Decimal("10.00"))
+    assert balance_low_id("u1", Decimal("10")) != balance_low_id("u2", Decimal("10"))
+
+
+def test_ledger_alerts_once_when_the_balance_falls_below_the_threshold():
+    ledger = Ledger(PRICING, initial_balance=Decimal("5"), threshold=Decimal("3"))
+    for e in [start("s1", 0, rate=Decimal("60")), stop("t1", 1), start("s2", 2), stop("t2", 3)]:
+        ledger.apply(e)
+    # the device's rate stays 60/h for s2 too: 2 minutes = 2.00, exactly at the threshold
+    assert ledger.balance("u1") == Decimal("3.000000")
+    assert ledger.alerts == {}
+    for e in [start("s3", 10, rate=Decimal("30")), stop("t3", 12), stop("t3", 12)]:
+        ledger.apply(e)
+    assert ledger.balance("u1") == Decimal("2.000000")
+    assert ledger.alerts == {"u1": Decimal("2.000000")}
+    ledger.apply(start("s4", 20))
+    ledger.apply(stop("t4", 30))
+    assert list(ledger.alerts) == ["u1"]
+
+
+# -- the property -------------------------------------------------------------------------------
+
+
+@st.composite
+def event_sets(draw) -> list[DeviceEvent | PlanChange]:
+    """A realistic-ish set: a few devices and users, starts/stops interleaved, some deletes,
+    plan changes on devices and users, timestamps on a coarse grid so ties happen."""
+    n = draw(st.integers(1, 40))
+    events: list[DeviceEvent | PlanChange] = []
+    for i in range(n):
+        device = draw(st.sampled_from(["d1", "d2", "d3"]))
+        user = draw(st.sampled_from(["u1", "u2"]))
+        minute = draw(st.integers(0, 60))
+        kind = draw(st.sampled_from(["start", "start", "stop", "stop", "delete", "update", "plan"]))
+        mid = f"m{i}"
+        if kind == "plan":
+            plan = draw(st.sampled_from(["basic", "pro"]))
+            events.append(PlanChange(mid, user, at(minute), plan))
+        elif kind == "update":
+            rate = draw(st.sampled_from([None, Decimal("3"), Decimal("0.5")]))
+            plan = None if rate is not None else draw(st.sampled_from(["basic", "pro"]))
+            events.append(update(mid, minute, device, plan=plan, rate=rate))
+        elif kind == "start":
+            events.append(start(mid, minute, device, user))
+        else:
+            events.append(DeviceEvent(mid, device, kind, at(minute)))
+    return events
+
+
+def _deliver(events, order, dups):
+    """``events`` in the order of ``order``'s permutation with the indices in ``dups`` again."""
+    delivered = [events[i] for i in order]
+    for pos, i in dups:
+        delivered.insert(pos % (len(delivered) + 1), events[i % len(events)])
+    return delivered
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), events=event_sets())
+def test_any_order_with_any_duplicates_gives_identical_records_and_balances(data, events):
+    order = data.draw(st.permutations(range(len(events))), label="order")
+    dups = data.draw(
+        st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100)), max_size=10), label="dups"
+    )
+    expected_records, expected_spent = meter(events, PRICING)
+
+    ledger = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    for e in _deliver(events, order, dups):
+        ledger.apply(e)
+    assert ledger.records == expected_records
+    assert ledger.spent == expected_spent
+    assert ledger.balances() == {u: Decimal("2") - s for u, s in sorted(expected_spent.items())}
+
+    # In the natural order too (a second, independent run gives the same state).
+    in_order = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    for e in sorted(events, key=lambda e: (e.at, e.message_id)):
+        in_order.apply(e)
+    assert in_order.records == ledger.records and in_order.spent == ledger.spent
+
+    # Every user whose final balance is under the threshold was alerted, exactly once (the
+    # dict cannot hold two); one above it can only have been alerted by a transient overcount.
+    for user, spent in expected_spent.items():
+        if Decimal("2") - spent < Decimal("1"):
+            assert user in ledger.alerts and user in in_order.alerts
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_property_on_a_big_fixed_set(seed):
+    import random
+
+    rng = random.Random(seed)
+    events: list[DeviceEvent | PlanChange] = []
+    for d in range(20):
+        t = 0.0
+        for k in range(15):
+            events.append(start(f"s{d}-{k}", t, f"d{d}", f"u{d % 4}"))
+            t += rng.uniform(0.5, 30)
+            events.append(stop(f"t{d}-{k}", t, f"d{d}"))
+            t += rng.uniform(0, 10)
+    events += [PlanChange(f"p{u}", f"u{u}", at(100), "pro") for u in range(4)]
+    expected = meter(events, PRICING)
+    for _ in range(3):
+        shuffled = events + rng.sample(events, 50)
+        rng.shuffle(shuffled)
+        ledger = Ledger(PRICING)
+        for e in shuffled:
+            ledger.apply(e)
+        assert (ledger.records, ledger.spent) == expected
+    assert len(expected[0]) == 20 * 15
