@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -81,7 +81,17 @@ def _run_relay(settings: RelaySettings) -> int:
             if server is not None:
                 server.close()
 
-    return asyncio.run(main())
+    return _run_fast(main)
+
+
+def _run_fast(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run ``main`` on uvloop when it is installed (the relay's hot loop), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
 
 
 def _status(settings: RelaySettings, as_json: bool) -> int:

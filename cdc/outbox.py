@@ -11,8 +11,9 @@ The column layout is looked up by *name* once per Relation message, so columns a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from cdc.lsn import format_lsn
@@ -21,6 +22,8 @@ from cdc.pgoutput import BinaryValue, Relation, TupleData, UnchangedToast
 REQUIRED_COLUMNS = ("id", "event_type", "payload")
 _OPTIONAL_COLUMNS = ("aggregate_type", "aggregate_id", "created_at", "headers")
 _MAX_ROUTING_KEY = 255
+_MAX_SHORT_STRING = 255  # AMQP shortstr: message_id and type
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # AMQP timestamps are unsigned seconds
 _INT64 = 1 << 63
 
 
@@ -51,6 +54,13 @@ class Layout:
 
     relation: Relation
     index: dict[str, int]
+    #: Required columns this relation lacks (its rows are all parked as malformed).
+    missing: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Computed once per Relation message, not once per row.
+        missing = tuple(c for c in REQUIRED_COLUMNS if c not in self.index)
+        object.__setattr__(self, "missing", missing)
 
     @classmethod
     def of(cls, relation: Relation) -> Layout:
@@ -58,11 +68,6 @@ class Layout:
         names = {col.name: i for i, col in enumerate(relation.columns)}
         wanted = REQUIRED_COLUMNS + _OPTIONAL_COLUMNS
         return cls(relation, {name: names[name] for name in wanted if name in names})
-
-    @property
-    def missing(self) -> tuple[str, ...]:
-        """Required columns this relation lacks (its rows are all parked as malformed)."""
-        return tuple(c for c in REQUIRED_COLUMNS if c not in self.index)
 
 
 def _text(value: bytes | UnchangedToast | BinaryValue | None) -> str | None:
@@ -102,6 +107,12 @@ def _amqp_safe(value: Any) -> bool:
     return False
 
 
+@lru_cache(maxsize=64)
+def _commit_headers(commit_lsn: int, commit_time: datetime) -> tuple[str, str]:
+    # Every row of a transaction shares these: format them once per transaction.
+    return format_lsn(commit_lsn), commit_time.isoformat()
+
+
 def route(
     layout: Layout, row: TupleData, *, commit_lsn: int, commit_time: datetime
 ) -> OutboxEvent | Malformed:
@@ -125,6 +136,8 @@ def route(
         return bad(f"outbox table lacks required columns: {missing}", message_id)
     if message_id is None:
         return bad("id is NULL")
+    if raw_id is not None and len(raw_id) > _MAX_SHORT_STRING:
+        return bad("id is longer than 255 bytes (AMQP message_id limit)")
     event_type = raw_type.decode("utf-8", "replace") if raw_type is not None else ""
     if not event_type.strip():
         return bad("event_type is NULL or empty", message_id)
@@ -152,8 +165,9 @@ def route(
     created_at = _parse_time(created_text)
     headers["aggregate_type"] = _text(col("aggregate_type"))
     headers["aggregate_id"] = _text(col("aggregate_id"))
-    headers["commit_lsn"] = format_lsn(commit_lsn)
-    headers["commit_time"] = commit_time.isoformat()
+    headers["commit_lsn"], headers["commit_time"] = _commit_headers(commit_lsn, commit_time)
     created_iso = created_at.isoformat(timespec="microseconds") if created_at else None
     headers["created_at"] = created_iso or created_text
-    return OutboxEvent(message_id, event_type, payload, created_at, headers)
+    # Before 1970 the AMQP timestamp cannot carry it: the header keeps the time.
+    stamp = created_at if created_at is not None and created_at >= _UNIX_EPOCH else None
+    return OutboxEvent(message_id, event_type, payload, stamp, headers)

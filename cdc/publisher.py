@@ -1,162 +1,174 @@
-"""The broker side: publish outbox events to RabbitMQ with confirms, mandatory and persistence.
+"""The broker side: outbox items become confirmed, mandatory, persistent AMQP messages.
 
-:meth:`Publisher.deliver` returns only once the broker has confirmed the event, or has
-confirmed its parked copy. A nack or a confirm timeout means the same message is published
-again (with backoff); a returned (unroutable) message is parked with the reason. Losing the
-connection raises :class:`SinkError`: the relay then restarts its session, and everything not
-yet confirmed is streamed again from the slot, so nothing is skipped.
+:meth:`Publisher.publish` encodes one item and hands it to the confirm channel
+(``cdc/amqp_publish.py``) without waiting; ``on_confirm`` is called with the transactions
+of every item the broker has confirmed, in batches. An event the broker returns as
+unroutable is published again, confirmed, to the parking queue with the reason, and counts
+as confirmed only then; a row that cannot become a message is parked the same way. A nack
+or a missing confirm means publishing again (inside the channel). Losing the connection
+completes :attr:`Publisher.closed` with a :class:`SinkError`: the relay then restarts its
+session, and everything not yet confirmed is streamed again from the slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
+import uuid
+from collections.abc import Callable
 from typing import Any
 
-import aiormq
 import orjson
-from aiormq.abc import AbstractChannel, AbstractConnection
-from pamqp.commands import Basic
 
+from cdc import amqp_frames as wire
+from cdc.amqp_publish import ConfirmChannel
 from cdc.config import RelaySettings
 from cdc.errors import SinkError
 from cdc.metrics import Metrics
 from cdc.outbox import Malformed, OutboxEvent
+from cdc.watermark import Txn
 
 log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _PERSISTENT = 2
-_RETRY_MAX_DELAY = 5.0
-
-
-def _properties(event: OutboxEvent) -> Basic.Properties:
-    return Basic.Properties(
-        message_id=event.message_id,
-        message_type=event.routing_key,
-        content_type=_JSON,
-        delivery_mode=_PERSISTENT,
-        timestamp=event.timestamp,
-        headers=event.headers,
-    )
+# What a confirmed token was: the event itself, or a parked copy of one kind or the other.
+_EVENT, _UNROUTABLE, _MALFORMED = "event", "unroutable", "malformed"
 
 
 class Publisher:
     """One broker connection and one confirm-mode channel, owned by a relay session."""
 
-    def __init__(self, settings: RelaySettings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: RelaySettings, metrics: Metrics, on_confirm: Callable[[list[Txn]], None]
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._on_confirm = on_confirm
+        self._exchange = settings.exchange
+        self._channel: ConfirmChannel | None = None
+        self._frame_max = 0
 
     async def connect(self) -> None:
         """Connect, open a confirm channel and declare the exchange and the parking queue."""
         s = self._settings
+        self._channel = await ConfirmChannel.connect(
+            s.amqp_url.get_secret_value(),
+            confirm_timeout=s.confirm_timeout,
+            on_ack=self._acked,
+            on_returned=self._returned,
+            on_republish=lambda reason: self._metrics.republished.labels(reason=reason).inc(),
+        )
+        self._frame_max = self._channel.frame_max
         try:
-            self._connection = await aiormq.connect(s.amqp_url.get_secret_value())
-            channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-            await channel.exchange_declare(s.exchange, exchange_type="topic", durable=True)
-            await channel.queue_declare(s.parking_queue, durable=True)
-        except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+            await self._channel.declare_exchange(s.exchange, "topic")
+            await self._channel.declare_queue(s.parking_queue)
+        except SinkError:
             await self.close()
-            raise SinkError(f"cannot connect to the broker: {exc}") from exc
-        self._channel = channel
+            raise
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        """Completes with the SinkError that ended the connection."""
+        if self._channel is None:
+            raise SinkError("the publisher is not connected")
+        return self._channel.closed
+
+    async def wait_writable(self) -> None:
+        """Wait while the socket buffer is full or the broker blocks publishers."""
+        if self._channel is None:
+            raise SinkError("the publisher is not connected")
+        await self._channel.wait_writable()
 
     async def close(self) -> None:
-        """Close the connection; pending confirms fail, and their events will be re-sent."""
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None:
-            try:
-                await asyncio.wait_for(connection.close(), timeout=2)
-            except Exception as exc:
-                log.debug("broker close failed: %s", exc)
+        """Close the connection; unconfirmed events will be re-sent by the next session."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
 
-    async def deliver(self, event: OutboxEvent) -> None:
-        """Publish ``event`` and wait until it, or its parked copy, is confirmed."""
-        try:
-            await self._publish_confirmed(
-                event.body, self._settings.exchange, event.routing_key, _properties(event)
+    def publish(self, txn: Txn, item: OutboxEvent | Malformed) -> None:
+        """Send ``item`` now; ``on_confirm`` gets ``txn`` once it (or its parked copy) is in."""
+        channel = self._channel
+        if channel is None:
+            raise SinkError("the publisher is not connected")
+        if type(item) is OutboxEvent:
+            key = item.routing_key
+            message_id = item.message_id or uuid.uuid4().hex
+            props = wire.properties_block(
+                content_type=_JSON,
+                delivery_mode=_PERSISTENT,
+                headers=item.headers,
+                message_id=message_id,
+                message_type=key,
+                timestamp=item.timestamp,
             )
-        except aiormq.exceptions.PublishError as returned:
-            frame = returned.message.delivery if returned.message else None
-            code = getattr(frame, "reply_code", "?")
-            reason = f"unroutable: {code} {getattr(frame, 'reply_text', '')}".rstrip()
-            await self._park_copy(event, reason)
-        else:
-            self._metrics.published.inc()
+            frames = wire.publish_frames(1, self._exchange, key, props, item.body, self._frame_max)
+            channel.publish(frames, (txn, item, _EVENT), self._exchange, key, message_id)
+            return
+        assert isinstance(item, Malformed)
+        log.warning("parking malformed row", extra={"id": item.message_id, "why": item.reason})
+        headers = self._parking_headers(_MALFORMED, item.reason, item.routing_key)
+        body = orjson.dumps(item.row)
+        self._park(txn, item, _MALFORMED, item.message_id, item.routing_key, headers, body)
 
-    async def park(self, bad: Malformed) -> None:
-        """Park a row that could not become a message, with the reason, and wait for confirm."""
-        body = orjson.dumps(bad.row)
-        props = Basic.Properties(
-            message_id=bad.message_id,
-            message_type=bad.routing_key,
+    def _park(
+        self,
+        txn: Txn,
+        item: OutboxEvent | Malformed,
+        kind: str,
+        message_id: str | None,
+        message_type: str | None,
+        headers: dict[str, Any],
+        body: bytes,
+        timestamp: Any = None,
+    ) -> None:
+        assert self._channel is not None
+        queue = self._settings.parking_queue
+        message_id = message_id or uuid.uuid4().hex
+        props = wire.properties_block(
             content_type=_JSON,
             delivery_mode=_PERSISTENT,
-            headers=self._parking_headers("malformed", bad.reason, bad.routing_key),
+            headers=headers,
+            message_id=message_id,
+            message_type=message_type,
+            timestamp=timestamp,
         )
-        log.warning("parking malformed outbox row", extra={"id": bad.message_id, "why": bad.reason})
-        await self._publish_confirmed(body, "", self._settings.parking_queue, props)
-        self._metrics.parked.labels(kind="malformed").inc()
-
-    async def _park_copy(self, event: OutboxEvent, reason: str) -> None:
-        props = _properties(event)
-        props.headers = {
-            **event.headers,
-            **self._parking_headers("unroutable", reason, event.routing_key),
-        }
-        log.warning(
-            "parking unroutable event", extra={"id": event.message_id, "key": event.routing_key}
-        )
-        try:
-            await self._publish_confirmed(event.body, "", self._settings.parking_queue, props)
-        except aiormq.exceptions.PublishError as exc:
-            raise SinkError(
-                f"parking queue {self._settings.parking_queue!r} is missing; "
-                "it is re-declared on reconnect"
-            ) from exc
-        self._metrics.parked.labels(kind="unroutable").inc()
+        frames = wire.publish_frames(1, "", queue, props, body, self._frame_max)
+        self._channel.publish(frames, (txn, item, kind), "", queue, message_id)
 
     def _parking_headers(self, kind: str, reason: str, key: str | None) -> dict[str, Any]:
         return {
             "x-parked-kind": kind,
             "x-parked-reason": reason,
-            "x-original-exchange": self._settings.exchange,
+            "x-original-exchange": self._exchange,
             "x-original-routing-key": key,
         }
 
-    async def _publish_confirmed(
-        self, body: bytes, exchange: str, key: str, props: Basic.Properties
-    ) -> None:
-        """Publish until acked; re-publish on nack or timeout, never give up on an event."""
-        delay = 0.05
-        while True:
-            channel = self._channel
-            if channel is None:
-                raise SinkError("broker channel is closed")
-            try:
-                await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=key,
-                    properties=props,
-                    mandatory=True,
-                    timeout=self._settings.confirm_timeout,
+    def _acked(self, tokens: list[tuple[Txn, Any, str]]) -> None:
+        txns = []
+        published = 0
+        for txn, _, kind in tokens:
+            txns.append(txn)
+            if kind is _EVENT:
+                published += 1
+            else:
+                self._metrics.parked.labels(kind=kind).inc()
+        if published:
+            self._metrics.published.inc(published)
+        self._on_confirm(txns)
+
+    def _returned(self, token: tuple[Txn, Any, str], reason: str) -> None:
+        txn, item, kind = token
+        if kind is not _EVENT:
+            assert self._channel is not None
+            self._channel.fail(
+                SinkError(
+                    f"parking queue {self._settings.parking_queue!r} is missing; "
+                    "it is re-declared on reconnect"
                 )
-                return
-            except aiormq.exceptions.PublishError:
-                raise
-            except aiormq.exceptions.DeliveryError:
-                self._metrics.republished.labels(reason="nack").inc()
-                log.warning("broker nacked a publish; publishing again", extra={"key": key})
-            except TimeoutError:
-                self._metrics.republished.labels(reason="timeout").inc()
-                log.warning("no confirm in time; publishing again", extra={"key": key})
-            except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
-                raise SinkError(f"broker connection lost: {exc!r}") from exc
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, _RETRY_MAX_DELAY)
+            )
+            return
+        key = item.routing_key
+        log.warning("parking unroutable event", extra={"id": item.message_id, "key": key})
+        headers = {**item.headers, **self._parking_headers(_UNROUTABLE, reason, key)}
+        self._park(txn, item, _UNROUTABLE, item.message_id, key, headers, item.body, item.timestamp)

@@ -25,7 +25,6 @@ from cdc.errors import SetupError, SinkError, SlotBusyError, SourceError
 from cdc.feed import Item, OutboxFeed
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.metrics import Metrics
-from cdc.outbox import Malformed
 from cdc.publisher import Publisher
 from cdc.replication import Keepalive, parse_copy_data
 from cdc.source import ReplicationStream
@@ -115,10 +114,10 @@ class Relay:
     async def _session(self) -> int:
         start_lsn = await asyncio.to_thread(self._prepare)
         stream = await ReplicationStream.start(self._settings)
-        publisher = Publisher(self._settings, self._metrics)
+        session = _Session(self._settings, self._metrics, stream, start_lsn)
+        publisher = session.publisher
         try:
             await publisher.connect()
-            session = _Session(self._settings, self._metrics, stream, publisher, start_lsn)
             self._watermark = session.watermark
             self._set_state("streaming")
             log.info(
@@ -126,6 +125,11 @@ class Relay:
                 self._settings.slot_name, format_lsn(start_lsn), stream.proto_version,
             )
             return await session.run(self._stop, self._set_state)
+        except (SourceError, SinkError) as exc:
+            if not isinstance(exc, SetupError):
+                # Say so before the (possibly slow) teardown of the other connection.
+                self._set_state("reconnecting")
+            raise
         finally:
             await publisher.close()
             await stream.close()
@@ -135,17 +139,12 @@ class _Session:
     """One replication connection and one broker connection, joined by a queue."""
 
     def __init__(
-        self,
-        settings: RelaySettings,
-        metrics: Metrics,
-        stream: ReplicationStream,
-        publisher: Publisher,
-        start_lsn: int,
+        self, settings: RelaySettings, metrics: Metrics, stream: ReplicationStream, start_lsn: int
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._stream = stream
-        self._publisher = publisher
+        self.publisher = Publisher(settings, metrics, self._confirmed)
         self.watermark = Watermark(flushed=start_lsn)
         self._feed = OutboxFeed(
             settings.table_schema,
@@ -155,38 +154,39 @@ class _Session:
         )
         self._queue: deque[Item] = deque()
         self._queued = asyncio.Event()
-        self._window = asyncio.Semaphore(settings.max_in_flight)
-        self._deliveries: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
-        self._failed: asyncio.Future[None] = loop.create_future()
         self._progress: asyncio.Future[None] = loop.create_future()
         self._reported = start_lsn
+        self._reported_at = 0.0
         self._server_end = start_lsn
+        self._received = start_lsn
 
     async def run(self, stop: asyncio.Event, set_state: Any) -> int:
         """Stream until ``stop`` is set or a task fails (re-raised with its real cause)."""
         reader = asyncio.create_task(self._read(), name="cdc-reader")
         writer = asyncio.create_task(self._publish(), name="cdc-publisher")
         stopper = asyncio.create_task(stop.wait())
-        tasks: set[asyncio.Future[Any]] = {reader, writer, stopper, self._failed}
+        failed = self.publisher.closed
+        tasks: set[asyncio.Future[Any]] = {reader, writer, stopper, failed}
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for done in (self._failed, reader, writer):
+            for done in (failed, reader, writer):
                 if done.done() and not done.cancelled() and done.exception() is not None:
                     raise done.exception()  # type: ignore[misc]
             set_state("draining")
             reader.cancel()
             return await self._drain()
         finally:
-            for task in (reader, writer, stopper, *self._deliveries):
+            for task in (reader, writer, stopper):
                 task.cancel()
-            if not self._failed.done():
-                self._failed.cancel()
+            # Let them finish before the sockets close: the reader must unregister its fd
+            # first, or a reused fd number would be taken from the next session's socket.
+            await asyncio.gather(reader, writer, stopper, return_exceptions=True)
 
     async def _drain(self) -> int:
         deadline = time.monotonic() + self._settings.shutdown_timeout
         while self.watermark.in_flight and time.monotonic() < deadline:
-            if self._failed.done():
+            if self.publisher.closed.done():
                 break
             await asyncio.sleep(0.02)
         left = self.watermark.in_flight
@@ -204,8 +204,10 @@ class _Session:
         next_status = time.monotonic() + interval
         while True:
             now = time.monotonic()
-            if self.watermark.flushed > self._reported or now >= next_status:
+            moved = self.watermark.flushed > self._reported
+            if (moved and now - self._reported_at >= _FLUSH_REPORT_DELAY) or now >= next_status:
                 await self._report()
+                self._reported_at = now
                 next_status = now + interval
             if self.watermark.in_flight >= self._settings.max_in_flight:
                 await self._wait_progress(min(interval, max(0.0, next_status - now)))
@@ -213,8 +215,8 @@ class _Session:
             pending = self.watermark.flushed > self._reported or self.watermark.in_flight
             timeout = _FLUSH_REPORT_DELAY if pending else max(0.0, next_status - now)
             data = await self._stream.read(timeout)
-            if data is not None:
-                await self._on_copy_data(data)
+            if data is not None and self._on_copy_data(data):
+                await self._report()
 
     async def _wait_progress(self, timeout: float) -> None:
         if self._progress.done():
@@ -222,27 +224,28 @@ class _Session:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._progress), timeout)
 
-    async def _on_copy_data(self, data: memoryview) -> None:
+    def _on_copy_data(self, data: memoryview) -> bool:
+        """Handle one CopyData message; True if the server asked for an immediate reply."""
         msg = parse_copy_data(data)
+        if msg.wal_end > self._server_end:
+            self._server_end = msg.wal_end
         if isinstance(msg, Keepalive):
-            self._server_end = max(self._server_end, msg.wal_end)
             if not self._feed.in_transaction:
                 self.watermark.keepalive(msg.wal_end)
-            if msg.reply_requested:
-                await self._report()
-            return
-        self._server_end = max(self._server_end, msg.wal_end)
-        self._metrics.received_lsn.set(msg.wal_start)
+            return msg.reply_requested
+        self._received = msg.wal_start
         item = self._feed.handle(msg.payload, msg.wal_start)
         if item is not None:
             self._queue.append(item)
             self._queued.set()
+        return False
 
     async def _report(self) -> None:
         flushed = self.watermark.flushed
         await self._stream.send_status(flushed)
         self._reported = flushed
         m = self._metrics
+        m.received_lsn.set(self._received)
         m.flushed_lsn.set(flushed)
         m.server_lsn.set(self._server_end)
         m.lag_bytes.set(max(0, self._server_end - flushed))
@@ -250,32 +253,27 @@ class _Session:
         oldest = self.watermark.oldest_pending_commit()
         m.lag_seconds.set(max(0.0, time.time() - oldest) if oldest else 0.0)
 
-    # -- publisher: bounded window of unconfirmed messages ------------------------------------
+    # -- publisher: everything queued goes out in one write per loop turn ---------------------
+    # The window needs no semaphore: the reader stops reading once `max_in_flight` events
+    # are decoded but not confirmed, and every queued event counts in that number.
 
     async def _publish(self) -> None:
+        queue, publisher = self._queue, self.publisher
         while True:
-            while not self._queue:
+            while not queue:
                 self._queued.clear()
                 await self._queued.wait()
-            txn, item = self._queue.popleft()
-            await self._window.acquire()
-            task = asyncio.create_task(self._deliver(txn, item))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+            await publisher.wait_writable()
+            while queue:
+                txn, item = queue.popleft()
+                publisher.publish(txn, item)
 
-    async def _deliver(self, txn: Txn, item: Any) -> None:
-        try:
-            if isinstance(item, Malformed):
-                await self._publisher.park(item)
-            else:
-                await self._publisher.deliver(item)
-        except (SinkError, SourceError) as exc:
-            if not self._failed.done():
-                self._failed.set_exception(exc)
-            return
-        finally:
-            self._window.release()
-        self.watermark.confirm(txn)
-        self._metrics.confirm_latency.observe(max(0.0, time.time() - txn.commit_time))
+    def _confirmed(self, txns: list[Txn]) -> None:
+        now = time.time()
+        observe = self._metrics.confirm_latency.observe
+        confirm = self.watermark.confirm
+        for txn in txns:
+            confirm(txn)
+            observe(max(0.0, now - txn.commit_time))
         if not self._progress.done():
             self._progress.set_result(None)

@@ -6,6 +6,8 @@ It runs its own asyncio loop in a daemon thread, so synchronous tests drive it d
 - :meth:`TcpProxy.pause` refuses (``mode="refuse"``: accept then reset) or stalls
   (``mode="stall"``: accept and hold without connecting upstream) new connections until
   :meth:`TcpProxy.resume`;
+- :meth:`TcpProxy.hold` stops forwarding what the upstream sends (the client hears nothing,
+  as behind a stalled network) until :meth:`TcpProxy.release`; the client's bytes still flow;
 - :meth:`TcpProxy.stop` ends everything; the ``tcp_proxy`` fixture calls it at test end, and
   the proxy is also a context manager.
 
@@ -56,6 +58,7 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="proxy")
         self._server: asyncio.Server | None = None
         self._resumed: asyncio.Event | None = None
+        self._flowing: asyncio.Event | None = None
 
     # -- control (called from the test's thread) -------------------------------------------
 
@@ -78,6 +81,14 @@ class TcpProxy:
 
     def resume(self) -> None:
         self._call(self._resume())
+
+    def hold(self) -> None:
+        """Hold every upstream -> client byte (of current and new connections)."""
+        self._call(self._gate(False))
+
+    def release(self) -> None:
+        """Deliver what was held and forward again."""
+        self._call(self._gate(True))
 
     @property
     def open_connections(self) -> int:
@@ -107,6 +118,8 @@ class TcpProxy:
     async def _start(self) -> None:
         self._resumed = asyncio.Event()
         self._resumed.set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server = await asyncio.start_server(self._handle, self.listen_host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -131,12 +144,18 @@ class TcpProxy:
         self._mode = None
         self._resumed.set()
 
+    async def _gate(self, open_: bool) -> None:
+        assert self._flowing is not None
+        (self._flowing.set if open_ else self._flowing.clear)()
+
     async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
         await self._cut()
         if self._resumed is not None:
             self._resumed.set()
+        if self._flowing is not None:
+            self._flowing.set()
 
     async def _handle(self, reader: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
         self.accepted += 1
@@ -159,7 +178,9 @@ class TcpProxy:
         pair = (client, upstream)
         self._pairs.add(pair)
         try:
-            await asyncio.gather(self._pipe(reader, upstream), self._pipe(up_reader, client))
+            await asyncio.gather(
+                self._pipe(reader, upstream), self._pipe(up_reader, client, self._flowing)
+            )
         finally:
             self._pairs.discard(pair)
             for w in pair:
@@ -167,9 +188,15 @@ class TcpProxy:
                     _abort(w)
 
     @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        gate: asyncio.Event | None = None,
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if gate is not None:
+                    await gate.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):

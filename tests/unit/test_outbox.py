@@ -225,6 +225,29 @@ def test_unrepresentable_created_at_keeps_the_text_and_skips_the_timestamp(creat
     assert event.headers["created_at"] == created_at
 
 
+def test_created_at_before_1970_keeps_the_header_and_skips_the_timestamp():
+    # AMQP timestamps are unsigned: the property is left out, the header still has the time.
+    event = run(LEGACY, created_at="1969-12-31 23:59:59.5+00")
+    assert isinstance(event, OutboxEvent)
+    assert event.timestamp is None
+    assert event.headers["created_at"] == "1969-12-31T23:59:59.500000+00:00"
+    at_epoch = run(LEGACY, created_at="1970-01-01 00:00:00+00")
+    assert isinstance(at_epoch, OutboxEvent)
+    assert at_epoch.timestamp == datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def test_id_longer_than_a_message_id_can_hold_is_malformed():
+    rel = relation(MINIMAL)
+    row = {"id": "i" * 256, "event_type": "device.started", "payload": "{}"}
+    bad = route(Layout.of(rel), tuple_for(rel, row), commit_lsn=1, commit_time=COMMIT_TIME)
+    assert isinstance(bad, Malformed)
+    assert bad.message_id is None and bad.row["id"] == "i" * 256
+    assert "255 bytes" in bad.reason
+    row["id"] = "i" * 255
+    ok = route(Layout.of(rel), tuple_for(rel, row), commit_lsn=1, commit_time=COMMIT_TIME)
+    assert isinstance(ok, OutboxEvent) and ok.message_id == "i" * 255
+
+
 def test_commit_time_header_is_iso_utc():
     rel = relation(LEGACY)
     when = datetime(2027, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
