@@ -8,7 +8,7 @@ export CDC_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/
 DEMO_RATE  ?= 5
 DEMO_COUNT ?= 0
 
-.PHONY: run run-clean test lint typecheck services install clean
+.PHONY: run run-clean test lint typecheck services install clean bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +40,16 @@ run: install services
 run-clean:
 	psql "$(CDC_DATABASE_URL)" -X -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cdc_outbox' AND NOT active"
 
+# Benchmarks (docs/benchmarks.md): not part of `make test`. Installs the bench extra and the
+# locked npm packages of bench/, then runs every scenario; BENCH_ARGS='--quick' for small sizes.
+BENCH_ARGS ?=
+$(BIN)/.bench-installed: $(BIN)/.installed pyproject.toml bench/package-lock.json
+	$(BIN)/pip install -q -e '.[test,bench]'
+	cd bench && npm ci --no-audit --no-fund
+	touch $@
+
+bench: $(BIN)/.bench-installed services
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/node_modules

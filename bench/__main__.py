@@ -1,0 +1,180 @@
+"""``python -m bench``: run the benchmark scenarios, print figures and ratios, save JSON.
+
+    python -m bench                      # every scenario, full sizes (~15 min), writes docs
+    python -m bench --quick              # small sizes, for development (docs untouched)
+    python -m bench --only drain,steady  # by name; what they need (the ceiling) runs too
+
+Results go to ``bench/results/<start time>.json`` and ``bench/results/latest.json`` (relay
+logs and raw arrival times in ``bench/results/runs/<start>-<tag>/``); a full run also
+regenerates ``docs/benchmarks.md`` and ``docs/bench-load.png`` (``--docs`` forces it,
+``--no-docs`` skips it). Every scenario's resources are removed at the end, also on failure,
+SIGTERM or Ctrl-C; a failed scenario is recorded as an error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.env import Run
+from bench.machine import facts
+from bench.nodetool import ensure_node
+from bench.params import Params
+from bench.scenario_consumers import consumers
+from bench.scenario_seed import seed
+from bench.scenarios_relay import ceiling, drain, rss, shape, steady
+
+SCENARIOS = ("ceiling", "drain", "steady", "seed", "shape", "rss", "consumers")
+#: What a scenario's ratios are computed against, run first in the same run.
+NEEDS = {"drain": ("ceiling",), "steady": ("ceiling",), "seed": ("ceiling", "drain")}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _selection(only: str | None) -> list[str]:
+    if not only:
+        return list(SCENARIOS)
+    wanted = {name.strip() for name in only.split(",") if name.strip()}
+    unknown = wanted - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {sorted(unknown)}; choose from {SCENARIOS}")
+    for name in list(wanted):
+        wanted.update(NEEDS.get(name, ()))
+    return [name for name in SCENARIOS if name in wanted]
+
+
+def _rate(results: dict[str, Any], name: str) -> float | None:
+    value = results.get(name, {}).get("rate")
+    return float(value) if value else None
+
+
+async def _scenario(
+    name: str, run: Run, p: Params, results: dict[str, Any]
+) -> dict[str, Any]:
+    ceiling_rate = _rate(results, "ceiling")
+    jobs: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
+        "ceiling": lambda: ceiling(run, p),
+        "drain": lambda: drain(run, p, ceiling_rate),
+        "steady": lambda: steady(run, p, ceiling_rate or 0.0),
+        "seed": lambda: seed(run, p, _rate(results, "drain")),
+        "shape": lambda: shape(run, p),
+        "rss": lambda: rss(run, p),
+        "consumers": lambda: consumers(run, p),
+    }
+    if name == "steady" and not ceiling_rate:
+        return {"error": "no broker ceiling measured in this run; the load levels need it"}
+    return await jobs[name]()
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    p = Params.quick() if args.quick else Params()
+    run = Run(
+        admin_url=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        amqp_root_url=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        results_dir=RESULTS_DIR / "runs",
+    )
+    selection = _selection(args.only)
+    await ensure_node()
+    started = datetime.now(UTC)
+    out: dict[str, Any] = {
+        "started_at": started.isoformat(timespec="seconds"),
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "quick": args.quick,
+        "params": {k: getattr(p, k) for k in p.__slots__},
+        "machine": await facts(run.admin_url, run.amqp_root_url),
+        "scenarios": {},
+    }
+    run.results_dir = RESULTS_DIR / "runs" / f"{started:%Y%m%dT%H%M%S}-{run.tag}"
+    await run.open()
+    try:
+        for name in selection:
+            print(f"[bench] {name} ...", flush=True)
+            began = time.monotonic()
+            try:
+                result = await _scenario(name, run, p, out["scenarios"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                traceback.print_exc()
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            result["elapsed_s"] = round(time.monotonic() - began, 1)
+            out["scenarios"][name] = result
+            print(f"[bench] {name} done in {result['elapsed_s']}s", flush=True)
+    finally:
+        print("[bench] removing the run's database, slots, vhost ...", flush=True)
+        await run.close()
+    out["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return out
+
+
+def _run_with_signals(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``_main``; SIGINT/SIGTERM cancel it once (cleanup still runs), later ones wait."""
+
+    async def guarded() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        stopping = False
+
+        def on_signal() -> None:
+            nonlocal stopping
+            if stopping:
+                print("[bench] still cleaning up, please wait", file=sys.stderr, flush=True)
+                return
+            stopping = True
+            print("[bench] interrupted: cleaning up", file=sys.stderr, flush=True)
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        return await _main(args)
+
+    return asyncio.run(guarded())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes for development")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    docs = parser.add_mutually_exclusive_group()
+    docs.add_argument("--docs", dest="docs", action="store_true", default=None,
+                      help="write docs/benchmarks.md and the PNG (default: full runs only)")
+    docs.add_argument("--no-docs", dest="docs", action="store_false")
+    args = parser.parse_args(argv)
+    try:
+        results = _run_with_signals(args)
+    except asyncio.CancelledError:
+        print("[bench] interrupted; resources removed", file=sys.stderr)
+        return 130
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = results["started_at"].replace(":", "").replace("-", "")
+    path = RESULTS_DIR / f"{stamp}.json"
+    text = json.dumps(results, indent=2, default=str)
+    path.write_text(text)
+    (RESULTS_DIR / "latest.json").write_text(text)
+    print(report.text_summary(results))
+    print(f"[bench] results: {path}")
+    write_docs = args.docs if args.docs is not None else not args.quick and not args.only
+    if write_docs:
+        with contextlib.suppress(KeyboardInterrupt):
+            written = report.write_docs(results, DOCS_DIR)
+            print(f"[bench] wrote {', '.join(str(w) for w in written)}")
+    failed = [k for k, v in results["scenarios"].items() if "error" in v]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

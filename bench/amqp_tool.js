@@ -1,0 +1,113 @@
+// Measuring instruments of the benchmark harness, in Node's amqplib (a fast AMQP client, so the
+// instrument is not what limits the figure). Driven by bench/nodetool.py; one JSON argument.
+//
+//   node amqp_tool.js publish '{"url":..,"exchange":..,"routingKey":..,"count":N,"size":500,"window":1000}'
+//     Reference publisher for the broker ceiling: persistent, mandatory, publisher confirms with at
+//     most `window` unconfirmed, a JSON body of exactly `size` bytes and the relay's properties and
+//     headers. Prints one JSON line {published, seconds, rate} (first publish -> last confirm).
+//
+//   node amqp_tool.js consume '{"url":..,"queue":..,"out":"/path","prefetch":2000}'
+//     Latency consumer: auto-ack, records per message the arrival time (epoch ms, sub-ms) and the
+//     `commit_time` / `created_at` headers. Prints "ready" once consuming; on SIGTERM/SIGINT writes
+//     tab-separated lines `arrival_ms<TAB>commit_time<TAB>created_at` to `out` and exits 0.
+'use strict';
+
+const amqp = require('amqplib');
+const fs = require('fs');
+const { performance } = require('perf_hooks');
+
+const nowMs = () => performance.timeOrigin + performance.now();
+
+function body(size, i) {
+  const head = `{"deviceId": "dev-${i % 1000}", "userId": "u-${i % 97}", "pad": "`;
+  const tail = '"}';
+  const padLen = Math.max(0, size - head.length - tail.length);
+  return Buffer.from(head + 'x'.repeat(padLen) + tail);
+}
+
+async function publish(opts) {
+  const conn = await amqp.connect(opts.url);
+  const ch = await conn.createConfirmChannel();
+  const window = opts.window || 1000;
+  const count = opts.count;
+  const payload = body(opts.size || 500, 0);
+  let inFlight = 0;
+  let confirmed = 0;
+  let nacked = 0;
+  let wake = null;
+  ch.on('return', () => { nacked += 1; });
+  const started = nowMs();
+  await new Promise((resolve, reject) => {
+    ch.on('error', reject);
+    const onConfirm = (err) => {
+      inFlight -= 1;
+      if (err) nacked += 1; else confirmed += 1;
+      if (confirmed + nacked === count) resolve();
+      if (wake && inFlight < window) { const w = wake; wake = null; w(); }
+    };
+    (async () => {
+      for (let i = 0; i < count; i += 1) {
+        if (inFlight >= window) await new Promise((r) => { wake = r; });
+        inFlight += 1;
+        const now = new Date();
+        const ok = ch.publish(opts.exchange, opts.routingKey, payload, {
+          persistent: true,
+          mandatory: true,
+          contentType: 'application/json',
+          type: opts.routingKey,
+          messageId: `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`,
+          timestamp: Math.floor(now.getTime() / 1000),
+          headers: {
+            aggregate_type: 'device',
+            aggregate_id: `dev-${i % 1000}`,
+            commit_lsn: '0/16B3748',
+            commit_time: now.toISOString(),
+            created_at: now.toISOString(),
+          },
+        }, onConfirm);
+        if (!ok) await new Promise((r) => ch.once('drain', r));
+      }
+    })().catch(reject);
+  });
+  const seconds = (nowMs() - started) / 1000;
+  await ch.close();
+  await conn.close();
+  process.stdout.write(JSON.stringify({
+    published: confirmed, nacked, seconds, rate: confirmed / seconds,
+  }) + '\n');
+}
+
+async function consume(opts) {
+  const conn = await amqp.connect(opts.url);
+  const ch = await conn.createChannel();
+  await ch.prefetch(opts.prefetch || 2000);
+  const lines = [];
+  await ch.consume(opts.queue, (msg) => {
+    if (msg === null) return;
+    const h = msg.properties.headers || {};
+    lines.push(`${nowMs().toFixed(3)}\t${h.commit_time || ''}\t${h.created_at || ''}`);
+  }, { noAck: true });
+  let finished = false;
+  const finish = async () => {
+    if (finished) return;
+    finished = true;
+    fs.writeFileSync(opts.out, lines.join('\n') + (lines.length ? '\n' : ''));
+    try { await conn.close(); } catch (e) { /* closing anyway */ }
+    process.exit(0);
+  };
+  process.on('SIGTERM', finish);
+  process.on('SIGINT', finish);
+  process.stdout.write('ready\n');
+}
+
+const [mode, arg] = process.argv.slice(2);
+const opts = JSON.parse(arg || '{}');
+const run = mode === 'publish' ? publish : mode === 'consume' ? consume : null;
+if (run === null) {
+  process.stderr.write('usage: node amqp_tool.js publish|consume JSON\n');
+  process.exit(2);
+}
+run(opts).catch((err) => {
+  process.stderr.write(`amqp_tool ${mode}: ${err && err.stack ? err.stack : err}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,45 @@
+"""Sizes of one harness run: the full run (under ~15 minutes here) and ``--quick``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """Every count and duration a scenario uses; printed into the results."""
+
+    payload_size: int = 500  # bytes of the published body (jsonb as PostgreSQL prints it)
+    window: int = 1000  # confirm window of the reference publisher (the relay's default)
+    backlog_rows_per_txn: int = 100
+    drain_events: int = 200_000  # also the ceiling's message count: same queue growth
+    steady_levels: tuple[float, ...] = (0.25, 0.50, 0.75)
+    steady_seconds: float = 20.0
+    steady_warmup: float = 3.0  # per level, excluded from the figures
+    steady_rows_per_txn: int = 10
+    shape_events: int = 20_000
+    shape_payloads: tuple[int, ...] = (100, 1_000, 10_000)
+    shape_txn_sizes: tuple[int, ...] = (1, 10, 100)
+    shape_rate: float = 500.0  # offered events/s for the latency of each shape point
+    shape_seconds: float = 8.0
+    rss_events: int = 1_000_000
+    rss_queue_cap: int = 10_000  # the RSS drain's queue keeps the newest N (drop-head)
+    seed_poll_interval: float = 5.0
+    seed_poll_limit: int = 100
+    seed_backlog: int = 2_000
+    seed_polls: int = 4  # throughput window = seed_polls x poll interval
+    seed_rate: float = 10.0  # events/s (one row per transaction) for the latency comparison
+    seed_seconds: float = 20.0
+    consumer_pairs: int = 5_000  # device.started + device.stopped pairs (2 events each)
+    max_drain_seconds: float = 300.0  # a drain (or a consumer run) slower than this is cut
+    rss_max_seconds: float = 420.0  # the RSS drain is cut here; RSS is still reported
+    consumer_max_seconds: float = 120.0  # per replica count; a slower drain is cut
+
+    @classmethod
+    def quick(cls) -> Params:
+        """Small counts for development: every scenario in a few minutes, noisy figures."""
+        return cls(
+            drain_events=20_000, steady_seconds=8.0, steady_warmup=2.0, shape_events=5_000,
+            shape_seconds=4.0, rss_events=100_000, seed_backlog=500, seed_polls=3,
+            seed_seconds=12.0, consumer_pairs=1_000, rss_max_seconds=180.0,
+        )
