@@ -9,6 +9,12 @@ which rows to write and how much each user's spend moves, so balances are exact 
 record costs. :class:`Ledger` is the same algorithm over dicts: the reference model of the
 tests and of the integration test's expected tables.
 
+Windowed recompute: after new events of a device, only the sessions starting at or after
+the last stop/delete before the earliest new event can change. :func:`select_window` says
+what of the history that needs (the reference of the store's SQL) and
+:func:`window_records` recomputes it; the result equals the full recompute's records from
+that point on (a property test checks it after every delivery).
+
 Pairing rule, in event-time order (ties: stop, then delete, then start; then message id):
 
 - a start opens a session unless one is open (a second start while running is ignored);

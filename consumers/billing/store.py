@@ -9,7 +9,10 @@ One statement (the ``billing_state`` function) reads and locks, one more writes 
 change: an event costs one or two round trips, a balance crossing one more.
 :meth:`BillingStore.device_events` does the same for a whole batch of events in two
 statements (``billing_state_many``, then one ``billing_write``), locking the batch's devices
-in sorted order; the worker uses it and keeps the one-event form as its fallback.
+in sorted order, and reads only each device's window (:func:`metering.select_window`: from
+the last stop/delete before the earliest new event), so its cost does not grow with a
+device's history; the worker uses it and keeps the one-event form (whole history) as its
+fallback.
 
 Locks (transaction-scoped advisory locks, so replicas serialise per device): a device event
 takes the device's lock, then a shared lock on each session owner before reading plans; a
@@ -351,9 +354,10 @@ class BillingStore:
     async def device_events(
         self, conn: psycopg.AsyncConnection[Any], events: Sequence[DeviceEvent]
     ) -> list[Alert]:
-        """:meth:`device_event` for many events at once: one locked read, one recompute per
-        device that got a new event, one write of all the changes. The tables end as if the
-        events had come one by one (in any order): they are a function of the set."""
+        """:meth:`device_event` for many events at once: one locked read, one recompute of
+        the window of each device that got a new event, one write of all the changes. The
+        tables end as if the events had come one by one (in any order): they are a function
+        of the set."""
         if not events:
             return []
         cur = await _execute(conn, self._state_many, (
