@@ -9,6 +9,12 @@ which rows to write and how much each user's spend moves, so balances are exact 
 record costs. :class:`Ledger` is the same algorithm over dicts: the reference model of the
 tests and of the integration test's expected tables.
 
+Windowed recompute: after new events of a device, only the sessions starting at or after
+the last stop/delete before the earliest new event can change. :func:`select_window` says
+what of the history that needs (the reference of the store's SQL) and
+:func:`window_records` recomputes it; the result equals the full recompute's records from
+that point on (a property test checks it after every delivery).
+
 Pairing rule, in event-time order (ties: stop, then delete, then start; then message id):
 
 - a start opens a session unless one is open (a second start while running is ignored);
@@ -156,13 +162,72 @@ def device_records(
     ``events`` must all be of the same device; ``plan_changes`` may hold any users' plan
     changes (only the session owners' count). The result is sorted by start time.
     """
+    return window_records(events, None, False, plan_changes, pricing)
+
+
+class Window(NamedTuple):
+    """What a windowed recompute reads of a device (see :func:`select_window`).
+
+    ``since`` is the event time of the last stop/delete before the earliest new event (None:
+    the whole history); ``events`` are the device's events at or after ``since``;
+    ``prior_rate`` the latest rate-carrying start/update before ``since``; ``ended`` whether
+    a delete comes before ``since``. Records that start before ``since`` cannot change."""
+
+    since: datetime | None
+    events: tuple[DeviceEvent, ...]
+    prior_rate: DeviceEvent | None
+    ended: bool
+
+
+def _carries_rate(event: DeviceEvent) -> bool:
+    return event.kind in ("start", "update") and (event.rate is not None or event.plan is not None)
+
+
+def select_window(events: Iterable[DeviceEvent], earliest_new: datetime) -> Window:
+    """The reference of the store's windowed read: which stored events of a device (new
+    ones included) a recompute needs after new events at or after ``earliest_new``.
+
+    Why it is enough: every event at or before the last stop/delete before ``earliest_new``
+    (call its time ``since``) leaves no session open, so pairing restarts closed at
+    ``since`` (events at ``since`` that precede that stop are closers too). A session
+    starting before ``since`` closed by then and its rate depends only on older events, so
+    its record is unchanged; the sessions starting at or after ``since`` need the window's
+    events, the rate in force before ``since`` and whether the device already ended."""
+    unique = list({e.message_id: e for e in events}.values())
+    closes = [e.at for e in unique if e.kind in ("stop", "delete") and e.at < earliest_new]
+    since = max(closes, default=None)
+    if since is None:
+        return Window(None, tuple(unique), None, False)
+    rates = [e for e in unique if e.at < since and _carries_rate(e)]
+    return Window(
+        since,
+        tuple(e for e in unique if e.at >= since),
+        max(rates, key=lambda e: (e.at, e.message_id), default=None),
+        any(e.kind == "delete" and e.at < since for e in unique),
+    )
+
+
+def window_records(
+    events: Iterable[DeviceEvent],
+    prior_rate: DeviceEvent | None,
+    ended: bool,
+    plan_changes: Iterable[PlanChange] = (),
+    pricing: Pricing | None = None,
+) -> tuple[UsageRecord, ...]:
+    """The records of the sessions that start in a window of a device's history: pairing
+    starts closed at the window's first event, ``prior_rate`` (the latest rate-carrying
+    event before the window) counts for the rate in force, and ``ended`` (a delete before
+    the window) means nothing in it counts. With the whole history this is
+    :func:`device_records`."""
     pricing = pricing or Pricing()
+    if ended:
+        return ()
     unique = {e.message_id: e for e in events}
     timeline = sorted(unique.values(), key=lambda e: e.order)
     device_rates = [
         (e.at, e.message_id, e.rate if e.rate is not None else pricing.rate_of(e.plan))
-        for e in timeline
-        if e.kind in ("start", "update") and (e.rate is not None or e.plan is not None)
+        for e in ([prior_rate] if prior_rate is not None else []) + timeline
+        if _carries_rate(e)
     ]
     user_plans: dict[str, list[tuple[datetime, str, Decimal]]] = {}
     for change in {c.message_id: c for c in plan_changes}.values():
@@ -275,6 +340,11 @@ class Ledger:
     records: dict[str, UsageRecord] = field(default_factory=dict)
     spent: dict[str, Decimal] = field(default_factory=dict)
     alerts: dict[str, Decimal] = field(default_factory=dict)
+    #: Recompute a device from its window (:func:`select_window`) after new device events,
+    #: like the store, instead of from its whole history; ``events_read`` counts the stored
+    #: events the recomputes read (window events and prior rates).
+    windowed: bool = False
+    events_read: int = 0
 
     def balance(self, user_id: str) -> Decimal:
         return self.initial_balance - self.spent.get(user_id, Decimal(0))
@@ -298,15 +368,16 @@ class Ledger:
             if event.message_id in seen:
                 return
             seen[event.message_id] = event
-            devices = [event.device_id]
+            self._write(self._diff(event.device_id, event.at))
+            return
         for device in devices:
-            self._recompute(device)
+            self._write(self._diff(device))
 
     def apply_batch(self, batch: Iterable[DeviceEvent | PlanChange]) -> None:
         """What the worker's batch path does: store the batch's device events once,
         recompute every device that got a new one and write one merged diff, then apply
         the batch's plan changes one by one."""
-        touched: set[str] = set()
+        touched: dict[str, datetime] = {}
         plans: list[PlanChange] = []
         for event in batch:
             if isinstance(event, PlanChange):
@@ -315,19 +386,30 @@ class Ledger:
             seen = self.device_events.setdefault(event.device_id, {})
             if event.message_id not in seen:
                 seen[event.message_id] = event
-                touched.add(event.device_id)
-        self._write(merge_diffs(self._diff(device) for device in sorted(touched)))
+                first = touched.get(event.device_id)
+                touched[event.device_id] = event.at if first is None else min(first, event.at)
+        self._write(merge_diffs(self._diff(d, first) for d, first in sorted(touched.items())))
         for change in plans:
             self.apply(change)
 
-    def _diff(self, device_id: str) -> RecordDiff:
+    def _diff(self, device_id: str, earliest_new: datetime | None = None) -> RecordDiff:
+        """Recompute a device after new events from ``earliest_new`` on (None: a plan
+        change, which re-rates the whole device)."""
         events = self.device_events[device_id].values()
-        new = device_records(events, self.plan_changes.values(), self.pricing)
-        old = [r for r in self.records.values() if r.device_id == device_id]
+        if not self.windowed or earliest_new is None:
+            window = Window(None, tuple(events), None, False)
+        else:
+            window = select_window(events, earliest_new)
+        self.events_read += len(window.events) + (window.prior_rate is not None)
+        new = window_records(
+            window.events, window.prior_rate, window.ended, self.plan_changes.values(),
+            self.pricing,
+        )
+        old = [
+            r for r in self.records.values()
+            if r.device_id == device_id and (window.since is None or r.started_at >= window.since)
+        ]
         return diff_records(old, new)
-
-    def _recompute(self, device_id: str) -> None:
-        self._write(self._diff(device_id))
 
     def _write(self, diff: RecordDiff) -> None:
         for rid in diff.deletes:

@@ -9,7 +9,10 @@ One statement (the ``billing_state`` function) reads and locks, one more writes 
 change: an event costs one or two round trips, a balance crossing one more.
 :meth:`BillingStore.device_events` does the same for a whole batch of events in two
 statements (``billing_state_many``, then one ``billing_write``), locking the batch's devices
-in sorted order; the worker uses it and keeps the one-event form as its fallback.
+in sorted order, and reads only each device's window (:func:`metering.select_window`: from
+the last stop/delete before the earliest new event), so its cost does not grow with a
+device's history; the worker uses it and keeps the one-event form (whole history) as its
+fallback.
 
 Locks (transaction-scoped advisory locks, so replicas serialise per device): a device event
 takes the device's lock, then a shared lock on each session owner before reading plans; a
@@ -48,7 +51,18 @@ _DDL = (
         plan       text,
         rate       numeric
     )""",
-    "CREATE INDEX IF NOT EXISTS device_events_device_idx ON {s}.device_events (device_id)",
+    # By device and event time: the windowed recompute reads a device's events from a time
+    # on; the partial ones find the window's edge (the last stop/delete before the new
+    # events), the rate in force before it and an earlier delete without a scan of history.
+    "CREATE INDEX IF NOT EXISTS device_events_device_at_idx ON {s}.device_events"
+    " (device_id, at)",
+    "CREATE INDEX IF NOT EXISTS device_events_close_idx ON {s}.device_events (device_id, at)"
+    " WHERE kind IN ('stop', 'delete')",
+    "CREATE INDEX IF NOT EXISTS device_events_delete_idx ON {s}.device_events (device_id, at)"
+    " WHERE kind = 'delete'",
+    "CREATE INDEX IF NOT EXISTS device_events_rate_idx ON {s}.device_events"
+    " (device_id, at, message_id COLLATE \"C\") WHERE kind IN ('start', 'update')"
+    " AND (rate IS NOT NULL OR plan IS NOT NULL)",
     "CREATE INDEX IF NOT EXISTS device_events_user_idx ON {s}.device_events (user_id)"
     " WHERE kind = 'start'",
     """CREATE TABLE IF NOT EXISTS {s}.user_plans (
@@ -69,7 +83,8 @@ _DDL = (
         cost             numeric(20, 6) NOT NULL,
         closed_by        text NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS usage_records_device_idx ON {s}.usage_records (device_id)",
+    "CREATE INDEX IF NOT EXISTS usage_records_device_start_idx ON {s}.usage_records"
+    " (device_id, started_at)",
     "CREATE INDEX IF NOT EXISTS usage_records_user_idx ON {s}.usage_records (user_id)",
     """CREATE TABLE IF NOT EXISTS {s}.balances (
         user_id text PRIMARY KEY,
@@ -120,7 +135,11 @@ _DDL = (
     # The batch form of billing_state, one round trip for a whole batch of device events:
     # lock every device of the batch in one sorted order (two replicas' batches queue behind
     # each other, never in a cycle), store the events once, then lock the owners of the
-    # devices that got a new event (shared, sorted) and return those devices' state.
+    # devices that got a new event (shared, sorted) and return those devices' windows
+    # (metering.select_window): the events from the last stop/delete before the earliest new
+    # event on ('e'), the latest rate-carrying event before that ('x'), a delete before it
+    # ('d'), and the records that start in the window ('r'). Ties at equal times are broken
+    # by message id in byte order (COLLATE "C"), as Python compares them.
     """CREATE OR REPLACE FUNCTION {s}.billing_state_many(
         p_ids text[], p_devices text[], p_kinds text[], p_ats timestamptz[], p_users text[],
         p_plans text[], p_rates numeric[]
@@ -132,6 +151,7 @@ _DDL = (
     DECLARE
         d text;
         touched text[];
+        since timestamptz[];
         owners text[];
     BEGIN
         FOR d IN SELECT DISTINCT x FROM unnest(p_devices) AS x ORDER BY x LOOP
@@ -141,29 +161,53 @@ _DDL = (
             INSERT INTO {s}.device_events (message_id, device_id, kind, at, user_id, plan, rate)
             SELECT * FROM unnest(p_ids, p_devices, p_kinds, p_ats, p_users, p_plans, p_rates)
             ORDER BY 1
-            ON CONFLICT DO NOTHING RETURNING device_id
+            ON CONFLICT DO NOTHING RETURNING device_id, at
         )
-        SELECT coalesce(array_agg(DISTINCT ins.device_id), '{{}}') INTO touched FROM ins;
+        SELECT coalesce(array_agg(m.d ORDER BY m.d), '{{}}'),
+               coalesce(array_agg(coalesce(c.at, '-infinity') ORDER BY m.d), '{{}}')
+          INTO touched, since
+          FROM (SELECT ins.device_id AS d, min(ins.at) AS t FROM ins GROUP BY 1) m
+          LEFT JOIN LATERAL (
+               SELECT x.at FROM {s}.device_events x
+                WHERE x.device_id = m.d AND x.kind IN ('stop', 'delete') AND x.at < m.t
+                ORDER BY x.at DESC LIMIT 1) c ON true;
         -- (LATERAL per device: an index lookup each, whatever the table's statistics say;
         -- "device_id = ANY(array)" was planned as a scan of the whole table)
         SELECT coalesce(array_agg(DISTINCT e.user_id ORDER BY e.user_id), '{{}}') INTO owners
-          FROM unnest(touched) AS t(d), LATERAL (
+          FROM unnest(touched, since) AS t(d, w), LATERAL (
                SELECT x.user_id FROM {s}.device_events x
-                WHERE x.device_id = t.d AND x.kind = 'start' AND x.user_id IS NOT NULL) e;
+                WHERE x.device_id = t.d AND x.at >= t.w AND x.kind = 'start'
+                  AND x.user_id IS NOT NULL) e;
         PERFORM pg_advisory_xact_lock_shared(hashtextextended('billing user ' || o, 0))
            FROM unnest(owners) AS o ORDER BY o;
         RETURN QUERY SELECT 'e'::text, e.device_id, e.message_id, e.kind, e.at,
             NULL::timestamptz, e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
-          FROM unnest(touched) AS t(d),
-               LATERAL (SELECT * FROM {s}.device_events x WHERE x.device_id = t.d) e;
+          FROM unnest(touched, since) AS t(d, w),
+               LATERAL (SELECT * FROM {s}.device_events x
+                         WHERE x.device_id = t.d AND x.at >= t.w) e;
+        RETURN QUERY SELECT 'x'::text, e.device_id, e.message_id, e.kind, e.at,
+            NULL::timestamptz, e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
+          FROM unnest(touched, since) AS t(d, w),
+               LATERAL (SELECT * FROM {s}.device_events x
+                         WHERE x.device_id = t.d AND x.at < t.w
+                           AND x.kind IN ('start', 'update')
+                           AND (x.rate IS NOT NULL OR x.plan IS NOT NULL)
+                         ORDER BY x.at DESC, x.message_id COLLATE "C" DESC LIMIT 1) e;
+        RETURN QUERY SELECT 'd'::text, t.d, NULL::text, NULL::text, NULL::timestamptz,
+            NULL::timestamptz, NULL::text, NULL::text, NULL::numeric, NULL::numeric,
+            NULL::numeric
+          FROM unnest(touched, since) AS t(d, w)
+         WHERE EXISTS (SELECT 1 FROM {s}.device_events x
+                        WHERE x.device_id = t.d AND x.kind = 'delete' AND x.at < t.w);
         RETURN QUERY SELECT 'p'::text, NULL::text, p.message_id, NULL::text, p.at,
             NULL::timestamptz, p.user_id, p.plan, NULL::numeric, NULL::numeric, NULL::numeric
           FROM unnest(owners) AS o(u),
                LATERAL (SELECT * FROM {s}.user_plans x WHERE x.user_id = o.u) p;
         RETURN QUERY SELECT 'r'::text, r.device_id, r.record_id, r.closed_by, r.started_at,
             r.stopped_at, r.user_id, NULL::text, r.rate, r.duration_seconds, r.cost
-          FROM unnest(touched) AS t(d),
-               LATERAL (SELECT * FROM {s}.usage_records x WHERE x.device_id = t.d) r;
+          FROM unnest(touched, since) AS t(d, w),
+               LATERAL (SELECT * FROM {s}.usage_records x
+                         WHERE x.device_id = t.d AND x.started_at >= t.w) r;
     END
     $fn$""",
     # The write of a recompute: records out, records in, balances moved by the spend change.
@@ -310,9 +354,10 @@ class BillingStore:
     async def device_events(
         self, conn: psycopg.AsyncConnection[Any], events: Sequence[DeviceEvent]
     ) -> list[Alert]:
-        """:meth:`device_event` for many events at once: one locked read, one recompute per
-        device that got a new event, one write of all the changes. The tables end as if the
-        events had come one by one (in any order): they are a function of the set."""
+        """:meth:`device_event` for many events at once: one locked read, one recompute of
+        the window of each device that got a new event, one write of all the changes. The
+        tables end as if the events had come one by one (in any order): they are a function
+        of the set."""
         if not events:
             return []
         cur = await _execute(conn, self._state_many, (
@@ -321,6 +366,8 @@ class BillingStore:
             [e.plan for e in events], [e.rate for e in events],
         ))
         stored: dict[str, list[DeviceEvent]] = {}
+        prior: dict[str, DeviceEvent] = {}
+        ended: set[str] = set()
         old: dict[str, list[UsageRecord]] = {}
         plans = []
         for tag, device, ident, kind, at, stopped_at, user, plan, rate, duration, cost in (
@@ -330,6 +377,10 @@ class BillingStore:
                 stored.setdefault(device, []).append(
                     DeviceEvent(ident, device, kind, at, user, plan, rate)
                 )
+            elif tag == "x":
+                prior[device] = DeviceEvent(ident, device, kind, at, user, plan, rate)
+            elif tag == "d":
+                ended.add(device)
             elif tag == "p":
                 plans.append(PlanChange(ident, user, at, plan))
             else:
@@ -338,7 +389,10 @@ class BillingStore:
                 )
         diff = metering.merge_diffs(
             metering.diff_records(
-                old.get(device, ()), metering.device_records(evs, plans, self.pricing)
+                old.get(device, ()),
+                metering.window_records(
+                    evs, prior.get(device), device in ended, plans, self.pricing
+                ),
             )
             for device, evs in sorted(stored.items())
         )

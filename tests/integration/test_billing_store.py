@@ -16,7 +16,7 @@ from billing_scenario import PRICING, delivery_order, expected, record_rows, sce
 from conftest import db_url
 from psycopg import sql
 
-from consumers.billing.metering import DeviceEvent, PlanChange, balance_low_id
+from consumers.billing.metering import DeviceEvent, Ledger, PlanChange, balance_low_id, meter
 from consumers.billing.store import BillingStore, schema_ddl
 
 pytestmark = pytest.mark.integration
@@ -230,3 +230,105 @@ async def test_two_connections_applying_overlapping_batches_agree(pg_schema, pg_
     store = _store(pg_schema)
     await asyncio.gather(*(_apply_batches(url, store, half, batch=6) for half in halves))
     _check(url, pg_schema, events)
+
+
+# -- the windowed recompute (branch history) --------------------------------------------------
+
+
+def _random_events(seed: int, n: int = 70) -> list[DeviceEvent | PlanChange]:
+    """Two devices, two users, minutes on a coarse grid (ties), ids whose order differs
+    between byte order and a natural-language collation, rates and plans, rare deletes."""
+    rng = random.Random(seed)
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    out: list[DeviceEvent | PlanChange] = []
+    for i in range(n):
+        mid = f"{rng.choice(['a', 'B', '_', 'Z', 'b'])}{i}"
+        at = t0 + dt.timedelta(minutes=rng.randrange(0, 120, 5))
+        device, user = rng.choice(["d1", "d2"]), rng.choice(["u1", "u2"])
+        kind = rng.choice(["start"] * 4 + ["stop"] * 4 + ["update", "plan", "delete"])
+        if kind == "plan":
+            out.append(PlanChange(mid, user, at, rng.choice(["basic", "pro"])))
+        elif kind == "update":
+            out.append(DeviceEvent(mid, device, "update", at, None, None,
+                                   rng.choice([Decimal("45"), Decimal("120")])))
+        elif kind == "start":
+            out.append(DeviceEvent(mid, device, "start", at, user,
+                                   rng.choice([None, None, "pro", "basic"])))
+        elif kind == "delete" and rng.random() < 0.5:
+            out.append(DeviceEvent(mid, device, "delete", at))
+        else:
+            out.append(DeviceEvent(mid, device, "stop", at))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_windowed_sql_equals_the_full_recompute_after_every_batch(
+    pg_schema, pg_session_db, seed
+):
+    """The store reads only a window of each device's history; after every batch (random
+    sizes, random order, duplicates) records, balances and alerts equal the full recompute's
+    (:class:`Ledger` without windows) of the events delivered so far."""
+    url = db_url(pg_session_db)
+    await _prepare(url, pg_schema)
+    rng = random.Random(seed)
+    events = _random_events(seed)
+    order = events + rng.sample(events, 15)
+    rng.shuffle(order)
+    store = _store(pg_schema)
+    ledger = Ledger(PRICING, initial_balance=INITIAL, threshold=THRESHOLD)
+    s = sql.Identifier(pg_schema)
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        while order:
+            size = rng.randint(1, 6)
+            chunk, order = order[:size], order[size:]
+            await store.device_events(conn, [e for e in chunk if isinstance(e, DeviceEvent)])
+            for e in chunk:
+                if isinstance(e, PlanChange):
+                    await store.plan_change(conn, e)
+            await conn.commit()
+            ledger.apply_batch(chunk)
+            records, balances, _ = _tables(url, pg_schema)
+            assert records == record_rows(ledger.records)
+            assert balances == ledger.balances()
+            alerts = await (await conn.execute(
+                sql.SQL("SELECT user_id, balance FROM {}.balance_alerts").format(s))).fetchall()
+            await conn.commit()
+            assert dict(alerts) == ledger.alerts
+
+
+async def test_a_long_history_is_read_as_a_window(pg_schema, pg_session_db):
+    """A device with 400 sessions: a new stop makes billing_state_many return the window's
+    few events (counted), not the history, and the records stay those of the whole set."""
+    url = db_url(pg_session_db)
+    await _prepare(url, pg_schema)
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    history: list[DeviceEvent] = []
+    for k in range(400):
+        history += [
+            DeviceEvent(f"s{k:03}", "d1", "start", t0 + dt.timedelta(hours=k), "u1",
+                        "pro" if k == 0 else None),
+            DeviceEvent(f"t{k:03}", "d1", "stop", t0 + dt.timedelta(hours=k, minutes=30)),
+        ]
+    new = [DeviceEvent("s-new", "d1", "start", t0 + dt.timedelta(hours=500), "u1"),
+           DeviceEvent("t-new", "d1", "stop", t0 + dt.timedelta(hours=501))]
+    store = _store(pg_schema)
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        for i in range(0, len(history), 100):
+            await store.device_events(conn, history[i : i + 100])
+        await conn.commit()
+        cur = await conn.execute(
+            sql.SQL("SELECT tag, id FROM {}.billing_state_many(%s, %s, %s, %s, %s, %s, %s)")
+            .format(sql.Identifier(pg_schema)),
+            ([e.message_id for e in new], ["d1"] * 2, [e.kind for e in new],
+             [e.at for e in new], [e.user_id for e in new], [None, None], [None, None]),
+        )
+        rows = await cur.fetchall()
+        await conn.rollback()
+        assert sorted(i for tag, i in rows if tag == "e") == ["s-new", "t-new", "t399"]
+        assert [i for tag, i in rows if tag == "x"] == ["s000"]  # the plan in force
+        assert not [i for tag, i in rows if tag == "r"]  # no record starts in the window
+        await store.device_events(conn, new)
+        await conn.commit()
+    records, _, _ = _tables(url, pg_schema)
+    assert records == record_rows(meter([*history, *new], PRICING)[0])
+    assert len(records) == 401 and records[0][0] == "s-new" and records[0][6] == Decimal("90")

@@ -26,6 +26,7 @@ from consumers.billing.metering import (
     merge_diffs,
     meter,
     seconds_between,
+    select_window,
     session_cost,
 )
 
@@ -213,6 +214,15 @@ def _deliver(events, order, dups):
     return delivered
 
 
+def _draw_delivery(data, events):
+    """A drawn arrival order of ``events`` with drawn duplicates."""
+    return _deliver(
+        events,
+        data.draw(st.permutations(range(len(events))), label="order"),
+        data.draw(st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100)), max_size=10)),
+    )
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), events=event_sets())
 def test_any_order_with_any_duplicates_gives_identical_records_and_balances(data, events):
@@ -271,11 +281,7 @@ def test_the_property_on_a_big_fixed_set(seed):
 @given(data=st.data(), events=event_sets())
 def test_batches_of_any_size_in_any_order_give_the_records_of_the_set(data, events):
     """The batch path's model (``Ledger.apply_batch``): same records and spend as the set."""
-    delivered = _deliver(
-        events,
-        data.draw(st.permutations(range(len(events))), label="order"),
-        data.draw(st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100)), max_size=10)),
-    )
+    delivered = _draw_delivery(data, events)
     size = data.draw(st.integers(1, 12), label="batch size")
     ledger = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
     for i in range(0, len(delivered), size):
@@ -295,3 +301,82 @@ def test_merged_diffs_sum_spend_per_user_and_drop_zero_sums():
     assert merged.deletes == ("s2",)
     assert merged.spent_delta == {"u2": c.spent_delta["u2"]}  # u1: +x and -x
     assert merge_diffs([]).empty
+
+
+# -- the windowed recompute -------------------------------------------------------------------
+
+
+def _state(ledger: Ledger):
+    return ledger.records, ledger.spent, ledger.alerts
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data(), events=event_sets())
+def test_the_windowed_recompute_equals_the_full_one_after_every_delivery(data, events):
+    """Arbitrary arrival order, duplicates and batch sizes: after every single delivery and
+    every batch the windowed recompute (what the store does) has the records, spend and
+    alerts of the full recompute, not only at the end."""
+    delivered = _draw_delivery(data, events)
+    size = data.draw(st.integers(1, 6), label="batch size")
+    full = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    windowed = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"),
+                      windowed=True)
+    for e in delivered:
+        full.apply(e)
+        windowed.apply(e)
+        assert _state(windowed) == _state(full)
+    full_b = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    windowed_b = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"),
+                        windowed=True)
+    for i in range(0, len(delivered), size):
+        full_b.apply_batch(delivered[i : i + size])
+        windowed_b.apply_batch(delivered[i : i + size])
+        assert _state(windowed_b) == _state(full_b)
+    assert (windowed.records, windowed.spent) == meter(events, PRICING)
+
+
+def test_a_window_starts_at_the_last_close_and_carries_rate_and_end():
+    events = [start("s1", 0, rate=Decimal("3")), stop("t1", 10), start("s2", 20), stop("t2", 30),
+              start("s3", 40)]
+    w = select_window(events, at(35))
+    assert w.since == at(30)
+    assert [e.message_id for e in w.events] == ["t2", "s3"]
+    assert w.prior_rate is not None and w.prior_rate.message_id == "s1" and not w.ended
+    assert select_window(events, at(5)).since is None  # nothing closed before: everything
+    ended = select_window([*events, delete("x", 15), stop("t9", 50)], at(55))
+    assert ended.since == at(50) and ended.ended
+
+
+def test_a_late_event_before_the_window_widens_it():
+    """A start arriving late before a stop that was already the window's edge: the window
+    moves back to the close before that start, and the record it makes appears."""
+    ledger = Ledger(PRICING, windowed=True)
+    for e in [start("s1", 0), stop("t1", 10), stop("t2", 30), start("s3", 40), stop("t3", 50)]:
+        ledger.apply(e)
+    ledger.apply(start("s2", 20, rate=Decimal("6")))
+    assert ledger.records == meter(
+        [start("s1", 0), stop("t1", 10), start("s2", 20, rate=Decimal("6")), stop("t2", 30),
+         start("s3", 40), stop("t3", 50)], PRICING)[0]
+    assert ledger.records["s3"].rate == Decimal("6")  # the late rate re-rates later sessions
+
+
+def test_a_long_history_costs_a_window_not_the_history():
+    """A year of sessions (2,000 events): the windowed recompute of each new event reads a
+    handful of stored events, the full one the whole history."""
+    history = []
+    for k in range(1000):
+        history += [start(f"s{k}", 10 * k, rate=Decimal("2") if k == 0 else None),
+                    stop(f"t{k}", 10 * k + 5)]
+    full, windowed = Ledger(PRICING), Ledger(PRICING, windowed=True)
+    for e in history:
+        full.apply(e)
+        windowed.apply(e)
+    assert windowed.records == full.records and len(full.records) == 1000
+    full.events_read = windowed.events_read = 0
+    for e in [start("late-s", 10_000), stop("late-t", 10_003)]:
+        full.apply(e)
+        windowed.apply(e)
+    assert windowed.records == full.records
+    assert windowed.records["late-s"].rate == Decimal("2")  # set 1,000 sessions earlier
+    assert full.events_read >= 2 * 2000
+    assert windowed.events_read <= 2 * 4  # the last stop, the new events, the prior rate
