@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -80,6 +81,10 @@ async def _scenario(
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     p = Params.quick() if args.quick else Params()
+    if args.window:
+        p = dataclasses.replace(p, window=args.window)
+    # The relay's unconfirmed-publish window is the reference publisher's: like with like.
+    os.environ["CDC_MAX_IN_FLIGHT"] = str(p.window)
     run = Run(
         admin_url=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         amqp_root_url=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
@@ -148,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for development")
+    parser.add_argument("--window", type=int, default=0,
+                        help="confirm window of the reference publisher and of the relay "
+                             "(CDC_MAX_IN_FLIGHT); default 1000, the relay's default")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     docs = parser.add_mutually_exclusive_group()
     docs.add_argument("--docs", dest="docs", action="store_true", default=None,
