@@ -140,6 +140,20 @@ def metric_sum(text: str, name: str, **labels: str) -> float | None:
     return sum(v for lab, v in samples if all(lab.get(k) == val for k, val in labels.items()))
 
 
+
+class Teardown:
+    """Runs cleanup steps one after another, collecting failures instead of stopping."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def step(self, what: str, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self.errors.append(f"{what}: {exc!r}")
+
+
 def _run_async_in_thread(coro_fn: Callable[[], Any], timeout: float = 60) -> Any:
     """Run a coroutine function on a fresh loop in a fresh thread (safe from any context)."""
     result: dict[str, Any] = {}
@@ -866,25 +880,18 @@ class Domain:
         return "\n".join(w.tail(40) for w in self.workers)
 
     def cleanup(self) -> list[str]:
-        errors: list[str] = []
+        t = Teardown()
+        broker = self.env.broker
         for w in self.workers:
-            try:
-                w.stop()
-            except Exception as exc:
-                errors.append(f"stop {w.name}: {exc!r}")
+            t.step(f"stop {w.name}", w.stop)
         for names in self._names:
             queues = [q for q, _ in names.queues]
             queues += [rq.name for rq in names.retry_queues] + [names.parking_queue]
             for q in queues:
-                try:
-                    self.env.broker.delete_queue(q)
-                except Exception as exc:
-                    errors.append(f"delete queue {q}: {exc!r}")
-            try:
-                self.env.broker.delete_exchange(names.retry_exchange)
-            except Exception as exc:
-                errors.append(f"delete exchange {names.retry_exchange}: {exc!r}")
-        return errors
+                t.step(f"delete queue {q}", lambda q=q: broker.delete_queue(q))
+            ex = names.retry_exchange
+            t.step(f"delete exchange {ex}", lambda ex=ex: broker.delete_exchange(ex))
+        return t.errors
 
 
 @pytest.fixture
@@ -1653,13 +1660,8 @@ class Env:
     # -- teardown ---------------------------------------------------------------------------
 
     def cleanup(self) -> list[str]:
-        errors: list[str] = []
-
-        def step(what: str, fn: Callable[[], Any]) -> None:
-            try:
-                fn()
-            except Exception as exc:
-                errors.append(f"{what}: {exc!r}")
+        t = Teardown()
+        step, errors = t.step, t.errors
 
         for r in self.relays:
             step(f"stop {r.name}", r.stop)
@@ -2083,13 +2085,8 @@ class Ledger:
     # -- teardown ----------------------------------------------------------------------------
 
     def cleanup(self) -> list[str]:
-        errors: list[str] = []
-
-        def step(what: str, fn: Callable[[], Any]) -> None:
-            try:
-                fn()
-            except Exception as exc:
-                errors.append(f"{what}: {exc!r}")
+        t = Teardown()
+        step, errors = t.step, t.errors
 
         for w in self.workers:
             step(f"stop {w.name}", w.stop)
