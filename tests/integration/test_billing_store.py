@@ -47,7 +47,8 @@ async def _apply(
     url: str, store: BillingStore, events: list[DeviceEvent | PlanChange], batch: int = 7
 ) -> None:
     """Apply ``events`` in batches, one savepoint per event, like the runtime does: an event
-    that loses a deadlock is undone to its savepoint and tried again in a later batch."""
+    that loses a lock race (deadlock or the store's lock timeout) is undone to its savepoint
+    and tried again in a later batch."""
     pending = list(events)
     async with await psycopg.AsyncConnection.connect(url) as conn:
         while pending:
@@ -59,7 +60,7 @@ async def _apply(
                         await store.plan_change(conn, event)
                     else:
                         await store.device_event(conn, event)
-                except psycopg.errors.DeadlockDetected:
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
                     await conn.execute("ROLLBACK TO SAVEPOINT m")
                     pending.append(event)
             await conn.commit()
