@@ -1337,7 +1337,24 @@ def _iso(text: Any) -> dt.datetime:
     return dt.datetime.fromisoformat(text)
 
 
-class Env:
+class SqlAccess:
+    """A lazily opened connection to ``db_url`` and a one-call query helper for fixtures."""
+
+    db_url: str
+    _conn: psycopg.Connection[Any] | None
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = pg_connect(self.db_url)
+        return self._conn
+
+    def sql(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
+        cur = self.conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+class Env(SqlAccess):
     """Unique names for one test and helpers over them; ``cleanup()`` removes everything."""
 
     def __init__(self, dbname: str, broker: Broker, tmp_path: Path) -> None:
@@ -1373,16 +1390,6 @@ class Env:
         return name
 
     # -- SQL --------------------------------------------------------------------------------
-
-    @property
-    def conn(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = pg_connect(self.db_url)
-        return self._conn
-
-    def sql(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
-        cur = self.conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
     def connect(self) -> psycopg.Connection[Any]:
         return pg_connect(self.db_url)
@@ -1824,7 +1831,7 @@ def rabbit_app() -> Iterator[RabbitApp]:
 # consumer workers (python -m consumers): the test ledger worker and its broker/database names
 
 
-class Ledger:
+class Ledger(SqlAccess):
     """Names and helpers for one test of the worker runtime with ``tests.workers.ledger``.
 
     Everything carries the session tag: exchange ``cdc_test.<S>.<t>.events``, queues and the
@@ -1988,16 +1995,6 @@ class Ledger:
         return ids
 
     # -- ground truth ------------------------------------------------------------------------
-
-    @property
-    def conn(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = pg_connect(self.db_url)
-        return self._conn
-
-    def sql(self, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
-        cur = self.conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
     def _ident(self, table: str) -> sql.Composed:
         schema, name = table.split(".")
