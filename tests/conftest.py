@@ -105,6 +105,17 @@ def wait_for(
         time.sleep(interval)
 
 
+def with_overrides(env: dict[str, str], overrides: dict[str, Any]) -> dict[str, str]:
+    """``env`` with ``overrides`` applied: ``name=value`` sets ``CDC_NAME``, ``None`` removes it."""
+    for key, value in overrides.items():
+        name = key if key.startswith("CDC_") else f"CDC_{key.upper()}"
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
+    return env
+
+
 def db_url(dbname: str, password: str | None = None) -> str:
     """The admin URL pointed at ``dbname`` (optionally with a password put in)."""
     parts = urlsplit(ADMIN_URL)
@@ -1517,13 +1528,7 @@ class Env(SqlAccess):
             "CDC_LOG_FORMAT": "json",
             "CDC_LOG_LEVEL": "INFO",
         }
-        for key, value in overrides.items():
-            name = key if key.startswith("CDC_") else f"CDC_{key.upper()}"
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = str(value)
-        return env
+        return with_overrides(env, overrides)
 
     def cdc(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
@@ -1888,13 +1893,7 @@ class Ledger(SqlAccess):
             "CDC_WORKER_PARKED_POLL_INTERVAL": "0.2",
             "CDC_WORKER_LOG_FORMAT": "json",
         }
-        for key, value in overrides.items():
-            name = key if key.startswith("CDC_") else f"CDC_{key.upper()}"
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = str(value)
-        return env
+        return with_overrides(env, overrides)
 
     def start(self, metrics: bool = True, wait: bool = True, **overrides: Any) -> Relay:
         """A started ``python -m consumers tests.workers.ledger`` (killed at teardown)."""
