@@ -52,6 +52,7 @@ import aiormq
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.rows import dict_row
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("CDC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -534,6 +535,12 @@ def _drop_slot(conn: psycopg.Connection[Any], slot: str, timeout: float = 15.0) 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def _delete_checkpoint(conn: psycopg.Connection[Any], slot: str) -> None:
+    """Remove ``slot``'s row of the relay's checkpoint table, if that table exists."""
+    if conn.execute("SELECT to_regclass('cdc.relay_checkpoint')").fetchone()[0]:
+        conn.execute("DELETE FROM cdc.relay_checkpoint WHERE slot_name = %s", (slot,))
 
 
 def _rollback_prepared(conn: psycopg.Connection[Any], database: str, prefix: str = "") -> None:
@@ -1530,6 +1537,28 @@ class Env(SqlAccess):
         }
         return with_overrides(env, overrides)
 
+    def settings(self, **overrides: Any) -> Any:
+        """The relay's settings model for this test (``relay_env`` with ``overrides``)."""
+        from cdc.config import RelaySettings
+
+        fields = {
+            k.removeprefix("CDC_").lower(): v for k, v in self.relay_env(**overrides).items()
+        }
+        return RelaySettings(**fields)
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """This test's row of ``cdc.relay_checkpoint`` (None if absent or no table yet)."""
+        if not self.sql("SELECT to_regclass('cdc.relay_checkpoint') IS NOT NULL")[0][0]:
+            return None
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT *, proven_snapshot::text AS proven_text,"
+                " base_snapshot::text AS base_text, confirmed_lsn::text AS confirmed_text"
+                " FROM cdc.relay_checkpoint WHERE slot_name = %s",
+                (self.slot,),
+            )
+            return cur.fetchone()
+
     def cdc(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
@@ -1687,6 +1716,7 @@ class Env(SqlAccess):
                     lambda: _rollback_prepared(conn, self.dbname, self.gid_prefix),
                 )
                 step("drop slot", lambda: _drop_slot(conn, self.slot))
+                step("delete checkpoint row", lambda: _delete_checkpoint(conn, self.slot))
                 step(
                     "drop publication",
                     lambda: conn.execute(
