@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from cdc import slot as slots
 from cdc.config import RelaySettings
-from cdc.errors import CdcError, SetupError, SourceError
+from cdc.errors import CdcError, SetupError, SlotLostError, SourceError
 from cdc.logs import configure, redact
 
 log = logging.getLogger("cdc")
@@ -27,6 +27,7 @@ log = logging.getLogger("cdc")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_SETUP = 3
+EXIT_SLOT_LOST = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     try:
         return _dispatch(args, settings)
+    except SlotLostError as exc:
+        log.error("%s", exc)
+        return EXIT_SLOT_LOST
     except SetupError as exc:
         log.error("database is not set up for the relay: %s", exc)
         return EXIT_SETUP

@@ -25,6 +25,7 @@ PURE = [
     "cdc.feed",
     "cdc.backoff",
     "cdc.errors",
+    "cdc.checkpoint",
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",
