@@ -14,9 +14,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc.checkpoint import Action, Observed, SlotSeen
+from cdc.checkpoint import Action, Checkpoint, Observed, SlotSeen, assess
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SourceError
+from cdc.lsn import format_lsn
 from cdc.outbox import REQUIRED_COLUMNS
 from cdc.slot_create import SystemIdentity
 
@@ -199,6 +200,18 @@ def _has_rows(settings: RelaySettings) -> bool:
         return bool(_one(conn, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(table)))
 
 
+#: ``health`` in `cdc status`, by verdict: streaming may go on, the slot is lost (exit 5,
+#: `cdc recover`), no checkpoint yet (the next start creates or adopts the slot), or
+#: `cdc setup` has not run.
+_HEALTH = {
+    Action.STREAM: "ok",
+    Action.LOST: "lost",
+    Action.CREATE: "no_checkpoint",
+    Action.ADOPT: "no_checkpoint",
+    Action.NOT_SET_UP: "not_set_up",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class SlotStatus:
     """What `cdc status` reports."""
@@ -213,23 +226,76 @@ class SlotStatus:
     current_wal_lsn: str | None = None
     lag_bytes: int | None = None
     retained_bytes: int | None = None
+    wal_status: str | None = None
+    safe_wal_size: int | None = None
+    invalidation_reason: str | None = None
+    health: str = "not_set_up"
+    health_reason: str | None = None
+    checkpoint: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready mapping with the documented keys."""
         return asdict(self)
 
 
+def _checkpoint_fields(cp: Checkpoint) -> dict[str, Any]:
+    return {
+        "state": cp.state,
+        "lost_reason": cp.lost_reason,
+        "proven_at": cp.proven_at.isoformat() if cp.proven_at else None,
+        "confirmed_lsn": format_lsn(cp.confirmed_lsn),
+        "system_identifier": cp.system_identifier,
+        "timeline": cp.timeline,
+        "backfill_mode": cp.backfill_mode,
+        "backfill_done": cp.backfill_done,
+        "backfill_rows_done": cp.backfill_rows_done,
+        "backfill_rows_total": cp.backfill_rows_total,
+    }
+
+
+def _health(conn: Conn, settings: RelaySettings) -> dict[str, Any]:
+    """The verdict the relay would reach now, and the checkpoint row it rests on."""
+    from cdc import checkpoint_store as store
+    from cdc.slot_create import current_identity
+
+    try:
+        row = store.read(conn, settings.slot_name)
+    except SetupError as exc:
+        return {"health": "not_set_up", "health_reason": str(exc)}
+    try:
+        identity: SystemIdentity | None = current_identity(settings)
+    except SourceError:
+        identity = None  # no replication access from here: judge without it
+    verdict = assess(row, observe(conn, settings, identity))
+    return {
+        "health": _HEALTH[verdict.action],
+        "health_reason": verdict.reason or None,
+        "checkpoint": None if row is None else _checkpoint_fields(row),
+    }
+
+
 def status(settings: RelaySettings) -> SlotStatus:
-    """Read the slot's position and lag from pg_replication_slots."""
+    """Read the slot's position, lag and health, and the relay's checkpoint."""
     with connect(settings) as conn:
         row = conn.execute(
             "SELECT plugin, active, active_pid, restart_lsn::text, confirmed_flush_lsn::text, "
             "pg_current_wal_lsn()::text, "
             "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
+            "wal_status, safe_wal_size "
             "FROM pg_replication_slots WHERE slot_name = %s",
             (settings.slot_name,),
         ).fetchone()
+        seen = slot_seen(conn, settings)
+        health = _health(conn, settings)
     if row is None:
-        return SlotStatus(settings.slot_name, exists=False)
-    return SlotStatus(settings.slot_name, True, *row)
+        return SlotStatus(settings.slot_name, exists=False, **health)
+    names = ("plugin", "active", "active_pid", "restart_lsn", "confirmed_flush_lsn",
+             "current_wal_lsn", "lag_bytes", "retained_bytes", "wal_status", "safe_wal_size")
+    return SlotStatus(
+        settings.slot_name,
+        True,
+        invalidation_reason=seen.invalidation_reason if seen else None,
+        **dict(zip(names, row, strict=True)),
+        **health,
+    )
