@@ -155,16 +155,14 @@ def assess(checkpoint: Checkpoint | None, seen: Observed) -> Verdict:
     if slot is None:
         return Verdict(
             Action.LOST,
-            f"slot {seen.slot_name!r} does not exist (dropped, or the server failed over "
-            "to a standby that does not have it)",
+            "the slot does not exist (dropped, or the server failed over to a standby "
+            "that does not have it)",
         )
     why = invalidation(slot)
     if why is not None:
-        return Verdict(Action.LOST, f"slot {seen.slot_name!r} is invalidated: {why}")
+        return Verdict(Action.LOST, f"the slot is invalidated: {why}")
     if slot.plugin != "pgoutput":
-        return Verdict(
-            Action.LOST, f"slot {seen.slot_name!r} uses plugin {slot.plugin!r}, not pgoutput"
-        )
+        return Verdict(Action.LOST, f"the slot uses plugin {slot.plugin!r}, not pgoutput")
     sysid = seen.system_identifier
     if sysid is not None and sysid != checkpoint.system_identifier:
         return Verdict(
