@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -1375,10 +1376,12 @@ class SqlAccess:
 class Env(SqlAccess):
     """Unique names for one test and helpers over them; ``cleanup()`` removes everything."""
 
-    def __init__(self, dbname: str, broker: Broker, tmp_path: Path) -> None:
+    def __init__(
+        self, dbname: str, broker: Broker, tmp_path: Path, url: str | None = None
+    ) -> None:
         self.tag = secrets.token_hex(3)
         self.dbname = dbname
-        self.db_url = db_url(dbname)
+        self.db_url = url or db_url(dbname)
         self.broker = broker
         self.tmp_path = tmp_path
         self.table = f"public.outbox_{self.tag}"
@@ -1800,7 +1803,17 @@ def broker() -> Iterator[Broker]:
 def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
     """A fresh set of names; the sink queue is declared and bound with '#'. Nothing is set up
     in PostgreSQL: call ``env.setup()`` (after creating a custom table if the test needs one)."""
-    e = Env(pg_session_db, broker, tmp_path)
+    yield from _serve_env(Env(pg_session_db, broker, tmp_path))
+
+
+@pytest.fixture
+def private_env(private_pg: PrivatePostgres, broker: Broker, tmp_path: Path) -> Iterator[Env]:
+    """``env`` on a throwaway server of this test's own (``private_pg``), for settings that
+    must not touch the shared one."""
+    yield from _serve_env(Env("postgres", broker, tmp_path, url=private_pg.url))
+
+
+def _serve_env(e: Env) -> Iterator[Env]:
     try:
         e.declare_sink()
         yield e
@@ -1811,6 +1824,59 @@ def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
         errors = e.cleanup()
         if errors:
             print("teardown problems:", *errors, sep="\n  ")
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster (initdb, run as the ``postgres`` user when we are
+    root) on a free port, with ``wal_level=logical`` and the given extra settings."""
+
+    def __init__(self, settings: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.datadir = Path(tempfile.mkdtemp(prefix="cdc_test_pg_"))
+        self._settings = {"wal_level": "logical", "fsync": "off", **settings}
+
+    def _run(self, *argv: str, timeout: float = 120) -> None:
+        bindir = subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        cmd = [str(Path(bindir) / argv[0]), *argv[1:]]
+        if os.geteuid() == 0:  # the server refuses to run as root
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, capture_output=True, check=True, timeout=timeout)
+
+    def start(self) -> PrivatePostgres:
+        if os.geteuid() == 0:
+            shutil.chown(self.datadir, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8", "--no-sync")
+        options = {
+            "port": str(self.port),
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.datadir),
+            **self._settings,
+        }
+        opts = " ".join(f"-c {k}={v}" for k, v in options.items())
+        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"),
+                  "-w", "-o", opts, "start")
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.datadir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pg(request: pytest.FixtureRequest) -> Iterator[PrivatePostgres]:
+    """A throwaway cluster for this test; ``@pytest.mark.pg_settings(name=value, ...)`` adds
+    server settings. Stopped (immediate) and deleted at the end."""
+    marker = request.node.get_closest_marker("pg_settings")
+    server = PrivatePostgres(dict(marker.kwargs) if marker else {})
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture

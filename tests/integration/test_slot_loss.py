@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -138,12 +139,18 @@ def test_slot_dropped_while_down_exits_5_and_creates_nothing(env):
     assert status.returncode == 0 and "health: lost" in status.stdout, status.stdout
 
 
-def test_table_renamed_and_recreated_mid_stream_exits_5(env):
+def _streaming(env, kind: str):
+    """Set up, start a relay that checks every second, and see 5 events through it."""
     env.setup()
     relay = env.relay(checkpoint_interval=1)
     relay.wait_streaming()
-    env.insert([env.event("rename.before") for _ in range(5)])
+    env.insert([env.event(kind) for _ in range(5)])
     assert len(env.drain(5, quiet=0.5)) == 5
+    return relay
+
+
+def test_table_renamed_and_recreated_mid_stream_exits_5(env):
+    relay = _streaming(env, "rename.before")
     schema, name = env.table.split(".")
     old = f"{name}_old"
     env.extra_tables.append(f"{schema}.{old}")
@@ -164,11 +171,7 @@ def test_table_renamed_and_recreated_mid_stream_exits_5(env):
 
 
 def test_drop_publication_mid_stream_exits_5_not_3(env):
-    env.setup()
-    relay = env.relay(checkpoint_interval=1)
-    relay.wait_streaming()
-    env.insert([env.event("pub.before") for _ in range(5)])
-    assert len(env.drain(5, quiet=0.5)) == 5
+    relay = _streaming(env, "pub.before")
     t0 = time.monotonic()
     env.sql(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(env.publication)))
     env.insert([env.event("pub.after") for _ in range(5)])
@@ -180,3 +183,39 @@ def test_drop_publication_mid_stream_exits_5_not_3(env):
     again = env.cdc("relay", timeout=60)
     assert again.returncode == EXIT_SLOT_LOST, again.stderr[-2000:]
     assert "cdc recover" in again.stderr
+
+
+@pytest.mark.pg_settings(max_slot_wal_keep_size="1MB")
+def test_slot_invalidated_while_down_exits_5(private_env):
+    """On a throwaway server: the shared one's other slots must not be invalidated."""
+    env = private_env
+    env.setup()
+    relay = env.relay()
+    relay.wait_streaming()
+    env.insert([env.event("inval.before") for _ in range(5)])
+    assert len(env.drain(5, quiet=0.5)) == 5
+    assert relay.sigterm() == 0
+    env.wait_for(lambda: not env.slot_active(), 10, "the slot to be released")
+
+    def invalidated() -> bool:
+        # More WAL than max_slot_wal_keep_size, then a checkpoint removes what the slot needs.
+        env.insert([env.event("inval.meanwhile") for _ in range(50)])
+        env.sql("SELECT pg_switch_wal()")
+        env.sql("CHECKPOINT")
+        return env.sql(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (env.slot,)
+        ) == [("lost",)]
+
+    env.wait_for(invalidated, 60, "the slot to be invalidated", interval=0.2)
+    status = env.cdc("status", "--json")
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["wal_status"] == "lost" and doc["health"] == "lost", doc
+    assert "invalidated" in doc["health_reason"], doc
+
+    res = env.cdc("relay", timeout=60)
+    assert res.returncode == EXIT_SLOT_LOST, res.stderr[-2000:]
+    _assert_lost(env, res.stdout + res.stderr, "invalidated")
+    assert env.sql(
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (env.slot,)
+    ) == [("lost",)], "the relay must leave the lost slot as it is (evidence for the operator)"
