@@ -51,10 +51,28 @@ def _assert_lost(env, res_or_log: str, reason: str) -> None:
     assert reason in row["lost_reason"], row
 
 
+def _streaming(env, kind: str):
+    """Set up, start a relay that checks every second, and see 5 events through it."""
+    env.setup()
+    relay = env.relay(checkpoint_interval=1)
+    relay.wait_streaming()
+    env.insert([env.event(kind) for _ in range(5)])
+    assert len(env.drain(5, quiet=0.5)) == 5
+    return relay
+
+
+def _streamed_then_stopped(env, kind: str) -> None:
+    """:func:`_streaming`, then SIGTERM (exit 0) and wait until the slot is released."""
+    relay = _streaming(env, kind)
+    assert relay.sigterm() == 0
+    env.wait_for(lambda: not env.slot_active(), 10, "the slot to be released")
+
+
 def test_first_start_creates_slot_and_checkpoint_and_proves_progress(env):
     _table_and_publication_only(env)
     assert env.slot_info() is None
-    relay = env.relay(checkpoint_interval=1)
+    # /healthz, not "slot active": the creating connection holds the slot active too.
+    relay = env.relay(metrics=True, checkpoint_interval=1)
     relay.wait_streaming()
     info = env.slot_info()
     row = env.checkpoint()
@@ -97,13 +115,7 @@ def test_a_slot_made_without_checkpoint_is_adopted(env):
 
 
 def test_slot_dropped_while_down_exits_5_and_creates_nothing(env):
-    env.setup()
-    relay = env.relay()
-    relay.wait_streaming()
-    env.insert([env.event("lost.before") for _ in range(5)])
-    assert len(env.drain(5, quiet=0.5)) == 5
-    assert relay.sigterm() == 0
-    env.wait_for(lambda: not env.slot_active(), 10, "the slot to be released")
+    _streamed_then_stopped(env, "lost.before")
     env.sql("SELECT pg_drop_replication_slot(%s)", (env.slot,))
     env.insert([env.event("lost.meanwhile") for _ in range(3)])
 
@@ -137,16 +149,6 @@ def test_slot_dropped_while_down_exits_5_and_creates_nothing(env):
     # `cdc status` says the same.
     status = env.cdc("status")
     assert status.returncode == 0 and "health: lost" in status.stdout, status.stdout
-
-
-def _streaming(env, kind: str):
-    """Set up, start a relay that checks every second, and see 5 events through it."""
-    env.setup()
-    relay = env.relay(checkpoint_interval=1)
-    relay.wait_streaming()
-    env.insert([env.event(kind) for _ in range(5)])
-    assert len(env.drain(5, quiet=0.5)) == 5
-    return relay
 
 
 def test_table_renamed_and_recreated_mid_stream_exits_5(env):
@@ -189,13 +191,7 @@ def test_drop_publication_mid_stream_exits_5_not_3(env):
 def test_slot_invalidated_while_down_exits_5(private_env):
     """On a throwaway server: the shared one's other slots must not be invalidated."""
     env = private_env
-    env.setup()
-    relay = env.relay()
-    relay.wait_streaming()
-    env.insert([env.event("inval.before") for _ in range(5)])
-    assert len(env.drain(5, quiet=0.5)) == 5
-    assert relay.sigterm() == 0
-    env.wait_for(lambda: not env.slot_active(), 10, "the slot to be released")
+    _streamed_then_stopped(env, "inval.before")
 
     def invalidated() -> bool:
         # More WAL than max_slot_wal_keep_size, then a checkpoint removes what the slot needs.
