@@ -269,17 +269,19 @@ class Runner:
 
     async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
         items: list[Item] = []
-        copies: list[tuple[str, DeliveredMessage, str, int, str, str]] = []
+        copies: list[tuple[str, DeliveredMessage, Delivery, str, str]] = []
         for queue, message in batch:
             props = message.header.properties
-            headers = props.headers or {}
+            # Our own retry headers count only on our own copies (see headers.came_back).
+            trusted = hdr.came_back(message.exchange, queue, props.headers)
+            headers = hdr.own_headers(props.headers, trusted=trusted)
             key = hdr.original_routing_key(headers, message.routing_key or "")
-            attempt = attempt_of(headers)
+            attempt = attempt_of(headers, redelivered=bool(message.redelivered))
+            delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
             found = resolve(self._spec.routes, key, props.message_id, message.body)
             if isinstance(found, Rejected):
-                copies.append((queue, message, key, attempt, found.kind, found.reason))
+                copies.append((queue, message, delivery, found.kind, found.reason))
                 continue
-            delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
             items.append(Item(delivery, found.route, found.payload, queue, message=message))
         if items:
             await self._run_in_database(items)
@@ -289,14 +291,7 @@ class Runner:
                 assert item.error is not None
                 kind = hdr.KIND_PERMANENT if isinstance(item.error, PermanentError) else ""
                 copies.append(
-                    (
-                        item.queue,
-                        item.message,
-                        item.delivery.routing_key,
-                        item.delivery.attempt,
-                        kind,
-                        hdr.describe(item.error),
-                    )
+                    (item.queue, item.message, item.delivery, kind, hdr.describe(item.error))
                 )
         if copies:
             await asyncio.gather(*(self._copy(*c) for c in copies))
@@ -331,12 +326,12 @@ class Runner:
         self,
         queue: str,
         message: DeliveredMessage,
-        key: str,
-        attempt: int,
+        delivery: Delivery,
         kind: str,
         reason: str,
     ) -> None:
         """Publish the retry or parked copy of a failed/rejected message, confirmed."""
+        key, attempt = delivery.routing_key, delivery.attempt
         channel = self._publisher
         if channel is None:
             raise BrokerLost("publishing channel is closed")
@@ -355,7 +350,7 @@ class Runner:
         if isinstance(step, Park):
             kind = kind or hdr.KIND_EXHAUSTED
             headers = hdr.parking_headers(
-                props.headers,
+                delivery.headers,
                 attempts=attempt,
                 routing_key=key,
                 origin_queue=queue,
@@ -373,7 +368,7 @@ class Runner:
         else:
             retry = self.names.retry_queue_for(step.delay)
             headers = hdr.retry_headers(
-                props.headers,
+                delivery.headers,
                 attempts=attempt,
                 routing_key=key,
                 origin_queue=queue,
