@@ -22,6 +22,7 @@ PURE = [
     "cdc.lsn",
     "cdc.watermark",
     "cdc.outbox",
+    "cdc.row_headers",
     "cdc.feed",
     "cdc.backoff",
     "cdc.errors",
