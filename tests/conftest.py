@@ -1993,6 +1993,29 @@ class Ledger(SqlAccess):
         self.broker._run(fn)
         return ids
 
+    def publish_without_id(self, body: Any, routing_key: str = "ledger.entry") -> None:
+        """Publish one message that has no ``message_id`` property at all (aio-pika and
+        aiormq fill one in otherwise; ``ABSENT_ID`` keeps it out of the frame)."""
+        from pamqp.commands import Basic
+
+        from consumers.runtime.republish import ABSENT_ID
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            raw = await ch.get_underlay_channel()  # in confirm mode (aio-pika's default)
+            props = Basic.Properties(
+                message_id=ABSENT_ID, content_type="application/json", delivery_mode=2
+            )
+            await raw.basic_publish(
+                json.dumps(body).encode(),
+                exchange=self.exchange,
+                routing_key=routing_key,
+                properties=props,
+                mandatory=True,
+                timeout=30,
+            )
+
+        self.broker._run(fn)
+
     # -- ground truth ------------------------------------------------------------------------
 
     def _ident(self, table: str) -> sql.Composed:
