@@ -498,6 +498,26 @@ def _rabbitmqctl_names(kind: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def unacked_messages(queues: Iterable[str]) -> int:
+    """Messages of ``queues`` delivered and not yet acked, as the broker counts them
+    (``rabbitmqctl list_queues``; the AMQP passive declare only reports ready ones)."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "--quiet", "--no-table-headers",
+         "name", "messages_unacknowledged"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    wanted = set(queues)
+    total = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in wanted:
+            total += int(parts[1])
+    return total
+
+
 def _is_ours_or_stale(name: str, ours_prefix: str, pattern: re.Pattern[str]) -> bool:
     if name.startswith(ours_prefix):
         return True
@@ -1873,6 +1893,13 @@ class Ledger(SqlAccess):
         self.extra_queues.append(name)
         self.broker.declare_queue(name, self.exchange, keys)
         return name
+
+    def more_queues(self, n: int) -> list[str]:
+        """Every queue of a worker started with ``ledger_queues=n`` (extra ones removed at
+        teardown)."""
+        extra = [f"{self.ns}.ledger.entries-{i}" for i in range(2, n + 1)]
+        self.extra_queues += extra
+        return [self.queue, *extra]
 
     # -- processes ---------------------------------------------------------------------------
 

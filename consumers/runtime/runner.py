@@ -1,8 +1,9 @@
 """The worker's I/O shell: sessions, consuming, micro-batches, acks, shutdown, reconnects.
 
-A *session* is one broker connection with a consuming channel (prefetch
-``CDC_WORKER_PREFETCH``) and a confirm-mode publishing channel. Deliveries land in a local
-buffer; one loop takes up to ``CDC_WORKER_BATCH_SIZE`` of them at a time and, in order:
+A *session* is one broker connection with a consuming channel (``CDC_WORKER_PREFETCH``
+split across the queues' consumers, see ``prefetch``) and a confirm-mode publishing channel.
+Deliveries land in a local buffer; one loop takes up to ``CDC_WORKER_BATCH_SIZE`` of them at a
+time and, in order:
 
 1. routes and validates each (``dispatch``): a rejected message is parked at once;
 2. runs the valid ones in one PostgreSQL transaction (``batch``): inbox claim, a savepoint
@@ -46,6 +47,7 @@ from consumers.runtime.dispatch import Rejected, resolve
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
 from consumers.runtime.policy import Park, after_failure, attempt_of
+from consumers.runtime.prefetch import split_prefetch
 from consumers.runtime.republish import copy_properties, publish_confirmed
 from consumers.runtime.spec import Delivery, WorkerSpec
 
@@ -76,6 +78,7 @@ class Runner:
         self._spec = spec
         self._metrics = metrics
         self.names = names_for(settings, spec)
+        self._prefetch = split_prefetch(settings.worker_prefetch, len(self.names.queues))
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
@@ -206,7 +209,6 @@ class Runner:
             # Deliveries go straight to aiormq's frames (no aio-pika message object): the
             # per-message cost of the wrapper was a large share of the worker's CPU.
             raw = await consuming.get_underlay_channel()
-            await raw.basic_qos(prefetch_count=self._s.worker_prefetch)
             # on_return_raises: a copy no queue took must fail, not count as confirmed.
             publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
             publishing.close_callbacks.add(self._on_close)
@@ -214,11 +216,14 @@ class Runner:
             self._publisher = await publishing.get_underlay_channel()
             poller = asyncio.create_task(self._poll_parked(connection))
             tags = []
-            for name, _ in self.names.queues:
+            for (name, _), share in zip(self.names.queues, self._prefetch, strict=True):
 
                 async def deliver(m: DeliveredMessage, q: str = name) -> None:
                     self._on_message(q, m)
 
+                # global=false: the limit of the consumer started next (its share of the
+                # replica's budget; quorum queues have no channel-wide limit).
+                await raw.basic_qos(prefetch_count=share)
                 ok = await raw.basic_consume(name, deliver, no_ack=False)
                 tags.append(str(ok.consumer_tag))
             self._set_state("consuming")

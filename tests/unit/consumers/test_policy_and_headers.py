@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from consumers.errors import ConfigError
 from consumers.runtime import headers as hdr
 from consumers.runtime.names import build_names
 from consumers.runtime.policy import (
@@ -14,6 +15,7 @@ from consumers.runtime.policy import (
     delay_label,
     delays_used,
 )
+from consumers.runtime.prefetch import split_prefetch
 
 
 @pytest.mark.parametrize(
@@ -227,3 +229,18 @@ def test_delivery_count_counts_only_on_a_redelivery():
     spoofed = {"x-delivery-count": 9}
     assert attempt_of(spoofed, redelivered=False) == 1
     assert attempt_of(spoofed, redelivered=True) == 10
+
+
+@pytest.mark.parametrize(
+    ("total", "n", "shares"),
+    [(256, 1, [256]), (256, 5, [52, 51, 51, 51, 51]), (64, 7, [10, 9, 9, 9, 9, 9, 9]),
+     (5, 5, [1, 1, 1, 1, 1]), (12, 4, [3, 3, 3, 3])],
+)
+def test_prefetch_budget_is_split_across_consumers(total, n, shares):
+    assert split_prefetch(total, n) == shares
+    assert sum(shares) == total
+
+
+def test_prefetch_smaller_than_the_queues_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"CDC_WORKER_PREFETCH=4 .* 5 queues"):
+        split_prefetch(4, 5)
