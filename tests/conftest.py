@@ -1014,9 +1014,11 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
 
 
 class SmtpSink:
-    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts."""
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts.
+    ``fail_first`` answers 451 (try again later) to the first message of each idempotency
+    key; ``refused`` counts those."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_first: bool = False) -> None:
         from email import message_from_bytes
         from email.message import Message
 
@@ -1024,10 +1026,18 @@ class SmtpSink:
 
         sink = self
         self.messages: list[Message] = []
+        self.refused = 0
+        seen: set[str] = set()
 
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-                sink.messages.append(message_from_bytes(envelope.content))
+                message = message_from_bytes(envelope.content)
+                key = str(message["X-Idempotency-Key"])
+                if fail_first and key not in seen:
+                    seen.add(key)
+                    sink.refused += 1
+                    return "451 4.3.0 try again later"
+                sink.messages.append(message)
                 return "250 OK"
 
         self.port = free_port()
