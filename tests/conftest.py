@@ -857,9 +857,12 @@ class Domain:
         proc.wait_state("consuming", timeout=60)
         return proc
 
-    def publish(self, messages: list[tuple[str, str, Any]]) -> None:
+    def publish(
+        self, messages: list[tuple[str, str, Any]], headers: dict[str, Any] | None = None
+    ) -> None:
         """Publish ``(routing_key, message_id, payload)`` in this order, each confirmed,
-        with a ``created_at`` header as the relay sets it."""
+        with a ``created_at`` header as the relay sets it (and ``headers``, straight to the
+        exchange: what a publisher other than the relay could send)."""
 
         async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
             ex = await ch.get_exchange(self.env.exchange, ensure=False)
@@ -871,7 +874,10 @@ class Domain:
                         type=key,
                         content_type="application/json",
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        headers={"created_at": dt.datetime.now(dt.UTC).isoformat()},
+                        headers={
+                            **(headers or {}),
+                            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                        },
                     ),
                     key,
                     mandatory=True,
