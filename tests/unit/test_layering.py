@@ -29,6 +29,8 @@ PURE = [
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",
+    "consumers.notifications.targets",
+    "consumers.errors",
 ]
 PACKAGES = {"cdc", "consumers"}
 FORBIDDEN = {"asyncio", "psycopg", "psycopg_binary", "psycopg_c", "aiormq", "aio_pika", "pamqp"}

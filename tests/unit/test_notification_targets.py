@@ -135,3 +135,31 @@ def test_plain_email_addresses_pass(address):
 def test_anything_but_one_address_is_refused(address):
     with pytest.raises(PermanentError, match="not one address"):
         email_recipient(address)
+
+
+def _settings(**kw):
+    from consumers.notifications.worker import NotificationSettings
+
+    return NotificationSettings(
+        database_url="postgresql://u@h/db", amqp_url="amqp://g:g@h/", **kw
+    )
+
+
+def test_a_configured_webhook_url_that_breaks_the_rules_stops_the_worker():
+    from consumers.errors import ConfigError
+    from consumers.notifications.worker import build
+
+    with pytest.raises(ConfigError, match=r"CDC_WEBHOOK_URL: .*scheme 'ftp'"):
+        build(_settings(webhook_url="ftp://hooks.example.com/x"))
+    with pytest.raises(ConfigError, match="plain http"):
+        build(_settings(webhook_url="http://hooks.example.com/x"))
+    assert build(_settings(webhook_url="http://h.example.com/x", webhook_allow_http=True))
+
+
+def test_allowed_networks_are_parsed_from_a_comma_separated_variable():
+    from pydantic import ValidationError
+
+    got = _settings(webhook_allowed_networks="127.0.0.1/32, 10.20.0.0/16")
+    assert got.webhook_allowed_networks == ("127.0.0.1/32", "10.20.0.0/16")
+    with pytest.raises(ValidationError, match="'nope' is not an IP network"):
+        _settings(webhook_allowed_networks="10.0.0.0/8,nope")
