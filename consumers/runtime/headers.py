@@ -16,7 +16,9 @@ that the broker's counters start afresh and never leak into ours.
 The runtime trusts its own keys only on its own copies (:func:`came_back`): a delivery that
 reached the queue through the default exchange, which only the worker's retry queues (they
 dead-letter there) and ``dlq replay`` publish to, and that names this queue as its origin.
-The exchange of a delivery is set by the broker, so no header can fake it. On any other
+The exchange of a delivery is set by the broker, so no header can fake it (a client
+allowed to publish to the default exchange can put any message into the queue anyway:
+that is a broker permission, not a header, to withhold). On any other
 delivery (an event from the topic exchange) every ``x-cdc-*`` key is dropped before the
 runtime or a handler looks at the headers (:func:`own_headers`): an event's headers cannot
 choose its route or its attempt count.
