@@ -3,7 +3,11 @@ what is permanent. (No broker or database: the channel functions alone.)"""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 
 import pytest
@@ -136,3 +140,54 @@ def test_the_connection_goes_to_the_checked_address_not_a_new_lookup():
         assert request.headers["Host"] == f"rebind.invalid:{port}"
     finally:
         receiver.close()
+
+
+@pytest.fixture
+def self_signed(tmp_path):
+    """(key, cert) of a self-signed certificate for ``hooks.test``."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=hooks.test",
+         "-addext", "subjectAltName=DNS:hooks.test"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return key, cert
+
+
+async def test_https_verifies_the_certificate_for_the_url_host_on_the_checked_address(
+    self_signed,
+):
+    """TLS goes to the checked address, names the URL's host (SNI) and verifies the
+    certificate: a self-signed receiver is not trusted (a Retry, nothing delivered)."""
+    key, cert = self_signed
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    server_ctx.sni_callback = lambda _sock, name, _ctx: names.append(name)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(2)
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = srv.accept()
+            with contextlib.suppress(OSError):
+                server_ctx.wrap_socket(conn, server_side=True).close()
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(Retry, match="CERTIFICATE_VERIFY_FAILED"):
+            await post_webhook(_hook(f"https://127.0.0.1:{port}/x"), b"s", timeout=5, policy=LOCAL)
+        target = webhook_target(f"https://hooks.test:{port}/x", LOCAL)
+        conn = pinned_connection(target, "127.0.0.1", 5)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            conn.request("POST", target.path, body=b"{}")
+        conn.close()
+        assert names == [None, "hooks.test"]  # an IP URL sends no SNI; a host name does
+    finally:
+        srv.close()
