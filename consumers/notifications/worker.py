@@ -77,7 +77,6 @@ class NotificationSettings(ConsumerSettings):
     smtp_starttls: bool = False
     smtp_timeout: float = Field(10.0, gt=0, description="seconds per SMTP exchange")
 
-
     @field_validator("webhook_allowed_networks", mode="before")
     @classmethod
     def _split_networks(cls, value: object) -> object:
