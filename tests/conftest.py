@@ -500,6 +500,26 @@ def _rabbitmqctl_names(kind: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def unacked_messages(queues: Iterable[str]) -> int:
+    """Messages of ``queues`` delivered and not yet acked, as the broker counts them
+    (``rabbitmqctl list_queues``; the AMQP passive declare only reports ready ones)."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "--quiet", "--no-table-headers",
+         "name", "messages_unacknowledged"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    wanted = set(queues)
+    total = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in wanted:
+            total += int(parts[1])
+    return total
+
+
 def _is_ours_or_stale(name: str, ours_prefix: str, pattern: re.Pattern[str]) -> bool:
     if name.startswith(ours_prefix):
         return True
@@ -845,9 +865,12 @@ class Domain:
         proc.wait_state("consuming", timeout=60)
         return proc
 
-    def publish(self, messages: list[tuple[str, str, Any]]) -> None:
+    def publish(
+        self, messages: list[tuple[str, str, Any]], headers: dict[str, Any] | None = None
+    ) -> None:
         """Publish ``(routing_key, message_id, payload)`` in this order, each confirmed,
-        with a ``created_at`` header as the relay sets it."""
+        with a ``created_at`` header as the relay sets it (and ``headers``, straight to the
+        exchange: what a publisher other than the relay could send)."""
 
         async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
             ex = await ch.get_exchange(self.env.exchange, ensure=False)
@@ -859,7 +882,10 @@ class Domain:
                         type=key,
                         content_type="application/json",
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        headers={"created_at": dt.datetime.now(dt.UTC).isoformat()},
+                        headers={
+                            **(headers or {}),
+                            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                        },
                     ),
                     key,
                     mandatory=True,
@@ -1002,9 +1028,11 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
 
 
 class SmtpSink:
-    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts."""
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts.
+    ``fail_first`` answers 451 (try again later) to the first message of each idempotency
+    key; ``refused`` counts those."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_first: bool = False) -> None:
         from email import message_from_bytes
         from email.message import Message
 
@@ -1012,10 +1040,18 @@ class SmtpSink:
 
         sink = self
         self.messages: list[Message] = []
+        self.refused = 0
+        seen: set[str] = set()
 
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-                sink.messages.append(message_from_bytes(envelope.content))
+                message = message_from_bytes(envelope.content)
+                key = str(message["X-Idempotency-Key"])
+                if fail_first and key not in seen:
+                    seen.add(key)
+                    sink.refused += 1
+                    return "451 4.3.0 try again later"
+                sink.messages.append(message)
                 return "250 OK"
 
         self.port = free_port()
@@ -1970,6 +2006,13 @@ class Ledger(SqlAccess):
         self.broker.declare_queue(name, self.exchange, keys)
         return name
 
+    def more_queues(self, n: int) -> list[str]:
+        """Every queue of a worker started with ``ledger_queues=n`` (extra ones removed at
+        teardown)."""
+        extra = [f"{self.ns}.ledger.entries-{i}" for i in range(2, n + 1)]
+        self.extra_queues += extra
+        return [self.queue, *extra]
+
     # -- processes ---------------------------------------------------------------------------
 
     def worker_env(self, **overrides: Any) -> dict[str, str]:
@@ -2088,6 +2131,29 @@ class Ledger(SqlAccess):
 
         self.broker._run(fn)
         return ids
+
+    def publish_without_id(self, body: Any, routing_key: str = "ledger.entry") -> None:
+        """Publish one message that has no ``message_id`` property at all (aio-pika and
+        aiormq fill one in otherwise; ``ABSENT_ID`` keeps it out of the frame)."""
+        from pamqp.commands import Basic
+
+        from consumers.runtime.republish import ABSENT_ID
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            raw = await ch.get_underlay_channel()  # in confirm mode (aio-pika's default)
+            props = Basic.Properties(
+                message_id=ABSENT_ID, content_type="application/json", delivery_mode=2
+            )
+            await raw.basic_publish(
+                json.dumps(body).encode(),
+                exchange=self.exchange,
+                routing_key=routing_key,
+                properties=props,
+                mandatory=True,
+                timeout=30,
+            )
+
+        self.broker._run(fn)
 
     # -- ground truth ------------------------------------------------------------------------
 

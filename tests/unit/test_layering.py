@@ -22,6 +22,7 @@ PURE = [
     "cdc.lsn",
     "cdc.watermark",
     "cdc.outbox",
+    "cdc.row_headers",
     "cdc.feed",
     "cdc.backoff",
     "cdc.errors",
@@ -29,6 +30,8 @@ PURE = [
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",
+    "consumers.notifications.targets",
+    "consumers.errors",
 ]
 PACKAGES = {"cdc", "consumers"}
 FORBIDDEN = {"asyncio", "psycopg", "psycopg_binary", "psycopg_c", "aiormq", "aio_pika", "pamqp"}
