@@ -52,6 +52,7 @@ class Item:
     error: BaseException | None = None
     seconds: float = 0.0
     message: Any = None  # the broker's message, for the runner (acks, republishing)
+    prepared: Any = None  # the result of the worker's ``outside`` effects, if it has them
 
 
 _FIRST = b"SAVEPOINT cdc_msg"
@@ -159,7 +160,8 @@ async def _run_new(
         batch = item.route.batch
         if batch is None:
             started = clock()
-            await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
+            ctx = HandlerContext(conn, item.delivery, item.prepared)
+            await item.route.handler(ctx, item.payload)
             item.seconds = clock() - started
             item.outcome = DONE
         elif batch in groups:
@@ -190,7 +192,8 @@ async def _with_savepoints(
         opened = True
         started = clock()
         try:
-            await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
+            ctx = HandlerContext(conn, item.delivery, item.prepared)
+            await item.route.handler(ctx, item.payload)
         except Exception as exc:
             item.seconds = clock() - started
             if conn.broken:
