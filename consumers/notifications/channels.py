@@ -13,10 +13,12 @@ a POST must not turn into a GET.
 Webhooks: one HTTP client per worker keeps connections open per endpoint
 (``scheme://host:port``) and runs at most ``CDC_WEBHOOK_CONCURRENCY`` requests per endpoint
 at once (the rest wait for a slot, within their timeout), so a slow endpoint holds only its
-own slots. A host name is resolved by :class:`_CheckedResolver` when a connection opens:
-every address is checked (``targets``) and the connection goes to the checked one, the
-only lookup (no second resolution, no HTTP proxy); an IP literal is checked before the
-request. ``breaker`` stops waiting on an endpoint that keeps failing.
+own slots. When the worker stops (:meth:`WebhookClient.drain`), requests still waiting for a
+slot are not sent (``Retry``) and those in flight finish. A host name is resolved by
+:class:`_CheckedResolver` when a connection opens: every address is checked (``targets``)
+and the connection goes to the checked one, the only lookup (no second resolution, no HTTP
+proxy); an IP literal is checked before the request. ``breaker`` stops waiting on an
+endpoint that keeps failing.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class WebhookClient:
         self._lookup = lookup
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._draining = asyncio.Event()
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -142,8 +146,8 @@ class WebhookClient:
                 resolver=_CheckedResolver(self._policy, self._lookup),
                 # Every new connection looks up and checks again; open ones are reused.
                 use_dns_cache=False,
-                limit=0,  # the worker's prefetch bounds the total
-                limit_per_host=self._per_endpoint,
+                limit=0,  # the worker's prefetch bounds the total, _slot each endpoint
+
                 ssl=_TLS,
             )
             self._session = aiohttp.ClientSession(
@@ -153,6 +157,38 @@ class WebhookClient:
                 skip_auto_headers=("User-Agent",),
             )
         return self._session
+
+    def drain(self) -> None:
+        """The worker is stopping: POSTs still waiting for a slot are not sent (``Retry``);
+        those in flight finish."""
+        self._draining.set()
+
+    async def _slot(self, endpoint: str, timeout: float) -> asyncio.Semaphore:
+        """One of the endpoint's slots, within ``timeout``; a timeout counts as a failure."""
+        slots = self._slots.get(endpoint)
+        if slots is None:
+            slots = self._slots[endpoint] = asyncio.Semaphore(self._per_endpoint)
+        if not slots.locked() and not self._draining.is_set():
+            await slots.acquire()
+            return slots
+        acquire = asyncio.ensure_future(slots.acquire())
+        draining = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait(
+                (acquire, draining), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            draining.cancel()
+            acquire.cancel()
+        got = acquire.done() and not acquire.cancelled()
+        if got and not self._draining.is_set():
+            return slots
+        if got:
+            slots.release()
+        if self._draining.is_set():
+            raise Retry(f"webhook {endpoint} not sent: the worker is stopping")
+        self._breaker.failed(endpoint, self._clock())
+        raise Retry(f"webhook {endpoint}: no free connection within {timeout:g}s")
 
     async def post(self, hook: Webhook) -> None:
         """POST the signed body to the checked target; a 2xx answer is a delivery, a refused
@@ -168,12 +204,16 @@ class WebhookClient:
                 f"webhook {endpoint} keeps failing: not tried for another {wait:.0f}s "
                 "(CDC_WEBHOOK_BREAKER_FAILURES, CDC_WEBHOOK_BREAKER_SECONDS)"
             )
+        started = self._clock()
+        slots = await self._slot(endpoint, self._timeout.total or 0.0)
         status = 0
         try:
+            left = max((self._timeout.total or 0.0) - (self._clock() - started), 0.001)
             async with self._open().post(
                 hook.url,
                 data=hook.body,
                 allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=left),
                 headers={
                     "Content-Type": "application/json",
                     SIGNATURE_HEADER: sign(self._secret, hook.body),
@@ -191,6 +231,8 @@ class WebhookClient:
         except BaseException:
             self._breaker.abandoned(endpoint)
             raise
+        finally:
+            slots.release()
         self._breaker.succeeded(endpoint)
         if not 200 <= status < 300:
             raise Retry(f"webhook {_where(hook.url)} answered {status}")
@@ -275,6 +317,11 @@ class SmtpPool:
         self.config = config
         self._idle: list[smtplib.SMTP] = []
         self._slots = asyncio.Semaphore(size)
+        self._draining = False
+
+    def drain(self) -> None:
+        """The worker is stopping: emails still waiting for a connection are not sent."""
+        self._draining = True
 
     def _send(self, mail: Email, smtp: smtplib.SMTP | None) -> smtplib.SMTP:
         message = _message(mail, self.config)
@@ -300,6 +347,8 @@ class SmtpPool:
     async def send(self, mail: Email) -> None:
         """Hand the email to the SMTP server; transient failures are a :class:`Retry`."""
         async with self._slots:
+            if self._draining:
+                raise Retry(f"email to {mail.to} not sent: the worker is stopping")
             reused = self._idle.pop() if self._idle else None
             try:
                 smtp = await asyncio.to_thread(self._send, mail, reused)

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import sql
 
@@ -91,14 +90,15 @@ class NotificationStore:
             "SELECT message_id, channel FROM {s}.notification_deliveries"
             " WHERE message_id = ANY(%s)"
         )
-        self._insert_note = q(
-            "INSERT INTO {s}.notifications (message_id, user_id, event_type, title, body,"
-            " severity, template, payload) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
-            " ON CONFLICT DO NOTHING"
-        )
-        self._record = q(
-            "INSERT INTO {s}.notification_deliveries (message_id, channel, user_id, target,"
-            " idempotency_key) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        # The in-app rows of a batch and their delivery records, in one statement.
+        self._in_app_many = q(
+            "WITH n AS (INSERT INTO {s}.notifications (message_id, user_id, event_type, title,"
+            " body, severity, template, payload) SELECT m, u, e, t, b, v, p, j::jsonb FROM"
+            " unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],"
+            " %s::text[], %s::text[]) AS x(m, u, e, t, b, v, p, j) ON CONFLICT DO NOTHING)"
+            " INSERT INTO {s}.notification_deliveries (message_id, channel, user_id, target,"
+            " idempotency_key) SELECT m, 'in_app', u, NULL, k FROM unnest(%s::text[],"
+            " %s::text[], %s::text[]) AS y(m, u, k) ON CONFLICT DO NOTHING"
         )
         self._record_many = q(
             "INSERT INTO {s}.notification_deliveries (message_id, channel, user_id, target,"
@@ -148,32 +148,27 @@ class NotificationStore:
         columns = list(zip(*rows, strict=True)) if rows else [(), (), (), (), ()]
         await conn.execute(self._record_many, tuple(list(c) for c in columns))
 
-    async def store_in_app(
+    async def store_in_app_many(
         self,
         conn: psycopg.AsyncConnection[Any],
-        message_id: str,
-        user_id: str | None,
-        note: Notification,
-        payload: Any,
+        rows: Sequence[tuple[str, str | None, Notification, bytes, str]],
     ) -> None:
-        """The in-app notification row (once per event)."""
+        """In-app rows ``(message_id, user_id, note, payload JSON, in-app idempotency key)``
+        and their delivery records, in one statement (each once per event)."""
+        if not rows:
+            return
+        mids = [r[0] for r in rows]
+        users = [r[1] for r in rows]
         await conn.execute(
-            self._insert_note,
-            (message_id, user_id, note.event_type, note.title, note.body, note.severity,
-             note.template, orjson.dumps(payload).decode()),
+            self._in_app_many,
+            (
+                mids, users,
+                [r[2].event_type for r in rows], [r[2].title for r in rows],
+                [r[2].body for r in rows], [r[2].severity for r in rows],
+                [r[2].template for r in rows], [r[3].decode() for r in rows],
+                mids, users, [r[4] for r in rows],
+            ),
         )
-
-    async def record_delivery(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        message_id: str,
-        channel: Channel,
-        user_id: str | None,
-        target: str | None,
-        key: str,
-    ) -> None:
-        """Remember that ``channel`` delivered ``message_id`` (skipped on later attempts)."""
-        await conn.execute(self._record, (message_id, channel, user_id, target, key))
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
+import psycopg
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -59,6 +60,12 @@ FAMILIES = ("user", "device", "app", "billing", "scheduler", "media", "system")
 
 class NotificationSettings(ConsumerSettings):
     """The notifications worker's settings on top of the runtime's."""
+
+    # Each message holds its prefetch slot while its webhook is in flight (the receiver's
+    # latency, tens of ms): the share of the busiest queue (device) must cover rate x that.
+    worker_prefetch: int = Field(
+        1024, ge=1, le=65535, description="unacked messages the broker may push to this replica"
+    )
 
     notifications_schema: str = Field("public", description="schema of the tables")
     notifications_default_channels: list[str] = Field(
@@ -285,16 +292,36 @@ def build(settings: NotificationSettings) -> WorkerSpec:
             out.append(effects(Plan(note, user, payload, "in_app" in chosen), sends))
         return out
 
-    async def handle(ctx: HandlerContext, model: EventPayload) -> None:
-        plan = ctx.prepared
-        if not isinstance(plan, Plan):
+    def plan_of(delivery: Delivery) -> Plan:
+        if not isinstance(delivery.prepared, Plan):
             raise RuntimeError("the notifications handler runs only after its outside effects")
+        return delivery.prepared
+
+    def in_app_row(delivery: Delivery, plan: Plan) -> tuple[str, str | None, Notification,
+                                                            bytes, str]:
+        mid = delivery.message_id
+        return (mid, plan.user, plan.note, orjson.dumps(plan.payload),
+                idempotency_key(mid, "in_app"))
+
+    async def handle(ctx: HandlerContext, model: EventPayload) -> None:
+        # One message (the fallback when its batch failed): the same statement, one row.
+        plan = plan_of(ctx.delivery)
         if plan.in_app:
-            mid = ctx.delivery.message_id
-            await store.store_in_app(ctx.conn, mid, plan.user, plan.note, plan.payload)
-            await store.record_delivery(
-                ctx.conn, mid, "in_app", plan.user, None, idempotency_key(mid, "in_app")
-            )
+            await store.store_in_app_many(ctx.conn, [in_app_row(ctx.delivery, plan)])
+
+    async def handle_batch(
+        conn: psycopg.AsyncConnection[Any], batch: Sequence[tuple[Delivery, EventPayload]]
+    ) -> None:
+        rows = []
+        for delivery, _ in batch:
+            plan = plan_of(delivery)
+            if plan.in_app:
+                rows.append(in_app_row(delivery, plan))
+        await store.store_in_app_many(conn, rows)
+
+    def drain() -> None:
+        webhooks.drain()
+        smtp.drain()
 
     async def close() -> None:
         await webhooks.close()
@@ -306,10 +333,13 @@ def build(settings: NotificationSettings) -> WorkerSpec:
         name="notifications",
         service=service,
         queues=tuple(QueueSpec(f"{service}.{family}", (f"{family}.#",)) for family in FAMILIES),
-        routes=tuple(Route(f"{family}.#", EventPayload, handle) for family in FAMILIES),
+        routes=tuple(
+            Route(f"{family}.#", EventPayload, handle, batch=handle_batch) for family in FAMILIES
+        ),
         schema=schema_ddl(settings.notifications_schema),
         on_close=close,
         # The handler only writes rows: the sends happen before, in ``outside``.
         db_only=True,
         outside=outside,
+        on_drain=drain,
     )

@@ -52,7 +52,6 @@ class Item:
     error: BaseException | None = None
     seconds: float = 0.0
     message: Any = None  # the broker's message, for the runner (acks, republishing)
-    prepared: Any = None  # the result of the worker's ``outside`` effects, if it has them
 
 
 _FIRST = b"SAVEPOINT cdc_msg"
@@ -160,7 +159,7 @@ async def _run_new(
         batch = item.route.batch
         if batch is None:
             started = clock()
-            ctx = HandlerContext(conn, item.delivery, item.prepared)
+            ctx = HandlerContext(conn, item.delivery)
             await item.route.handler(ctx, item.payload)
             item.seconds = clock() - started
             item.outcome = DONE
@@ -192,7 +191,7 @@ async def _with_savepoints(
         opened = True
         started = clock()
         try:
-            ctx = HandlerContext(conn, item.delivery, item.prepared)
+            ctx = HandlerContext(conn, item.delivery)
             await item.route.handler(ctx, item.payload)
         except Exception as exc:
             item.seconds = clock() - started

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -283,6 +284,8 @@ class Runner:
             if self._stop.is_set() and not stopping:
                 stopping = True
                 self._set_state("draining")
+                if self._spec.on_drain is not None:
+                    self._spec.on_drain()
                 # Deliveries sent before cancel-ok still land in the buffer; none after.
                 for tag in tags:
                     await channel.basic_cancel(tag)
@@ -392,7 +395,7 @@ class Runner:
     async def _outside_one(self, item: Item, wait: Awaitable[Any]) -> None:
         started = time.perf_counter()
         try:
-            item.prepared = await wait
+            item.delivery = dataclasses.replace(item.delivery, prepared=await wait)
         except Exception as exc:
             item.outcome, item.error = FAILED, exc
         item.seconds = time.perf_counter() - started

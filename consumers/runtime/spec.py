@@ -20,11 +20,11 @@ A worker with effects outside the database (HTTP, SMTP) declares them as ``outsi
 runtime hands it each chunk of new deliveries as they arrive, and it returns one awaitable
 per delivery that performs those effects (concurrently, not inside any transaction). A
 delivery joins a database batch only once its awaitable is done: its result reaches the
-handler as ``HandlerContext.prepared``; an exception fails the message (retried or parked
-as usual) without running its handler, so neither its inbox row nor its database effects are
-written. Messages then finish and are acked in the order their effects finish, so one slow
-target holds only its own messages. The handlers of such a worker touch only the database
-and may set ``db_only``.
+handler (or batch handler) as ``Delivery.prepared``; an exception fails the message
+(retried or parked as usual) without running its handler, so neither its inbox row nor its
+database effects are written. Messages then finish and are acked in the order their
+effects finish, so one slow target holds only its own messages. The handlers of such a
+worker touch only the database and may set ``db_only``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Delivery:
     headers: Mapping[str, Any]
     attempt: int  # 1-based, counted before the handler runs (a crash counts as an attempt)
     body: bytes
+    prepared: Any = None  # what the worker's ``outside`` effects returned for this message
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,6 @@ class HandlerContext:
 
     conn: psycopg.AsyncConnection[Any]
     delivery: Delivery
-    prepared: Any = None  # what the worker's ``outside`` effects returned for this delivery
 
 
 Handler = Callable[[HandlerContext, Any], Awaitable[None]]
@@ -108,3 +108,6 @@ class WorkerSpec:
     # A handler may thus run twice for one delivery (only the second run commits).
     db_only: bool = False
     outside: Outside | None = None
+    # Called once when the worker starts to stop: outside effects not yet begun should fail
+    # at once (the messages are retried later) so that the stop waits only for those begun.
+    on_drain: Callable[[], None] | None = None
