@@ -138,6 +138,7 @@ class WebhookClient:
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._targets: dict[str, tuple[targets.WebhookTarget, str]] = {}
         self._draining = asyncio.Event()
 
     def _open(self) -> aiohttp.ClientSession:
@@ -157,6 +158,20 @@ class WebhookClient:
                 skip_auto_headers=("User-Agent",),
             )
         return self._session
+
+    def _endpoint(self, url: str) -> str:
+        """``url``'s endpoint, once its form (and an IP literal's address) is allowed; the
+        answer for a URL is kept (the policy does not change while the worker runs)."""
+        known = self._targets.get(url)
+        if known is None:
+            target = targets.webhook_target(url, self._policy)
+            if _is_ip(target.host):
+                # aiohttp does not ask the resolver about an IP literal: check it here.
+                targets.checked_address(target, [target.host], self._policy)
+            if len(self._targets) > 100_000:
+                self._targets.clear()
+            known = self._targets[url] = (target, target.where())
+        return known[1]
 
     def drain(self) -> None:
         """The worker is stopping: POSTs still waiting for a slot are not sent (``Retry``);
@@ -193,11 +208,7 @@ class WebhookClient:
     async def post(self, hook: Webhook) -> None:
         """POST the signed body to the checked target; a 2xx answer is a delivery, a refused
         target a :class:`PermanentError`, anything else a :class:`Retry`."""
-        target = targets.webhook_target(hook.url, self._policy)
-        if _is_ip(target.host):
-            # aiohttp does not ask the resolver about an IP literal: check it here.
-            targets.checked_address(target, [target.host], self._policy)
-        endpoint = target.where()
+        endpoint = self._endpoint(hook.url)
         wait = self._breaker.admit(endpoint, self._clock())
         if wait is not None:
             raise Retry(

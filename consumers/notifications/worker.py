@@ -297,11 +297,11 @@ def build(settings: NotificationSettings) -> WorkerSpec:
             raise RuntimeError("the notifications handler runs only after its outside effects")
         return delivery.prepared
 
-    def in_app_row(delivery: Delivery, plan: Plan) -> tuple[str, str | None, Notification,
-                                                            bytes, str]:
+    def in_app_row(
+        delivery: Delivery, plan: Plan
+    ) -> tuple[str, str | None, Notification, Any, str]:
         mid = delivery.message_id
-        return (mid, plan.user, plan.note, orjson.dumps(plan.payload),
-                idempotency_key(mid, "in_app"))
+        return (mid, plan.user, plan.note, plan.payload, idempotency_key(mid, "in_app"))
 
     async def handle(ctx: HandlerContext, model: EventPayload) -> None:
         # One message (the fallback when its batch failed): the same statement, one row.
