@@ -19,7 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "standby", "streaming", "reconnecting", "draining")
+STATES = ("starting", "standby", "streaming", "blocked", "reconnecting", "draining")
 
 
 class Metrics:
@@ -62,6 +62,11 @@ class Metrics:
             registry=r,
         )
         self.state = Gauge("cdc_relay_state", "1 for the current state", ["state"], registry=r)
+        self.broker_blocked = Gauge(
+            "cdc_broker_blocked",
+            "1 while the broker blocks publishing (connection.blocked: memory or disk alarm)",
+            registry=r,
+        )
         self.set_state("starting")
 
     def set_state(self, state: str) -> None:
