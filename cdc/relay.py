@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from cdc import slot as slots
@@ -51,6 +52,8 @@ class Relay:
         self._stop = asyncio.Event()
         self.state = "starting"
         self._watermark = Watermark()
+        # The walsender of this process's last session: a later session may end it (slot.py).
+        self._last_walsender: int | None = None
 
     def stop(self) -> None:
         """Ask the relay to drain and exit (signal handlers call this)."""
@@ -103,6 +106,9 @@ class Relay:
         """Ensure the slot exists and return its confirmed_flush_lsn (blocking; in a thread)."""
         with slots.connect(self._settings) as conn:
             slots.require_publication(conn, self._settings)
+            stale = self._last_walsender
+            if stale is not None and slots.end_stale_walsender(conn, self._settings, stale):
+                log.warning("ended walsender %d of this relay's previous session", stale)
             if slots.ensure_slot(conn, self._settings):
                 log.info("created replication slot %s", self._settings.slot_name)
             row = conn.execute(
@@ -114,7 +120,8 @@ class Relay:
     async def _session(self) -> int:
         start_lsn = await asyncio.to_thread(self._prepare)
         stream = await ReplicationStream.start(self._settings)
-        session = _Session(self._settings, self._metrics, stream, start_lsn)
+        self._last_walsender = stream.backend_pid
+        session = _Session(self._settings, self._metrics, stream, start_lsn, self._blocked)
         publisher = session.publisher
         try:
             await publisher.connect()
@@ -131,20 +138,34 @@ class Relay:
                 self._set_state("reconnecting")
             raise
         finally:
+            self._metrics.broker_blocked.set(0)
             await publisher.close()
             await stream.close()
+
+    def _blocked(self, blocked: bool) -> None:
+        """The broker blocks (memory/disk alarm) or unblocks publishing on this session."""
+        self._metrics.broker_blocked.set(1 if blocked else 0)
+        if blocked and self.state == "streaming":
+            self._set_state("blocked")
+        elif not blocked and self.state == "blocked":
+            self._set_state("streaming")
 
 
 class _Session:
     """One replication connection and one broker connection, joined by a queue."""
 
     def __init__(
-        self, settings: RelaySettings, metrics: Metrics, stream: ReplicationStream, start_lsn: int
+        self,
+        settings: RelaySettings,
+        metrics: Metrics,
+        stream: ReplicationStream,
+        start_lsn: int,
+        on_blocked: Callable[[bool], None],
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._stream = stream
-        self.publisher = Publisher(settings, metrics, self._confirmed)
+        self.publisher = Publisher(settings, metrics, self._confirmed, on_blocked)
         self.watermark = Watermark(flushed=start_lsn)
         self._feed = OutboxFeed(
             settings.table_schema,
@@ -201,9 +222,14 @@ class _Session:
 
     async def _read(self) -> None:
         interval = self._settings.status_interval
+        silence = self._settings.source_timeout
         next_status = time.monotonic() + interval
+        heard = pinged = time.monotonic()
+        data: memoryview | None = None
         while True:
             now = time.monotonic()
+            if data is not None:
+                heard = now  # the loop's clock: no extra call per message
             moved = self.watermark.flushed > self._reported
             if (moved and now - self._reported_at >= _FLUSH_REPORT_DELAY) or now >= next_status:
                 await self._report()
@@ -211,10 +237,23 @@ class _Session:
                 next_status = now + interval
             if self.watermark.in_flight >= self._settings.max_in_flight:
                 await self._wait_progress(min(interval, max(0.0, next_status - now)))
+                # Not listening meanwhile: silence is counted only while we read.
+                heard = pinged = time.monotonic()
                 continue
+            if now - heard >= silence:
+                raise SourceError(
+                    f"nothing from PostgreSQL in {now - heard:.1f}s, not even a keepalive "
+                    f"asked for at {pinged - heard:.1f}s (CDC_SOURCE_TIMEOUT={silence:g}); "
+                    "the connection is presumed dead"
+                )
+            if pinged <= heard and now - heard >= silence / 2:
+                # Ask the server for a keepalive: a live walsender answers at once.
+                await self._report(reply=True)
+                pinged = now
+            wake = heard + (silence if pinged > heard else silence / 2)
             pending = self.watermark.flushed > self._reported or self.watermark.in_flight
             timeout = _FLUSH_REPORT_DELAY if pending else max(0.0, next_status - now)
-            data = await self._stream.read(timeout)
+            data = await self._stream.read(max(0.0, min(timeout, wake - now)))
             if data is not None and self._on_copy_data(data):
                 await self._report()
 
@@ -240,9 +279,9 @@ class _Session:
             self._queued.set()
         return False
 
-    async def _report(self) -> None:
+    async def _report(self, *, reply: bool = False) -> None:
         flushed = self.watermark.flushed
-        await self._stream.send_status(flushed)
+        await self._stream.send_status(flushed, reply=reply)
         self._reported = flushed
         m = self._metrics
         m.received_lsn.set(self._received)

@@ -7,6 +7,7 @@ composed with ``psycopg.sql.Identifier``, never pasted in. Every refusal is a
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
@@ -17,6 +18,7 @@ from psycopg import sql
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SourceError
 from cdc.outbox import REQUIRED_COLUMNS
+from cdc.source import with_keepalives
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -24,7 +26,8 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 def connect(settings: RelaySettings) -> Conn:
     """Open an autocommit connection, translating failures into actionable errors."""
     try:
-        return psycopg.connect(settings.database_url.get_secret_value(), autocommit=True)
+        dsn = with_keepalives(settings.database_url.get_secret_value())
+        return psycopg.connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
         raise SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
 
@@ -128,6 +131,35 @@ def ensure_slot(conn: Conn, settings: RelaySettings) -> bool:
             "drop it or choose another CDC_SLOT_NAME"
         )
     return False
+
+
+def end_stale_walsender(conn: Conn, settings: RelaySettings, pid: int, wait: float = 10.0) -> bool:
+    """Terminate the walsender ``pid`` if it still holds the slot; True if it did.
+
+    Only for a walsender this relay process started itself and then abandoned (a silent
+    connection): PostgreSQL keeps it, and the slot, until ``wal_sender_timeout``. While that
+    process lives its pid cannot be reused, so an ``active_pid`` equal to it is provably the
+    abandoned one. Waits up to ``wait`` seconds for the slot to be released.
+    """
+    ended = _one(
+        conn,
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+        "WHERE slot_name = %s AND active AND active_pid = %s",
+        (settings.slot_name, pid),
+    )
+    if not ended:
+        return False
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        holder = _one(
+            conn,
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+            (settings.slot_name,),
+        )
+        if holder != pid:
+            break
+        time.sleep(0.05)
+    return True
 
 
 def setup(settings: RelaySettings) -> list[str]:
