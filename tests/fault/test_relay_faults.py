@@ -79,7 +79,7 @@ def _flowing(env, work, what):
     env.wait_for(lambda: env.sink_count() > depth + 200, 30, f"events to flow {what}")
 
 
-def _timeline(relay, proxy, t_freeze, conns, limit):
+def _timeline(relay, proxy, t_freeze, conns, limit, on_detect=None):
     """Seconds from the freeze to leaving 'streaming', and to streaming on a new connection."""
     detect = resume = None
     while time.monotonic() - t_freeze < limit:
@@ -87,6 +87,8 @@ def _timeline(relay, proxy, t_freeze, conns, limit):
         now = time.monotonic() - t_freeze
         if detect is None and state != "streaming":
             detect = now
+            if on_detect is not None:
+                on_detect()
         if detect is not None and state == "streaming" and proxy.upstream_connections > conns:
             resume = now
             break
@@ -146,7 +148,11 @@ def test_frozen_postgres_connection_is_detected_and_resumed(env, pg_proxy):
     assert relay.metric("cdc_reconnects_total", side="database") >= 1
 
 
-def test_frozen_broker_connection_is_detected_within_the_heartbeat(env, tcp_proxy):
+@pytest.mark.parametrize("mode", ["freeze", "mute"])
+def test_frozen_broker_connection_is_detected_within_the_heartbeat(env, tcp_proxy, mode):
+    """``freeze``: nothing passes either way. ``mute``: the broker gets every publish but
+    nothing it sends (confirms, heartbeats) reaches the relay, until the relay gave up on the
+    connection: every publish of the window is then a duplicate, and only once."""
     env.setup()
     relay = env.relay(metrics=True, amqp_url=tcp_proxy.url())
     relay.wait_streaming()
@@ -158,15 +164,19 @@ def test_frozen_broker_connection_is_detected_within_the_heartbeat(env, tcp_prox
     conns = tcp_proxy.upstream_connections
     warned_before = len(_warnings(relay))
     t_freeze = time.monotonic()
-    assert tcp_proxy.freeze() >= 1, "the relay had no broker connection to freeze"
-    detect, resume = _timeline(relay, tcp_proxy, t_freeze, conns, 60)
+    if mode == "freeze":
+        assert tcp_proxy.freeze() >= 1, "the relay had no broker connection to freeze"
+        detect, resume = _timeline(relay, tcp_proxy, t_freeze, conns, 60)
+    else:
+        tcp_proxy.hold()  # holds new connections too: released once the relay gave up
+        detect, resume = _timeline(relay, tcp_proxy, t_freeze, conns, 60, tcp_proxy.release)
     assert detect is not None, f"frozen broker connection not noticed in 60s\n{relay.tail()}"
     assert resume is not None, f"the relay did not stream again\n{relay.tail()}"
 
     total, dups = _check_delivery(env, work)
     warnings = _warnings(relay)[warned_before:]
     print(
-        f"broker freeze: detected after {detect:.1f}s, streaming again after {resume:.1f}s "
+        f"broker {mode}: detected after {detect:.1f}s, streaming again after {resume:.1f}s "
         f"(heartbeat 10 s); {total} events, 0 lost, {dups} duplicates, "
         f"{len(warnings)} warning lines: {warnings}"
     )
