@@ -41,6 +41,10 @@ EXIT_DRAIN_TIMEOUT = 4
 # crash can cause without writing one message per confirm.
 _FLUSH_REPORT_DELAY = 0.02
 _HEALTHY_SESSION = 30.0
+# After CDC_SOURCE_TIMEOUT of silence: how long the look at the walsender may take, and the
+# last short read before the connection is declared dead.
+_PROBE_TIMEOUT = 10.0
+_LAST_CHANCE = 0.2
 
 
 class Relay:
@@ -224,12 +228,12 @@ class _Session:
         interval = self._settings.status_interval
         silence = self._settings.source_timeout
         next_status = time.monotonic() + interval
-        heard = pinged = time.monotonic()
+        heard = pinged = quiet_since = time.monotonic()
         data: memoryview | None = None
         while True:
             now = time.monotonic()
             if data is not None:
-                heard = now  # the loop's clock: no extra call per message
+                heard = quiet_since = now  # the loop's clock: no extra call per message
             moved = self.watermark.flushed > self._reported
             if (moved and now - self._reported_at >= _FLUSH_REPORT_DELAY) or now >= next_status:
                 await self._report()
@@ -238,24 +242,54 @@ class _Session:
             if self.watermark.in_flight >= self._settings.max_in_flight:
                 await self._wait_progress(min(interval, max(0.0, next_status - now)))
                 # Not listening meanwhile: silence is counted only while we read.
-                heard = pinged = time.monotonic()
+                heard = pinged = quiet_since = time.monotonic()
+                data = None
                 continue
-            if now - heard >= silence:
-                raise SourceError(
-                    f"nothing from PostgreSQL in {now - heard:.1f}s, not even a keepalive "
-                    f"asked for at {pinged - heard:.1f}s (CDC_SOURCE_TIMEOUT={silence:g}); "
-                    "the connection is presumed dead"
-                )
-            if pinged <= heard and now - heard >= silence / 2:
-                # Ask the server for a keepalive: a live walsender answers at once.
-                await self._report(reply=True)
-                pinged = now
-            wake = heard + (silence if pinged > heard else silence / 2)
-            pending = self.watermark.flushed > self._reported or self.watermark.in_flight
-            timeout = _FLUSH_REPORT_DELAY if pending else max(0.0, next_status - now)
-            data = await self._stream.read(max(0.0, min(timeout, wake - now)))
+            if data is None and now - heard >= silence / 2:
+                # Silence (checked only after a read that got nothing: no cost per message).
+                if now - heard >= silence:
+                    if await self._server_busy(now - quiet_since):
+                        heard = time.monotonic() - silence / 2  # look again in silence / 2
+                        continue
+                    data = await self._stream.read(_LAST_CHANCE)  # it may have answered
+                    if data is None:
+                        raise SourceError(
+                            f"nothing from PostgreSQL in {now - heard:.1f}s, not even a "
+                            f"keepalive asked for at {pinged - heard:.1f}s, and its walsender "
+                            f"is not busy (CDC_SOURCE_TIMEOUT={silence:g}); the connection "
+                            "is presumed dead"
+                        )
+                    if self._on_copy_data(data):
+                        await self._report()
+                    continue
+                if pinged <= heard:
+                    # Ask the server for a keepalive: a live walsender answers at once.
+                    await self._report(reply=True)
+                    pinged = now
+            if self.watermark.flushed > self._reported or self.watermark.in_flight:
+                timeout = _FLUSH_REPORT_DELAY
+            else:
+                wake = heard + (silence if pinged > heard else silence / 2)
+                timeout = max(0.0, min(next_status, wake) - now)
+            data = await self._stream.read(timeout)
             if data is not None and self._on_copy_data(data):
                 await self._report()
+
+    async def _server_busy(self, silent: float) -> bool:
+        """True if our walsender is alive and busy, so its silence is not a dead connection."""
+        pid = self._stream.backend_pid
+        try:
+            busy = await asyncio.wait_for(
+                asyncio.to_thread(slots.walsender_busy, self._settings, pid), _PROBE_TIMEOUT
+            )
+        except TimeoutError:
+            busy = None
+        if busy is not None:
+            log.info(
+                "nothing from PostgreSQL in %.1fs, but its walsender %d is busy (%s): waiting",
+                silent, pid, busy,
+            )
+        return busy is not None
 
     async def _wait_progress(self, timeout: float) -> None:
         if self._progress.done():

@@ -133,6 +133,44 @@ def ensure_slot(conn: Conn, settings: RelaySettings) -> bool:
     return False
 
 
+#: Wait events of a walsender that waits for WAL or for its client (pg_stat_activity): such
+#: a walsender answers a keepalive request at once, so a silent connection to it is dead.
+_WALSENDER_WAITING = frozenset(
+    {"WalSenderMain", "WalSenderWaitForWAL", "WalSenderWriteData", "ClientRead", "ClientWrite"}
+)
+
+
+def busy_with(state: str | None, wait_event: str | None) -> str | None:
+    """What a walsender in ``state``/``wait_event`` is busy with, or None if it waits on us.
+
+    A walsender decoding a large transaction that produces no output (changes to tables
+    outside the publication) reads its client only every ``wal_sender_timeout / 2``: it is
+    alive although it does not answer. It runs (no wait event) or waits on I/O or a lock.
+    """
+    if state is None or wait_event in _WALSENDER_WAITING:
+        return None
+    return wait_event or "running"
+
+
+def walsender_busy(settings: RelaySettings, pid: int) -> str | None:
+    """Look at walsender ``pid`` over a new connection: :func:`busy_with`, None if it is gone.
+
+    Blocking (run it in a thread). A failure to connect counts as "not busy": the path to
+    the server is down, which is what the caller suspects.
+    """
+    dsn = with_keepalives(settings.database_url.get_secret_value())
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute(
+                "SELECT state, wait_event FROM pg_stat_activity "
+                "WHERE pid = %s AND backend_type = 'walsender'",
+                (pid,),
+            ).fetchone()
+    except psycopg.Error:
+        return None
+    return busy_with(row[0], row[1]) if row else None
+
+
 def end_stale_walsender(conn: Conn, settings: RelaySettings, pid: int, wait: float = 10.0) -> bool:
     """Terminate the walsender ``pid`` if it still holds the slot; True if it did.
 

@@ -20,6 +20,7 @@ import json
 import time
 
 import pytest
+from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -146,6 +147,29 @@ def test_frozen_postgres_connection_is_detected_and_resumed(env, pg_proxy):
     assert dups <= WINDOW + MAX_TXN
     assert relay.pid == pid and relay.alive()
     assert relay.metric("cdc_reconnects_total", side="database") >= 1
+
+
+def test_busy_walsender_is_not_taken_for_a_dead_connection(env):
+    """A large transaction on a table outside the publication: the walsender decodes it for
+    seconds without a word (it reads its client only every wal_sender_timeout / 2). With
+    ``CDC_SOURCE_TIMEOUT=1`` the relay looks at the walsender, sees it busy, and waits."""
+    env.setup()
+    name = f"scratch_{env.tag}"
+    env.extra_tables.append(f"public.{name}")
+    scratch = sql.Identifier("public", name)
+    env.sql(sql.SQL("CREATE TABLE {} (n int)").format(scratch))
+    relay = env.relay(metrics=True, source_timeout=1)
+    relay.wait_streaming()
+    t0 = time.monotonic()
+    env.sql(sql.SQL("INSERT INTO {} SELECT generate_series(1, 3000000)").format(scratch))
+    rows = env.insert([env.event("after.big", {"i": i}) for i in range(10)])
+    env.wait_sink_count(len(rows), timeout=120)
+    took = time.monotonic() - t0
+    busy = [line for line in relay.log().splitlines() if "walsender" in line and "busy" in line]
+    print(f"3M-row transaction elsewhere: next events after {took:.1f}s, {len(busy)} busy looks")
+    assert busy, f"the walsender was never silent for 1 s?\n{relay.tail()}"
+    assert not relay.metric("cdc_reconnects_total"), relay.tail()
+    env.check_all_delivered(quiet=1.0)
 
 
 @pytest.mark.parametrize("mode", ["freeze", "mute"])
