@@ -26,9 +26,11 @@ from cdc.replication import (
 
 # Output functions run with the walsender's settings: pin them so timestamps parse.
 _SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3"
-# TCP keepalives unless the DSN sets its own: first probe after 10 s idle, then every 5 s,
-# dead after 3 unanswered; unacknowledged data gives up after 30 s (tcp_user_timeout, ms).
+# Liveness unless the DSN sets its own: connecting gives up after 10 s (libpq waits forever
+# by default); TCP keepalives probe after 10 s idle, then every 5 s, dead after 3
+# unanswered; unacknowledged data gives up after 30 s (tcp_user_timeout, ms).
 _KEEPALIVES = {
+    "connect_timeout": "10",
     "keepalives": "1",
     "keepalives_idle": "10",
     "keepalives_interval": "5",
@@ -38,7 +40,7 @@ _KEEPALIVES = {
 
 
 def with_keepalives(dsn: str) -> str:
-    """``dsn`` plus the libpq TCP keepalive parameters it does not set itself."""
+    """``dsn`` plus the libpq connect timeout and TCP keepalive parameters it lacks."""
     try:
         given = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:

@@ -17,6 +17,7 @@ def test_keepalives_are_added_to_a_url_and_a_keyword_dsn():
         assert params["keepalives_interval"] == "5"
         assert params["keepalives_count"] == "3"
         assert params["tcp_user_timeout"] == "30000"
+        assert params["connect_timeout"] == "10"
         assert params["host"] == "db" and params["dbname"] == "app"
 
 
