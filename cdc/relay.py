@@ -24,6 +24,7 @@ from cdc.backoff import Backoff
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SinkError, SlotBusyError, SourceError
 from cdc.feed import Item, OutboxFeed
+from cdc.liveness import PING, PROBE, SilenceClock
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.metrics import Metrics
 from cdc.publisher import Publisher
@@ -226,14 +227,13 @@ class _Session:
 
     async def _read(self) -> None:
         interval = self._settings.status_interval
-        silence = self._settings.source_timeout
         next_status = time.monotonic() + interval
-        heard = pinged = quiet_since = time.monotonic()
+        clock = SilenceClock(self._settings.source_timeout, time.monotonic())
         data: memoryview | None = None
         while True:
             now = time.monotonic()
             if data is not None:
-                heard = quiet_since = now  # the loop's clock: no extra call per message
+                clock.heard = now  # the loop's clock: no extra call per message
             moved = self.watermark.flushed > self._reported
             if (moved and now - self._reported_at >= _FLUSH_REPORT_DELAY) or now >= next_status:
                 await self._report()
@@ -241,39 +241,42 @@ class _Session:
                 next_status = now + interval
             if self.watermark.in_flight >= self._settings.max_in_flight:
                 await self._wait_progress(min(interval, max(0.0, next_status - now)))
-                # Not listening meanwhile: silence is counted only while we read.
-                heard = pinged = quiet_since = time.monotonic()
+                clock.reset(time.monotonic())  # not listening meanwhile
                 data = None
                 continue
-            if data is None and now - heard >= silence / 2:
-                # Silence (checked only after a read that got nothing: no cost per message).
-                if now - heard >= silence:
-                    if await self._server_busy(now - quiet_since):
-                        heard = time.monotonic() - silence / 2  # look again in silence / 2
-                        continue
-                    data = await self._stream.read(_LAST_CHANCE)  # it may have answered
-                    if data is None:
-                        raise SourceError(
-                            f"nothing from PostgreSQL in {now - heard:.1f}s, not even a "
-                            f"keepalive asked for at {pinged - heard:.1f}s, and its walsender "
-                            f"is not busy (CDC_SOURCE_TIMEOUT={silence:g}); the connection "
-                            "is presumed dead"
-                        )
-                    if self._on_copy_data(data):
+            if data is None:  # only after a read that got nothing: no cost per message
+                due = clock.due(now)
+                if due is PROBE:
+                    data = await self._probe(clock, now)
+                    if data is not None and self._on_copy_data(data):
                         await self._report()
                     continue
-                if pinged <= heard:
-                    # Ask the server for a keepalive: a live walsender answers at once.
-                    await self._report(reply=True)
-                    pinged = now
+                if due is PING:
+                    await self._report(reply=True)  # a live walsender answers at once
+                    clock.ping(now)
             if self.watermark.flushed > self._reported or self.watermark.in_flight:
                 timeout = _FLUSH_REPORT_DELAY
             else:
-                wake = heard + (silence if pinged > heard else silence / 2)
-                timeout = max(0.0, min(next_status, wake) - now)
+                timeout = max(0.0, min(next_status, clock.wake()) - now)
             data = await self._stream.read(timeout)
             if data is not None and self._on_copy_data(data):
                 await self._report()
+
+    async def _probe(self, clock: SilenceClock, now: float) -> memoryview | None:
+        """After CDC_SOURCE_TIMEOUT of silence: None to wait on (the walsender is busy), a
+        message that came meanwhile, or SourceError: the connection is dead."""
+        silent = clock.silent_for(now)
+        if await self._server_busy(silent):
+            clock.busy(time.monotonic())
+            return None
+        data = await self._stream.read(_LAST_CHANCE)  # it may have answered meanwhile
+        if data is None:
+            raise SourceError(
+                f"nothing from PostgreSQL in {silent:.1f}s, not even the keepalive asked for, "
+                f"and its walsender is not busy (CDC_SOURCE_TIMEOUT={clock.timeout:g}); the "
+                "connection is presumed dead"
+            )
+        return data
 
     async def _server_busy(self, silent: float) -> bool:
         """True if our walsender is alive and busy, so its silence is not a dead connection."""
