@@ -42,6 +42,9 @@ class RelaySettings(BaseSettings):
     source_timeout: float = Field(
         20.0, gt=0, le=3600, description="silence from PostgreSQL that ends the session (s)"
     )
+    checkpoint_interval: float = Field(
+        10.0, gt=0, le=3600, description="checkpoint and slot-health check period (s)"
+    )
     reconnect_min_delay: float = Field(0.5, gt=0, description="first reconnect backoff (s)")
     reconnect_max_delay: float = Field(30.0, gt=0, description="largest reconnect backoff (s)")
     standby_poll_interval: float = Field(2.0, gt=0, description="standby retry period (s)")
