@@ -15,12 +15,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from cdc import slot as slots
 from cdc.config import RelaySettings
-from cdc.errors import CdcError, SetupError, SourceError
-from cdc.logs import configure, redact
+from cdc.errors import CdcError, ConfigError, RefusedError, SetupError, SourceError
+from cdc.logs import configure
+from cdc.settings_base import load
 
 log = logging.getLogger("cdc")
 
@@ -56,8 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> RelaySettings:
-    overrides = {k: getattr(args, k) for k in RelaySettings.model_fields if getattr(args, k)}
-    return RelaySettings(**overrides)
+    return load(RelaySettings, {k: getattr(args, k) for k in RelaySettings.model_fields})
 
 
 def _run_relay(settings: RelaySettings) -> int:
@@ -130,17 +129,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-    except ValidationError as exc:
-        errors: list[Any] = [
-            f"CDC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
-        ]
-        print(redact("invalid configuration:\n  " + "\n  ".join(errors)), file=sys.stderr)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_format, settings.log_level)
     try:
         return _dispatch(args, settings)
     except SetupError as exc:
         log.error("database is not set up for the relay: %s", exc)
+        return EXIT_SETUP
+    except RefusedError as exc:
+        log.error("%s", exc)
         return EXIT_SETUP
     except SourceError as exc:
         log.error("%s", exc)

@@ -17,6 +17,7 @@ from psycopg import sql
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SourceError
 from cdc.outbox import REQUIRED_COLUMNS
+from cdc.refusals import refused_by_postgres
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -26,7 +27,8 @@ def connect(settings: RelaySettings) -> Conn:
     try:
         return psycopg.connect(settings.database_url.get_secret_value(), autocommit=True)
     except psycopg.OperationalError as exc:
-        raise SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+        refused = refused_by_postgres(str(exc), "cannot connect to PostgreSQL")
+        raise refused or SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
 
 
 def _one(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> Any:

@@ -24,6 +24,7 @@ PURE = [
     "cdc.outbox",
     "cdc.feed",
     "cdc.backoff",
+    "cdc.refusals",
     "cdc.errors",
     "consumers.billing.metering",
     "consumers.notifications.templates",
