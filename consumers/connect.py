@@ -22,23 +22,21 @@ from cdc.refusals import amqp_refusal, first_line, postgres_refusal, tls_hint
 from consumers.errors import Refused
 
 
-def _broker_refusal(exc: BaseException) -> str | None:
-    """What to do, if ``exc`` (from aio-pika's connect) is a refusal."""
+def _broker_refusal(exc: BaseException) -> tuple[str, str | None]:
+    """What the broker said and what to do, if ``exc`` (from aio-pika's connect) is a refusal."""
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-        return amqp_refusal(403)
+        return str(exc), amqp_refusal(403)
     # aiormq reports a refused Connection.Open (vhost) as an unexpected frame: the broker's
     # Connection.Close (530 NOT_ALLOWED) came where Connection.OpenOk was expected.
-    text = str(exc)
-    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.OpenOk" in text:
-        return amqp_refusal(530)
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.OpenOk" in str(exc):
+        return "Connection.Open refused: 530 NOT_ALLOWED", amqp_refusal(530)
     chain: BaseException | None = exc
     while chain is not None:
-        if isinstance(chain, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
-            chain
-        ):
-            return tls_hint()
+        text = str(chain)
+        if isinstance(chain, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+            return text, tls_hint()
         chain = chain.__cause__ or chain.__context__
-    return None
+    return str(exc), None
 
 
 async def open_broker(url: str, timeout: float = 10) -> AbstractConnection:
@@ -46,10 +44,10 @@ async def open_broker(url: str, timeout: float = 10) -> AbstractConnection:
     try:
         return await aio_pika.connect(url, timeout=timeout)
     except (aiormq.exceptions.AMQPError, OSError) as exc:
-        hint = _broker_refusal(exc)
+        said, hint = _broker_refusal(exc)
         if hint is None:
             raise
-        raise Refused(redact(f"the broker refuses this configuration ({exc}): {hint}")) from exc
+        raise Refused(redact(f"the broker refuses this configuration ({said}): {hint}")) from exc
 
 
 async def open_database(url: str, **options: Any) -> psycopg.AsyncConnection[Any]:

@@ -34,6 +34,8 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -1781,6 +1783,96 @@ def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
         errors = e.cleanup()
         if errors:
             print("teardown problems:", *errors, sep="\n  ")
+
+
+class FakeServer:
+    """A local TCP server whose every connection runs ``handle(socket)`` in a thread."""
+
+    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
+        self._handle = handle
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(10)
+            self._handle(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(5)
+
+
+def _self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server context with a throwaway self-signed certificate (no client trusts it)."""
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.fixture
+def untrusted_tls_server(tmp_path: Path) -> Iterator[FakeServer]:
+    """A TLS server with a self-signed certificate: a client's verification must fail."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    context = _self_signed(tmp_path)
+
+    def handshake(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)
+
+    server = FakeServer(handshake)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _pg_message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+@pytest.fixture
+def pg_starting_up() -> Iterator[FakeServer]:
+    """A fake PostgreSQL that answers every login with FATAL 57P03 "starting up"."""
+
+    def refuse(conn: socket.socket) -> None:
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                return
+            length, code = struct.unpack("!II", head)
+            conn.recv(length - 8, socket.MSG_WAITALL)
+            if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest: not offered
+                conn.sendall(b"N")
+                continue
+            fields = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0"
+            conn.sendall(_pg_message(b"E", fields))
+            return
+
+    server = FakeServer(refuse)
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture
