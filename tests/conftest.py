@@ -1785,6 +1785,14 @@ def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
             print("teardown problems:", *errors, sep="\n  ")
 
 
+@pytest.fixture
+def no_cdc_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CDC_* variable of the machine running the tests leaks into a settings model."""
+    for name in list(os.environ):
+        if name.upper().startswith("CDC_"):
+            monkeypatch.delenv(name)
+
+
 class FakeServer:
     """A local TCP server whose every connection runs ``handle(socket)`` in a thread."""
 

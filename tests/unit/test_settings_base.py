@@ -14,18 +14,11 @@ from cdc.urls import check_host, parse_amqp_url, parse_dsn, url_has_password
 from consumers.config import ConsumerSettings
 from consumers.notifications.worker import NotificationSettings
 
+pytestmark = pytest.mark.usefixtures("no_cdc_env")
+
 DB_URL = "postgresql://relay@db.internal:5432/cloudphone"
 AMQP_URL = "amqp://cdc@rabbit.internal:5672/%2F"
 SECRET = "s3cr3t-value"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith("CDC_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
