@@ -47,6 +47,18 @@ def _parser() -> argparse.ArgumentParser:
                 default=None,
                 help=f"{info.description} (env CDC_{field.upper()})",
             )
+        if name == "setup":
+            cmd.add_argument(
+                "--check",
+                action="store_true",
+                help="change nothing; check, as the relay's role, that everything it needs "
+                "is in place (exit 0, or 3 listing what is missing)",
+            )
+            cmd.add_argument(
+                "--relay-role",
+                default=None,
+                help="apply the relay role's GRANTs to this existing role (always printed)",
+            )
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "demo":
@@ -110,11 +122,25 @@ def _status(settings: RelaySettings, as_json: bool) -> int:
     return 0
 
 
+def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
+    from cdc import privileges
+
+    if args.check:
+        findings = privileges.check(settings)
+        for finding in findings:
+            print(finding.line())
+        return 0 if all(f.ok for f in findings) else EXIT_SETUP
+    role = privileges.check_role_name(args.relay_role or privileges.DEFAULT_ROLE)
+    for line in slots.setup(settings):
+        log.info(line)
+    for line in privileges.grant_lines(settings, role, apply=args.relay_role is not None):
+        print(line)
+    return 0
+
+
 def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
     if args.command == "setup":
-        for line in slots.setup(settings):
-            log.info(line)
-        return 0
+        return _setup(settings, args)
     if args.command == "status":
         return _status(settings, args.json)
     if args.command == "demo":
@@ -135,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     try:
         return _dispatch(args, settings)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     except SetupError as exc:
         log.error("database is not set up for the relay: %s", exc)
         return EXIT_SETUP

@@ -583,6 +583,13 @@ def _sweep_postgres(admin: psycopg.Connection[Any], current_db: str | None) -> l
             with contextlib.suppress(psycopg.Error):
                 _drop_database(admin, name)
                 swept.append(f"database {name}")
+    for (role,) in admin.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname LIKE 'cdc\\_test\\_%'"
+    ).fetchall():
+        if _is_ours_or_stale(role, f"cdc_test_{SESSION}_", _STALE_SLOT_RE):
+            with contextlib.suppress(psycopg.Error):
+                admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+                swept.append(f"role {role}")
     return swept
 
 
@@ -1791,6 +1798,27 @@ def no_cdc_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.upper().startswith("CDC_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def relay_role(env: Env) -> Iterator[str]:
+    """A role ``cdc_test_<S>_<t>_relay`` with LOGIN REPLICATION and nothing else (trust
+    authentication: no password). Its grants and the role go at teardown."""
+    role = f"cdc_test_{SESSION}_{env.tag}_relay"
+    ident = sql.Identifier(role)
+    with pg_connect(ADMIN_URL) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(ident))
+    try:
+        yield role
+    finally:
+        with pg_connect(ADMIN_URL) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            with pg_connect(env.db_url) as conn:  # its grants live in the test database
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
 
 
 class FakeServer:

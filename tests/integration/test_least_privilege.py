@@ -1,0 +1,100 @@
+"""Least privilege end to end: the relay runs as a role with LOGIN REPLICATION and the grants
+``cdc setup`` prints, nothing more.
+
+- ``cdc setup --check`` as that role changes nothing and exits 3 listing what is missing
+  before ``cdc setup``; 0 once the administrator has run ``cdc setup --relay-role``;
+- the printed GRANTs are exactly the ones applied, naming the quoted objects;
+- a relay as that role streams every event; a grant taken away makes ``--check`` say which.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import db_url
+from psycopg import sql
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def lines(output: str, prefix: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith(prefix)]
+
+
+def test_relay_runs_as_the_minimal_role(env, relay_role):
+    url = db_url(env.dbname).replace("postgres@", f"{relay_role}@")
+    as_role = env.relay_env(database_url=url)
+    schema, table = env.table.split(".")
+
+    before = env.cdc("setup", "--check", env=as_role)
+    assert before.returncode == 3, before.stdout + before.stderr
+    missing = lines(before.stdout, "missing: ")
+    assert any(f"table {env.table} does not exist" in m for m in missing), before.stdout
+    assert any(f"publication {env.publication} does not exist" in m for m in missing)
+    assert any(f"slot {env.slot} does not exist" in m for m in missing)
+    assert lines(before.stdout, "ok: wal_level is logical")
+    assert lines(before.stdout, f"ok: role {relay_role} has LOGIN and REPLICATION")
+    assert not env.slot_info() and not env.sql(
+        "SELECT 1 FROM pg_publication WHERE pubname = %s", (env.publication,)
+    ), "--check created something"
+
+    admin = env.cdc("setup", "--relay-role", relay_role)
+    assert admin.returncode == 0, admin.stderr
+    grants = lines(admin.stdout, "GRANT ")
+    assert grants == [
+        f'GRANT CONNECT ON DATABASE "{env.dbname}" TO "{relay_role}";',
+        f'GRANT USAGE ON SCHEMA "{schema}" TO "{relay_role}";',
+        f'GRANT SELECT ON TABLE "{schema}"."{table}" TO "{relay_role}";',
+        f'GRANT USAGE ON SCHEMA "cdc" TO "{relay_role}";',
+        f'GRANT SELECT, INSERT, UPDATE ON TABLE "cdc"."relay_checkpoint" TO "{relay_role}";',
+    ], admin.stdout
+    assert f"applied the grants to {relay_role}" in admin.stdout
+    # without --relay-role the same statements are printed for the example role, not applied
+    example = env.cdc("setup")
+    assert lines(example.stdout, "GRANT ") == [
+        g.replace(f'"{relay_role}"', '"cdc_relay"') for g in grants
+    ]
+
+    # the role has exactly that: no superuser, no CREATE, no write on the outbox
+    (attrs,) = env.sql(
+        "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolcanlogin "
+        "FROM pg_roles WHERE rolname = %s",
+        (relay_role,),
+    )
+    assert attrs == (False, False, False, True, True)
+    privileges = env.sql(
+        "SELECT has_table_privilege(%s, %s, 'INSERT'), has_schema_privilege(%s, %s, 'CREATE'),"
+        " has_table_privilege(%s, 'cdc.relay_checkpoint', 'DELETE')",
+        (relay_role, env.table, relay_role, schema, relay_role),
+    )
+    assert privileges == [(False, False, False)]
+
+    after = env.cdc("setup", "--check", env=as_role)
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert not lines(after.stdout, "missing: ") and len(lines(after.stdout, "ok: ")) >= 9
+
+    relay = env.relay(database_url=url)
+    relay.wait_streaming()
+    env.insert([env.event("least.privilege") for _ in range(20)])
+    msgs = env.drain(20, quiet=0.5)
+    env.check_exactly_once(msgs, env.fetch_rows())
+    (user,) = env.sql(
+        "SELECT usename FROM pg_stat_replication WHERE pid = "
+        "(SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s)",
+        (env.slot,),
+    )
+    assert user == (relay_role,)
+    assert relay.sigterm() == 0, relay.tail()
+
+    revoke = sql.SQL("REVOKE SELECT ON {} FROM {}")
+    env.sql(revoke.format(env.table_ident(), sql.Identifier(relay_role)))
+    revoked = env.cdc("setup", "--check", env=as_role)
+    assert revoked.returncode == 3
+    assert lines(revoked.stdout, "missing: ") == [
+        f"missing: SELECT on {env.table}: GRANT SELECT ON TABLE {env.table} TO {relay_role}"
+    ], revoked.stdout
+
+
+def test_bad_relay_role_name_exits_2(env):
+    res = env.cdc("setup", "--relay-role", "x; DROP TABLE y")
+    assert res.returncode == 2
+    assert "--relay-role" in res.stderr and "Traceback" not in res.stderr
