@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from psycopg import sql
 
@@ -68,7 +67,7 @@ def relay_grants(settings: RelaySettings, database: str, role: str) -> list[sql.
 def grant_lines(settings: RelaySettings, role: str, apply: bool) -> list[str]:
     """The relay role's SQL as text (``apply``: also run the GRANTs, as the administrator)."""
     with slots.connect(settings) as conn:
-        database = str(_one(conn, "SELECT current_database()"))
+        database = str(slots._one(conn, "SELECT current_database()"))
         grants = relay_grants(settings, database, role)
         attributes = sql.SQL("ALTER ROLE {} LOGIN REPLICATION").format(sql.Identifier(role))
         lines = [
@@ -77,7 +76,7 @@ def grant_lines(settings: RelaySettings, role: str, apply: bool) -> list[str]:
             *(f"{g.as_string(conn)};" for g in grants),
         ]
         if apply:
-            if _one(conn, "SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)) == 0:
+            if slots._one(conn, "SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)) == 0:
                 raise SetupError(
                     f"role {role!r} does not exist: CREATE ROLE {role} LOGIN REPLICATION "
                     "PASSWORD '...' (as a superuser), then run `cdc setup --relay-role` again"
@@ -105,14 +104,9 @@ def _need(ok: bool, what: str, fix: str) -> Finding:
     return Finding(True, what) if ok else Finding(False, f"{what}: {fix}")
 
 
-def _one(conn: slots.Conn, query: Any, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(query, params).fetchone()
-    return row[0] if row else None
-
-
 def _relation(conn: slots.Conn, schema: str, name: str) -> int | None:
     """The table's oid from the catalogs (readable without any privilege on it)."""
-    return _one(  # type: ignore[no-any-return]
+    return slots._one(  # type: ignore[no-any-return]
         conn,
         "SELECT c.oid::int FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = %s AND c.relname = %s",
@@ -128,13 +122,12 @@ def _table_privileges(
     if oid is None:
         return [Finding(False, f"table {what} does not exist: run `cdc setup`")]
     found = []
-    usage = _one(conn, "SELECT has_schema_privilege(%s, 'USAGE')", (schema,))
+    usage = slots._one(conn, "SELECT has_schema_privilege(%s, 'USAGE')", (schema,))
     found.append(
         _need(bool(usage), f"USAGE on schema {schema}", f"GRANT USAGE ON SCHEMA {schema} TO {role}")
     )
-    lacking = [
-        p for p in privileges if not _one(conn, "SELECT has_table_privilege(%s::oid, %s)", (oid, p))
-    ]
+    query = "SELECT has_table_privilege(%s::oid, %s)"
+    lacking = [p for p in privileges if not slots._one(conn, query, (oid, p))]
     wanted = ", ".join(privileges)
     found.append(
         _need(not lacking, f"{wanted} on {what}", f"GRANT {wanted} ON TABLE {what} TO {role}")
@@ -144,7 +137,7 @@ def _table_privileges(
 
 def _server(conn: slots.Conn, role: str) -> list[Finding]:
     found = []
-    level = _one(conn, "SHOW wal_level")
+    level = slots._one(conn, "SHOW wal_level")
     found.append(
         _need(
             level == "logical",
@@ -198,7 +191,7 @@ def _publication(conn: slots.Conn, settings: RelaySettings) -> list[Finding]:
     ).fetchone()
     if row is None:
         return [Finding(False, f"publication {pub} does not exist: run `cdc setup`")]
-    member = _one(
+    member = slots._one(
         conn,
         "SELECT count(*) FROM pg_publication_tables "
         "WHERE pubname = %s AND schemaname = %s AND tablename = %s",
@@ -235,7 +228,7 @@ def check(settings: RelaySettings) -> list[Finding]:
     """Every requirement of the relay, checked as the connecting role without any change."""
     with slots.connect(settings) as conn:
         conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        role = str(_one(conn, "SELECT current_user"))
+        role = str(slots._one(conn, "SELECT current_user"))
         return [
             *_server(conn, role),
             *_outbox(conn, settings, role),

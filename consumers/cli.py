@@ -78,6 +78,12 @@ def _run_worker(argv: Sequence[str]) -> int:
         prog=f"python -m consumers {name}", description=f"run the {name} worker"
     )
     add_setting_flags(parser, worker.settings)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing: check the worker's database role and broker login "
+        "(exit 0, or 3 listing what is missing)",
+    )
     args = parser.parse_args(argv[1:])
     try:
         settings = build_settings(worker.settings, args)
@@ -90,6 +96,10 @@ def _run_worker(argv: Sequence[str]) -> int:
     except (ConfigError, ValidationError, ValueError) as exc:
         log.error("worker %s cannot start: %s", name, exc)
         return EXIT_USAGE
+    if args.check:
+        from consumers import check
+
+        return asyncio.run(check.run(settings, spec))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(settings, spec))
 

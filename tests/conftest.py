@@ -1800,25 +1800,52 @@ def no_cdc_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.fixture
-def relay_role(env: Env) -> Iterator[str]:
-    """A role ``cdc_test_<S>_<t>_relay`` with LOGIN REPLICATION and nothing else (trust
-    authentication: no password). Its grants and the role go at teardown."""
-    role = f"cdc_test_{SESSION}_{env.tag}_relay"
+def _role(attributes: str, env: Env, kind: str) -> str:
+    """Create ``cdc_test_<S>_<t>_<kind>`` with ``attributes`` (trust auth: no password)."""
+    role = f"cdc_test_{SESSION}_{env.tag}_{kind}"
+    with pg_connect(ADMIN_URL) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} " + attributes).format(sql.Identifier(role)))
+    return role
+
+
+def _drop_role(env: Env, role: str) -> None:
+    """End the role's sessions, drop what it owns and its grants in the test database, drop it."""
     ident = sql.Identifier(role)
     with pg_connect(ADMIN_URL) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN REPLICATION").format(ident))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        with pg_connect(env.db_url) as conn:  # its grants and objects live in the test database
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+@pytest.fixture
+def relay_role(env: Env) -> Iterator[str]:
+    """A role ``cdc_test_<S>_<t>_relay`` with LOGIN REPLICATION and nothing else; its grants
+    and the role go at teardown."""
+    role = _role("LOGIN REPLICATION", env, "relay")
     try:
         yield role
     finally:
-        with pg_connect(ADMIN_URL) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
-                (role,),
+        _drop_role(env, role)
+
+
+@pytest.fixture
+def worker_role(env: Env, pg_schema: str) -> Iterator[str]:
+    """A role ``cdc_test_<S>_<t>_worker`` with LOGIN only, made owner of ``pg_schema`` (where
+    the domain workers keep their tables); what it owns, its grants and the role go at
+    teardown."""
+    role = _role("LOGIN", env, "worker")
+    try:
+        env.sql(
+            sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(
+                sql.Identifier(pg_schema), sql.Identifier(role)
             )
-            with pg_connect(env.db_url) as conn:  # its grants live in the test database
-                conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
-            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+        )
+        yield role
+    finally:
+        _drop_role(env, role)
 
 
 class FakeServer:

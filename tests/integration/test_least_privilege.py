@@ -4,13 +4,19 @@
 - ``cdc setup --check`` as that role changes nothing and exits 3 listing what is missing
   before ``cdc setup``; 0 once the administrator has run ``cdc setup --relay-role``;
 - the printed GRANTs are exactly the ones applied, naming the quoted objects;
-- a relay as that role streams every event; a grant taken away makes ``--check`` say which.
+- a relay as that role streams every event; a grant taken away makes ``--check`` say which;
+- the billing worker runs as a role that owns only its schema and may insert into the outbox:
+  ``python -m consumers billing --check`` lists the missing grant, then passes.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
-from conftest import db_url
+from conftest import REPO, db_url
 from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -98,3 +104,65 @@ def test_bad_relay_role_name_exits_2(env):
     res = env.cdc("setup", "--relay-role", "x; DROP TABLE y")
     assert res.returncode == 2
     assert "--relay-role" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_billing_runs_as_a_role_that_owns_only_its_schema(env, domain, worker_role):
+    """The billing worker's role: LOGIN, owner of its schema, INSERT and SELECT on the
+    outbox (its billing.balance_low rows). ``--check`` says what is missing, then the worker
+    bills and writes its event as that role."""
+    env.setup()
+    url = db_url(env.dbname).replace("postgres@", f"{worker_role}@")
+    settings = {
+        "database_url": url,
+        "billing_initial_balance": "1",
+        "billing_low_balance_threshold": "5",
+    }
+
+    def consumers_check() -> subprocess.CompletedProcess[str]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+        full.update(domain.worker_env(**settings))
+        return subprocess.run(
+            [sys.executable, "-m", "consumers", "billing", "--check"],
+            cwd=REPO, env=full, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    before = consumers_check()
+    assert before.returncode == 3, before.stdout + before.stderr
+    assert lines(before.stdout, "missing: ") == [
+        f"missing: INSERT, SELECT on {env.table}: GRANT INSERT, SELECT ON TABLE {env.table} "
+        f"TO {worker_role}"
+    ], before.stdout
+    assert lines(before.stdout, "ok: the worker's tables, functions and inbox")
+    assert not env.sql(
+        "SELECT 1 FROM pg_tables WHERE schemaname = %s", (domain.schema,)
+    ), "--check left tables behind"
+
+    who = sql.Identifier(worker_role)
+    env.sql(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(who))
+    env.sql(sql.SQL("GRANT INSERT, SELECT ON {} TO {}").format(env.table_ident(), who))
+    after = consumers_check()
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert not lines(after.stdout, "missing: ")
+
+    worker = domain.start("billing", **settings)
+    at = "2026-01-01T00:00:00+00:00"
+    domain.publish([
+        ("device.started", "00000000-0000-4000-8000-0000000000a1",
+         {"deviceId": "d1", "userId": "u1", "startedAt": at}),
+        ("device.stopped", "00000000-0000-4000-8000-0000000000a2",
+         {"deviceId": "d1", "stoppedAt": "2026-01-01T01:00:00+00:00"}),
+    ])  # fmt: skip
+    domain.wait_inbox("billing", 2)
+    records = env.sql(sql.SQL("SELECT count(*) FROM {}").format(domain.table("usage_records")))
+    assert records == [(1,)]
+    alerts = env.sql(
+        sql.SQL("SELECT aggregate_id FROM {} WHERE event_type = 'billing.balance_low'").format(
+            env.table_ident()
+        )
+    )
+    assert alerts == [("u1",)], "the worker's role could not write its outbox event"
+    owners = env.sql(
+        "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = %s", (domain.schema,)
+    )
+    assert owners == [(worker_role,)]
+    assert worker.sigterm() == 0, worker.tail()
