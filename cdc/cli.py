@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
-        "setup": "create table (if absent), publication and slot; check the server",
+        "setup": "create table (if absent), publication, checkpoint table and slot; print the "
+        "relay role's GRANTs (--check: verify, change nothing)",
         "relay": "stream outbox inserts to RabbitMQ until SIGTERM/SIGINT",
         "status": "show the slot, its confirmed_flush_lsn and lag",
         "demo": "insert sample outbox events and print what arrives on the exchange",

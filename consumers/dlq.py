@@ -25,6 +25,7 @@ from typing import Any
 import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from pydantic_settings import SettingsError
 
 from cdc.errors import ConfigError as SettingsProblem
 from cdc.logs import redact
@@ -232,6 +233,9 @@ def main(argv: Sequence[str]) -> int:
     except Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except SettingsError as exc:  # a worker's own settings, read for `list`
+        print(redact(f"invalid configuration: {exc}"), file=sys.stderr)
+        return EXIT_USAGE
     except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
         # A one-shot command does not wait for the broker: say so in one line.
         print(redact(f"error: the broker is not reachable: {exc!r}"), file=sys.stderr)
