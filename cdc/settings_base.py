@@ -144,12 +144,13 @@ def explain(exc: ValidationError) -> str:
     """A pydantic error as one line naming each variable; secrets redacted."""
     parts = []
     for error in exc.errors():
-        where = "_".join(map(str, error["loc"]))
+        field, *inside = [str(part) for part in error["loc"]] or [""]
         message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "missing":
-            name = variable(where)
+            name = variable(field)
             message = f"is not set (set {name} or {name}{FILE_SUFFIX})"
-        parts.append(f"{variable(where)}: {message}" if where else message)
+        where = variable(field) + (f" [{'.'.join(inside)}]" if inside else "")
+        parts.append(f"{where}: {message}" if field else message)
     return redact("invalid configuration: " + "; ".join(parts))
 
 

@@ -279,3 +279,15 @@ def test_amqp_refusals_by_reply_code():
     assert "vhost" in (amqp_refusal(530) or "")
     for transient in (320, 501, 504, 541, 0):  # forced close, frame error, channel error...
         assert amqp_refusal(transient) is None
+
+
+def test_values_the_environment_cannot_parse_are_one_line_errors(urls, monkeypatch):
+    from consumers.billing.worker import BillingSettings
+
+    monkeypatch.setenv("CDC_NOTIFICATIONS_DEFAULT_CHANNELS", "not json")
+    with pytest.raises(ConfigError, match="notifications_default_channels"):
+        load(NotificationSettings, {})
+    monkeypatch.setenv("CDC_BILLING_PLAN_RATES", '{"pro": "lots"}')
+    with pytest.raises(ConfigError, match=r"CDC_BILLING_PLAN_RATES \[pro\]: ") as info:
+        load(BillingSettings, {})
+    assert "\n" not in str(info.value)
