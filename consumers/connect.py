@@ -39,6 +39,11 @@ def _broker_refusal(exc: BaseException) -> tuple[str, str | None]:
     return str(exc), None
 
 
+def refused_by_broker(exc: BaseException) -> Refused:
+    """The error to stop with when the broker refuses a declaration (403 on a channel)."""
+    return Refused(redact(f"the broker refuses this configuration ({exc}): {amqp_refusal(403)}"))
+
+
 async def open_broker(url: str, timeout: float = 10) -> AbstractConnection:
     """aio-pika's connect; :class:`Refused` if the broker refuses the configuration."""
     try:

@@ -1848,6 +1848,28 @@ def worker_role(env: Env, pg_schema: str) -> Iterator[str]:
         _drop_role(env, role)
 
 
+@pytest.fixture
+def amqp_user_without_configure(env: Env) -> Iterator[str]:
+    """A broker user ``cdc_test.<S>.<t>`` that may write and read on ``/`` but declare
+    nothing (configure ``^$``); its URL. Deleted at teardown."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is needed to create a broker user")
+    user, password = f"cdc_test.{SESSION}.{env.tag}", secrets.token_hex(8)
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+    ctl("add_user", user, password)
+    try:
+        ctl("set_permissions", "-p", "/", user, "^$", ".*", ".*")
+        parts = urlsplit(AMQP_URL)
+        yield urlunsplit(("amqp", f"{user}:{password}@{parts.netloc.rpartition('@')[2]}",
+                          "/", "", ""))  # fmt: skip
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            ctl("delete_user", user)
+
+
 class FakeServer:
     """A local TCP server whose every connection runs ``handle(socket)`` in a thread."""
 

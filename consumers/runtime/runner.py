@@ -37,7 +37,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from cdc.backoff import Backoff
 from consumers.config import ConsumerSettings
-from consumers.connect import open_broker, open_database
+from consumers.connect import open_broker, open_database, refused_by_broker
 from consumers.errors import BatchAborted, BrokerLost, PermanentError, Refused, Unroutable
 from consumers.runtime import headers as hdr
 from consumers.runtime import inbox, topology
@@ -109,6 +109,8 @@ class Runner:
             started = time.monotonic()
             try:
                 await self._session()
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise refused_by_broker(exc) from exc  # a permission: no retry can help
             except (BrokerLost, Unroutable, *_AMQP_ERRORS) as exc:
                 self._buffer.clear()
                 if self._stop.is_set():

@@ -146,6 +146,17 @@ def test_refused_configuration_exits_3_without_retrying(
     assert_one_line(worker.log(), EXPECTED[case])
 
 
+def test_a_broker_user_that_may_not_declare_exits_3(env, ledger, amqp_user_without_configure):
+    """ACCESS_REFUSED on a channel (no configure permission) is a refusal too."""
+    env.setup()
+    relay = env.relay(amqp_url=amqp_user_without_configure)
+    assert relay.wait_exit(60) == 3, relay.tail()
+    assert_one_line(relay.log(), "403", "set_permissions")
+    worker = ledger.start(metrics=False, wait=False, amqp_url=amqp_user_without_configure)
+    assert worker.wait_exit(60) == 3, worker.tail()
+    assert_one_line(worker.log(), "ACCESS_REFUSED", "set_permissions")
+
+
 def test_dlq_list_with_a_bad_password_exits_3(ledger):
     res = ledger.consumers_cli(
         "dlq", "list", "--worker", LEDGER, amqp_url=f"amqp://guest:{SECRET}@127.0.0.1:5672/"
