@@ -2,9 +2,9 @@
 ``cdc setup`` prints, nothing more.
 
 - ``cdc setup --check`` as that role changes nothing and exits 3 listing what is missing
-  before ``cdc setup``; 0 once the administrator has run ``cdc setup --relay-role``;
-- the printed GRANTs are exactly the ones applied, naming the quoted objects;
-- a relay as that role streams every event; a grant taken away makes ``--check`` say which;
+  before ``cdc setup``; 0 once the GRANTs ``cdc setup`` printed have been run as printed;
+- a relay as that role streams every event; a grant taken away makes ``--check`` say which,
+  and ``cdc setup --relay-role`` (the same statements, applied) restores it;
 - the billing worker runs as a role that owns only its schema and may insert into the outbox:
   ``python -m consumers billing --check`` lists the missing grant, then passes.
 """
