@@ -34,6 +34,8 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -609,6 +611,13 @@ def _sweep_postgres(admin: psycopg.Connection[Any], current_db: str | None) -> l
             with contextlib.suppress(psycopg.Error):
                 _drop_database(admin, name)
                 swept.append(f"database {name}")
+    for (role,) in admin.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname LIKE 'cdc\\_test\\_%'"
+    ).fetchall():
+        if _is_ours_or_stale(role, f"cdc_test_{SESSION}_", _STALE_SLOT_RE):
+            with contextlib.suppress(psycopg.Error):
+                admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+                swept.append(f"role {role}")
     return swept
 
 
@@ -1913,6 +1922,174 @@ def private_pg(request: pytest.FixtureRequest) -> Iterator[PrivatePostgres]:
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def no_cdc_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CDC_* variable of the machine running the tests leaks into a settings model."""
+    for name in list(os.environ):
+        if name.upper().startswith("CDC_"):
+            monkeypatch.delenv(name)
+
+
+def _role(attributes: str, env: Env, kind: str) -> str:
+    """Create ``cdc_test_<S>_<t>_<kind>`` with ``attributes`` (trust auth: no password)."""
+    role = f"cdc_test_{SESSION}_{env.tag}_{kind}"
+    with pg_connect(ADMIN_URL) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} " + attributes).format(sql.Identifier(role)))
+    return role
+
+
+def _drop_role(env: Env, role: str) -> None:
+    """End the role's sessions, drop what it owns and its grants in the test database, drop it."""
+    ident = sql.Identifier(role)
+    with pg_connect(ADMIN_URL) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        with pg_connect(env.db_url) as conn:  # its grants and objects live in the test database
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+@pytest.fixture
+def relay_role(env: Env) -> Iterator[str]:
+    """A role ``cdc_test_<S>_<t>_relay`` with LOGIN REPLICATION and nothing else; its grants
+    and the role go at teardown."""
+    role = _role("LOGIN REPLICATION", env, "relay")
+    try:
+        yield role
+    finally:
+        _drop_role(env, role)
+
+
+@pytest.fixture
+def worker_role(env: Env, pg_schema: str) -> Iterator[str]:
+    """A role ``cdc_test_<S>_<t>_worker`` with LOGIN only, made owner of ``pg_schema`` (where
+    the domain workers keep their tables); what it owns, its grants and the role go at
+    teardown."""
+    role = _role("LOGIN", env, "worker")
+    try:
+        env.sql(
+            sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(
+                sql.Identifier(pg_schema), sql.Identifier(role)
+            )
+        )
+        yield role
+    finally:
+        _drop_role(env, role)
+
+
+@pytest.fixture
+def amqp_user_without_configure(env: Env) -> Iterator[str]:
+    """A broker user ``cdc_test.<S>.<t>`` that may write and read on ``/`` but declare
+    nothing (configure ``^$``); its URL. Deleted at teardown."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is needed to create a broker user")
+    user, password = f"cdc_test.{SESSION}.{env.tag}", secrets.token_hex(8)
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+    ctl("add_user", user, password)
+    try:
+        ctl("set_permissions", "-p", "/", user, "^$", ".*", ".*")
+        parts = urlsplit(AMQP_URL)
+        yield urlunsplit(("amqp", f"{user}:{password}@{parts.netloc.rpartition('@')[2]}",
+                          "/", "", ""))  # fmt: skip
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            ctl("delete_user", user)
+
+
+class FakeServer:
+    """A local TCP server whose every connection runs ``handle(socket)`` in a thread."""
+
+    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
+        self._handle = handle
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(10)
+            self._handle(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(5)
+
+
+def _self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server context with a throwaway self-signed certificate (no client trusts it)."""
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.fixture
+def untrusted_tls_server(tmp_path: Path) -> Iterator[FakeServer]:
+    """A TLS server with a self-signed certificate: a client's verification must fail."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    context = _self_signed(tmp_path)
+
+    def handshake(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)
+
+    server = FakeServer(handshake)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _pg_message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+@pytest.fixture
+def pg_starting_up() -> Iterator[FakeServer]:
+    """A fake PostgreSQL that answers every login with FATAL 57P03 "starting up"."""
+
+    def refuse(conn: socket.socket) -> None:
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                return
+            length, code = struct.unpack("!II", head)
+            conn.recv(length - 8, socket.MSG_WAITALL)
+            if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest: not offered
+                conn.sendall(b"N")
+                continue
+            fields = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0"
+            conn.sendall(_pg_message(b"E", fields))
+            return
+
+    server = FakeServer(refuse)
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture
