@@ -76,6 +76,9 @@ class Runner:
         self._spec = spec
         self._metrics = metrics
         self.names = names_for(settings, spec)
+        metrics.start_at_zero(
+            [name for name, _ in self.names.queues], self.names.parking_queue, list(hdr.KINDS)
+        )
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()

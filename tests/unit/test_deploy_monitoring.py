@@ -238,7 +238,7 @@ def test_dashboard_is_the_generators_output_and_importable() -> None:
 
 
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) -> None:
-    # `make install` unpacks promtool into the venv (scripts/fetch-promtool.sh).
+    # `make install` unpacks promtool into the venv (scripts/fetch-prometheus.sh).
     venv_bin = str(Path(sys.executable).parent)
     promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
     promtool = promtool or shutil.which("promtool", path=venv_bin)
