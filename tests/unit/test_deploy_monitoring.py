@@ -40,11 +40,13 @@ EXTERNAL: dict[str, set[str]] = {
     # and queue_metrics families).
     "rabbitmq_queue_messages": {"vhost", "queue"},
     "rabbitmq_queue_messages_bytes": {"vhost", "queue"},
-    # postgres_exporter, replication_slot collector.
-    "pg_replication_slot_slot_current_wal_lsn": {"slot_name", "slot_type"},
-    "pg_replication_slot_slot_confirmed_flush_lsn": {"slot_name", "slot_type"},
-    "pg_replication_slot_slot_is_active": {"slot_name", "slot_type"},
-    "pg_replication_slot_wal_status": {"slot_name", "slot_type", "wal_status"},
+    # postgres_exporter with deploy/prometheus/postgres-exporter-queries.yaml (checked
+    # against that file by test_postgres_exporter_queries_define_the_slot_metrics).
+    "pg_logical_slot_active": {"slot_name", "database", "server"},
+    "pg_logical_slot_lag_bytes": {"slot_name", "database", "server"},
+    "pg_logical_slot_retained_bytes": {"slot_name", "database", "server"},
+    "pg_logical_slot_safe_wal_size_bytes": {"slot_name", "database", "server"},
+    "pg_logical_slot_wal_status": {"slot_name", "database", "server", "wal_status"},
 }
 
 WORKER_PREFIX = "cdc_worker_"
@@ -58,6 +60,11 @@ def catalog(registry: CollectorRegistry) -> dict[str, set[str]]:
     for name, collector in registry._names_to_collectors.items():
         labels = set(getattr(collector, "_labelnames", ()))
         names[name] = labels | ({"le"} if name.endswith("_bucket") else set())
+    # Collectors that describe nothing up front (process_*, python_info) are read from
+    # what they collect.
+    for family in registry.collect():
+        for sample in family.samples:
+            names.setdefault(sample.name, set(sample.labels))
     return names
 
 
@@ -128,6 +135,33 @@ def check(
             if label == "state" and op == "=" and value not in states.get(sel.name, (value,)):
                 problems.append(f"{where}: {sel.name} has no state {value!r}")
     return problems
+
+
+def fill(query: str) -> str:
+    """A panel query with Grafana's variables set as on a first visit (all slots, all
+    workers, the default worker queues)."""
+    board = json.loads(DASHBOARD.read_text())
+    queues = next(v["query"] for v in board["templating"]["list"] if v["name"] == "queues")
+    for name, value in (
+        ("$__rate_interval", "5m"),
+        ("$cdc_slot", ".*"),
+        ("$worker", ".*"),
+        ("$queues", queues.replace("\\", "\\\\")),
+    ):
+        query = query.replace(name, value)
+    return query
+
+
+def test_postgres_exporter_queries_define_the_slot_metrics() -> None:
+    queries = yaml.safe_load((RULES / "postgres-exporter-queries.yaml").read_text())
+    defined = {}
+    for prefix, spec in queries.items():
+        columns = {k: v["usage"] for m in spec["metrics"] for k, v in m.items()}
+        labels = {k for k, usage in columns.items() if usage == "LABEL"} | {"server"}
+        for column, usage in columns.items():
+            if usage == "GAUGE":
+                defined[f"{prefix}_{column}"] = labels
+    assert {k: v for k, v in EXTERNAL.items() if k.startswith("pg_")} == defined
 
 
 def test_rules_and_dashboard_parse_and_have_queries() -> None:
@@ -250,7 +284,7 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) ->
     # The dashboard's queries, with Grafana's variables filled in, as recording rules: so
     # promtool parses them too.
     filled = [
-        q.replace("$__rate_interval", "5m").replace("$cdc_slot", ".*").replace("$worker", ".*")
+        fill(q)
         for q in dashboard_queries()
     ]
     panels = tmp_path / "dashboard.rules.yml"
