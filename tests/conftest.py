@@ -2186,6 +2186,9 @@ def rabbit_vhost() -> Iterator[tuple[str, str]]:
         path = "/" + urllib.parse.quote(name, safe="")
         yield name, urlunsplit((base.scheme, base.netloc, path, base.query, ""))
     finally:
+        # Another test may have the broker's app stopped (rabbit_app): wait for it.
+        with contextlib.suppress(RuntimeError):
+            wait_amqp_ready(timeout=120)
         _rabbitmqctl("delete_vhost", name)
 
 
