@@ -153,6 +153,7 @@ def metric_sum(text: str, name: str, **labels: str) -> float | None:
     return sum(v for lab, v in samples if all(lab.get(k) == val for k, val in labels.items()))
 
 
+
 class Teardown:
     """Runs cleanup steps one after another, collecting failures instead of stopping."""
 
@@ -867,7 +868,9 @@ class Domain:
     def inbox_count(self, consumer: str) -> int:
         try:
             rows = self.env.sql(
-                sql.SQL("SELECT count(*) FROM {} WHERE consumer = %s").format(self.table("inbox")),
+                sql.SQL("SELECT count(*) FROM {} WHERE consumer = %s").format(
+                    self.table("inbox")
+                ),
                 (consumer,),
             )
         except psycopg.errors.UndefinedTable:
@@ -879,9 +882,8 @@ class Domain:
         wait_for(
             lambda: self.inbox_count(consumer) >= n,
             timeout,
-            lambda: (
-                f"{n} inbox rows of {consumer} (have {self.inbox_count(consumer)})\n" + self.tails()
-            ),
+            lambda: f"{n} inbox rows of {consumer} (have {self.inbox_count(consumer)})\n"
+            + self.tails(),
         )
 
     def parked(self) -> dict[str, int | None]:
@@ -950,7 +952,9 @@ class WebhookReceiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 mac = hmac.new(receiver.SECRET.encode(), body, hashlib.sha256).hexdigest()
-                ok = hmac.compare_digest(f"sha256={mac}", self.headers.get("X-CDC-Signature", ""))
+                ok = hmac.compare_digest(
+                    f"sha256={mac}", self.headers.get("X-CDC-Signature", "")
+                )
                 key = self.headers.get("Idempotency-Key", "")
                 with receiver._lock:
                     seen = any(r.headers.get("Idempotency-Key") == key for r in receiver.requests)
@@ -2003,9 +2007,8 @@ class Ledger(SqlAccess):
             return [
                 tuple(r)  # type: ignore[misc]
                 for r in self.sql(
-                    sql.SQL(
-                        "SELECT message_id, key, amount, attempt, pid FROM {} ORDER BY id"
-                    ).format(self._ident(self.table))
+                    sql.SQL("SELECT message_id, key, amount, attempt, pid FROM {} ORDER BY id")
+                    .format(self._ident(self.table))
                 )
             ]
         except psycopg.errors.UndefinedTable:
@@ -2068,10 +2071,8 @@ class Ledger(SqlAccess):
             wait_for(
                 got,
                 timeout,
-                lambda: (
-                    f"{n} parked (have {self.broker.queue_count(self.parking_queue)})\n"
-                    + self.tails()
-                ),
+                lambda: f"{n} parked (have {self.broker.queue_count(self.parking_queue)})\n"
+                + self.tails(),
                 interval=0.1,
             )
         )
@@ -2279,13 +2280,14 @@ def bootstrap_names() -> Iterator[dict[str, str]]:
         "db": f"cdc_test_{SESSION}_boot{secrets.token_hex(2)}",
         "relay_role": f"cdc_test_{SESSION}_relay",
         "worker_role": f"cdc_test_{SESSION}_worker",
+        "monitor_role": f"cdc_test_{SESSION}_monitor",
     }
     try:
         yield names
     finally:
         with pg_connect(ADMIN_URL) as admin:
             _drop_database(admin, names["db"])
-            for role in (names["relay_role"], names["worker_role"]):
+            for role in (names["relay_role"], names["worker_role"], names["monitor_role"]):
                 admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 

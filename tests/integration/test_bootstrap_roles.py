@@ -16,7 +16,11 @@ import pytest
 from conftest import ADMIN_URL, Env, db_url, insert_rows, pg_connect, role_url
 
 SQL = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "sql"
-PASSWORDS = {"CDC_RELAY_PASSWORD": "relay 'pw' \\ x", "CDC_WORKER_PASSWORD": "worker-pw"}
+PASSWORDS = {
+    "CDC_RELAY_PASSWORD": "relay 'pw' \\ x",
+    "CDC_WORKER_PASSWORD": "worker-pw",
+    "CDC_MONITOR_PASSWORD": "monitor-pw",
+}
 
 
 def psql(script: str, url: str, **variables: str) -> None:
@@ -35,10 +39,12 @@ def psql(script: str, url: str, **variables: str) -> None:
 def test_roles_setup_grants_then_relay_and_worker_roles_do_their_jobs(
     env: Env, bootstrap_names: dict[str, str]
 ) -> None:
-    db, relay_role, worker_role = (bootstrap_names[k] for k in ("db", "relay_role", "worker_role"))
+    db, relay_role, worker_role, monitor_role = (
+        bootstrap_names[k] for k in ("db", "relay_role", "worker_role", "monitor_role")
+    )
     roles = {"relay_role": relay_role, "worker_role": worker_role}
     for _ in range(2):
-        psql("roles.sql", ADMIN_URL, db=db, **roles)
+        psql("roles.sql", ADMIN_URL, db=db, monitor_role=monitor_role, **roles)
     for _ in range(2):
         res = env.cdc("setup", env=env.relay_env(database_url=db_url(db)))
         assert res.returncode == 0, res.stderr
@@ -50,11 +56,11 @@ def test_roles_setup_grants_then_relay_and_worker_roles_do_their_jobs(
             for name, *rest in admin.execute(
                 "SELECT rolname, rolreplication, rolsuper, rolcreatedb, rolcreaterole,"
                 " rolcanlogin FROM pg_roles WHERE rolname = ANY(%s)",
-                ([relay_role, worker_role],),
+                ([relay_role, worker_role, monitor_role],),
             ).fetchall()
         }
     assert attrs[relay_role] == [True, False, False, False, True]
-    assert attrs[worker_role] == [False, False, False, False, True]
+    assert attrs[worker_role] == attrs[monitor_role] == [False, False, False, False, True]
 
     env.declare_sink()
     relay = env.relay(metrics=True, database_url=role_url(relay_role, db))
@@ -71,6 +77,14 @@ def test_roles_setup_grants_then_relay_and_worker_roles_do_their_jobs(
             worker.execute(f"SELECT pg_create_logical_replication_slot('{schema}', 'pgoutput')")
     [msg] = env.drain(1)
     assert msg.message_id == event["id"]
+    # postgres_exporter's role reads the slot facts of deploy/prometheus's queries.
+    with pg_connect(role_url(monitor_role, db)) as monitor:
+        lag = monitor.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), active"
+            " FROM pg_replication_slots WHERE slot_name = %s",
+            (env.slot,),
+        ).fetchone()
+    assert lag is not None and lag[0] >= 0 and lag[1] is True
 
     with (
         pg_connect(role_url(relay_role, db)) as conn,

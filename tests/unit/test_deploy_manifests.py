@@ -430,19 +430,31 @@ def test_scrape_annotations_and_podmonitors_name_the_metrics_ports() -> None:
         if doc["kind"] not in {"Deployment", "StatefulSet"}:
             continue
         template = doc["spec"]["template"]
-        ours = [c for c in template["spec"]["containers"] if c["image"].startswith("outbox-cdc")]
-        if not ours:
-            continue  # PostgreSQL: scraped through postgres_exporter
-        notes = template["metadata"]["annotations"]
-        ports = {p["containerPort"]: p["name"] for c in ours for p in c["ports"]}
+        notes = template["metadata"].get("annotations", {})
+        ports = {
+            p["containerPort"]: p["name"]
+            for c in template["spec"]["containers"]
+            for p in c["ports"]
+        }
+        if doc["metadata"]["name"] == "postgres":
+            assert not notes  # scraped through postgres_exporter
+            continue
         assert notes["prometheus.io/scrape"] == "true"
         assert int(notes["prometheus.io/port"]) in ports, doc["metadata"]["name"]
         assert notes["prometheus.io/path"] == "/metrics"
         port_names |= set(ports.values())
     monitors = [d for f, d in manifests() if d["kind"] == "PodMonitor"]
+    assert len(monitors) == 3
     for monitor in monitors:
         for endpoint in monitor["spec"]["podMetricsEndpoints"]:
             assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+
+
+def test_exporter_runs_the_shipped_slot_queries() -> None:
+    docs = documents(K8S / "monitoring.yaml")
+    [config] = [d for d in docs if d["kind"] == "ConfigMap"]
+    shipped = (ROOT / "deploy" / "prometheus" / "postgres-exporter-queries.yaml").read_text()
+    assert config["data"]["queries.yaml"] == shipped
 
 
 def test_workers_run_two_replicas_with_a_disruption_budget() -> None:

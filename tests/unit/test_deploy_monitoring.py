@@ -283,10 +283,7 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) ->
         )
     # The dashboard's queries, with Grafana's variables filled in, as recording rules: so
     # promtool parses them too.
-    filled = [
-        fill(q)
-        for q in dashboard_queries()
-    ]
+    filled = [fill(q) for q in dashboard_queries()]
     panels = tmp_path / "dashboard.rules.yml"
     rules = [{"record": f"dashboard:query:n{i}", "expr": q} for i, q in enumerate(filled)]
     panels.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
