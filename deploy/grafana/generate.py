@@ -20,8 +20,9 @@ PG_SLOT = 'slot_name=~"$cdc_slot"'
 # CDC_WORKER_QUEUE_PREFIX. Parking queues are never part of the backlog.
 WORKER_QUEUES = 'queue=~"$queues", queue!~".+\\\\.parked"'
 DEFAULT_QUEUES = "(billing-service|notification-service)\\.[a-z0-9-]+"
-#: Stat colours: green below the first step, then each (colour, from value).
-Steps = list[tuple[str, float]]
+#: Stat colours: green below the first step (or the colour of a first step whose value is
+#: None), then each (colour, from value).
+Steps = list[tuple[str, float | None]]
 
 
 def target(expr: str, legend: str) -> dict[str, Any]:
@@ -41,11 +42,10 @@ def panel(
 ) -> dict[str, Any]:
     """A panel without position; :func:`layout` places it. ``steps`` colour a stat (green
     below the first); a stat without them is blue (information, no judgement)."""
-    base = [{"color": "green" if steps else "blue", "value": None}]
-    thresholds = {
-        "mode": "absolute",
-        "steps": base + [{"color": c, "value": v} for c, v in steps or []],
-    }
+    steps = list(steps or [])
+    if not steps or steps[0][1] is not None:
+        steps.insert(0, ("green" if steps else "blue", None))
+    thresholds = {"mode": "absolute", "steps": [{"color": c, "value": v} for c, v in steps]}
     return {
         "type": kind,
         "title": title,
@@ -145,7 +145,7 @@ GLANCE = [
         4,
         4,
         "Walsenders reading the slot: 1 when a relay streams, 0 when none does.",
-        [("green", 1), ("red", 2)],
+        [("red", None), ("green", 1), ("orange", 2)],
     ),
     panel(
         "stat",
@@ -213,7 +213,7 @@ RELAY = [
         6,
         4,
         "Exactly 1 per slot when healthy; 0 means nobody publishes.",
-        [("green", 1), ("red", 2)],
+        [("red", None), ("green", 1), ("orange", 2)],
     ),
     panel(
         "stat",

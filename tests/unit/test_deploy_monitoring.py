@@ -293,3 +293,32 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) ->
     ):
         done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_lag_at_a_glance_row_has_every_level_with_thresholds() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    panels = board["panels"]
+    first_row = next(i for i, p in enumerate(panels) if p["type"] == "row")
+    second_row = next(i for i, p in enumerate(panels) if p["type"] == "row" and i > first_row)
+    glance = panels[first_row + 1 : second_row]
+    assert panels[first_row]["title"].startswith("Lag at a glance")
+    by_metric = {
+        (s.name, p["fieldConfig"]["defaults"]["unit"])
+        for p in glance
+        for t in p["targets"]
+        for s in selectors(t["expr"])
+    }
+    # slot (bytes), broker-confirmed (bytes and seconds), consumer-acked (bytes, seconds)
+    assert {
+        ("pg_logical_slot_lag_bytes", "bytes"),
+        ("cdc_replication_lag_bytes", "bytes"),
+        ("cdc_replication_lag_seconds", "s"),
+        ("rabbitmq_queue_messages_bytes", "bytes"),
+        ("cdc_worker_event_age_seconds", "s"),
+    } <= by_metric
+    for p in panels:
+        if p["type"] == "stat":
+            steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"]
+            assert steps[0]["value"] is None, p["title"]
+            if p["fieldConfig"]["defaults"]["unit"] in {"bytes", "s"}:
+                assert len(steps) >= 3, f"{p['title']}: a lag needs warning and critical steps"
