@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,8 +278,10 @@ def stack(
         print(*(t.tail(8) for t in started if isinstance(t, Relay | Daemon)), sep="\n")
 
 
-def wait_firing(prom: Prometheus, wanted: dict[str, dict[str, str]], timeout: float) -> None:
-    """Until every alert of ``wanted`` (name -> labels it must carry) fires."""
+def wait_firing(prom: Prometheus, wanted: dict[str, dict[str, str]], timeout: float) -> float:
+    """Until every alert of ``wanted`` (name -> labels it must carry) fires; the seconds it
+    took."""
+    t0 = time.monotonic()
 
     def fired() -> bool:
         now = prom.firing()
@@ -290,6 +293,7 @@ def wait_firing(prom: Prometheus, wanted: dict[str, dict[str, str]], timeout: fl
     wait_for(
         fired, timeout, lambda: f"alerts {sorted(wanted)} firing; now {prom.firing()}", interval=2
     )
+    return time.monotonic() - t0
 
 
 def ours(prom: Prometheus, env: Env) -> set[str]:
@@ -340,7 +344,7 @@ def test_rules_and_panels_on_live_data_and_alerts_fire(env: Env, stack: dict[str
             for i in range(1200)
         ]
         env.insert(backlog)
-        wait_firing(
+        consumer_s = wait_firing(
             prom,
             {
                 "CdcConsumerBacklogGrowing": {"queue": "notification-service.system"},
@@ -352,7 +356,7 @@ def test_rules_and_panels_on_live_data_and_alerts_fire(env: Env, stack: dict[str
 
         # 3. The relay dies; the applications keep writing.
         stack["relay"].sigkill()
-        wait_firing(
+        relay_s = wait_firing(
             prom,
             {
                 "CdcRelayAbsent": {},
@@ -371,6 +375,12 @@ def test_rules_and_panels_on_live_data_and_alerts_fire(env: Env, stack: dict[str
         sep="\n  ",
     )
     print(f"rules evaluated ({len(evaluated_rules)}):", *evaluated_rules, sep="\n  ")
-    print("fired after the consumer stopped:", *sorted(after_consumer), sep="\n  ")
-    print("fired after the relay was killed:", *sorted(after_relay - after_consumer), sep="\n  ")
+    print(
+        f"fired {consumer_s:.0f} s after the consumer stopped:", *sorted(after_consumer), sep="\n  "
+    )
+    print(
+        f"fired {relay_s:.0f} s after the relay was killed:",
+        *sorted(after_relay - after_consumer),
+        sep="\n  ",
+    )
     assert {"CdcRelayAbsent", "CdcSlotLagGrowing", "CdcConsumerBacklogGrowing"} <= after_relay
