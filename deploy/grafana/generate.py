@@ -76,6 +76,10 @@ def quantiles(metric: str, by: str, selector: str) -> list[dict[str, Any]]:
 
 
 GIB = 1024**3
+# The top row. A relay-wide flag (a slot found lost, the broker blocking publishes) belongs
+# here as a stat with steps [("green", None), ("red", 1)]; a backfill's progress as a
+# "percentunit" stat of rows done / rows total. Only metrics the relay defines may appear
+# (tests/unit/test_deploy_monitoring.py checks every name against its registry).
 GLANCE = [
     panel(
         "stat",
