@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from cdc import slot as slots
 from cdc.config import RelaySettings
-from cdc.errors import CdcError, SetupError, SourceError
+from cdc.errors import CdcError, SetupError, SlotLostError, SourceError
 from cdc.logs import configure, redact
 
 log = logging.getLogger("cdc")
@@ -27,6 +27,7 @@ log = logging.getLogger("cdc")
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_SETUP = 3
+EXIT_SLOT_LOST = 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,15 +99,29 @@ def _status(settings: RelaySettings, as_json: bool) -> int:
     state = slots.status(settings)
     if as_json:
         print(orjson.dumps(state.as_dict()).decode())
-    elif not state.exists:
-        print(f"slot {state.slot_name}: does not exist (run `cdc setup`)")
+        return 0
+    if not state.exists:
+        print(f"slot {state.slot_name}: does not exist")
     else:
         print(
             f"slot {state.slot_name} ({state.plugin}) "
             f"active={state.active} pid={state.active_pid}\n"
             f"  confirmed_flush_lsn {state.confirmed_flush_lsn}  restart_lsn {state.restart_lsn}\n"
             f"  current_wal_lsn {state.current_wal_lsn}  lag {state.lag_bytes} bytes, "
-            f"retained {state.retained_bytes} bytes"
+            f"retained {state.retained_bytes} bytes\n"
+            f"  wal_status {state.wal_status}  safe_wal_size {state.safe_wal_size}"
+            + (f"  invalidation_reason {state.invalidation_reason}"
+               if state.invalidation_reason else "")
+        )
+    print(f"health: {state.health}" + (f" ({state.health_reason})" if state.health_reason else ""))
+    cp = state.checkpoint
+    if cp is not None:
+        print(
+            f"checkpoint: {cp['state']}"
+            + (f" ({cp['lost_reason']})" if cp["lost_reason"] else "")
+            + f"  proven_at {cp['proven_at']}  confirmed_lsn {cp['confirmed_lsn']}\n"
+            f"  backfill {cp['backfill_mode']}: {cp['backfill_rows_done']}/"
+            f"{cp['backfill_rows_total']} rows, done={cp['backfill_done']}"
         )
     return 0
 
@@ -139,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     try:
         return _dispatch(args, settings)
+    except SlotLostError as exc:
+        log.error("%s", exc)
+        return EXIT_SLOT_LOST
     except SetupError as exc:
         log.error("database is not set up for the relay: %s", exc)
         return EXIT_SETUP

@@ -39,6 +39,9 @@ class RelaySettings(BaseSettings):
     max_in_flight: int = Field(1000, ge=1, le=100_000, description="unconfirmed publish window")
     confirm_timeout: float = Field(30.0, gt=0, description="seconds before re-publishing")
     status_interval: float = Field(10.0, gt=0, le=3600, description="status update period (s)")
+    checkpoint_interval: float = Field(
+        10.0, gt=0, le=3600, description="checkpoint and slot-health check period (s)"
+    )
     reconnect_min_delay: float = Field(0.5, gt=0, description="first reconnect backoff (s)")
     reconnect_max_delay: float = Field(30.0, gt=0, description="largest reconnect backoff (s)")
     standby_poll_interval: float = Field(2.0, gt=0, description="standby retry period (s)")

@@ -29,7 +29,7 @@ from cdc import __version__
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "standby", "streaming", "reconnecting", "draining")
+STATES = ("starting", "standby", "streaming", "reconnecting", "draining", "slot_lost")
 
 
 def process_registry(build_info: str, labels: dict[str, str] | None = None) -> CollectorRegistry:
@@ -82,6 +82,12 @@ class Metrics:
             "cdc_confirm_latency_seconds",
             "Commit to broker confirm, per event",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.slot_lost = Gauge(
+            "cdc_slot_lost",
+            "1 when the slot is lost (missing, invalidated, moved, unpublished table): "
+            "run `cdc recover`",
             registry=r,
         )
         self.state = Gauge("cdc_relay_state", "1 for the current state", ["state"], registry=r)

@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -54,6 +55,7 @@ import psycopg
 import pytest
 import yaml
 from psycopg import sql
+from psycopg.rows import dict_row
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("CDC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -500,6 +502,26 @@ def _rabbitmqctl_names(kind: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def unacked_messages(queues: Iterable[str]) -> int:
+    """Messages of ``queues`` delivered and not yet acked, as the broker counts them
+    (``rabbitmqctl list_queues``; the AMQP passive declare only reports ready ones)."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "--quiet", "--no-table-headers",
+         "name", "messages_unacknowledged"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    wanted = set(queues)
+    total = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in wanted:
+            total += int(parts[1])
+    return total
+
+
 def _is_ours_or_stale(name: str, ours_prefix: str, pattern: re.Pattern[str]) -> bool:
     if name.startswith(ours_prefix):
         return True
@@ -536,6 +558,12 @@ def _drop_slot(conn: psycopg.Connection[Any], slot: str, timeout: float = 15.0) 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def _delete_checkpoint(conn: psycopg.Connection[Any], slot: str) -> None:
+    """Remove ``slot``'s row of the relay's checkpoint table, if that table exists."""
+    if conn.execute("SELECT to_regclass('cdc.relay_checkpoint')").fetchone()[0]:
+        conn.execute("DELETE FROM cdc.relay_checkpoint WHERE slot_name = %s", (slot,))
 
 
 def _rollback_prepared(conn: psycopg.Connection[Any], database: str, prefix: str = "") -> None:
@@ -839,9 +867,12 @@ class Domain:
         proc.wait_state("consuming", timeout=60)
         return proc
 
-    def publish(self, messages: list[tuple[str, str, Any]]) -> None:
+    def publish(
+        self, messages: list[tuple[str, str, Any]], headers: dict[str, Any] | None = None
+    ) -> None:
         """Publish ``(routing_key, message_id, payload)`` in this order, each confirmed,
-        with a ``created_at`` header as the relay sets it."""
+        with a ``created_at`` header as the relay sets it (and ``headers``, straight to the
+        exchange: what a publisher other than the relay could send)."""
 
         async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
             ex = await ch.get_exchange(self.env.exchange, ensure=False)
@@ -853,7 +884,10 @@ class Domain:
                         type=key,
                         content_type="application/json",
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        headers={"created_at": dt.datetime.now(dt.UTC).isoformat()},
+                        headers={
+                            **(headers or {}),
+                            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                        },
                     ),
                     key,
                     mandatory=True,
@@ -996,9 +1030,11 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
 
 
 class SmtpSink:
-    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts."""
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts.
+    ``fail_first`` answers 451 (try again later) to the first message of each idempotency
+    key; ``refused`` counts those."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_first: bool = False) -> None:
         from email import message_from_bytes
         from email.message import Message
 
@@ -1006,10 +1042,18 @@ class SmtpSink:
 
         sink = self
         self.messages: list[Message] = []
+        self.refused = 0
+        seen: set[str] = set()
 
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-                sink.messages.append(message_from_bytes(envelope.content))
+                message = message_from_bytes(envelope.content)
+                key = str(message["X-Idempotency-Key"])
+                if fail_first and key not in seen:
+                    seen.add(key)
+                    sink.refused += 1
+                    return "451 4.3.0 try again later"
+                sink.messages.append(message)
                 return "250 OK"
 
         self.port = free_port()
@@ -1370,10 +1414,12 @@ class SqlAccess:
 class Env(SqlAccess):
     """Unique names for one test and helpers over them; ``cleanup()`` removes everything."""
 
-    def __init__(self, dbname: str, broker: Broker, tmp_path: Path) -> None:
+    def __init__(
+        self, dbname: str, broker: Broker, tmp_path: Path, url: str | None = None
+    ) -> None:
         self.tag = secrets.token_hex(3)
         self.dbname = dbname
-        self.db_url = db_url(dbname)
+        self.db_url = url or db_url(dbname)
         self.broker = broker
         self.tmp_path = tmp_path
         self.table = f"public.outbox_{self.tag}"
@@ -1532,6 +1578,28 @@ class Env(SqlAccess):
         }
         return with_overrides(env, overrides)
 
+    def settings(self, **overrides: Any) -> Any:
+        """The relay's settings model for this test (``relay_env`` with ``overrides``)."""
+        from cdc.config import RelaySettings
+
+        fields = {
+            k.removeprefix("CDC_").lower(): v for k, v in self.relay_env(**overrides).items()
+        }
+        return RelaySettings(**fields)
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """This test's row of ``cdc.relay_checkpoint`` (None if absent or no table yet)."""
+        if not self.sql("SELECT to_regclass('cdc.relay_checkpoint') IS NOT NULL")[0][0]:
+            return None
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT *, proven_snapshot::text AS proven_text,"
+                " base_snapshot::text AS base_text, confirmed_lsn::text AS confirmed_text"
+                " FROM cdc.relay_checkpoint WHERE slot_name = %s",
+                (self.slot,),
+            )
+            return cur.fetchone()
+
     def cdc(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
@@ -1689,6 +1757,7 @@ class Env(SqlAccess):
                     lambda: _rollback_prepared(conn, self.dbname, self.gid_prefix),
                 )
                 step("drop slot", lambda: _drop_slot(conn, self.slot))
+                step("delete checkpoint row", lambda: _delete_checkpoint(conn, self.slot))
                 step(
                     "drop publication",
                     lambda: conn.execute(
@@ -1772,7 +1841,17 @@ def broker() -> Iterator[Broker]:
 def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
     """A fresh set of names; the sink queue is declared and bound with '#'. Nothing is set up
     in PostgreSQL: call ``env.setup()`` (after creating a custom table if the test needs one)."""
-    e = Env(pg_session_db, broker, tmp_path)
+    yield from _serve_env(Env(pg_session_db, broker, tmp_path))
+
+
+@pytest.fixture
+def private_env(private_pg: PrivatePostgres, broker: Broker, tmp_path: Path) -> Iterator[Env]:
+    """``env`` on a throwaway server of this test's own (``private_pg``), for settings that
+    must not touch the shared one."""
+    yield from _serve_env(Env("postgres", broker, tmp_path, url=private_pg.url))
+
+
+def _serve_env(e: Env) -> Iterator[Env]:
     try:
         e.declare_sink()
         yield e
@@ -1783,6 +1862,59 @@ def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
         errors = e.cleanup()
         if errors:
             print("teardown problems:", *errors, sep="\n  ")
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster (initdb, run as the ``postgres`` user when we are
+    root) on a free port, with ``wal_level=logical`` and the given extra settings."""
+
+    def __init__(self, settings: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.datadir = Path(tempfile.mkdtemp(prefix="cdc_test_pg_"))
+        self._settings = {"wal_level": "logical", "fsync": "off", **settings}
+
+    def _run(self, *argv: str, timeout: float = 120) -> None:
+        bindir = subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        cmd = [str(Path(bindir) / argv[0]), *argv[1:]]
+        if os.geteuid() == 0:  # the server refuses to run as root
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, capture_output=True, check=True, timeout=timeout)
+
+    def start(self) -> PrivatePostgres:
+        if os.geteuid() == 0:
+            shutil.chown(self.datadir, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8", "--no-sync")
+        options = {
+            "port": str(self.port),
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.datadir),
+            **self._settings,
+        }
+        opts = " ".join(f"-c {k}={v}" for k, v in options.items())
+        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"),
+                  "-w", "-o", opts, "start")
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.datadir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pg(request: pytest.FixtureRequest) -> Iterator[PrivatePostgres]:
+    """A throwaway cluster for this test; ``@pytest.mark.pg_settings(name=value, ...)`` adds
+    server settings. Stopped (immediate) and deleted at the end."""
+    marker = request.node.get_closest_marker("pg_settings")
+    server = PrivatePostgres(dict(marker.kwargs) if marker else {})
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -1875,6 +2007,13 @@ class Ledger(SqlAccess):
         self.extra_queues.append(name)
         self.broker.declare_queue(name, self.exchange, keys)
         return name
+
+    def more_queues(self, n: int) -> list[str]:
+        """Every queue of a worker started with ``ledger_queues=n`` (extra ones removed at
+        teardown)."""
+        extra = [f"{self.ns}.ledger.entries-{i}" for i in range(2, n + 1)]
+        self.extra_queues += extra
+        return [self.queue, *extra]
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -1994,6 +2133,29 @@ class Ledger(SqlAccess):
 
         self.broker._run(fn)
         return ids
+
+    def publish_without_id(self, body: Any, routing_key: str = "ledger.entry") -> None:
+        """Publish one message that has no ``message_id`` property at all (aio-pika and
+        aiormq fill one in otherwise; ``ABSENT_ID`` keeps it out of the frame)."""
+        from pamqp.commands import Basic
+
+        from consumers.runtime.republish import ABSENT_ID
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            raw = await ch.get_underlay_channel()  # in confirm mode (aio-pika's default)
+            props = Basic.Properties(
+                message_id=ABSENT_ID, content_type="application/json", delivery_mode=2
+            )
+            await raw.basic_publish(
+                json.dumps(body).encode(),
+                exchange=self.exchange,
+                routing_key=routing_key,
+                properties=props,
+                mandatory=True,
+                timeout=30,
+            )
+
+        self.broker._run(fn)
 
     # -- ground truth ------------------------------------------------------------------------
 
