@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +55,7 @@ import aio_pika
 import aiormq
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 from psycopg.rows import dict_row
 
@@ -2459,3 +2461,177 @@ def ledger(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Ledge
         errors = lg.cleanup()
         if errors:
             print("teardown problems:", *errors, sep="\n  ")
+
+
+# --------------------------------------------------------------------------------------------
+# live monitoring: a RabbitMQ vhost of our own, Prometheus and postgres_exporter processes
+
+RABBIT_METRICS_PORT = 15692
+
+
+def tool(name: str) -> str | None:
+    """An executable on PATH or in the venv (``make install`` unpacks Debian's Prometheus
+    tools there: scripts/fetch-prometheus.sh)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return bool(resp.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def ensure_rabbitmq_prometheus() -> str:
+    """The shared broker's per-object metrics URL. Enables the ``rabbitmq_prometheus`` plugin
+    if it is not enabled yet, and leaves it enabled (it only adds a metrics listener)."""
+    url = f"http://127.0.0.1:{RABBIT_METRICS_PORT}/metrics/per-object"
+    if not _http_ok(url):
+        listed = subprocess.run(
+            ["rabbitmq-plugins", "list", "-e", "-m"], capture_output=True, text=True, timeout=120
+        )
+        if "rabbitmq_prometheus" not in listed.stdout.split():
+            subprocess.run(
+                ["rabbitmq-plugins", "enable", "rabbitmq_prometheus"],
+                capture_output=True,
+                timeout=180,
+                check=True,
+            )
+        wait_for(lambda: _http_ok(url), 90, lambda: f"{url} to answer", interval=1)
+    return url
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=120, check=True)
+
+
+@pytest.fixture
+def rabbit_vhost() -> Iterator[tuple[str, str]]:
+    """``(name, AMQP URL)`` of a fresh vhost (guest has every permission), deleted with all
+    its queues and exchanges at the end. Lets a test use the real queue names
+    (``billing-service.device-started``...) without touching anyone else's."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not on PATH: cannot create a vhost")
+    for stale in _rabbitmqctl_names("list_vhosts"):
+        if _is_ours_or_stale(stale, "\0", _STALE_AMQP_RE):
+            with contextlib.suppress(subprocess.SubprocessError):
+                _rabbitmqctl("delete_vhost", stale)
+    name = f"cdc_test.{SESSION}.{secrets.token_hex(3)}"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        base = urlsplit(AMQP_URL)
+        path = "/" + urllib.parse.quote(name, safe="")
+        yield name, urlunsplit((base.scheme, base.netloc, path, base.query, ""))
+    finally:
+        # Another test may have the broker's app stopped (rabbit_app): wait for it.
+        with contextlib.suppress(RuntimeError):
+            wait_amqp_ready(timeout=120)
+        _rabbitmqctl("delete_vhost", name)
+
+
+class Daemon:
+    """A long-running helper process (Prometheus, an exporter); output to ``log_path``."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.argv, self.log_path, self.env = argv, log_path, env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env={**os.environ, **(self.env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return f"--- {self.log_path.name} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+class Prometheus:
+    """A Prometheus server on a free port with its config and data in ``workdir``."""
+
+    def __init__(self, binary: str, workdir: Path, config: dict[str, Any]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.daemon = Daemon(
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=2h",
+                "--log.level=warn",
+            ],
+            workdir / "prometheus.log",
+        )
+
+    def start(self) -> Prometheus:
+        self.daemon.start()
+        wait_for(lambda: _http_ok(f"{self.url}/-/ready"), 60, self.daemon.tail, interval=0.5)
+        return self
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=30) as resp:
+            doc = json.loads(resp.read())
+        assert doc["status"] == "success", doc
+        return doc["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The instant vector ``expr`` evaluates to now (an error fails the test)."""
+        data = self.api("query", query=expr)
+        return list(data["result"]) if data["resultType"] == "vector" else [data]
+
+    def firing(self) -> list[dict[str, str]]:
+        """Labels of every alert that is firing now."""
+        return [a["labels"] for a in self.api("alerts")["alerts"] if a["state"] == "firing"]
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap: a database and two roles as deploy/kubernetes/sql creates them
+
+
+@pytest.fixture
+def bootstrap_names() -> Iterator[dict[str, str]]:
+    """Names for a database and the relay/worker roles, all dropped at the end (roles are
+    cluster-wide: they carry the session tag)."""
+    names = {
+        "db": f"cdc_test_{SESSION}_boot{secrets.token_hex(2)}",
+        "relay_role": f"cdc_test_{SESSION}_relay",
+        "worker_role": f"cdc_test_{SESSION}_worker",
+        "monitor_role": f"cdc_test_{SESSION}_monitor",
+    }
+    try:
+        yield names
+    finally:
+        with pg_connect(ADMIN_URL) as admin:
+            _drop_database(admin, names["db"])
+            for role in (names["relay_role"], names["worker_role"], names["monitor_role"]):
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def role_url(role: str, dbname: str) -> str:
+    """``dbname`` as ``role`` (the test server trusts local connections: no password)."""
+    parts = urlsplit(db_url(dbname))
+    hostport = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{role}@{hostport}", parts.path, parts.query, ""))

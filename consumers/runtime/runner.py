@@ -79,6 +79,9 @@ class Runner:
         self._metrics = metrics
         self.names = names_for(settings, spec)
         self._prefetch = split_prefetch(settings.worker_prefetch, len(self.names.queues))
+        metrics.start_at_zero(
+            [name for name, _ in self.names.queues], self.names.parking_queue, list(hdr.KINDS)
+        )
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
