@@ -20,6 +20,7 @@ from cdc.config import RelaySettings
 from cdc.errors import SetupError, SourceError
 from cdc.lsn import format_lsn
 from cdc.outbox import REQUIRED_COLUMNS
+from cdc.refusals import refused_by_postgres
 from cdc.slot_create import SystemIdentity
 from cdc.source import with_keepalives
 
@@ -32,7 +33,8 @@ def connect(settings: RelaySettings) -> Conn:
         dsn = with_keepalives(settings.database_url.get_secret_value())
         return psycopg.connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+        refused = refused_by_postgres(str(exc), "cannot connect to PostgreSQL")
+        raise refused or SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
 
 
 def _one(conn: Conn, query: str | sql.Composed, params: tuple[Any, ...] = ()) -> Any:

@@ -26,6 +26,7 @@ PURE = [
     "cdc.feed",
     "cdc.backoff",
     "cdc.liveness",
+    "cdc.refusals",
     "cdc.errors",
     "cdc.checkpoint",
     "consumers.billing.metering",
