@@ -5,9 +5,10 @@ ranges with ``multiple``) or returned as unroutable and then confirmed (``on_ret
 matched to the right publish even with equal message ids). A nack publishes the same bytes
 again; a confirm that does not come in time on a connection from which nothing arrives
 ends the connection, with nothing re-sent into it (tests/unit/test_confirm_channel.py has
-the re-publish on a live one). A lost connection, a channel closed by the broker, missed
-heartbeats and refused credentials all end in a :class:`SinkError` at once, and an idle
-relay reports ``reconnecting`` as soon as its broker connection drops.
+the re-publish on a live one). A lost connection, a channel closed by the broker and missed
+heartbeats end in a :class:`SinkError` at once, refused credentials in a
+:class:`RefusedError` (not retried), and an idle relay reports ``reconnecting`` as soon as
+its broker connection drops.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from conftest import AMQP_URL
 
 from cdc import amqp_frames as wire
 from cdc.amqp_publish import ConfirmChannel
-from cdc.errors import SinkError
+from cdc.errors import RefusedError, SinkError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -206,7 +207,7 @@ async def test_a_channel_closed_by_the_broker_is_a_sink_error(env):
 
 
 async def test_refused_credentials_and_unreachable_broker_are_sink_errors(tcp_proxy):
-    with pytest.raises(SinkError, match=r"403|ACCESS_REFUSED"):
+    with pytest.raises(RefusedError, match=r"403|ACCESS_REFUSED"):  # not retried
         await Recorder().connect(tcp_proxy.url(password="wrong"))
     tcp_proxy.pause("refuse")
     with pytest.raises(SinkError, match="cannot connect"):
@@ -215,7 +216,9 @@ async def test_refused_credentials_and_unreachable_broker_are_sink_errors(tcp_pr
 
 def test_idle_relay_notices_a_lost_broker_at_once(env, tcp_proxy):
     env.setup()
-    relay = env.relay(metrics=True, amqp_url=tcp_proxy.url(), reconnect_min_delay=2)
+    relay = env.relay(
+        metrics=True, amqp_url=tcp_proxy.url(), reconnect_min_delay=2, reconnect_max_delay=2
+    )
     relay.wait_streaming()
     tcp_proxy.pause("refuse")
     t0 = time.monotonic()
