@@ -255,8 +255,9 @@ class _Session:
     async def _wait_progress(self, timeout: float) -> None:
         if self._progress.done():
             self._progress = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._progress), timeout)
+        # asyncio.wait, not wait_for: on 3.11 wait_for swallows a cancellation that arrives
+        # as the future completes, and a reader that misses its cancel never ends.
+        await asyncio.wait((self._progress,), timeout=timeout)
 
     def _on_copy_data(self, data: memoryview) -> bool:
         """Handle one CopyData message; True if the server asked for an immediate reply."""
