@@ -215,3 +215,27 @@ def test_slot_invalidated_while_down_exits_5(private_env):
     assert env.sql(
         "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (env.slot,)
     ) == [("lost",)], "the relay must leave the lost slot as it is (evidence for the operator)"
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("system_identifier", "1234567890", "system identifier"),
+        ("timeline", 99, "timeline changed from 99"),
+    ],
+    ids=["other-system", "other-timeline"],
+)
+def test_another_system_or_timeline_than_the_checkpoint_is_a_lost_slot(env, column, value, reason):
+    """What a restore or a promotion looks like to the relay (the row is edited to match):
+    IDENTIFY_SYSTEM disagrees with the checkpoint; the slot here is no failover slot."""
+    _streamed_then_stopped(env, "identity.before")
+    env.sql(
+        sql.SQL("UPDATE cdc.relay_checkpoint SET {} = %s WHERE slot_name = %s").format(
+            sql.Identifier(column)
+        ),
+        (value, env.slot),
+    )
+    res = env.cdc("relay", timeout=60)
+    assert res.returncode == EXIT_SLOT_LOST, res.stderr[-2000:]
+    _assert_lost(env, res.stdout + res.stderr, reason)
+    assert env.slot_info() is not None, "the relay leaves the slot alone"
