@@ -51,10 +51,10 @@ def _assert_lost(env, res_or_log: str, reason: str) -> None:
     assert reason in row["lost_reason"], row
 
 
-def _streaming(env, kind: str):
-    """Set up, start a relay that checks every second, and see 5 events through it."""
+def _streaming(env, kind: str, interval: float = 1):
+    """Set up, start a relay that checks every ``interval`` s, and see 5 events through it."""
     env.setup()
-    relay = env.relay(checkpoint_interval=1)
+    relay = env.relay(checkpoint_interval=interval)
     relay.wait_streaming()
     env.insert([env.event(kind) for _ in range(5)])
     assert len(env.drain(5, quiet=0.5)) == 5
@@ -172,8 +172,15 @@ def test_table_renamed_and_recreated_mid_stream_exits_5(env):
     assert noticed < 15
 
 
-def test_drop_publication_mid_stream_exits_5_not_3(env):
-    relay = _streaming(env, "pub.before")
+@pytest.mark.parametrize(
+    "interval", [1, 600], ids=["periodic-check", "walsender-error"]
+)
+def test_drop_publication_mid_stream_exits_5_not_3(env, interval):
+    """With a long check interval only the walsender's own "publication does not exist"
+    error can end the stream (PostgreSQL < 18 raises it at the next decoded change)."""
+    if interval > 1 and int(env.sql("SHOW server_version_num")[0][0]) >= 180000:
+        pytest.skip("PostgreSQL 18 skips a missing publication with a warning")
+    relay = _streaming(env, "pub.before", interval)
     t0 = time.monotonic()
     env.sql(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(env.publication)))
     env.insert([env.event("pub.after") for _ in range(5)])
