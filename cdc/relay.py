@@ -94,14 +94,16 @@ class Relay:
                 continue
             except SlotLostError as exc:
                 return await self._slot_lost(exc)
-            except SetupError:
+            except SetupError as refusal:
                 # The walsender refused mid-stream (e.g. "publication ... does not exist"):
                 # with a checkpoint row that is a lost slot, not "run cdc setup".
                 try:
                     await asyncio.to_thread(slot_guard.recheck, self._settings)
                 except SlotLostError as exc:
                     return await self._slot_lost(exc)
-                raise
+                except SourceError as exc:  # cannot tell: report the walsender's refusal
+                    log.warning("slot check after the refusal failed: %s", exc)
+                raise refusal
             except (SourceError, SinkError) as exc:
                 side = "broker" if isinstance(exc, SinkError) else "database"
                 self._metrics.reconnects.labels(side=side).inc()
