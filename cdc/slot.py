@@ -1,4 +1,4 @@
-"""Database-side set-up and inspection: outbox table, publication, slot, status.
+"""Database-side set-up and inspection: outbox table, publication, slot health, status.
 
 Runs over an ordinary (non-replication) connection with bound parameters; identifiers are
 composed with ``psycopg.sql.Identifier``, never pasted in. Every refusal is a
@@ -154,15 +154,6 @@ def observe(
         system_identifier=identity.system_identifier if identity else None,
         timeline=identity.timeline if identity else None,
     )
-
-
-def require_publication(conn: Conn, settings: RelaySettings) -> None:
-    """Fail with instructions if the publication is missing (the relay does not make it)."""
-    if not _one(conn, "SELECT count(*) FROM pg_publication WHERE pubname = %s",
-                (settings.publication_name,)):
-        raise SetupError(
-            f"publication {settings.publication_name!r} does not exist: run `cdc setup`"
-        )
 
 
 def setup(settings: RelaySettings) -> list[str]:
