@@ -100,6 +100,16 @@ def test_first_start_creates_slot_and_checkpoint_and_proves_progress(env):
     assert relay.sigterm() == 0
 
 
+def test_setup_says_rows_already_in_the_table_are_not_published(env):
+    _table_and_publication_only(env)
+    env.insert([env.event("setup.old") for _ in range(3)])
+    res = env.setup()
+    out = res.stdout + res.stderr
+    assert "created slot" in out and "already had rows" in out, out
+    row = env.checkpoint()
+    assert row["backfill_mode"] == "none" and row["base_text"] == row["proven_text"], row
+
+
 def test_a_slot_made_without_checkpoint_is_adopted(env):
     _table_and_publication_only(env)
     env.sql("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (env.slot,))
