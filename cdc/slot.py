@@ -16,9 +16,10 @@ from psycopg import sql
 
 from cdc.checkpoint import Action, Checkpoint, Observed, SlotSeen, assess
 from cdc.config import RelaySettings
-from cdc.errors import SetupError, SourceError
+from cdc.errors import RefusedError, SetupError, SourceError
 from cdc.lsn import format_lsn
 from cdc.outbox import REQUIRED_COLUMNS
+from cdc.refusals import refused_by_postgres
 from cdc.slot_create import SystemIdentity
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -29,7 +30,8 @@ def connect(settings: RelaySettings) -> Conn:
     try:
         return psycopg.connect(settings.database_url.get_secret_value(), autocommit=True)
     except psycopg.OperationalError as exc:
-        raise SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+        refused = refused_by_postgres(str(exc), "cannot connect to PostgreSQL")
+        raise refused or SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
 
 
 def _one(conn: Conn, query: str | sql.Composed, params: tuple[Any, ...] = ()) -> Any:
@@ -255,7 +257,7 @@ def _health(conn: Conn, settings: RelaySettings) -> dict[str, Any]:
         return {"health": "not_set_up", "health_reason": str(exc)}
     try:
         identity: SystemIdentity | None = current_identity(settings)
-    except SourceError:
+    except (SourceError, RefusedError):
         identity = None  # no replication access from here: judge without it
     verdict = assess(row, observe(conn, settings, identity))
     return {

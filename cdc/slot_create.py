@@ -26,6 +26,7 @@ from psycopg import pq, sql
 from cdc.config import RelaySettings
 from cdc.errors import SourceError
 from cdc.lsn import parse_lsn
+from cdc.refusals import refused_by_postgres
 from cdc.replication import IDENTIFY_SYSTEM, create_slot_command
 from cdc.source import translate_error
 
@@ -82,7 +83,9 @@ def replication_connect(settings: RelaySettings) -> Conn:
             settings.database_url.get_secret_value(), replication="database", autocommit=True
         )
     except psycopg.OperationalError as exc:
-        raise SourceError(f"cannot open a replication connection: {exc}".strip()) from exc
+        doing = "cannot open a replication connection"
+        refused = refused_by_postgres(str(exc), doing)
+        raise refused or SourceError(f"{doing}: {exc}".strip()) from exc
 
 
 #: First server version (``server_version_num``) with failover slots.

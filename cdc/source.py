@@ -16,6 +16,7 @@ from psycopg import pq
 
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SlotBusyError, SourceError
+from cdc.refusals import refused_by_postgres
 from cdc.replication import (
     pgoutput_version,
     standby_status,
@@ -66,7 +67,9 @@ class ReplicationStream:
                 options=_SESSION_OPTIONS,
             )
         except psycopg.OperationalError as exc:
-            raise SourceError(f"cannot open the replication connection: {exc}") from exc
+            doing = "cannot open the replication connection"
+            refused = refused_by_postgres(str(exc), doing)
+            raise refused or SourceError(f"{doing}: {exc}") from exc
         stream = cls(conn)
         try:
             await stream._start(settings)
