@@ -103,14 +103,16 @@ class Relay:
                 continue
             except SlotLostError as exc:
                 return await self._slot_lost(exc)
-            except SetupError:
+            except SetupError as refusal:
                 # The walsender refused mid-stream (e.g. "publication ... does not exist"):
                 # with a checkpoint row that is a lost slot, not "run cdc setup".
                 try:
                     await asyncio.to_thread(slot_guard.recheck, self._settings)
                 except SlotLostError as exc:
                     return await self._slot_lost(exc)
-                raise
+                except SourceError as exc:  # cannot tell: report the walsender's refusal
+                    log.warning("slot check after the refusal failed: %s", exc)
+                raise refusal
             except (SourceError, SinkError) as exc:
                 side = "broker" if isinstance(exc, SinkError) else "database"
                 self._metrics.reconnects.labels(side=side).inc()
@@ -337,8 +339,9 @@ class _Session:
     async def _wait_progress(self, timeout: float) -> None:
         if self._progress.done():
             self._progress = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._progress), timeout)
+        # asyncio.wait, not wait_for: on 3.11 wait_for swallows a cancellation that arrives
+        # as the future completes, and a reader that misses its cancel never ends.
+        await asyncio.wait((self._progress,), timeout=timeout)
 
     def _on_copy_data(self, data: memoryview) -> bool:
         """Handle one CopyData message; True if the server asked for an immediate reply."""

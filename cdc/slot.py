@@ -1,4 +1,4 @@
-"""Database-side set-up and inspection: outbox table, publication, slot, status.
+"""Database-side set-up and inspection: outbox table, publication, slot health, status.
 
 Runs over an ordinary (non-replication) connection with bound parameters; identifiers are
 composed with ``psycopg.sql.Identifier``, never pasted in. Every refusal is a
@@ -17,7 +17,7 @@ from psycopg import sql
 
 from cdc.checkpoint import Action, Checkpoint, Observed, SlotSeen, assess
 from cdc.config import RelaySettings
-from cdc.errors import SetupError, SourceError
+from cdc.errors import RefusedError, SetupError, SourceError
 from cdc.lsn import format_lsn
 from cdc.outbox import REQUIRED_COLUMNS
 from cdc.refusals import refused_by_postgres
@@ -159,15 +159,6 @@ def observe(
         system_identifier=identity.system_identifier if identity else None,
         timeline=identity.timeline if identity else None,
     )
-
-
-def require_publication(conn: Conn, settings: RelaySettings) -> None:
-    """Fail with instructions if the publication is missing (the relay does not make it)."""
-    if not _one(conn, "SELECT count(*) FROM pg_publication WHERE pubname = %s",
-                (settings.publication_name,)):
-        raise SetupError(
-            f"publication {settings.publication_name!r} does not exist: run `cdc setup`"
-        )
 
 
 #: Wait events of a walsender that waits for WAL or for its client (pg_stat_activity): such
@@ -336,7 +327,7 @@ def _health(conn: Conn, settings: RelaySettings) -> dict[str, Any]:
         return {"health": "not_set_up", "health_reason": str(exc)}
     try:
         identity: SystemIdentity | None = current_identity(settings)
-    except SourceError:
+    except (SourceError, RefusedError):
         identity = None  # no replication access from here: judge without it
     verdict = assess(row, observe(conn, settings, identity))
     return {

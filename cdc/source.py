@@ -122,10 +122,10 @@ class ReplicationStream:
         ready: asyncio.Future[None] = loop.create_future()
         loop.add_reader(self._fd, _resolve, ready)
         try:
-            await asyncio.wait_for(ready, timeout)
-            return True
-        except TimeoutError:
-            return False
+            # Not wait_for: on 3.11 it swallows a cancellation that arrives as the socket
+            # turns readable, and the reader task would then never end.
+            done, _ = await asyncio.wait((ready,), timeout=timeout)
+            return bool(done)
         finally:
             loop.remove_reader(self._fd)
 
