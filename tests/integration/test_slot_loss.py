@@ -159,6 +159,7 @@ def test_slot_dropped_while_down_exits_5_and_creates_nothing(env):
     # `cdc status` says the same.
     status = env.cdc("status")
     assert status.returncode == 0 and "health: lost" in status.stdout, status.stdout
+    assert "run `cdc recover`" in status.stdout, status.stdout
 
 
 def test_table_renamed_and_recreated_mid_stream_exits_5(env):
