@@ -14,10 +14,14 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	bash scripts/fetch-promtool.sh $(BIN)
 	touch $@
 
-install: $(BIN)/.installed
+# promtool, prometheus and postgres_exporter for the monitoring tests (unpacked, not installed).
+$(BIN)/.prometheus-tools: $(BIN)/.installed scripts/fetch-prometheus.sh
+	bash scripts/fetch-prometheus.sh $(BIN)
+	touch $@
+
+install: $(BIN)/.installed $(BIN)/.prometheus-tools
 
 services:
 	bash scripts/ensure-services.sh

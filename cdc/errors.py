@@ -15,6 +15,14 @@ class ConfigError(CdcError):
     """The configuration is invalid; fix the named setting and start again."""
 
 
+class RefusedError(CdcError):
+    """A server refuses this configuration: login, database, vhost, privilege, TLS certificate.
+
+    Retrying cannot help, so it is not retried: the process exits 3 and the message says
+    what to fix (``cdc/refusals.py`` tells refusals from outages).
+    """
+
+
 class ProtocolError(CdcError):
     """Bytes from the server could not be decoded.
 

@@ -34,12 +34,15 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +55,7 @@ import aio_pika
 import aiormq
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 from psycopg.rows import dict_row
 
@@ -609,6 +613,13 @@ def _sweep_postgres(admin: psycopg.Connection[Any], current_db: str | None) -> l
             with contextlib.suppress(psycopg.Error):
                 _drop_database(admin, name)
                 swept.append(f"database {name}")
+    for (role,) in admin.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname LIKE 'cdc\\_test\\_%'"
+    ).fetchall():
+        if _is_ours_or_stale(role, f"cdc_test_{SESSION}_", _STALE_SLOT_RE):
+            with contextlib.suppress(psycopg.Error):
+                admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+                swept.append(f"role {role}")
     return swept
 
 
@@ -1759,6 +1770,17 @@ class Env(SqlAccess):
             self.check_message(m, rows[m.message_id])  # type: ignore[index]
         return dups
 
+    def check_all_delivered(
+        self, quiet: float = 1.5, timeout: float = 60.0
+    ) -> tuple[dict[str, Row], int]:
+        """Every committed row reached the sink as the contract says (duplicates allowed);
+        returns the rows and the number of extra copies."""
+        rows = self.fetch_rows()
+        self.wait_sink_count(len(rows), timeout=timeout)
+        msgs = self.drain(len(rows), quiet=quiet, timeout=timeout)
+        dups = self.check_exactly_once(msgs, rows, allow_duplicates=True)
+        return rows, sum(n - 1 for n in dups.values())
+
     # -- teardown ---------------------------------------------------------------------------
 
     def cleanup(self) -> list[str]:
@@ -1938,6 +1960,174 @@ def private_pg(request: pytest.FixtureRequest) -> Iterator[PrivatePostgres]:
 
 
 @pytest.fixture
+def no_cdc_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CDC_* variable of the machine running the tests leaks into a settings model."""
+    for name in list(os.environ):
+        if name.upper().startswith("CDC_"):
+            monkeypatch.delenv(name)
+
+
+def _role(attributes: str, env: Env, kind: str) -> str:
+    """Create ``cdc_test_<S>_<t>_<kind>`` with ``attributes`` (trust auth: no password)."""
+    role = f"cdc_test_{SESSION}_{env.tag}_{kind}"
+    with pg_connect(ADMIN_URL) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} " + attributes).format(sql.Identifier(role)))
+    return role
+
+
+def _drop_role(env: Env, role: str) -> None:
+    """End the role's sessions, drop what it owns and its grants in the test database, drop it."""
+    ident = sql.Identifier(role)
+    with pg_connect(ADMIN_URL) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        with pg_connect(env.db_url) as conn:  # its grants and objects live in the test database
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+@pytest.fixture
+def relay_role(env: Env) -> Iterator[str]:
+    """A role ``cdc_test_<S>_<t>_relay`` with LOGIN REPLICATION and nothing else; its grants
+    and the role go at teardown."""
+    role = _role("LOGIN REPLICATION", env, "relay")
+    try:
+        yield role
+    finally:
+        _drop_role(env, role)
+
+
+@pytest.fixture
+def worker_role(env: Env, pg_schema: str) -> Iterator[str]:
+    """A role ``cdc_test_<S>_<t>_worker`` with LOGIN only, made owner of ``pg_schema`` (where
+    the domain workers keep their tables); what it owns, its grants and the role go at
+    teardown."""
+    role = _role("LOGIN", env, "worker")
+    try:
+        env.sql(
+            sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(
+                sql.Identifier(pg_schema), sql.Identifier(role)
+            )
+        )
+        yield role
+    finally:
+        _drop_role(env, role)
+
+
+@pytest.fixture
+def amqp_user_without_configure(env: Env) -> Iterator[str]:
+    """A broker user ``cdc_test.<S>.<t>`` that may write and read on ``/`` but declare
+    nothing (configure ``^$``); its URL. Deleted at teardown."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is needed to create a broker user")
+    user, password = f"cdc_test.{SESSION}.{env.tag}", secrets.token_hex(8)
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+    ctl("add_user", user, password)
+    try:
+        ctl("set_permissions", "-p", "/", user, "^$", ".*", ".*")
+        parts = urlsplit(AMQP_URL)
+        yield urlunsplit(("amqp", f"{user}:{password}@{parts.netloc.rpartition('@')[2]}",
+                          "/", "", ""))  # fmt: skip
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            ctl("delete_user", user)
+
+
+class FakeServer:
+    """A local TCP server whose every connection runs ``handle(socket)`` in a thread."""
+
+    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
+        self._handle = handle
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(10)
+            self._handle(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(5)
+
+
+def _self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server context with a throwaway self-signed certificate (no client trusts it)."""
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.fixture
+def untrusted_tls_server(tmp_path: Path) -> Iterator[FakeServer]:
+    """A TLS server with a self-signed certificate: a client's verification must fail."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    context = _self_signed(tmp_path)
+
+    def handshake(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)
+
+    server = FakeServer(handshake)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _pg_message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+@pytest.fixture
+def pg_starting_up() -> Iterator[FakeServer]:
+    """A fake PostgreSQL that answers every login with FATAL 57P03 "starting up"."""
+
+    def refuse(conn: socket.socket) -> None:
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                return
+            length, code = struct.unpack("!II", head)
+            conn.recv(length - 8, socket.MSG_WAITALL)
+            if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest: not offered
+                conn.sendall(b"N")
+                continue
+            fields = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0"
+            conn.sendall(_pg_message(b"E", fields))
+            return
+
+    server = FakeServer(refuse)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
 def tcp_proxy() -> Iterator[Any]:
     """A TCP proxy to the broker (127.0.0.1:<free port> -> 5672), stopped at test end."""
     from tcp_proxy import TcpProxy
@@ -1949,6 +2139,81 @@ def tcp_proxy() -> Iterator[Any]:
         yield proxy
     finally:
         proxy.stop()
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[Any]:
+    """A TCP proxy to PostgreSQL (127.0.0.1:<free port> -> 5432), stopped at test end.
+
+    ``pg_proxy.db_url(dbname)`` is a libpq URL through it."""
+    from tcp_proxy import TcpProxy
+
+    parts = urlsplit(ADMIN_URL)
+    proxy = TcpProxy(upstream_port=parts.port or 5432, upstream_host=parts.hostname or "127.0.0.1")
+    proxy.start()
+
+    def url(dbname: str) -> str:
+        user = parts.netloc.rpartition("@")[0] or "postgres"
+        netloc = f"{user}@{proxy.listen_host}:{proxy.port}"
+        return urlunsplit((parts.scheme, netloc, f"/{dbname}", parts.query, ""))
+
+    proxy.db_url = url  # type: ignore[attr-defined]
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def _need_rabbitmqctl(what: str) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail(f"rabbitmqctl is needed for {what}")
+
+
+class MemoryAlarm:
+    """Raise RabbitMQ's memory alarm on the shared broker; always restored to the value read
+    before (``rabbitmqctl environment``)."""
+
+    _RE = re.compile(r"\{vm_memory_high_watermark,\s*(\{absolute,\s*([^}]+)\}|[0-9.eE+-]+)\}")
+
+    def __init__(self) -> None:
+        self.raised = False
+        out = subprocess.run(
+            ["rabbitmqctl", "environment"], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
+        m = self._RE.search(out)
+        if m is None:
+            pytest.fail("cannot read vm_memory_high_watermark from `rabbitmqctl environment`")
+        absolute = m.group(2)
+        self.original = (
+            ["absolute", absolute.strip().strip('"')] if absolute else [m.group(1).strip()]
+        )
+
+    @staticmethod
+    def _set(*args: str) -> None:
+        subprocess.run(
+            ["rabbitmqctl", "set_vm_memory_high_watermark", *args],
+            check=True, capture_output=True, timeout=60,
+        )
+
+    def raise_(self) -> None:
+        self.raised = True
+        self._set("0.0000001")
+
+    def restore(self) -> None:
+        self._set(*self.original)
+        self.raised = False
+
+
+@pytest.fixture
+def memory_alarm() -> Iterator[MemoryAlarm]:
+    """A :class:`MemoryAlarm`; the finalizer restores the watermark whatever happened."""
+    _need_rabbitmqctl("the memory alarm test")
+    alarm = MemoryAlarm()
+    try:
+        yield alarm
+    finally:
+        if alarm.raised:
+            alarm.restore()
 
 
 class RabbitApp:
@@ -1974,8 +2239,7 @@ class RabbitApp:
 @pytest.fixture
 def rabbit_app() -> Iterator[RabbitApp]:
     """Stops/starts the broker application; the finalizer starts it again whatever happened."""
-    if shutil.which("rabbitmqctl") is None:
-        pytest.fail("rabbitmqctl is needed for the broker outage test")
+    _need_rabbitmqctl("the broker outage test")
     app = RabbitApp()
     try:
         yield app
@@ -2304,3 +2568,177 @@ def ledger(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Ledge
         errors = lg.cleanup()
         if errors:
             print("teardown problems:", *errors, sep="\n  ")
+
+
+# --------------------------------------------------------------------------------------------
+# live monitoring: a RabbitMQ vhost of our own, Prometheus and postgres_exporter processes
+
+RABBIT_METRICS_PORT = 15692
+
+
+def tool(name: str) -> str | None:
+    """An executable on PATH or in the venv (``make install`` unpacks Debian's Prometheus
+    tools there: scripts/fetch-prometheus.sh)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return bool(resp.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def ensure_rabbitmq_prometheus() -> str:
+    """The shared broker's per-object metrics URL. Enables the ``rabbitmq_prometheus`` plugin
+    if it is not enabled yet, and leaves it enabled (it only adds a metrics listener)."""
+    url = f"http://127.0.0.1:{RABBIT_METRICS_PORT}/metrics/per-object"
+    if not _http_ok(url):
+        listed = subprocess.run(
+            ["rabbitmq-plugins", "list", "-e", "-m"], capture_output=True, text=True, timeout=120
+        )
+        if "rabbitmq_prometheus" not in listed.stdout.split():
+            subprocess.run(
+                ["rabbitmq-plugins", "enable", "rabbitmq_prometheus"],
+                capture_output=True,
+                timeout=180,
+                check=True,
+            )
+        wait_for(lambda: _http_ok(url), 90, lambda: f"{url} to answer", interval=1)
+    return url
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=120, check=True)
+
+
+@pytest.fixture
+def rabbit_vhost() -> Iterator[tuple[str, str]]:
+    """``(name, AMQP URL)`` of a fresh vhost (guest has every permission), deleted with all
+    its queues and exchanges at the end. Lets a test use the real queue names
+    (``billing-service.device-started``...) without touching anyone else's."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not on PATH: cannot create a vhost")
+    for stale in _rabbitmqctl_names("list_vhosts"):
+        if _is_ours_or_stale(stale, "\0", _STALE_AMQP_RE):
+            with contextlib.suppress(subprocess.SubprocessError):
+                _rabbitmqctl("delete_vhost", stale)
+    name = f"cdc_test.{SESSION}.{secrets.token_hex(3)}"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        base = urlsplit(AMQP_URL)
+        path = "/" + urllib.parse.quote(name, safe="")
+        yield name, urlunsplit((base.scheme, base.netloc, path, base.query, ""))
+    finally:
+        # Another test may have the broker's app stopped (rabbit_app): wait for it.
+        with contextlib.suppress(RuntimeError):
+            wait_amqp_ready(timeout=120)
+        _rabbitmqctl("delete_vhost", name)
+
+
+class Daemon:
+    """A long-running helper process (Prometheus, an exporter); output to ``log_path``."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.argv, self.log_path, self.env = argv, log_path, env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env={**os.environ, **(self.env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return f"--- {self.log_path.name} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+class Prometheus:
+    """A Prometheus server on a free port with its config and data in ``workdir``."""
+
+    def __init__(self, binary: str, workdir: Path, config: dict[str, Any]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.daemon = Daemon(
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=2h",
+                "--log.level=warn",
+            ],
+            workdir / "prometheus.log",
+        )
+
+    def start(self) -> Prometheus:
+        self.daemon.start()
+        wait_for(lambda: _http_ok(f"{self.url}/-/ready"), 60, self.daemon.tail, interval=0.5)
+        return self
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=30) as resp:
+            doc = json.loads(resp.read())
+        assert doc["status"] == "success", doc
+        return doc["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The instant vector ``expr`` evaluates to now (an error fails the test)."""
+        data = self.api("query", query=expr)
+        return list(data["result"]) if data["resultType"] == "vector" else [data]
+
+    def firing(self) -> list[dict[str, str]]:
+        """Labels of every alert that is firing now."""
+        return [a["labels"] for a in self.api("alerts")["alerts"] if a["state"] == "firing"]
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap: a database and two roles as deploy/kubernetes/sql creates them
+
+
+@pytest.fixture
+def bootstrap_names() -> Iterator[dict[str, str]]:
+    """Names for a database and the relay/worker roles, all dropped at the end (roles are
+    cluster-wide: they carry the session tag)."""
+    names = {
+        "db": f"cdc_test_{SESSION}_boot{secrets.token_hex(2)}",
+        "relay_role": f"cdc_test_{SESSION}_relay",
+        "worker_role": f"cdc_test_{SESSION}_worker",
+        "monitor_role": f"cdc_test_{SESSION}_monitor",
+    }
+    try:
+        yield names
+    finally:
+        with pg_connect(ADMIN_URL) as admin:
+            _drop_database(admin, names["db"])
+            for role in (names["relay_role"], names["worker_role"], names["monitor_role"]):
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def role_url(role: str, dbname: str) -> str:
+    """``dbname`` as ``role`` (the test server trusts local connections: no password)."""
+    parts = urlsplit(db_url(dbname))
+    hostport = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{role}@{hostport}", parts.path, parts.query, ""))

@@ -26,10 +26,10 @@ from psycopg import sql
 
 from consumers.errors import Retry
 from consumers.notifications.templates import Channel, Notification, Preferences
-from consumers.sqlnames import check_name, render
+from consumers.sqlnames import CREATE_SCHEMA, check_name, render
 
 _DDL = (
-    "CREATE SCHEMA IF NOT EXISTS {s}",
+    CREATE_SCHEMA,
     """CREATE TABLE IF NOT EXISTS {s}.notifications (
         message_id text PRIMARY KEY,
         user_id    text,
@@ -70,7 +70,8 @@ _DDL = (
 def schema_ddl(schema: str) -> tuple[str, ...]:
     """Idempotent DDL of the notification tables in ``schema``."""
     s = sql.Identifier(check_name(schema, "CDC_NOTIFICATIONS_SCHEMA"))
-    return tuple(render(sql.SQL(stmt).format(s=s)) for stmt in _DDL)
+    name = sql.Literal(schema)
+    return tuple(render(sql.SQL(stmt).format(s=s, schema_name=name)) for stmt in _DDL)
 
 
 class NotificationStore:

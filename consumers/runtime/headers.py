@@ -48,6 +48,7 @@ KIND_NO_ROUTE = "no-route"  # no route of the worker matches the routing key
 KIND_NO_MESSAGE_ID = "no-message-id"  # inbox dedup is impossible without it
 KIND_PERMANENT = "permanent"  # the handler raised PermanentError
 KIND_EXHAUSTED = "exhausted"  # the last attempt failed
+KINDS = (KIND_VALIDATION, KIND_NO_ROUTE, KIND_NO_MESSAGE_ID, KIND_PERMANENT, KIND_EXHAUSTED)
 
 _BROKER_OWNED = frozenset(
     {

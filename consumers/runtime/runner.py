@@ -41,14 +41,14 @@ from collections import Counter, deque
 from collections.abc import Awaitable
 from typing import Any
 
-import aio_pika
 import aiormq
 import psycopg
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from cdc.backoff import Backoff
 from consumers.config import ConsumerSettings
-from consumers.errors import BatchAborted, BrokerLost, PermanentError, Unroutable
+from consumers.connect import open_broker, open_database, refused_by_broker
+from consumers.errors import BatchAborted, BrokerLost, PermanentError, Refused, Unroutable
 from consumers.runtime import headers as hdr
 from consumers.runtime import inbox, topology
 from consumers.runtime.acks import AckTracker
@@ -92,6 +92,9 @@ class Runner:
         self._metrics = metrics
         self.names = names_for(settings, spec)
         self._prefetch = split_prefetch(settings.worker_prefetch, len(self.names.queues))
+        metrics.start_at_zero(
+            [name for name, _ in self.names.queues], self.names.parking_queue, list(hdr.KINDS)
+        )
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
@@ -140,6 +143,8 @@ class Runner:
             started = time.monotonic()
             try:
                 await self._session()
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise refused_by_broker(exc) from exc  # a permission: no retry can help
             except (BrokerLost, Unroutable, *_AMQP_ERRORS) as exc:
                 self._drop_session_work()
                 if self._stop.is_set():
@@ -172,7 +177,7 @@ class Runner:
         backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(
+                conn = await open_database(
                     self._s.database_url.get_secret_value(),
                     connect_timeout=10,
                     application_name=f"cdc-worker:{self._spec.name}"[:63],
@@ -182,6 +187,8 @@ class Runner:
                     prepare_threshold=None,
                 )
                 await inbox.apply_schema(conn, self._s.worker_inbox_table, self._spec.schema)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise Refused(f"the worker's database role lacks a privilege: {exc}") from exc
             except psycopg.OperationalError as exc:
                 delay = backoff.next_delay()
                 self._metrics.reconnects.labels(worker=self._spec.name, side="database").inc()
@@ -240,7 +247,7 @@ class Runner:
 
     async def _session(self) -> None:
         self._lost = asyncio.get_running_loop().create_future()
-        connection = await aio_pika.connect(self._s.amqp_url.get_secret_value(), timeout=10)
+        connection = await open_broker(self._s.amqp_url.get_secret_value(), timeout=10)
         connection.close_callbacks.add(self._on_close)
         poller: asyncio.Task[None] | None = None
         try:

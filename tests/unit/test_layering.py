@@ -25,6 +25,8 @@ PURE = [
     "cdc.row_headers",
     "cdc.feed",
     "cdc.backoff",
+    "cdc.liveness",
+    "cdc.refusals",
     "cdc.errors",
     "cdc.checkpoint",
     "consumers.billing.metering",
