@@ -242,9 +242,11 @@ class Meter:
         cpu = self._now()
         for sampler in self.samplers.values():
             await sampler.stop()
+        # A process that ended in the window (RabbitMQ restarted by someone) reads lower:
+        # no figure rather than a wrong one.
         us = {
             name: round((cpu[name] - self.start_cpu.get(name, 0.0)) / events * 1e6, 1)
-            if events else None
+            if events and cpu[name] >= self.start_cpu.get(name, 0.0) else None
             for name in cpu
         }
         rss = {

@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 _Copy = tuple[str, DeliveredMessage, Delivery, str, str]
 
 _HEALTHY_SESSION = 30.0
+#: How long a batch of messages done with their outside effects waits for more (seconds).
+_LINGER = 0.005
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, OSError, RuntimeError, TimeoutError)
 
 
@@ -108,6 +110,9 @@ class Runner:
         # send at the same time, and the later one then finds the first one's records.
         self._in_hand: set[str] = set()
         self._deferred: list[Item] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._committing = False
+        self._readied = asyncio.Event()
         self._lost: asyncio.Future[BaseException] | None = None
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._publisher: AbstractChannel | None = None
@@ -236,6 +241,9 @@ class Runner:
 
     def _drop_session_work(self) -> None:
         """The channel is gone: what it delivered and we did not ack is redelivered."""
+        if self._committer is not None:
+            self._committer.cancel()
+            self._committer = None
         for task in self._running:
             task.cancel()
         self._running.clear()
@@ -278,6 +286,9 @@ class Runner:
         finally:
             if poller is not None:
                 poller.cancel()
+            if self._committer is not None:
+                self._committer.cancel()
+                self._committer = None
             self._publisher = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=2)
@@ -301,17 +312,17 @@ class Runner:
                     len(self._buffer) + len(self._running) + len(self._ready),
                 )
             if self._spec.outside is not None:
-                # Start the effects of everything delivered (the prefetch bounds it), then
-                # commit and ack whatever finished them.
+                # Start the effects of everything delivered (the prefetch bounds it); the
+                # committer task commits and acks whatever finished them, meanwhile.
+                if self._committer is None:
+                    self._committer = asyncio.create_task(self._commit_loop())
+                elif self._committer.done():
+                    self._committer.result()  # its BrokerLost ends the session
                 while self._buffer:
                     await self._start_outside(self._take(self._buffer))
-                if self._ready:
-                    await self._settle(self._take(self._ready), [])
-                    if self._deferred:
-                        deferred, self._deferred = self._deferred, []
-                        await self._launch(deferred)  # those still in hand wait again
-                    continue
-                if stopping and not self._running and not self._deferred:
+                if stopping and not (
+                    self._running or self._ready or self._deferred or self._committing
+                ):
                     return
             elif self._buffer:
                 await self._handle(self._take(self._buffer))
@@ -319,6 +330,37 @@ class Runner:
             elif stopping:
                 return
             await self._wakeup.wait()
+
+    async def _commit_loop(self) -> None:
+        """Commit and ack the messages whose outside effects are done, a batch at a time.
+
+        A batch waits up to ``_LINGER`` for more messages while effects are still running,
+        so a steady flow makes batches of several messages rather than one transaction each.
+        """
+        while True:
+            if not self._ready:
+                self._readied.clear()
+                await self._readied.wait()
+                continue
+            deadline = time.monotonic() + _LINGER
+            while (
+                len(self._ready) < self._s.worker_batch_size
+                and self._running
+                and not self._stop.is_set()
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                self._readied.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._readied.wait(), left)
+            self._committing = True
+            try:
+                await self._settle(self._take(self._ready), [])
+                if self._deferred:
+                    deferred, self._deferred = self._deferred, []
+                    await self._launch(deferred)  # those still in hand wait again
+            finally:
+                self._committing = False
+                self._wakeup.set()  # the consume loop decides whether a stop is done
 
     def _take(self, queue: deque[Any]) -> list[Any]:
         """Up to ``CDC_WORKER_BATCH_SIZE`` entries from the front of ``queue``."""
@@ -407,6 +449,7 @@ class Runner:
             item.outcome, item.error = FAILED, exc
         item.seconds = time.perf_counter() - started
         self._ready.append(item)
+        self._readied.set()
         self._wakeup.set()
 
     async def _settle(self, items: list[Item], copies: list[_Copy]) -> None:
