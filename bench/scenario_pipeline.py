@@ -212,6 +212,19 @@ def _named(name: str) -> list[int]:
     return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == name]
 
 
+def _broker_pids(port: int = 5672) -> list[int]:
+    """The RabbitMQ node serving ``port`` (other nodes on the machine are not ours)."""
+    pids = []
+    for pid in _named("beam.smp"):
+        try:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+            pids.append(pid)
+    return pids or _named("beam.smp")
+
+
 def _postgres_cpu() -> float:
     """CPU seconds of every PostgreSQL process now running (ended backends are not counted:
     the run's connections are long-lived)."""
@@ -320,7 +333,7 @@ class Pipeline:
         self.log.close()
 
     def meter(self) -> Meter:
-        beam = _named("beam.smp")
+        beam = _broker_pids()
         assert self.relay.proc is not None and self.receiver.proc is not None
         return Meter({
             "relay": [self.relay.pid],
@@ -451,7 +464,7 @@ async def broker_ceiling(run: Run, p: Params, exchange: str) -> dict[str, Any]:
     queues = list(BILLING_QUEUES + NOTIFICATION_QUEUES)
     consumer = AckConsumer(run.amqp_url, queues)
     await consumer.start()
-    beam = _named("beam.smp")
+    beam = _broker_pids()
     cpu_before = sum(_cpu(pid) for pid in beam)
     try:
         started = time.monotonic()
