@@ -252,6 +252,9 @@ def build(settings: NotificationSettings) -> WorkerSpec:
         await deliveries.record(delivery.message_id, channel, user, target, key)
 
     async def effects(plan: Plan, sends: list[Awaitable[None]]) -> Plan:
+        if len(sends) == 1:  # the common case: no task of its own needed
+            await sends[0]
+            return plan
         # Every channel is tried even when another fails: what succeeded is recorded and
         # skipped next time; the first failure (a permanent one first) decides the retry.
         results = await asyncio.gather(*sends, return_exceptions=True)
