@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 _Copy = tuple[str, DeliveredMessage, Delivery, str, str]
 
 _HEALTHY_SESSION = 30.0
-#: How long a batch of messages done with their outside effects waits for more (seconds).
+#: How long a batch shorter than CDC_WORKER_BATCH_SIZE waits for more messages (seconds).
 _LINGER = 0.005
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, OSError, RuntimeError, TimeoutError)
 
@@ -295,6 +295,7 @@ class Runner:
 
     async def _consume(self, channel: AbstractChannel, tags: list[str]) -> None:
         stopping = False
+        waited = False  # the current short batch already had its moment to fill
         while True:
             self._wakeup.clear()
             if self._lost is not None and self._lost.done():
@@ -325,6 +326,14 @@ class Runner:
                 ):
                     return
             elif self._buffer:
+                if len(self._buffer) < self._s.worker_batch_size and not stopping and not waited:
+                    # A steady trickle would otherwise make a transaction of a message or
+                    # two each (PostgreSQL then spends several times more per event than
+                    # in a full batch): give the batch a moment to fill.
+                    waited = True
+                    await asyncio.sleep(_LINGER)
+                    continue
+                waited = False
                 await self._handle(self._take(self._buffer))
                 continue
             elif stopping:
