@@ -442,6 +442,11 @@ class Runner:
                 waits = await self._spec.outside([(i.delivery, i.payload) for i in items])
                 break
             except Exception as exc:  # a read the effects need: wait it out, like a batch
+                if self._stop.is_set():
+                    # Not started: left unacked, they go back to the queue with the channel.
+                    log.warning("stopping: %d messages not started (%r)", len(items), exc)
+                    self._in_hand.difference_update(i.delivery.message_id for i in items)
+                    return
                 delay = backoff.next_delay()
                 log.warning("preparing a chunk failed: %r; again in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
