@@ -25,6 +25,7 @@ PURE = [
     "cdc.feed",
     "cdc.backoff",
     "cdc.errors",
+    "cdc.durations",
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",
