@@ -1,4 +1,4 @@
-"""Command line: ``cdc setup | relay | status | demo``.
+"""Command line: ``cdc setup | relay | status | recover | prune | demo``.
 
 Builds the one :class:`RelaySettings` from the environment with flags overriding, sets up
 logging, and maps outcomes to the documented exit codes.
@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from cdc import slot as slots
 from cdc.config import RelaySettings
-from cdc.errors import CdcError, SetupError, SourceError
+from cdc.errors import CdcError, ConfigError, SetupError, SourceError
 from cdc.logs import configure, redact
 
 log = logging.getLogger("cdc")
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         "relay": "stream outbox inserts to RabbitMQ until SIGTERM/SIGINT",
         "status": "show the slot, its confirmed_flush_lsn and lag",
         "demo": "insert sample outbox events and print what arrives on the exchange",
+        "recover": "after a slot loss: new slot, publish what the checkpoint cannot prove sent",
+        "prune": "delete outbox rows the checkpoint proves published, older than a duration",
     }
     for name, text in commands.items():
         cmd = sub.add_parser(name, help=text, description=text)
@@ -49,6 +51,18 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "setup":
+            cmd.add_argument(
+                "--backfill",
+                metavar="pending|all|since=ISO",
+                help="publish rows already in the table from the new slot's snapshot "
+                "(pending: those whose status is not 'published'); run again to resume",
+            )
+        if name == "prune":
+            cmd.add_argument(
+                "--older-than", metavar="DURATION", help="e.g. 90s, 12h, 7d (default: "
+                "CDC_PRUNE_OLDER_THAN)",
+            )
         if name == "demo":
             cmd.add_argument("--rate", type=float, default=5.0, help="events per second")
             cmd.add_argument("--count", type=int, default=0, help="stop after N (0: forever)")
@@ -61,6 +75,7 @@ def _settings(args: argparse.Namespace) -> RelaySettings:
 
 
 def _run_relay(settings: RelaySettings) -> int:
+    from cdc import maintenance
     from cdc.metrics import Metrics, serve
     from cdc.relay import Relay
 
@@ -70,6 +85,7 @@ def _run_relay(settings: RelaySettings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, relay.stop)
+        upkeep = asyncio.create_task(maintenance.run(settings, metrics), name="cdc-upkeep")
         server = None
         if settings.metrics_port:
             server = await serve(
@@ -78,6 +94,7 @@ def _run_relay(settings: RelaySettings) -> int:
         try:
             return await relay.run()
         finally:
+            upkeep.cancel()
             if server is not None:
                 server.close()
 
@@ -94,10 +111,28 @@ def _run_fast(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return runner.run(main())
 
 
+def _backfill_status(settings: RelaySettings) -> dict[str, Any] | None:
+    from cdc import horizon_store
+
+    with slots.connect(settings) as conn:
+        checkpoint = horizon_store.load(conn, settings)
+    if checkpoint is None:
+        return None
+    b = checkpoint.backfill
+    return {
+        "mode": b.mode,
+        "since": b.since.isoformat() if b.since else None,
+        "done": b.done,
+        "rows_done": b.rows_done,
+        "rows_total": b.rows_total,
+    }
+
+
 def _status(settings: RelaySettings, as_json: bool) -> int:
     state = slots.status(settings)
+    backfill = _backfill_status(settings)
     if as_json:
-        print(orjson.dumps(state.as_dict()).decode())
+        print(orjson.dumps({**state.as_dict(), "backfill": backfill}).decode())
     elif not state.exists:
         print(f"slot {state.slot_name}: does not exist (run `cdc setup`)")
     else:
@@ -108,12 +143,46 @@ def _status(settings: RelaySettings, as_json: bool) -> int:
             f"  current_wal_lsn {state.current_wal_lsn}  lag {state.lag_bytes} bytes, "
             f"retained {state.retained_bytes} bytes"
         )
+    if backfill is not None and not as_json and backfill["mode"] != "none":
+        print(
+            f"  backfill {backfill['mode']}: {backfill['rows_done']}/{backfill['rows_total']} "
+            f"rows, {'done' if backfill['done'] else 'NOT done (run the same setup again)'}"
+        )
     return 0
 
 
+def _setup(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
+    if args.backfill is None:
+        return slots.setup(settings)
+    from cdc import backfill
+
+    mode, since = backfill.parse_option(args.backfill)
+    return backfill.run(settings, mode, since)
+
+
+def _prune(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
+    from cdc.durations import parse_duration
+    from cdc.prune import prune
+
+    text = args.older_than or settings.prune_older_than
+    if not text:
+        raise ConfigError("say how old a row must be: --older-than 7d (or CDC_PRUNE_OLDER_THAN)")
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from exc
+    return [prune(settings, seconds).summary(text)]
+
+
 def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
-    if args.command == "setup":
-        for line in slots.setup(settings):
+    if args.command in ("setup", "recover", "prune"):
+        if args.command == "recover":
+            from cdc.recovery import recover
+
+            lines = recover(settings)
+        else:
+            lines = (_setup if args.command == "setup" else _prune)(args, settings)
+        for line in lines:
             log.info(line)
         return 0
     if args.command == "status":
@@ -139,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(settings.log_format, settings.log_level)
     try:
         return _dispatch(args, settings)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     except SetupError as exc:
         log.error("database is not set up for the relay: %s", exc)
         return EXIT_SETUP

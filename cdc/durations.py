@@ -15,7 +15,9 @@ def parse_duration(text: str) -> float:
     """Seconds in ``text`` (a number and one unit of s, m, h, d, w); must be positive."""
     match = _FORM.fullmatch(text.lower())
     if match is None:
-        raise ValueError(f"{text!r} is not a duration: write a number and a unit, e.g. 90s, 12h, 7d")
+        raise ValueError(
+            f"{text!r} is not a duration: write a number and a unit, e.g. 90s, 12h, 7d"
+        )
     seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds <= 0:
         raise ValueError(f"{text!r}: the duration must be longer than zero")

@@ -37,6 +37,8 @@ BACKFILL_MODES: tuple[BackfillMode, ...] = ("none", "pending", "all", "since")
 _LOW = 0xFFFFFFFF
 #: The poller's status value for rows it has published.
 POLLER_PUBLISHED = "published"
+#: A row's own transaction id (the system column).
+XMIN = sql.SQL("xmin")
 #: The current snapshot's xmax, computed once per statement (an uncorrelated subquery).
 CURRENT_XMAX = sql.SQL("(SELECT pg_snapshot_xmax(pg_current_snapshot()))")
 
@@ -72,7 +74,7 @@ def widen_xid(xmin: int, current_xmax: int) -> int:
 
 
 def xid8_of(
-    xmin: sql.Composable = sql.SQL("xmin"), current: sql.Composable = CURRENT_XMAX
+    xmin: sql.Composable = XMIN, current: sql.Composable = CURRENT_XMAX
 ) -> sql.Composed:
     """SQL of :func:`widen_xid`: ``xmin`` (a 32-bit ``xid``) as ``xid8``.
 

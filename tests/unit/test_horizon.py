@@ -61,7 +61,8 @@ def test_xid8_expression_text():
         "(CASE WHEN (t.xmin::text::bigint) <= ((c.x::text::bigint) & 4294967295)"
         " OR ((c.x::text::bigint) >> 32) = 0"
         " THEN ((((c.x::text::bigint) >> 32) << 32) | (t.xmin::text::bigint))"
-        " ELSE (((((c.x::text::bigint) >> 32) - 1) << 32) | (t.xmin::text::bigint)) END)::text::xid8"
+        " ELSE (((((c.x::text::bigint) >> 32) - 1) << 32) | (t.xmin::text::bigint))"
+        " END)::text::xid8"
     )
     assert "pg_current_snapshot" in text(xid8_of())
 
@@ -101,7 +102,8 @@ def test_published_skipped_to_recover_text():
         " OR ((status = 'published') IS TRUE)))"
     )
     assert text(skipped(h, x)) == (
-        "(x < pg_snapshot_xmin('500:520:505'::pg_snapshot) AND NOT ((status = 'published') IS TRUE))"
+        "(x < pg_snapshot_xmin('500:520:505'::pg_snapshot)"
+        " AND NOT ((status = 'published') IS TRUE))"
     )
     assert text(to_recover(h, x)) == f"(NOT {text(published(h, x))} AND NOT {text(skipped(h, x))})"
 
@@ -136,5 +138,19 @@ def test_parse_duration(given, seconds):
 
 @pytest.mark.parametrize("given", ["", "7", "d", "7x", "-1d", "0s", "7 days", "1d2h"])
 def test_parse_duration_refuses(given):
-    with pytest.raises(ValueError, match="duration|longer than zero"):
+    with pytest.raises(ValueError, match=r"duration|longer than zero"):
         parse_duration(given)
+
+
+def test_progress_lines_are_throttled_and_show_rate_and_eta():
+    from cdc.progress import ProgressReport
+
+    report = ProgressReport("backfill", total=10_000, start_done=2_000, started=100.0, every=3.0)
+    assert report.update(2_500, 101.0) is None  # not due yet
+    assert report.update(4_000, 104.0) == "backfill: 4000/10000 rows (40.0%), 500 rows/s, ETA 0m12s"
+    assert report.update(4_100, 105.0) is None
+    assert report.update(10_003, 105.5, final=True) == (
+        "backfill: 10000/10000 rows (100.0%), 1455 rows/s, ETA 0m00s"
+    )
+    empty = ProgressReport("backfill", total=0, start_done=0, started=0.0)
+    assert empty.update(0, 0.0, final=True) == "backfill: 0/0 rows, 0 rows/s, ETA unknown"

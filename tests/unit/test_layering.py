@@ -26,6 +26,7 @@ PURE = [
     "cdc.backoff",
     "cdc.errors",
     "cdc.durations",
+    "cdc.progress",
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",

@@ -500,7 +500,6 @@ def test_snapshot_headers_win_over_the_rows_and_malformed_rows_stay_malformed():
     )
     assert isinstance(event, OutboxEvent)
     assert event.headers["x-cdc-source"] == "recovery"
-    bad = route_snapshot(
-        Layout.of(rel), tuple_for(rel, {**ROW, "event_type": ""}), source="backfill", snapshot="1:1:"
-    )
+    empty_type = tuple_for(rel, {**ROW, "event_type": ""})
+    bad = route_snapshot(Layout.of(rel), empty_type, source="backfill", snapshot="1:1:")
     assert isinstance(bad, Malformed) and bad.reason == "event_type is NULL or empty"

@@ -1,0 +1,173 @@
+"""``cdc setup --backfill pending|all|since=<ISO time>``: the cutover from a polling relay.
+
+Creates the slot with its exported snapshot (the cutover boundary B), writes the checkpoint
+row (base B, mode, not done, rows_total), and publishes from B, in id order, the rows the
+mode selects; everything committed after B comes from the slot's stream, so no row is
+missed and none is sent by both. After every confirmed batch the row records the batch's
+last id and the rows done, so an interrupted backfill is resumed by running the same
+command again: it continues after that id, selecting the rows visible in B with
+``pg_visible_in_snapshot`` (the exported snapshot died with the first run). Progress
+(done/total, rate, ETA) goes to stderr every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+import time
+from datetime import datetime
+from typing import Any, TextIO
+
+import psycopg
+
+from cdc import horizon_store as store
+from cdc import slot as slots
+from cdc.config import RelaySettings
+from cdc.errors import ConfigError, SetupError
+from cdc.exported_slot_standin import exported_slot
+from cdc.horizon import BackfillMode, backfill_rows
+from cdc.lsn import format_lsn
+from cdc.metrics import Metrics
+from cdc.progress import ProgressReport
+from cdc.snapshot_publish import (
+    SESSION_SETTINGS,
+    Batch,
+    SnapshotRows,
+    pin_session,
+    publish_rows,
+    table_layout,
+)
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def parse_option(text: str) -> tuple[BackfillMode, datetime | None]:
+    """``pending`` | ``all`` | ``since=<ISO 8601 time>`` (with a UTC offset)."""
+    if text in ("pending", "all"):
+        return text, None  # type: ignore[return-value]
+    if text.startswith("since="):
+        try:
+            since = datetime.fromisoformat(text.removeprefix("since="))
+        except ValueError:
+            since = None
+        if since is not None and since.tzinfo is not None:
+            return "since", since
+    raise ConfigError(
+        f"--backfill {text!r}: use pending, all or since=<ISO time with offset>, "
+        "e.g. since=2026-12-01T00:00:00+00:00"
+    )
+
+
+def run(
+    settings: RelaySettings, mode: BackfillMode, since: datetime | None, out: TextIO = sys.stderr
+) -> list[str]:
+    """Set up (or resume) a backfill and publish it; returns what it did."""
+    with slots.connect(settings) as conn:
+        slots.check_server(conn)
+        slots.ensure_table(conn, settings)
+        slots.ensure_publication(conn, settings)
+        if mode == "pending" and not store.has_status_column(conn, settings):
+            raise ConfigError(
+                f"{settings.outbox_table} has no status column, so no row is marked "
+                "published: use --backfill all or --backfill since=<ISO time>"
+            )
+        checkpoint = store.load(conn, settings)
+        if checkpoint is None:
+            return _fresh(conn, settings, mode, since, out)
+        done = checkpoint.backfill
+        if (done.mode, done.since) != (mode, since):
+            was = done.mode + (f"={done.since.isoformat()}" if done.since else "")
+            raise SetupError(
+                f"slot {settings.slot_name} was set up with backfill {was}; a backfill can "
+                "only be resumed with the same mode (run the same command again)"
+            )
+        if done.done:
+            return [f"backfill {mode} of {done.rows_done} rows already done; kept slot "
+                    f"{settings.slot_name}"]  # fmt: skip
+        return _resume(conn, settings, checkpoint, out)
+
+
+def _fresh(
+    conn: Conn, settings: RelaySettings, mode: BackfillMode, since: datetime | None, out: TextIO
+) -> list[str]:
+    exists = conn.execute(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (settings.slot_name,)
+    ).fetchone()
+    if exists and exists[0]:
+        raise SetupError(
+            f"slot {settings.slot_name} already exists without a checkpoint: a backfill needs "
+            "the snapshot of a slot it creates. Stop the relay, drop the slot "
+            f"(SELECT pg_drop_replication_slot('{settings.slot_name}')), then run this again"
+        )
+    with exported_slot(settings) as (created, reader):
+        pin_session(reader)
+        layout, table = table_layout(reader, settings)
+        rows = SnapshotRows(layout, table, backfill_rows(mode, since, None))
+        total = rows.count(reader)
+        store.insert_backfill(
+            conn, settings,
+            system_identifier=created.system_identifier, timeline=created.timeline,
+            confirmed_lsn=format_lsn(created.consistent_lsn), base_snapshot=created.base_snapshot,
+            mode=mode, since=since, rows_total=total,
+        )  # fmt: skip
+        sent = _publish(conn, settings, rows, reader, created.base_snapshot, None, 0, total, out)
+    return [
+        f"created slot {settings.slot_name} at {format_lsn(created.consistent_lsn)} "
+        f"(snapshot {created.base_snapshot})",
+        f"backfill {mode}: published {sent} rows from before the slot",
+    ]
+
+
+def _resume(
+    conn: Conn, settings: RelaySettings, checkpoint: store.Checkpoint, out: TextIO
+) -> list[str]:
+    state = checkpoint.backfill
+    base = checkpoint.horizon.base
+    options = " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in SESSION_SETTINGS)
+    url = settings.database_url.get_secret_value()
+    with psycopg.connect(url, autocommit=True, options=options) as reader:
+        layout, table = table_layout(reader, settings)
+        rows = SnapshotRows(layout, table, backfill_rows(state.mode, state.since, base))
+        sent = _publish(
+            conn, settings, rows, reader, base, state.after_id, state.rows_done,
+            state.rows_total, out,
+        )  # fmt: skip
+    return [f"resumed backfill {state.mode} of slot {settings.slot_name} after id "
+            f"{state.after_id}: published {sent} more rows"]  # fmt: skip
+
+
+def _publish(
+    conn: Conn,
+    settings: RelaySettings,
+    rows: SnapshotRows,
+    reader: Conn,
+    snapshot: str,
+    after_id: str | None,
+    done_before: int,
+    total: int,
+    out: TextIO,
+) -> int:
+    report = ProgressReport("backfill", total, done_before, time.monotonic())
+    last = [after_id]
+
+    def on_batch(batch: Batch) -> None:
+        last[0] = batch.last_id
+        done = done_before + batch.sent
+        store.record_backfill(conn, settings, batch.last_id, done, done=False)
+        _show(out, report.update(done, time.monotonic()))
+
+    sent = asyncio.run(
+        publish_rows(
+            settings, Metrics(), rows.layout, functools.partial(rows.fetch, reader),
+            source="backfill", snapshot=snapshot, after_id=after_id, on_batch=on_batch,
+        )
+    )
+    store.record_backfill(conn, settings, last[0], done_before + sent, done=True)
+    _show(out, report.update(done_before + sent, time.monotonic(), final=True))
+    return sent
+
+
+def _show(out: TextIO, line: str | None) -> None:
+    if line is not None:
+        print(line, file=out, flush=True)
