@@ -59,10 +59,11 @@ class SnapshotRows:
         columns = sql.SQL(", ").join(
             sql.SQL("{}::text").format(sql.Identifier(c.name)) for c in self.layout.relation.columns
         )
-        keyset = sql.SQL("id > %s") if after_id is not None else sql.SQL("id IS NOT NULL")
-        query = sql.SQL("SELECT id::text, {} FROM {} WHERE {} AND {} ORDER BY id LIMIT %s").format(
-            columns, self.table, keyset, self.where
-        )
+        # Qualified: the output column "id" (text) must not be what ORDER BY sorts.
+        keyset = sql.SQL("o.id > %s" if after_id is not None else "o.id IS NOT NULL")
+        query = sql.SQL(
+            "SELECT o.id::text, {} FROM {} AS o WHERE {} AND {} ORDER BY o.id LIMIT %s"
+        ).format(columns, self.table, keyset, self.where)
         params: tuple[Any, ...] = (after_id, limit) if after_id is not None else (limit,)
         rows = conn.execute(query, params).fetchall()
         return [

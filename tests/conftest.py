@@ -63,6 +63,7 @@ _STALE_DB_RE = re.compile(r"^cdc_test_([0-9a-f]{8})[0-9a-f]{4}$")
 _STALE_SLOT_RE = re.compile(r"^cdc_test_([0-9a-f]{8})[0-9a-f]{4}_")
 _STALE_AMQP_RE = re.compile(r"^cdc_test\.([0-9a-f]{8})[0-9a-f]{4}\.")
 _LSN_RE = re.compile(r"^([0-9A-F]{1,8})/([0-9A-F]{1,8})$")
+_SNAPSHOT_RE = re.compile(r"^\d+:\d+:(\d+(,\d+)*)?$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,6 +535,12 @@ def _drop_slot(conn: psycopg.Connection[Any], slot: str, timeout: float = 15.0) 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def _delete_checkpoint(conn: psycopg.Connection[Any], slot: str) -> None:
+    """Remove the relay's checkpoint row of ``slot`` (if `cdc setup` ever made the table)."""
+    if conn.execute("SELECT to_regclass('cdc.relay_checkpoint')").fetchone()[0] is not None:
+        conn.execute("DELETE FROM cdc.relay_checkpoint WHERE slot_name = %s", (slot,))
 
 
 def _rollback_prepared(conn: psycopg.Connection[Any], database: str, prefix: str = "") -> None:
@@ -1428,6 +1435,39 @@ class Env(SqlAccess):
         assert info is not None, f"slot {self.slot} does not exist"
         return parse_lsn(info["confirmed_flush_lsn"])
 
+    def prove_checkpoint(self, timeout: float = 30.0) -> str:
+        """Do once, now, what the relay's periodic checkpoint does; return the snapshot.
+
+        Snapshot first, then the WAL insert position (every transaction the snapshot sees
+        has its commit below it); once the slot's confirmed_flush_lsn has passed that
+        position, the snapshot is proven: every stream row below its xmin was confirmed.
+        """
+        snapshot = str(self.sql("SELECT pg_current_snapshot()::text")[0][0])
+        lsn = parse_lsn(self.sql("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+        wait_for(
+            lambda: self.confirmed_flush_lsn() >= lsn,
+            timeout,
+            lambda: f"slot to confirm {format_lsn(lsn)}\n{self.relay_tails()}",
+        )
+        self.sql(
+            "UPDATE cdc.relay_checkpoint SET proven_snapshot = %s::pg_snapshot, proven_at = now()"
+            " WHERE slot_name = %s",
+            (snapshot, self.slot),
+        )
+        return snapshot
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The relay's checkpoint row of this test's slot (``None`` if there is none)."""
+        rows = self.sql(
+            "SELECT to_jsonb(c) FROM cdc.relay_checkpoint c WHERE slot_name = %s", (self.slot,)
+        )
+        return dict(rows[0][0]) if rows else None
+
+    def create_seed_table(self) -> None:
+        """The outbox table exactly as ``cdc/sql/001_outbox_table.sql`` makes it."""
+        ddl = (REPO / "cdc" / "sql" / "001_outbox_table.sql").read_text()
+        self.sql(sql.SQL(ddl).format(table=self.table_ident()))  # type: ignore[arg-type]
+
     def slot_active(self) -> bool:
         info = self.slot_info()
         return bool(info and info["active"])
@@ -1625,11 +1665,18 @@ class Env(SqlAccess):
             assert h.get("aggregate_id") in (None, ""), (where, h)
         else:
             assert h.get("aggregate_id") == row.aggregate_id, (where, h)
-        assert _LSN_RE.match(str(h.get("commit_lsn"))), (where, h)
-        commit_time = _iso(h.get("commit_time"))
-        assert commit_time.utcoffset() == dt.timedelta(0), (where, h["commit_time"])
-        now = dt.datetime.now(dt.UTC)
-        assert self.t0 - dt.timedelta(minutes=1) <= commit_time <= now + dt.timedelta(minutes=1)
+        if "x-cdc-source" in h:
+            # Read from a snapshot (backfill or recovery): no commit position, the snapshot.
+            assert h["x-cdc-source"] in ("backfill", "recovery"), (where, h)
+            assert _SNAPSHOT_RE.match(str(h.get("x-cdc-snapshot"))), (where, h)
+            assert "commit_lsn" not in h and "commit_time" not in h, (where, h)
+        else:
+            assert _LSN_RE.match(str(h.get("commit_lsn"))), (where, h)
+            commit_time = _iso(h.get("commit_time"))
+            assert commit_time.utcoffset() == dt.timedelta(0), (where, h["commit_time"])
+            now = dt.datetime.now(dt.UTC)
+            soon = now + dt.timedelta(minutes=1)
+            assert self.t0 - dt.timedelta(minutes=1) <= commit_time <= soon, where
         created_h = _iso(h.get("created_at"))
         if created_h.tzinfo is not None:
             assert created_h == row.created_at, (where, h["created_at"], row.created_at)
@@ -1687,6 +1734,7 @@ class Env(SqlAccess):
                     lambda: _rollback_prepared(conn, self.dbname, self.gid_prefix),
                 )
                 step("drop slot", lambda: _drop_slot(conn, self.slot))
+                step("delete checkpoint row", lambda: _delete_checkpoint(conn, self.slot))
                 step(
                     "drop publication",
                     lambda: conn.execute(
