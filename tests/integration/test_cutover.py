@@ -40,7 +40,8 @@ def seed_rows(env: Any, pending: int = PENDING, failed: int = FAILED,
         {"p": pending, "f": failed, "n": pending + failed + published},
     )
     by_status: dict[str, set[str]] = {}
-    for rid, status in env.sql(sql.SQL("SELECT id::text, status FROM {}").format(env.table_ident())):
+    query = sql.SQL("SELECT id::text, status FROM {}").format(env.table_ident())
+    for rid, status in env.sql(query):
         by_status.setdefault(status, set()).add(rid)
     return by_status
 
