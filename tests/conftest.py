@@ -1442,6 +1442,17 @@ class Env(SqlAccess):
         has its commit below it); once the slot's confirmed_flush_lsn has passed that
         position, the snapshot is proven: every stream row below its xmin was confirmed.
         """
+        # Wait until no transaction older than the outbox's newest row is open (other tests
+        # on the shared server may hold one), so the checkpoint covers every row so far.
+        newest = sql.SQL("SELECT coalesce(max(xmin::text::bigint), 0) FROM {}").format(
+            self.table_ident()
+        )
+        xmin = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+        wait_for(
+            lambda: self.sql(xmin)[0][0] > self.sql(newest)[0][0],
+            timeout,
+            "the transactions open on the server to end",
+        )
         snapshot = str(self.sql("SELECT pg_current_snapshot()::text")[0][0])
         lsn = parse_lsn(self.sql("SELECT pg_current_wal_insert_lsn()::text")[0][0])
         wait_for(
@@ -1467,6 +1478,31 @@ class Env(SqlAccess):
         """The outbox table exactly as ``cdc/sql/001_outbox_table.sql`` makes it."""
         ddl = (REPO / "cdc" / "sql" / "001_outbox_table.sql").read_text()
         self.sql(sql.SQL(ddl).format(table=self.table_ident()))  # type: ignore[arg-type]
+
+    def seed_poller_rows(self, pending: int, failed: int, published: int) -> dict[str, set[str]]:
+        """Rows as the seed's polling relay leaves them (statuses ``pending``, ``failed``
+        after 5 tries, ``published`` with ``published_at``), created an hour ago, in one
+        statement; returns their ids by status."""
+        self.sql(
+            sql.SQL(
+                "INSERT INTO {} (aggregate_type, aggregate_id, event_type, payload, status,"
+                " retry_count, published_at, created_at)"
+                " SELECT 'device', 'dev-' || g, 'device.started',"
+                " jsonb_build_object('seed', g, 'deviceId', 'dev-' || g),"
+                " CASE WHEN g <= %(p)s THEN 'pending' WHEN g <= %(p)s + %(f)s THEN 'failed'"
+                " ELSE 'published' END,"
+                " CASE WHEN g > %(p)s AND g <= %(p)s + %(f)s THEN 5 ELSE 0 END,"
+                " CASE WHEN g > %(p)s + %(f)s THEN now() - interval '50 minutes' END,"
+                " now() - interval '1 hour' + g * interval '1 ms'"
+                " FROM generate_series(1, %(n)s) g"
+            ).format(self.table_ident()),
+            {"p": pending, "f": failed, "n": pending + failed + published},
+        )
+        by_status: dict[str, set[str]] = {"pending": set(), "failed": set(), "published": set()}
+        query = sql.SQL("SELECT id::text, status FROM {}").format(self.table_ident())
+        for rid, status in self.sql(query):
+            by_status[status].add(rid)
+        return by_status
 
     def slot_active(self) -> bool:
         info = self.slot_info()

@@ -21,31 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 PENDING, FAILED, PUBLISHED = 10_000, 1_000, 2_000
 
 
-def seed_rows(env: Any, pending: int = PENDING, failed: int = FAILED,
-              published: int = PUBLISHED) -> dict[str, set[str]]:  # fmt: skip
-    """Rows as the poller leaves them, created an hour ago; returns ids by status."""
-    env.sql(
-        sql.SQL(
-            "INSERT INTO {} (aggregate_type, aggregate_id, event_type, payload, status,"
-            " retry_count, published_at, created_at)"
-            " SELECT 'device', 'dev-' || g, 'device.started',"
-            " jsonb_build_object('seed', g, 'deviceId', 'dev-' || g),"
-            " CASE WHEN g <= %(p)s THEN 'pending' WHEN g <= %(p)s + %(f)s THEN 'failed'"
-            " ELSE 'published' END,"
-            " CASE WHEN g > %(p)s AND g <= %(p)s + %(f)s THEN 5 ELSE 0 END,"
-            " CASE WHEN g > %(p)s + %(f)s THEN now() - interval '50 minutes' END,"
-            " now() - interval '1 hour' + g * interval '1 ms'"
-            " FROM generate_series(1, %(n)s) g"
-        ).format(env.table_ident()),
-        {"p": pending, "f": failed, "n": pending + failed + published},
-    )
-    by_status: dict[str, set[str]] = {}
-    query = sql.SQL("SELECT id::text, status FROM {}").format(env.table_ident())
-    for rid, status in env.sql(query):
-        by_status.setdefault(status, set()).add(rid)
-    return by_status
-
-
 def sources(msgs: list[Any]) -> dict[str, int]:
     out: dict[str, int] = {}
     for m in msgs:
@@ -56,7 +31,7 @@ def sources(msgs: list[Any]) -> dict[str, int]:
 
 def test_cutover_with_live_writers_sends_every_unpublished_row_exactly_once(env):
     env.create_seed_table()
-    seeded = seed_rows(env)
+    seeded = env.seed_poller_rows(PENDING, FAILED, PUBLISHED)
     assert len(seeded["pending"]) == PENDING
     work = env.workload(
         writers=2, events_per_writer=1500, max_txn=20, rate_per_writer=400,
@@ -106,7 +81,7 @@ def test_cutover_with_live_writers_sends_every_unpublished_row_exactly_once(env)
 
 def test_status_and_metrics_show_backfill_progress(env):
     env.create_seed_table()
-    seed_rows(env, pending=300, failed=20, published=30)
+    env.seed_poller_rows(pending=300, failed=20, published=30)
     res = env.cdc("setup", "--backfill", "all")
     assert res.returncode == 0, res.stderr
     status = env.cdc("status", "--json")
@@ -122,7 +97,7 @@ def test_status_and_metrics_show_backfill_progress(env):
 
 def test_since_backfill_takes_rows_created_since(env):
     env.create_seed_table()
-    seed_rows(env, pending=100, failed=0, published=100)
+    env.seed_poller_rows(pending=100, failed=0, published=100)
     cut = env.sql(
         sql.SQL("SELECT created_at FROM {} ORDER BY created_at OFFSET 150 LIMIT 1").format(
             env.table_ident()
