@@ -1469,6 +1469,8 @@ class Env(SqlAccess):
 
     def checkpoint(self) -> dict[str, Any] | None:
         """The relay's checkpoint row of this test's slot (``None`` if there is none)."""
+        if not self.sql("SELECT to_regclass('cdc.relay_checkpoint') IS NOT NULL")[0][0]:
+            return None
         rows = self.sql(
             "SELECT to_jsonb(c) FROM cdc.relay_checkpoint c WHERE slot_name = %s", (self.slot,)
         )
