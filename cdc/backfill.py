@@ -42,23 +42,6 @@ from cdc.snapshot_publish import (
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-def parse_option(text: str) -> tuple[BackfillMode, datetime | None]:
-    """``pending`` | ``all`` | ``since=<ISO 8601 time>`` (with a UTC offset)."""
-    if text in ("pending", "all"):
-        return text, None  # type: ignore[return-value]
-    if text.startswith("since="):
-        try:
-            since = datetime.fromisoformat(text.removeprefix("since="))
-        except ValueError:
-            since = None
-        if since is not None and since.tzinfo is not None:
-            return "since", since
-    raise ConfigError(
-        f"--backfill {text!r}: use pending, all or since=<ISO time with offset>, "
-        "e.g. since=2026-12-01T00:00:00+00:00"
-    )
-
-
 def run(
     settings: RelaySettings, mode: BackfillMode, since: datetime | None, out: TextIO = sys.stderr
 ) -> list[str]:

@@ -155,8 +155,12 @@ def _setup(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
     if args.backfill is None:
         return slots.setup(settings)
     from cdc import backfill
+    from cdc.horizon import parse_backfill
 
-    mode, since = backfill.parse_option(args.backfill)
+    try:
+        mode, since = parse_backfill(args.backfill)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return backfill.run(settings, mode, since)
 
 

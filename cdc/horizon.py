@@ -106,6 +106,25 @@ def _any(parts: list[sql.Composable]) -> sql.Composable:
     return sql.SQL("({})").format(sql.SQL(" OR ").join(parts))
 
 
+def parse_backfill(text: str) -> tuple[BackfillMode, datetime | None]:
+    """The ``--backfill`` option: ``pending`` | ``all`` | ``since=<ISO 8601 time with offset>``."""
+    if text == "pending":
+        return "pending", None
+    if text == "all":
+        return "all", None
+    if text.startswith("since="):
+        try:
+            since = datetime.fromisoformat(text.removeprefix("since="))
+        except ValueError:
+            since = None
+        if since is not None and since.tzinfo is not None:
+            return "since", since
+    raise ValueError(
+        f"--backfill {text!r}: use pending, all or since=<ISO time with offset>, "
+        "e.g. since=2026-12-01T00:00:00+00:00"
+    )
+
+
 def covered(h: Horizon) -> sql.Composable:
     """Rows before the cutover that count as published: backfilled, or marked by the poller.
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import Relay
 from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -39,12 +40,23 @@ def test_cutover_with_live_writers_sends_every_unpublished_row_exactly_once(env)
     ).start()  # fmt: skip
     time.sleep(0.5)  # writers are busy before, during and after the slot is made
     t0 = time.monotonic()
-    res = env.cdc("setup", "--backfill", "pending", timeout=240)
-    setup_s = time.monotonic() - t0
-    assert res.returncode == 0, res.stderr
-    assert "backfill: " in res.stderr and "rows/s" in res.stderr, "no progress on stderr"
+    setup = Relay(
+        env.relay_env(max_in_flight=250),  # 40+ batches: the relay starts during them
+        env.tmp_path / "setup.log",
+        env.slot_active,
+        name="setup",
+        argv=["-m", "cdc", "setup", "--backfill", "pending"],
+    )
+    env.relays.append(setup)
+    setup.start()
+    # The relay may stream while the backfill runs: start it as soon as the slot is made.
+    env.wait_for(lambda: env.checkpoint(), 60, lambda: f"the slot\n{setup.tail()}")
     relay = env.relay(metrics=True)
     relay.wait_streaming()
+    during = env.checkpoint()
+    assert setup.wait_exit(240) == 0, setup.tail()
+    setup_s = time.monotonic() - t0
+    assert "backfill: " in setup.log() and "rows/s" in setup.log(), "no progress on stderr"
     work.join(timeout=120)
 
     live = work.committed_ids
@@ -73,7 +85,8 @@ def test_cutover_with_live_writers_sends_every_unpublished_row_exactly_once(env)
         f"\ncutover: {len(expected)} rows expected, {len(msgs)} arrived, 0 missing, 0 twice; "
         f"backfill {split.get('backfill')} (of which {live_from_backfill} live rows committed "
         f"before the snapshot), stream {split.get('stream')}; {len(live)} live rows; "
-        f"setup --backfill took {setup_s:.1f}s"
+        f"setup --backfill took {setup_s:.1f}s; the relay streamed from "
+        f"{during['backfill_rows_done'] if during else '?'} backfilled rows on"
     )
     assert env.cdc("setup", "--backfill", "pending").returncode == 0  # done: kept, nothing sent
     assert env.drain(quiet=1.0, timeout=5) == []

@@ -15,6 +15,7 @@ from cdc.horizon import (
     Horizon,
     backfill_rows,
     covered,
+    parse_backfill,
     published,
     skipped,
     to_recover,
@@ -154,3 +155,24 @@ def test_progress_lines_are_throttled_and_show_rate_and_eta():
     )
     empty = ProgressReport("backfill", total=0, start_done=0, started=0.0)
     assert empty.update(0, 0.0, final=True) == "backfill: 0/0 rows, 0 rows/s, ETA unknown"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("pending", ("pending", None)),
+        ("all", ("all", None)),
+        ("since=2026-12-01T00:00:00+00:00", ("since", SINCE)),
+        ("since=2026-12-01 01:00:00+01:00", ("since", SINCE)),
+    ],
+)
+def test_parse_backfill(given, expected):
+    assert parse_backfill(given) == expected
+
+
+@pytest.mark.parametrize(
+    "given", ["", "none", "Pending", "since=", "since=yesterday", "since=2026-12-01T00:00:00"]
+)
+def test_parse_backfill_refuses(given):
+    with pytest.raises(ValueError, match="use pending, all or since="):
+        parse_backfill(given)
