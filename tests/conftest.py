@@ -1435,12 +1435,13 @@ class Env(SqlAccess):
         assert info is not None, f"slot {self.slot} does not exist"
         return parse_lsn(info["confirmed_flush_lsn"])
 
-    def prove_checkpoint(self, timeout: float = 30.0) -> str:
+    def prove_checkpoint(self, timeout: float = 30.0, quiet: bool = True) -> str:
         """Do once, now, what the relay's periodic checkpoint does; return the snapshot.
 
         Snapshot first, then the WAL insert position (every transaction the snapshot sees
         has its commit below it); once the slot's confirmed_flush_lsn has passed that
         position, the snapshot is proven: every stream row below its xmin was confirmed.
+        ``quiet=False`` takes the snapshot at once, with whatever transactions are open.
         """
         # Wait until no transaction older than the outbox's newest row is open (other tests
         # on the shared server may hold one), so the checkpoint covers every row so far.
@@ -1448,11 +1449,12 @@ class Env(SqlAccess):
             self.table_ident()
         )
         xmin = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-        wait_for(
-            lambda: self.sql(xmin)[0][0] > self.sql(newest)[0][0],
-            timeout,
-            "the transactions open on the server to end",
-        )
+        if quiet:
+            wait_for(
+                lambda: self.sql(xmin)[0][0] > self.sql(newest)[0][0],
+                timeout,
+                "the transactions open on the server to end",
+            )
         snapshot = str(self.sql("SELECT pg_current_snapshot()::text")[0][0])
         lsn = parse_lsn(self.sql("SELECT pg_current_wal_insert_lsn()::text")[0][0])
         wait_for(
