@@ -30,6 +30,7 @@ STATUS_KEYS = {
     "current_wal_lsn",
     "lag_bytes",
     "retained_bytes",
+    "backfill",
 }
 SECRET = "s3cr3t"
 
