@@ -58,17 +58,26 @@ def run(
         checkpoint = store.load(conn, settings)
         if checkpoint is None:
             return _fresh(conn, settings, mode, since, out)
-        done = checkpoint.backfill
-        if (done.mode, done.since) != (mode, since):
-            was = done.mode + (f"={done.since.isoformat()}" if done.since else "")
+        b, base = checkpoint.backfill, checkpoint.horizon.base
+        if b.mode == "none":
+            # Set up without a backfill (or adopted): the base snapshot is the boundary.
+            sent = _from_base(conn, settings, mode, since, base, None, 0, None, out)
+            return [f"slot {settings.slot_name} had no backfill: published {sent} rows "
+                    f"visible in its base snapshot {base}"]  # fmt: skip
+        if (b.mode, b.since) != (mode, since):
+            was = b.mode + (f"={b.since.isoformat()}" if b.since else "")
             raise SetupError(
                 f"slot {settings.slot_name} was set up with backfill {was}; a backfill can "
                 "only be resumed with the same mode (run the same command again)"
             )
-        if done.done:
-            return [f"backfill {mode} of {done.rows_done} rows already done; kept slot "
+        if b.done:
+            return [f"backfill {mode} of {b.rows_done} rows already done; kept slot "
                     f"{settings.slot_name}"]  # fmt: skip
-        return _resume(conn, settings, checkpoint, out)
+        sent = _from_base(
+            conn, settings, mode, since, base, b.after_id, b.rows_done, b.rows_total, out
+        )
+        return [f"resumed backfill {mode} of slot {settings.slot_name} after id "
+                f"{b.after_id}: published {sent} more rows"]  # fmt: skip
 
 
 def _fresh(
@@ -102,22 +111,31 @@ def _fresh(
     ]
 
 
-def _resume(
-    conn: Conn, settings: RelaySettings, checkpoint: store.Checkpoint, out: TextIO
-) -> list[str]:
-    state = checkpoint.backfill
-    base = checkpoint.horizon.base
+def _from_base(
+    conn: Conn,
+    settings: RelaySettings,
+    mode: BackfillMode,
+    since: datetime | None,
+    base: str,
+    after_id: str | None,
+    done_before: int,
+    total: int | None,
+    out: TextIO,
+) -> int:
+    """Publish the rows visible in the recorded base snapshot (the exported one is gone).
+
+    ``total`` None: a backfill that starts now on a slot set up without one; the row
+    records its mode and count first.
+    """
     options = " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in SESSION_SETTINGS)
     url = settings.database_url.get_secret_value()
     with psycopg.connect(url, autocommit=True, options=options) as reader:
         layout, table = table_layout(reader, settings)
-        rows = SnapshotRows(layout, table, backfill_rows(state.mode, state.since, base))
-        sent = _publish(
-            conn, settings, rows, reader, base, state.after_id, state.rows_done,
-            state.rows_total, out,
-        )  # fmt: skip
-    return [f"resumed backfill {state.mode} of slot {settings.slot_name} after id "
-            f"{state.after_id}: published {sent} more rows"]  # fmt: skip
+        rows = SnapshotRows(layout, table, backfill_rows(mode, since, base))
+        if total is None:
+            total = rows.count(reader)
+            store.start_backfill(conn, settings, mode, since, total)
+        return _publish(conn, settings, rows, reader, base, after_id, done_before, total, out)
 
 
 def _publish(

@@ -106,6 +106,19 @@ def insert_backfill(
     )
 
 
+def start_backfill(
+    conn: Conn, settings: RelaySettings, mode: BackfillMode, since: datetime | None, total: int
+) -> None:
+    """Give a slot set up without a backfill one now (nothing sent yet)."""
+    conn.execute(
+        "UPDATE cdc.relay_checkpoint SET backfill_mode = %s, backfill_since = %s, "
+        "backfill_done = false, backfill_after_id = NULL, backfill_rows_done = 0, "
+        "backfill_rows_total = %s, updated_at = now() "
+        "WHERE slot_name = %s AND backfill_mode = 'none'",
+        (mode, since, total, settings.slot_name),
+    )
+
+
 def record_backfill(
     conn: Conn, settings: RelaySettings, after_id: str | None, rows_done: int, done: bool
 ) -> None:

@@ -137,3 +137,20 @@ def test_pending_needs_a_status_column_and_modes_must_match(env):
     assert sorted(int(m.message_id) for m in got) == list(range(1, 11))
     other = env.cdc("setup", "--backfill", "since=2026-01-01T00:00:00+00:00")
     assert other.returncode == 3 and "set up with backfill all" in other.stderr
+
+
+def test_backfill_after_a_plain_setup_uses_its_base_snapshot(env):
+    env.create_seed_table()
+    seeded = env.seed_poller_rows(200, 20, 30)
+    env.setup()  # no backfill: the slot's base snapshot is the boundary
+    if env.checkpoint() is None:
+        pytest.skip("plain `cdc setup` writes no checkpoint row on this branch yet")
+    later = {r["id"] for r in env.insert([env.event("after.slot") for _ in range(10)])}
+    res = env.cdc("setup", "--backfill", "pending")
+    assert res.returncode == 0, res.stderr
+    assert "had no backfill" in res.stderr
+    got = [m.message_id for m in env.drain(220, quiet=1.0)]
+    assert sorted(got) == sorted(seeded["pending"] | seeded["failed"])
+    assert not set(got) & later  # after the slot: the stream's
+    row = env.checkpoint()
+    assert row is not None and row["backfill_mode"] == "pending" and row["backfill_done"]
