@@ -58,26 +58,25 @@ def run(
         checkpoint = store.load(conn, settings)
         if checkpoint is None:
             return _fresh(conn, settings, mode, since, out)
-        b, base = checkpoint.backfill, checkpoint.horizon.base
-        if b.mode == "none":
+        was_mode, was_since = store.backfill_mode(checkpoint), checkpoint.backfill_since
+        base, after = checkpoint.base_snapshot, checkpoint.backfill_after_id
+        if was_mode == "none":
             # Set up without a backfill (or adopted): the base snapshot is the boundary.
             sent = _from_base(conn, settings, mode, since, base, None, 0, None, out)
             return [f"slot {settings.slot_name} had no backfill: published {sent} rows "
                     f"visible in its base snapshot {base}"]  # fmt: skip
-        if (b.mode, b.since) != (mode, since):
-            was = b.mode + (f"={b.since.isoformat()}" if b.since else "")
+        if (was_mode, was_since) != (mode, since):
+            was = was_mode + (f"={was_since.isoformat()}" if was_since else "")
             raise SetupError(
                 f"slot {settings.slot_name} was set up with backfill {was}; a backfill can "
                 "only be resumed with the same mode (run the same command again)"
             )
-        if b.done:
-            return [f"backfill {mode} of {b.rows_done} rows already done; kept slot "
-                    f"{settings.slot_name}"]  # fmt: skip
-        sent = _from_base(
-            conn, settings, mode, since, base, b.after_id, b.rows_done, b.rows_total, out
-        )
+        n, total = checkpoint.backfill_rows_done, checkpoint.backfill_rows_total
+        if checkpoint.backfill_done:
+            return [f"backfill {mode} of {n} rows already done; kept slot {settings.slot_name}"]
+        sent = _from_base(conn, settings, mode, since, base, after, n, total, out)
         return [f"resumed backfill {mode} of slot {settings.slot_name} after id "
-                f"{b.after_id}: published {sent} more rows"]  # fmt: skip
+                f"{after}: published {sent} more rows"]  # fmt: skip
 
 
 def _fresh(
@@ -100,7 +99,7 @@ def _fresh(
         store.insert_backfill(
             conn, settings,
             system_identifier=created.system_identifier, timeline=created.timeline,
-            confirmed_lsn=format_lsn(created.consistent_lsn), base_snapshot=created.base_snapshot,
+            confirmed_lsn=created.consistent_lsn, base_snapshot=created.base_snapshot,
             mode=mode, since=since, rows_total=total,
         )  # fmt: skip
         sent = _publish(conn, settings, rows, reader, created.base_snapshot, None, 0, total, out)

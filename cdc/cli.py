@@ -118,13 +118,13 @@ def _backfill_status(settings: RelaySettings) -> dict[str, Any] | None:
         checkpoint = horizon_store.load(conn, settings)
     if checkpoint is None:
         return None
-    b = checkpoint.backfill
+    since = checkpoint.backfill_since
     return {
-        "mode": b.mode,
-        "since": b.since.isoformat() if b.since else None,
-        "done": b.done,
-        "rows_done": b.rows_done,
-        "rows_total": b.rows_total,
+        "mode": checkpoint.backfill_mode,
+        "since": since.isoformat() if since else None,
+        "done": checkpoint.backfill_done,
+        "rows_done": checkpoint.backfill_rows_done,
+        "rows_total": checkpoint.backfill_rows_total,
     }
 
 

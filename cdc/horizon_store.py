@@ -1,8 +1,9 @@
-"""The checkpoint row's horizon, backfill and recovery fields (``cdc.relay_checkpoint``).
+"""The checkpoint row as backfill, recovery and prune use it (``cdc.relay_checkpoint``).
 
-Thin I/O over an autocommit connection: read the :class:`~cdc.horizon.Horizon` that prune
-and recovery trust, write the row a backfill starts with, its progress, and the outcome of
-a recovery. Every statement is keyed by the slot name, bound as a parameter.
+Thin I/O over an autocommit connection, on top of ``cdc/checkpoint_store.py`` (which reads
+and inserts the row): the :class:`~cdc.horizon.Horizon` that prune and recovery trust, the
+first row of a backfill, its progress, and the outcome of a recovery. Every statement is
+keyed by the slot name, bound as a parameter.
 """
 
 from __future__ import annotations
@@ -12,34 +13,80 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
 from cdc.config import RelaySettings
-from cdc.horizon import BackfillMode, Horizon
+from cdc.errors import SetupError
+from cdc.horizon import BACKFILL_MODES, BackfillMode, Horizon
+from cdc.lsn import format_lsn
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-@dataclass(frozen=True, slots=True)
-class Backfill:
-    """A slot's backfill: mode, where it got to, and its counts."""
-
-    mode: BackfillMode
-    since: datetime | None
-    done: bool
-    after_id: str | None
-    rows_done: int
-    rows_total: int
+# -- TEMPORARY stand-in for cdc/checkpoint.py's row and cdc/checkpoint_store.py's read and
+# -- insert (same names and fields), replaced by imports when those are on main.
 
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """The fields of the checkpoint row that backfill, recovery and prune read."""
+    """One row of ``cdc.relay_checkpoint`` (the fields used here)."""
 
-    state: str
-    lost_reason: str | None
+    slot_name: str
+    outbox_table: str
+    publication_name: str
     system_identifier: str
-    horizon: Horizon
-    backfill: Backfill
+    timeline: int
+    confirmed_lsn: int
+    proven_snapshot: str
+    base_snapshot: str
+    state: str = "ready"
+    lost_reason: str | None = None
+    backfill_mode: str = "none"
+    backfill_since: datetime | None = None
+    backfill_done: bool = True
+    backfill_after_id: str | None = None
+    backfill_rows_done: int = 0
+    backfill_rows_total: int = 0
+
+
+class checkpoint_store:
+    @staticmethod
+    def table_exists(conn: Conn) -> bool:
+        row = conn.execute("SELECT to_regclass('cdc.relay_checkpoint') IS NOT NULL").fetchone()
+        return bool(row and row[0])
+
+    @staticmethod
+    def read(conn: Conn, slot_name: str) -> Checkpoint | None:
+        with conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "SELECT slot_name, outbox_table, publication_name, system_identifier, timeline,"
+                " 0 AS confirmed_lsn, proven_snapshot::text AS proven_snapshot,"
+                " base_snapshot::text AS base_snapshot, state, lost_reason, backfill_mode,"
+                " backfill_since, backfill_done, backfill_after_id, backfill_rows_done,"
+                " backfill_rows_total FROM cdc.relay_checkpoint WHERE slot_name = %s",
+                (slot_name,),
+            ).fetchone()
+        return None if row is None else Checkpoint(**row)
+
+    @staticmethod
+    def insert(conn: Conn, cp: Checkpoint) -> bool:
+        cur = conn.execute(
+            "INSERT INTO cdc.relay_checkpoint (slot_name, outbox_table, publication_name,"
+            " system_identifier, timeline, state, confirmed_lsn, proven_snapshot, base_snapshot,"
+            " backfill_mode, backfill_since, backfill_done, backfill_rows_total)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s::pg_lsn, %s::pg_snapshot, %s::pg_snapshot,"
+            " %s, %s, %s, %s) ON CONFLICT (slot_name) DO NOTHING",
+            (
+                cp.slot_name, cp.outbox_table, cp.publication_name, cp.system_identifier,
+                cp.timeline, cp.state, format_lsn(cp.confirmed_lsn), cp.proven_snapshot,
+                cp.base_snapshot, cp.backfill_mode, cp.backfill_since, cp.backfill_done,
+                cp.backfill_rows_total,
+            ),
+        )
+        return cur.rowcount == 1
+
+
+# -- end of the stand-in
 
 
 def has_status_column(conn: Conn, settings: RelaySettings) -> bool:
@@ -53,26 +100,29 @@ def has_status_column(conn: Conn, settings: RelaySettings) -> bool:
 
 
 def load(conn: Conn, settings: RelaySettings) -> Checkpoint | None:
-    """The slot's checkpoint row, or ``None`` if the slot was never set up.
-
-    ``conn`` must be in autocommit mode (a failed read would abort a transaction).
-    """
-    try:
-        row = conn.execute(
-            "SELECT state, lost_reason, system_identifier, proven_snapshot::text, "
-            "base_snapshot::text, backfill_mode, backfill_since, backfill_done, "
-            "backfill_after_id, backfill_rows_done, backfill_rows_total "
-            "FROM cdc.relay_checkpoint WHERE slot_name = %s",
-            (settings.slot_name,),
-        ).fetchone()
-    except psycopg.errors.UndefinedTable:
+    """The slot's checkpoint row, or ``None`` if the slot was never set up."""
+    if not checkpoint_store.table_exists(conn):
         return None  # `cdc setup` has never run on this database
-    if row is None:
-        return None
-    state, reason, system_id, proven, base, mode, since, done, after, n, total = row
-    horizon = Horizon(proven, base, mode, since, done, has_status_column(conn, settings))
-    return Checkpoint(
-        state, reason, system_id, horizon, Backfill(mode, since, done, after, n, total)
+    return checkpoint_store.read(conn, settings.slot_name)
+
+
+def backfill_mode(row: Checkpoint) -> BackfillMode:
+    """The row's backfill mode, checked against the known ones."""
+    for mode in BACKFILL_MODES:
+        if row.backfill_mode == mode:
+            return mode
+    raise SetupError(f"checkpoint of slot {row.slot_name} has backfill mode {row.backfill_mode!r}")
+
+
+def horizon(conn: Conn, settings: RelaySettings, row: Checkpoint) -> Horizon:
+    """What the row proves published (see :mod:`cdc.horizon`)."""
+    return Horizon(
+        row.proven_snapshot,
+        row.base_snapshot,
+        backfill_mode(row),
+        row.backfill_since,
+        row.backfill_done,
+        has_status_column(conn, settings),
     )
 
 
@@ -82,7 +132,7 @@ def insert_backfill(
     *,
     system_identifier: str,
     timeline: int,
-    confirmed_lsn: str,
+    confirmed_lsn: int,
     base_snapshot: str,
     mode: BackfillMode,
     since: datetime | None,
@@ -92,18 +142,25 @@ def insert_backfill(
 
     The proven snapshot starts as the base one: no stream row lies below its xmin.
     """
-    conn.execute(
-        "INSERT INTO cdc.relay_checkpoint (slot_name, outbox_table, publication_name, "
-        "system_identifier, timeline, confirmed_lsn, proven_snapshot, base_snapshot, "
-        "backfill_mode, backfill_since, backfill_done, backfill_rows_total) "
-        "VALUES (%s, %s, %s, %s, %s, %s::pg_lsn, %s::pg_snapshot, %s::pg_snapshot, "
-        "%s, %s, false, %s)",
-        (
-            settings.slot_name, settings.outbox_table, settings.publication_name,
-            system_identifier, timeline, confirmed_lsn, base_snapshot, base_snapshot,
-            mode, since, rows_total,
-        ),
+    row = Checkpoint(
+        slot_name=settings.slot_name,
+        outbox_table=settings.outbox_table,
+        publication_name=settings.publication_name,
+        system_identifier=system_identifier,
+        timeline=timeline,
+        confirmed_lsn=confirmed_lsn,
+        proven_snapshot=base_snapshot,
+        base_snapshot=base_snapshot,
+        backfill_mode=mode,
+        backfill_since=since,
+        backfill_done=False,
+        backfill_rows_total=rows_total,
     )
+    if not checkpoint_store.insert(conn, row):
+        raise SetupError(
+            f"slot {settings.slot_name} got a checkpoint from another process meanwhile "
+            "(a relay started before this setup?): check `cdc status`"
+        )
 
 
 def start_backfill(

@@ -30,8 +30,8 @@ def refresh_backfill(settings: RelaySettings, metrics: Metrics) -> None:
     """Copy the checkpoint row's backfill counts to the gauges (0/0 without a row)."""
     with slots.connect(settings) as conn:
         checkpoint = store.load(conn, settings)
-    done = checkpoint.backfill.rows_done if checkpoint else 0
-    total = checkpoint.backfill.rows_total if checkpoint else 0
+    done = checkpoint.backfill_rows_done if checkpoint else 0
+    total = checkpoint.backfill_rows_total if checkpoint else 0
     metrics.backfill_done.set(done)
     metrics.backfill_total.set(total)
 

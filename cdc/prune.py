@@ -84,7 +84,7 @@ def prune(
         ).fetchone()
         cutoff = row[0] if row else None
         table = sql.Identifier(settings.table_schema, settings.table_name)
-        proven = published(checkpoint.horizon)
+        proven = published(store.horizon(conn, settings, checkpoint))
         delete = sql.SQL(
             "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} "
             "WHERE ctid >= %(lo)s::tid AND ctid < %(hi)s::tid AND created_at < %(cutoff)s "

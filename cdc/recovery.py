@@ -34,6 +34,7 @@ from cdc.config import RelaySettings
 from cdc.errors import SetupError, SlotBusyError
 from cdc.exported_slot_standin import exported_slot
 from cdc.horizon import to_recover
+from cdc.horizon_store import Checkpoint
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.snapshot_publish import SnapshotRows, pin_session, publish_rows, table_layout
@@ -41,7 +42,7 @@ from cdc.snapshot_publish import SnapshotRows, pin_session, publish_rows, table_
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-def slot_problem(conn: Conn, settings: RelaySettings, checkpoint: store.Checkpoint) -> str | None:
+def slot_problem(conn: Conn, settings: RelaySettings, checkpoint: Checkpoint) -> str | None:
     """Why the slot cannot be streamed from as it is, or ``None`` when it is healthy."""
     if checkpoint.state != "ready":
         reason = f" ({checkpoint.lost_reason})" if checkpoint.lost_reason else ""
@@ -110,7 +111,8 @@ def recover(settings: RelaySettings) -> list[str]:
         with exported_slot(settings) as (created, reader):
             pin_session(reader)
             layout, table = table_layout(reader, settings)
-            rows = SnapshotRows(layout, table, to_recover(checkpoint.horizon))
+            horizon = store.horizon(conn, settings, checkpoint)
+            rows = SnapshotRows(layout, table, to_recover(horizon))
             sent = asyncio.run(
                 publish_rows(
                     settings,
