@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import insert_rows
+from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -121,3 +122,39 @@ def test_recover_without_a_checkpoint_or_with_a_healthy_slot(env):
     res = env.cdc("recover")
     assert res.returncode == 0 and "healthy: nothing to recover" in res.stderr
     assert env.slot_info() is not None and env.drain(quiet=0.5, timeout=3) == []
+
+
+@pytest.mark.parametrize("loss", ["drop-publication", "recreate-table"])
+def test_recover_after_the_table_left_the_publication(env, loss):
+    set_up(env)
+    relay = env.relay()
+    relay.wait_streaming()
+    events(env, 50, "before")
+    assert len(env.drain(50, quiet=0.5)) == 50
+    env.prove_checkpoint()
+    assert relay.sigterm() == 0
+    table = env.table_ident()
+    if loss == "drop-publication":
+        env.sql(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(env.publication)))
+    else:
+        old = f"{env.table}_old"
+        env.extra_tables.append(old)
+        env.sql(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+            table, sql.Identifier(old.split(".")[1])))  # fmt: skip
+        env.sql(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
+            table, sql.Identifier(*old.split("."))))  # fmt: skip
+    unstreamed = events(env, 80, "not-in-the-publication")
+
+    res = env.cdc("recover", timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = {m.message_id for m in env.drain(quiet=2.0, timeout=60)}
+    assert unstreamed <= got, f"lost {len(unstreamed - got)}"
+    assert env.sql(
+        "SELECT count(*) FROM pg_publication_tables WHERE pubname = %s AND schemaname = %s"
+        " AND tablename = %s",
+        (env.publication, *env.table.split(".")),
+    )[0][0] == 1, "the publication does not hold the table again"
+    relay = env.relay()
+    relay.wait_streaming()
+    later = events(env, 20, "after")
+    assert {m.message_id for m in env.drain(20, quiet=1.0)} == later
