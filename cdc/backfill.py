@@ -6,7 +6,8 @@ mode selects; everything committed after B comes from the slot's stream, so no r
 missed and none is sent by both. After every confirmed batch the row records the batch's
 last id and the rows done, so an interrupted backfill is resumed by running the same
 command again: it continues after that id, selecting the rows visible in B with
-``pg_visible_in_snapshot`` (the exported snapshot died with the first run). Progress
+``pg_visible_in_snapshot`` (the exported snapshot died with the first run). A slot set up
+without a backfill gets one the same way, from its recorded base snapshot. Progress
 (done/total, rate, ETA) goes to stderr every few seconds.
 """
 
@@ -102,12 +103,11 @@ def _fresh(
             confirmed_lsn=created.consistent_lsn, base_snapshot=created.base_snapshot,
             mode=mode, since=since, rows_total=total,
         )  # fmt: skip
+        _show(out, f"created slot {settings.slot_name} at {format_lsn(created.consistent_lsn)} "
+                   f"(snapshot {created.base_snapshot}); `cdc relay` may start now; "
+                   f"backfill {mode}: {total} rows to publish")  # fmt: skip
         sent = _publish(conn, settings, rows, reader, created.base_snapshot, None, 0, total, out)
-    return [
-        f"created slot {settings.slot_name} at {format_lsn(created.consistent_lsn)} "
-        f"(snapshot {created.base_snapshot})",
-        f"backfill {mode}: published {sent} rows from before the slot",
-    ]
+    return [f"backfill {mode}: published {sent} rows from before slot {settings.slot_name}"]
 
 
 def _from_base(

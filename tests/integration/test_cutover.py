@@ -49,8 +49,9 @@ def test_cutover_with_live_writers_sends_every_unpublished_row_exactly_once(env)
     )
     env.relays.append(setup)
     setup.start()
-    # The relay may stream while the backfill runs: start it as soon as the slot is made.
-    env.wait_for(lambda: env.checkpoint(), 60, lambda: f"the slot\n{setup.tail()}")
+    # The relay may stream while the backfill runs: start it when setup says so.
+    env.wait_for(lambda: "may start now" in setup.log(), 60, lambda: f"the slot\n{setup.tail()}")
+    assert env.checkpoint() is not None
     relay = env.relay(metrics=True)
     relay.wait_streaming()
     during = env.checkpoint()
