@@ -26,11 +26,11 @@ from cdc import horizon_store as store
 from cdc import slot as slots
 from cdc.config import RelaySettings
 from cdc.errors import ConfigError, SetupError
-from cdc.exported_slot_standin import exported_slot
 from cdc.horizon import BackfillMode, backfill_rows
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.progress import ProgressReport
+from cdc.slot_create import exported_slot
 from cdc.snapshot_publish import (
     SESSION_SETTINGS,
     Batch,

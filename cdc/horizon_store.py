@@ -8,85 +8,18 @@ keyed by the slot name, bound as a parameter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
+from cdc import checkpoint_store
+from cdc.checkpoint import Checkpoint
 from cdc.config import RelaySettings
 from cdc.errors import SetupError
 from cdc.horizon import BACKFILL_MODES, BackfillMode, Horizon
-from cdc.lsn import format_lsn
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-# -- TEMPORARY stand-in for cdc/checkpoint.py's row and cdc/checkpoint_store.py's read and
-# -- insert (same names and fields), replaced by imports when those are on main.
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """One row of ``cdc.relay_checkpoint`` (the fields used here)."""
-
-    slot_name: str
-    outbox_table: str
-    publication_name: str
-    system_identifier: str
-    timeline: int
-    confirmed_lsn: int
-    proven_snapshot: str
-    base_snapshot: str
-    state: str = "ready"
-    lost_reason: str | None = None
-    backfill_mode: str = "none"
-    backfill_since: datetime | None = None
-    backfill_done: bool = True
-    backfill_after_id: str | None = None
-    backfill_rows_done: int = 0
-    backfill_rows_total: int = 0
-
-
-class checkpoint_store:
-    @staticmethod
-    def table_exists(conn: Conn) -> bool:
-        row = conn.execute("SELECT to_regclass('cdc.relay_checkpoint') IS NOT NULL").fetchone()
-        return bool(row and row[0])
-
-    @staticmethod
-    def read(conn: Conn, slot_name: str) -> Checkpoint | None:
-        with conn.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(
-                "SELECT slot_name, outbox_table, publication_name, system_identifier, timeline,"
-                " 0 AS confirmed_lsn, proven_snapshot::text AS proven_snapshot,"
-                " base_snapshot::text AS base_snapshot, state, lost_reason, backfill_mode,"
-                " backfill_since, backfill_done, backfill_after_id, backfill_rows_done,"
-                " backfill_rows_total FROM cdc.relay_checkpoint WHERE slot_name = %s",
-                (slot_name,),
-            ).fetchone()
-        return None if row is None else Checkpoint(**row)
-
-    @staticmethod
-    def insert(conn: Conn, cp: Checkpoint) -> bool:
-        cur = conn.execute(
-            "INSERT INTO cdc.relay_checkpoint (slot_name, outbox_table, publication_name,"
-            " system_identifier, timeline, state, confirmed_lsn, proven_snapshot, base_snapshot,"
-            " backfill_mode, backfill_since, backfill_done, backfill_rows_total)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s::pg_lsn, %s::pg_snapshot, %s::pg_snapshot,"
-            " %s, %s, %s, %s) ON CONFLICT (slot_name) DO NOTHING",
-            (
-                cp.slot_name, cp.outbox_table, cp.publication_name, cp.system_identifier,
-                cp.timeline, cp.state, format_lsn(cp.confirmed_lsn), cp.proven_snapshot,
-                cp.base_snapshot, cp.backfill_mode, cp.backfill_since, cp.backfill_done,
-                cp.backfill_rows_total,
-            ),
-        )
-        return cur.rowcount == 1
-
-
-# -- end of the stand-in
 
 
 def has_status_column(conn: Conn, settings: RelaySettings) -> bool:

@@ -30,47 +30,28 @@ import psycopg
 
 from cdc import horizon_store as store
 from cdc import slot as slots
+from cdc.checkpoint import Action, Checkpoint, assess
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SlotBusyError
-from cdc.exported_slot_standin import exported_slot
 from cdc.horizon import to_recover
-from cdc.horizon_store import Checkpoint
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
+from cdc.slot_create import current_identity, exported_slot
 from cdc.snapshot_publish import SnapshotRows, pin_session, publish_rows, table_layout
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
 def slot_problem(conn: Conn, settings: RelaySettings, checkpoint: Checkpoint) -> str | None:
-    """Why the slot cannot be streamed from as it is, or ``None`` when it is healthy."""
-    if checkpoint.state != "ready":
-        reason = f" ({checkpoint.lost_reason})" if checkpoint.lost_reason else ""
-        return f"checkpoint state is {checkpoint.state}{reason}"
-    row = conn.execute(
-        "SELECT to_jsonb(s) FROM pg_replication_slots s WHERE slot_name = %s",
-        (settings.slot_name,),
-    ).fetchone()
-    if row is None:
-        return "the slot does not exist"
-    slot: dict[str, Any] = row[0]
-    if slot.get("plugin") != "pgoutput":
+    """Why the slot cannot be streamed from (the relay's own verdict), or ``None``."""
+    seen = slots.observe(conn, settings, current_identity(settings))
+    if seen.slot is not None and seen.slot.plugin != "pgoutput":
         raise SetupError(
-            f"slot {settings.slot_name} uses plugin {slot.get('plugin')!r}, not pgoutput: "
+            f"slot {settings.slot_name} uses plugin {seen.slot.plugin!r}, not pgoutput: "
             "it is not this relay's; choose another CDC_SLOT_NAME"
         )
-    if slot.get("wal_status") == "lost" or slot.get("invalidation_reason") or slot.get(
-        "conflicting"
-    ):
-        return f"the slot is invalidated ({slot.get('invalidation_reason') or 'wal_status lost'})"
-    member = conn.execute(
-        "SELECT count(*) FROM pg_publication_tables "
-        "WHERE pubname = %s AND schemaname = %s AND tablename = %s",
-        (settings.publication_name, settings.table_schema, settings.table_name),
-    ).fetchone()
-    if not (member and member[0]):
-        return f"publication {settings.publication_name} does not hold {settings.outbox_table}"
-    return None
+    verdict = assess(checkpoint, seen)
+    return None if verdict.action is Action.STREAM else verdict.reason
 
 
 def _drop_old_slot(conn: Conn, settings: RelaySettings) -> None:

@@ -1520,15 +1520,6 @@ class Env(SqlAccess):
         )
         return snapshot
 
-    def checkpoint(self) -> dict[str, Any] | None:
-        """The relay's checkpoint row of this test's slot (``None`` if there is none)."""
-        if not self.sql("SELECT to_regclass('cdc.relay_checkpoint') IS NOT NULL")[0][0]:
-            return None
-        rows = self.sql(
-            "SELECT to_jsonb(c) FROM cdc.relay_checkpoint c WHERE slot_name = %s", (self.slot,)
-        )
-        return dict(rows[0][0]) if rows else None
-
     def create_seed_table(self) -> None:
         """The outbox table exactly as ``cdc/sql/001_outbox_table.sql`` makes it."""
         ddl = (REPO / "cdc" / "sql" / "001_outbox_table.sql").read_text()

@@ -99,9 +99,10 @@ def test_status_and_metrics_show_backfill_progress(env):
     res = env.cdc("setup", "--backfill", "all")
     assert res.returncode == 0, res.stderr
     status = env.cdc("status", "--json")
-    backfill = json.loads(status.stdout)["backfill"]
-    assert backfill == {"mode": "all", "since": None, "done": True, "rows_done": 350,
-                        "rows_total": 350}  # fmt: skip
+    cp = json.loads(status.stdout)["checkpoint"]
+    backfill = {k: cp[k] for k in cp if k.startswith("backfill_")}
+    assert backfill == {"backfill_mode": "all", "backfill_done": True,
+                        "backfill_rows_done": 350, "backfill_rows_total": 350}  # fmt: skip
     relay = env.relay(metrics=True)
     relay.wait_streaming()
     env.wait_for(lambda: relay.metric("cdc_backfill_rows_done") == 350, 20, "backfill gauge")
