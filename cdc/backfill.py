@@ -24,6 +24,7 @@ import psycopg
 
 from cdc import horizon_store as store
 from cdc import slot as slots
+from cdc import slot_guard
 from cdc.config import RelaySettings
 from cdc.errors import ConfigError, SetupError
 from cdc.horizon import BackfillMode, backfill_rows
@@ -59,6 +60,8 @@ def run(
         checkpoint = store.load(conn, settings)
         if checkpoint is None:
             return _fresh(conn, settings, mode, since, out)
+        # As plain `cdc setup`: a lost slot is refused (exit 5, run `cdc recover` first).
+        slot_guard.open_slot(settings)
         was_mode, was_since = store.backfill_mode(checkpoint), checkpoint.backfill_since
         base, after = checkpoint.base_snapshot, checkpoint.backfill_after_id
         if was_mode == "none":

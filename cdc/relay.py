@@ -255,8 +255,9 @@ class _Session:
     async def _wait_progress(self, timeout: float) -> None:
         if self._progress.done():
             self._progress = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._progress), timeout)
+        # Not wait_for: on Python 3.11 it swallows a cancellation that arrives while the
+        # future completes, and the reader then outlives its session (SIGTERM never ends).
+        await asyncio.wait({self._progress}, timeout=timeout)
 
     def _on_copy_data(self, data: memoryview) -> bool:
         """Handle one CopyData message; True if the server asked for an immediate reply."""

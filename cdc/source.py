@@ -99,10 +99,10 @@ class ReplicationStream:
         ready: asyncio.Future[None] = loop.create_future()
         loop.add_reader(self._fd, _resolve, ready)
         try:
-            await asyncio.wait_for(ready, timeout)
-            return True
-        except TimeoutError:
-            return False
+            # asyncio.wait, not wait_for: Python 3.11's wait_for swallows a cancellation
+            # that coincides with the socket becoming readable.
+            done, _ = await asyncio.wait({ready}, timeout=timeout)
+            return bool(done)
         finally:
             loop.remove_reader(self._fd)
 

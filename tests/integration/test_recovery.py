@@ -158,3 +158,13 @@ def test_recover_after_the_table_left_the_publication(env, loss):
     relay.wait_streaming()
     later = events(env, 20, "after")
     assert {m.message_id for m in env.drain(20, quiet=1.0)} == later
+
+
+def test_setup_with_backfill_refuses_a_lost_slot_like_plain_setup(env):
+    set_up(env)
+    drop_slot_by_hand(env)
+    res = env.cdc("setup", "--backfill", "all")
+    assert res.returncode == 5 and "cdc recover" in res.stderr, res.stderr
+    assert env.slot_info() is None, "setup made a slot"
+    assert env.cdc("recover").returncode == 0
+    assert env.cdc("setup", "--backfill", "all").returncode == 0
