@@ -149,7 +149,9 @@ def _status(settings: RelaySettings, as_json: bool) -> int:
             + (f"  invalidation_reason {state.invalidation_reason}"
                if state.invalidation_reason else "")
         )
-    print(f"health: {state.health}" + (f" ({state.health_reason})" if state.health_reason else ""))
+    hint = ": run `cdc recover`" if state.health == "lost" else ""
+    reason = f" ({state.health_reason})" if state.health_reason else ""
+    print(f"health: {state.health}{reason}{hint}")
     cp = state.checkpoint
     if cp is not None:
         print(

@@ -40,6 +40,9 @@ class RelaySettings(CdcSettings):
     max_in_flight: int = Field(1000, ge=1, le=100_000, description="unconfirmed publish window")
     confirm_timeout: float = Field(30.0, gt=0, description="seconds before re-publishing")
     status_interval: float = Field(10.0, gt=0, le=3600, description="status update period (s)")
+    source_timeout: float = Field(
+        20.0, gt=0, le=3600, description="silence from PostgreSQL that ends the session (s)"
+    )
     checkpoint_interval: float = Field(
         10.0, gt=0, le=3600, description="checkpoint and slot-health check period (s)"
     )

@@ -29,7 +29,9 @@ from cdc import __version__
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "standby", "streaming", "reconnecting", "draining", "slot_lost")
+STATES = (
+    "starting", "standby", "streaming", "blocked", "reconnecting", "draining", "slot_lost"
+)
 
 
 def process_registry(build_info: str, labels: dict[str, str] | None = None) -> CollectorRegistry:
@@ -101,6 +103,11 @@ class Metrics:
             registry=r,
         )
         self.state = Gauge("cdc_relay_state", "1 for the current state", ["state"], registry=r)
+        self.broker_blocked = Gauge(
+            "cdc_broker_blocked",
+            "1 while the broker blocks publishing (connection.blocked: memory or disk alarm)",
+            registry=r,
+        )
         self.set_state("starting")
         # Every known label value starts at 0, so rate() and increase() have a series to
         # work on from the first scrape and a rule reads "none yet", not "no data".

@@ -25,6 +25,8 @@ REQUIRED_COLUMNS = ("id", "event_type", "payload")
 _OPTIONAL_COLUMNS = ("aggregate_type", "aggregate_id", "created_at", "headers")
 _MAX_ROUTING_KEY = 255
 _MAX_SHORT_STRING = 255  # AMQP shortstr: message_id and type
+#: AMQP 0-9-1 field names hold at most 128 bytes; pamqp cuts longer ones, so they are parked.
+MAX_HEADER_KEY = 128
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # AMQP timestamps are unsigned seconds
 _INT64 = 1 << 63
 
@@ -97,16 +99,27 @@ def _parse_time(text: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _amqp_safe(value: Any) -> bool:
+def _header_problem(value: Any) -> str | None:
+    """Why AMQP cannot carry this header value as it is, or ``None`` if it can."""
     if isinstance(value, bool | str | float) or value is None:
-        return True
+        return None
     if isinstance(value, int):
-        return -_INT64 <= value < _INT64
+        return None if -_INT64 <= value < _INT64 else f"integer {value} is outside int64"
     if isinstance(value, list):
-        return all(_amqp_safe(v) for v in value)
+        return next((p for p in map(_header_problem, value) if p is not None), None)
     if isinstance(value, dict):
-        return all(len(k.encode()) <= 255 and _amqp_safe(v) for k, v in value.items())
-    return False
+        for key, item in value.items():
+            size = len(key.encode())
+            if size > MAX_HEADER_KEY:
+                return (
+                    f"key {key[:40]!r}... is {size} bytes, over the AMQP field-name limit "
+                    f"of {MAX_HEADER_KEY} bytes"
+                )
+            problem = _header_problem(item)
+            if problem is not None:
+                return problem
+        return None
+    return f"{type(value).__name__} values are not supported"
 
 
 @lru_cache(maxsize=64)
@@ -179,8 +192,9 @@ def _route(layout: Layout, row: TupleData, own: dict[str, str]) -> OutboxEvent |
         # Keys that would steer delivery (CC, BCC) or spoof broker/runtime headers are
         # renamed before anything else looks at them (a renamed key may be too long).
         parsed = safe_headers(parsed)
-        if not _amqp_safe(parsed):
-            return bad("headers hold a value AMQP cannot carry", message_id, event_type)
+        problem = _header_problem(parsed)
+        if problem is not None:
+            return bad(f"headers hold a value AMQP cannot carry: {problem}", message_id, event_type)
         headers.update(parsed)
 
     created_text = _text(col("created_at"))

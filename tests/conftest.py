@@ -1820,6 +1820,17 @@ class Env(SqlAccess):
             self.check_message(m, rows[m.message_id])  # type: ignore[index]
         return dups
 
+    def check_all_delivered(
+        self, quiet: float = 1.5, timeout: float = 60.0
+    ) -> tuple[dict[str, Row], int]:
+        """Every committed row reached the sink as the contract says (duplicates allowed);
+        returns the rows and the number of extra copies."""
+        rows = self.fetch_rows()
+        self.wait_sink_count(len(rows), timeout=timeout)
+        msgs = self.drain(len(rows), quiet=quiet, timeout=timeout)
+        dups = self.check_exactly_once(msgs, rows, allow_duplicates=True)
+        return rows, sum(n - 1 for n in dups.values())
+
     # -- teardown ---------------------------------------------------------------------------
 
     def cleanup(self) -> list[str]:
@@ -2180,6 +2191,81 @@ def tcp_proxy() -> Iterator[Any]:
         proxy.stop()
 
 
+@pytest.fixture
+def pg_proxy() -> Iterator[Any]:
+    """A TCP proxy to PostgreSQL (127.0.0.1:<free port> -> 5432), stopped at test end.
+
+    ``pg_proxy.db_url(dbname)`` is a libpq URL through it."""
+    from tcp_proxy import TcpProxy
+
+    parts = urlsplit(ADMIN_URL)
+    proxy = TcpProxy(upstream_port=parts.port or 5432, upstream_host=parts.hostname or "127.0.0.1")
+    proxy.start()
+
+    def url(dbname: str) -> str:
+        user = parts.netloc.rpartition("@")[0] or "postgres"
+        netloc = f"{user}@{proxy.listen_host}:{proxy.port}"
+        return urlunsplit((parts.scheme, netloc, f"/{dbname}", parts.query, ""))
+
+    proxy.db_url = url  # type: ignore[attr-defined]
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def _need_rabbitmqctl(what: str) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail(f"rabbitmqctl is needed for {what}")
+
+
+class MemoryAlarm:
+    """Raise RabbitMQ's memory alarm on the shared broker; always restored to the value read
+    before (``rabbitmqctl environment``)."""
+
+    _RE = re.compile(r"\{vm_memory_high_watermark,\s*(\{absolute,\s*([^}]+)\}|[0-9.eE+-]+)\}")
+
+    def __init__(self) -> None:
+        self.raised = False
+        out = subprocess.run(
+            ["rabbitmqctl", "environment"], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
+        m = self._RE.search(out)
+        if m is None:
+            pytest.fail("cannot read vm_memory_high_watermark from `rabbitmqctl environment`")
+        absolute = m.group(2)
+        self.original = (
+            ["absolute", absolute.strip().strip('"')] if absolute else [m.group(1).strip()]
+        )
+
+    @staticmethod
+    def _set(*args: str) -> None:
+        subprocess.run(
+            ["rabbitmqctl", "set_vm_memory_high_watermark", *args],
+            check=True, capture_output=True, timeout=60,
+        )
+
+    def raise_(self) -> None:
+        self.raised = True
+        self._set("0.0000001")
+
+    def restore(self) -> None:
+        self._set(*self.original)
+        self.raised = False
+
+
+@pytest.fixture
+def memory_alarm() -> Iterator[MemoryAlarm]:
+    """A :class:`MemoryAlarm`; the finalizer restores the watermark whatever happened."""
+    _need_rabbitmqctl("the memory alarm test")
+    alarm = MemoryAlarm()
+    try:
+        yield alarm
+    finally:
+        if alarm.raised:
+            alarm.restore()
+
+
 class RabbitApp:
     """``rabbitmqctl stop_app`` / ``start_app`` on the shared broker; always restored."""
 
@@ -2203,8 +2289,7 @@ class RabbitApp:
 @pytest.fixture
 def rabbit_app() -> Iterator[RabbitApp]:
     """Stops/starts the broker application; the finalizer starts it again whatever happened."""
-    if shutil.which("rabbitmqctl") is None:
-        pytest.fail("rabbitmqctl is needed for the broker outage test")
+    _need_rabbitmqctl("the broker outage test")
     app = RabbitApp()
     try:
         yield app

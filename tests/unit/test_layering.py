@@ -25,6 +25,7 @@ PURE = [
     "cdc.row_headers",
     "cdc.feed",
     "cdc.backoff",
+    "cdc.liveness",
     "cdc.refusals",
     "cdc.errors",
     "cdc.durations",

@@ -547,3 +547,22 @@ def test_snapshot_headers_win_over_the_rows_and_malformed_rows_stay_malformed():
     empty_type = tuple_for(rel, {**ROW, "event_type": ""})
     bad = route_snapshot(Layout.of(rel), empty_type, source="backfill", snapshot="1:1:")
     assert isinstance(bad, Malformed) and bad.reason == "event_type is NULL or empty"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"k" * 129: 1}, {"ok": {"n" * 129: 1}}, {"ok": [{"é" * 65: 1}]}],
+    ids=["top-level", "nested-table", "in-array-multibyte"],
+)
+def test_header_keys_over_the_field_name_limit_are_malformed_not_cut(headers):
+    """AMQP field names hold 128 bytes (pamqp cuts longer ones): park, never cut silently."""
+    result = run(WITH_HEADERS, headers=json.dumps(headers))
+    assert isinstance(result, Malformed), result
+    assert "field-name limit of 128 bytes" in result.reason, result.reason
+
+
+def test_header_key_of_exactly_128_bytes_is_kept_whole():
+    key = "é" * 64  # 128 bytes
+    event = run(WITH_HEADERS, headers=json.dumps({key: "v"}))
+    assert isinstance(event, OutboxEvent)
+    assert event.headers[key] == "v"
