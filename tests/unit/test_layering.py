@@ -28,6 +28,8 @@ PURE = [
     "cdc.liveness",
     "cdc.refusals",
     "cdc.errors",
+    "cdc.durations",
+    "cdc.progress",
     "cdc.checkpoint",
     "consumers.billing.metering",
     "consumers.notifications.templates",
