@@ -182,6 +182,9 @@ class WebhookClient:
         """One of the endpoint's slots, within ``timeout``; a timeout counts as a failure."""
         slots = self._slots.get(endpoint)
         if slots is None:
+            if len(self._slots) >= 10_000:  # forget idle endpoints (one semaphore each)
+                full = self._per_endpoint  # a semaphore with every permit back is idle
+                self._slots = {e: v for e, v in self._slots.items() if v._value < full}
             slots = self._slots[endpoint] = asyncio.Semaphore(self._per_endpoint)
         if not slots.locked() and not self._draining.is_set():
             await slots.acquire()
