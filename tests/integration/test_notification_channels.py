@@ -226,3 +226,48 @@ async def test_https_verifies_the_certificate_for_the_url_host_on_the_checked_ad
         assert names == [None, "hooks.test"]  # an IP URL sends no SNI; a host name does
     finally:
         srv.close()
+
+
+async def test_a_dead_endpoint_is_given_up_on_after_its_failures_then_fails_at_once():
+    import time
+
+    from consumers.notifications.breaker import Breaker
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)  # accepts connections, never answers
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/hook"
+    client = WebhookClient(b"s", 0.3, LOCAL, breaker=Breaker(2, 30))
+    try:
+        for _ in range(2):
+            with pytest.raises(Retry, match="unreachable"):
+                await client.post(_hook(url))
+        started = time.monotonic()
+        with pytest.raises(Retry, match="keeps failing"):
+            await client.post(_hook(url))
+        assert time.monotonic() - started < 0.1  # no timeout waited
+    finally:
+        await client.close()
+        srv.close()
+
+
+async def test_on_drain_a_post_waiting_for_a_slot_is_not_sent_and_one_in_flight_finishes():
+    import asyncio
+
+    receiver = WebhookReceiver(delay=0.5)
+    client = WebhookClient(receiver.SECRET.encode(), 5, LOCAL, per_endpoint=1)
+    try:
+        first = asyncio.create_task(client.post(_hook(receiver.url)))
+        await asyncio.sleep(0.1)  # in flight, holding the endpoint's only slot
+        second = asyncio.create_task(
+            client.post(Webhook(receiver.url, b'{"a":1}', "key-2", "t", "m-2"))
+        )
+        await asyncio.sleep(0.1)
+        client.drain()
+        with pytest.raises(Retry, match="stopping"):
+            await second
+        await first  # delivered
+        assert [r.headers["Idempotency-Key"] for r in receiver.requests] == ["key-1"]
+    finally:
+        await client.close()
+        receiver.close()
