@@ -450,8 +450,8 @@ def markdown(results: dict[str, Any], notes: str) -> str:
         f"types at rising rates ({p.get('pipeline_window')} s windows), effects timed from "
         "the outbox row's `created_at` to billing's inbox row, the webhook's arrival at a "
         f"receiver answering in {p.get('pipeline_webhook_latency')} s, and the in-app row; "
-        "CPU per event from psutil over each window (PostgreSQL: every server process, "
-        "others' load included).",
+        "CPU per event from psutil over each window (PostgreSQL: the backends of the run's "
+        "database, i.e. the relay's walsender and the workers' sessions).",
         "",
         "Each scenario uses its own table, publication, slot, exchange and queues in a "
         "throwaway database and RabbitMQ vhost, removed at the end even on failure or Ctrl-C.",

@@ -22,8 +22,9 @@ run's own vhost and database:
   holds if p99 commit -> effect stays under 1 s for billing and webhooks; the sustained rate
   is the highest level that holds. Then p50/p95/p99 at 50% of it (at least 500/s). With one
   replica of each worker, then two;
-- CPU per event of every process (relay, each worker, the receiver, RabbitMQ's ``beam.smp``,
-  all of PostgreSQL's processes: the shared server, others' load included) and their RSS;
+- CPU per event of every process (relay, each worker, the receiver, the RabbitMQ node on
+  5672, the PostgreSQL backends of the run's database: the relay's walsender and the
+  workers' sessions) and their RSS;
 - the broker's round-trip ceiling for the same topology in the same run: the reference
   publisher (confirms, window 1000) sends the same mix into the same quorum fan-out while
   trivial consumers ack every copy; the pipeline's sustained rate as a ratio of it;
@@ -225,17 +226,23 @@ def _broker_pids(port: int = 5672) -> list[int]:
     return pids or _named("beam.smp")
 
 
-def _postgres_cpu() -> float:
-    """CPU seconds of every PostgreSQL process now running (ended backends are not counted:
-    the run's connections are long-lived)."""
-    return sum(_cpu(pid) for pid in _named("postgres"))
+def _postgres_cpu(db_name: str) -> float:
+    """CPU seconds of the PostgreSQL backends serving ``db_name`` now (the relay's walsender
+    and the workers' sessions; the shared server's other databases are not counted, nor
+    the writers' sessions, which end with their level: the business transactions)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "postgres" and db_name in " ".join(proc.info["cmdline"] or ()):
+            total += _cpu(proc.pid)
+    return total
 
 
 class Meter:
     """CPU seconds and RSS of the pipeline's processes over a window."""
 
-    def __init__(self, groups: dict[str, list[int]]) -> None:
+    def __init__(self, groups: dict[str, list[int]], db_name: str) -> None:
         self.groups = groups
+        self.db_name = db_name
         self.samplers = {
             pid: ProcessSampler(pid, interval=1.0) for pids in groups.values() for pid in pids
         }
@@ -243,7 +250,7 @@ class Meter:
 
     def _now(self) -> dict[str, float]:
         out = {name: sum(_cpu(pid) for pid in pids) for name, pids in self.groups.items()}
-        out["postgres"] = _postgres_cpu()
+        out["postgres"] = _postgres_cpu(self.db_name)
         return out
 
     def begin(self) -> None:
@@ -341,7 +348,7 @@ class Pipeline:
             "notifications": [p.pid for p in self.notifications.procs],
             "rabbitmq": beam,
             "receiver": [self.receiver.proc.pid],
-        })
+        }, self.run.db_name)
 
     async def level(self, rate: float) -> dict[str, Any]:
         """Offer ``rate`` events/s for warm-up + window; latencies of the window's events."""
