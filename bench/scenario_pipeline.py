@@ -560,7 +560,8 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
         events = p.pipeline_webhook_events
         _, before = await receiver.records()
         pid = workers.procs[0].pid
-        cpu0 = _cpu(pid)
+        assert receiver.proc is not None
+        cpu0, rcpu0 = _cpu(pid), _cpu(receiver.proc.pid)
         started = time.monotonic()
         ids = await _publish_devices(run, names.exchange, events)
         healthy = {mid for mid, user in ids if int(user[2:]) % endpoints >= dead_count}
@@ -574,6 +575,7 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
             await asyncio.sleep(0.5)
         seconds = time.monotonic() - started
         cpu = _cpu(pid) - cpu0
+        receiver_cpu = _cpu(receiver.proc.pid) - rcpu0
         records, total = await receiver.records()
         arrivals = sorted(records[mid] for mid in healthy if mid in records)
         span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else None
@@ -587,6 +589,7 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
             "seconds": round(seconds, 2),
             "webhooks_per_s": round(len(arrivals) / span, 1) if span else None,
             "worker_cpu_us_per_webhook": round(cpu / max(got, 1) * 1e6, 1),
+            "receiver_cpu_us_per_webhook": round(receiver_cpu / max(got, 1) * 1e6, 1),
             "warm_up_events": warm,
             "warm_up_seconds": round(warm_s, 1) if dead_count else None,
             "load_average": os.getloadavg(),

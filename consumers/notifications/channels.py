@@ -216,7 +216,8 @@ class WebhookClient:
         if wait is not None:
             raise Retry(
                 f"webhook {endpoint} keeps failing: not tried for another {wait:.0f}s "
-                "(CDC_WEBHOOK_BREAKER_FAILURES, CDC_WEBHOOK_BREAKER_SECONDS)"
+                "(CDC_WEBHOOK_BREAKER_FAILURES, CDC_WEBHOOK_BREAKER_SECONDS)",
+                after=wait,
             )
         started = self._clock()
         slots = await self._slot(endpoint, self._timeout.total or 0.0)

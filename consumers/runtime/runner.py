@@ -48,7 +48,14 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from cdc.backoff import Backoff
 from consumers.config import ConsumerSettings
 from consumers.connect import open_broker, open_database, refused_by_broker
-from consumers.errors import BatchAborted, BrokerLost, PermanentError, Refused, Unroutable
+from consumers.errors import (
+    BatchAborted,
+    BrokerLost,
+    PermanentError,
+    Refused,
+    Retry,
+    Unroutable,
+)
 from consumers.runtime import headers as hdr
 from consumers.runtime import inbox, topology
 from consumers.runtime.acks import AckTracker
@@ -63,8 +70,9 @@ from consumers.runtime.spec import Delivery, WorkerSpec
 
 log = logging.getLogger(__name__)
 
-#: A message to copy to a retry or parking queue: queue, message, delivery, kind, reason.
-_Copy = tuple[str, DeliveredMessage, Delivery, str, str]
+#: A message to copy to a retry or parking queue: queue, message, delivery, kind, reason,
+#: and the least retry delay its failure asked for (``Retry.after``).
+_Copy = tuple[str, DeliveredMessage, Delivery, str, str, float]
 
 _HEALTHY_SESSION = 30.0
 #: How long a batch shorter than CDC_WORKER_BATCH_SIZE waits for more messages (seconds).
@@ -406,7 +414,7 @@ class Runner:
             delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
             found = resolve(self._spec.routes, key, props.message_id, message.body)
             if isinstance(found, Rejected):
-                copies.append((queue, message, delivery, found.kind, found.reason))
+                copies.append((queue, message, delivery, found.kind, found.reason, 0.0))
                 continue
             items.append(Item(delivery, found.route, found.payload, queue, message=message))
         return items, copies
@@ -477,9 +485,10 @@ class Runner:
             if item.outcome == FAILED:
                 assert item.error is not None
                 kind = hdr.KIND_PERMANENT if isinstance(item.error, PermanentError) else ""
-                copies.append(
-                    (item.queue, item.message, item.delivery, kind, hdr.describe(item.error))
-                )
+                after = item.error.after if isinstance(item.error, Retry) else 0.0
+                copies.append((
+                    item.queue, item.message, item.delivery, kind, hdr.describe(item.error), after
+                ))
         if copies:
             await asyncio.gather(*(self._copy(*c) for c in copies))
         settled = [(i.queue, i.message) for i in items] + [(c[0], c[1]) for c in copies]
@@ -521,6 +530,7 @@ class Runner:
         delivery: Delivery,
         kind: str,
         reason: str,
+        after: float = 0.0,
     ) -> None:
         """Publish the retry or parked copy of a failed/rejected message, confirmed."""
         key, attempt = delivery.routing_key, delivery.attempt
@@ -535,6 +545,7 @@ class Runner:
                 self._s.worker_max_attempts,
                 self._s.worker_retry_delays,
                 permanent=kind == hdr.KIND_PERMANENT,
+                at_least=after,
             )
         )
         worker = self._spec.name
