@@ -177,23 +177,52 @@ class Lookup:
     seen: set[str]
 
 
+class _Session:
+    """One autocommit connection used by one statement at a time, opened on first use and
+    again after a failure."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self._url = url
+        self._name = name
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.lock = asyncio.Lock()
+
+    async def connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=10,
+                prepare_threshold=None,
+                application_name=self._name,
+            )
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self._conn.close()
+            self._conn = None
+
+
 class DeliveryLog:
     """Reads before the sends and records right after them, outside the handler's
     transaction (module doc).
 
-    One autocommit connection, opened on first use and again after a failure. Records that
-    arrive while one is being written go together in the next statement, so many sends in
-    flight cost one round trip, and each :meth:`record` returns once its row is committed.
-    A record that cannot be written is a :class:`~consumers.errors.Retry`: the send is then
-    repeated with the same idempotency key, which the receiver uses to drop the copy.
+    Two autocommit connections, so reads of new chunks never wait behind record writes:
+    one for the reads, one for the records. Records that arrive while one is being written
+    go together in the next statement, so many sends in flight cost one round trip, and
+    each :meth:`record` returns once its row is committed. A record that cannot be written
+    is a :class:`~consumers.errors.Retry`: the send is then repeated with the same
+    idempotency key, which the receiver uses to drop the copy.
     """
 
     def __init__(
         self, store: NotificationStore, database_url: str, inbox_table: str, consumer: str
     ) -> None:
         self._store = store
-        self._url = database_url
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._reads = _Session(database_url, "cdc-worker:notifications-reads")
+        self._writes = _Session(database_url, "cdc-worker:notifications-deliveries")
         schema, table = inbox_table.split(".")
         self._seen = sql.SQL(
             "SELECT message_id FROM {}.{} WHERE consumer = {} AND message_id = ANY(%s)"
@@ -202,30 +231,16 @@ class DeliveryLog:
             tuple[tuple[str, Channel, str | None, str | None, str], asyncio.Future[None]]
         ] = []
         self._writer: asyncio.Task[None] | None = None
-        # One statement at a time on the connection (a pipelined read and a write from
-        # two tasks would collide).
-        self._lock = asyncio.Lock()
-
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = await psycopg.AsyncConnection.connect(
-                self._url,
-                autocommit=True,
-                connect_timeout=10,
-                prepare_threshold=None,
-                application_name="cdc-worker:notifications-deliveries",
-            )
-        return self._conn
 
     async def lookup(self, user_ids: Sequence[str], message_ids: Sequence[str]) -> Lookup:
         """Preferences, delivered channels and inbox state of a chunk (a failure: Retry)."""
         try:
-            async with self._lock:
+            async with self._reads.lock:
                 return await self._store.lookup_many(
-                    await self._connection(), user_ids, message_ids, self._seen
+                    await self._reads.connection(), user_ids, message_ids, self._seen
                 )
         except psycopg.Error as exc:
-            await self.close()
+            await self._reads.close()
             raise Retry(f"reading preferences failed ({type(exc).__name__}): {exc}") from exc
 
     async def record(
@@ -243,11 +258,11 @@ class DeliveryLog:
             batch, self._pending = self._pending, []
             error: BaseException | None = None
             try:
-                async with self._lock:
-                    conn = await self._connection()
+                async with self._writes.lock:
+                    conn = await self._writes.connection()
                     await self._store.record_many(conn, [r for r, _ in batch])
             except psycopg.Error as exc:
-                await self.close()
+                await self._writes.close()
                 error = Retry(
                     f"delivered but its record failed ({type(exc).__name__}); the next "
                     "attempt sends it again with the same idempotency key"
@@ -260,8 +275,6 @@ class DeliveryLog:
                         done.set_exception(error)
 
     async def close(self) -> None:
-        """Close the connection (the worker's ``on_close``)."""
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                await self._conn.close()
-            self._conn = None
+        """Close the connections (the worker's ``on_close``)."""
+        await self._reads.close()
+        await self._writes.close()

@@ -64,7 +64,7 @@ class NotificationSettings(ConsumerSettings):
     # Each message holds its prefetch slot while its webhook is in flight (the receiver's
     # latency, tens of ms): the share of the busiest queue (device) must cover rate x that.
     worker_prefetch: int = Field(
-        1024, ge=1, le=65535, description="unacked messages the broker may push to this replica"
+        2048, ge=1, le=65535, description="unacked messages the broker may push to this replica"
     )
 
     notifications_schema: str = Field("public", description="schema of the tables")
