@@ -195,9 +195,14 @@ class WebhookClient:
             await asyncio.wait(
                 (acquire, draining), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
-        finally:
+        except BaseException:  # cancelled: a permit got meanwhile must go back
             draining.cancel()
             acquire.cancel()
+            if acquire.done() and not acquire.cancelled():
+                slots.release()
+            raise
+        draining.cancel()
+        acquire.cancel()
         got = acquire.done() and not acquire.cancelled()
         if got and not self._draining.is_set():
             return slots

@@ -367,8 +367,11 @@ class Runner:
                 and (left := deadline - time.monotonic()) > 0
             ):
                 self._readied.clear()
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancel
+                # that ends the session when it coincides with the event being set.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._readied.wait(), left)
+                    async with asyncio.timeout(left):
+                        await self._readied.wait()
             self._committing = True
             try:
                 await self._settle(self._take(self._ready), [])
