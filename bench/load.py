@@ -90,7 +90,7 @@ class Offered:
 async def paced_writer(
     db_url: str, table: str, *, rate: float, duration: float, rows_per_txn: int,
     payload_size: int, event_type: str = EVENT_TYPE, connections: int = 4,
-    insert: sql.Composable | None = None,
+    insert: sql.Composed | None = None,
 ) -> Offered:
     """Commit ``rate`` rows/s for ``duration`` s, ``rows_per_txn`` per transaction.
 

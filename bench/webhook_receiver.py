@@ -100,9 +100,11 @@ async def serve(ports: list[int], dead_ports: list[int], latency: float, secret:
     loop = asyncio.get_running_loop()
     servers = []
     for port, dead in [(p, False) for p in ports] + [(p, True) for p in dead_ports]:
-        servers.append(await loop.create_server(
-            lambda dead=dead: _Hook(receiver, dead), "127.0.0.1", port, backlog=1024
-        ))
+
+        def factory(dead: bool = dead) -> _Hook:
+            return _Hook(receiver, dead)
+
+        servers.append(await loop.create_server(factory, "127.0.0.1", port, backlog=1024))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
