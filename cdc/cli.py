@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
+            cmd.add_argument(
+                "--standby-url",
+                action="append",
+                default=[],
+                metavar="URL",
+                help="also check this standby's copy of the slot (repeatable)",
+            )
         if name == "demo":
             cmd.add_argument("--rate", type=float, default=5.0, help="events per second")
             cmd.add_argument("--count", type=int, default=0, help="stop after N (0: forever)")
@@ -94,11 +101,16 @@ def _run_fast(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return runner.run(main())
 
 
-def _status(settings: RelaySettings, as_json: bool) -> int:
+def _status(settings: RelaySettings, as_json: bool, standby_urls: list[str]) -> int:
+    from cdc.standbys import failover_status
+
     state = slots.status(settings)
+    with slots.connect(settings) as conn:
+        failover = failover_status(conn, settings, standby_urls)
     if as_json:
-        print(orjson.dumps(state.as_dict()).decode())
-    elif not state.exists:
+        print(orjson.dumps(state.as_dict() | {"failover": failover}).decode())
+        return 0
+    if not state.exists:
         print(f"slot {state.slot_name}: does not exist (run `cdc setup`)")
     else:
         print(
@@ -108,7 +120,22 @@ def _status(settings: RelaySettings, as_json: bool) -> int:
             f"  current_wal_lsn {state.current_wal_lsn}  lag {state.lag_bytes} bytes, "
             f"retained {state.retained_bytes} bytes"
         )
+    _print_failover(failover)
     return 0
+
+
+def _print_failover(failover: dict[str, Any]) -> None:
+    print(
+        f"failover slot: {failover['slot_failover']} "
+        f"(supported: {failover['supported']}; synchronized_standby_slots: "
+        f"{','.join(failover['synchronized_standby_slots']) or '(none)'})"
+    )
+    for standby in failover["standbys"]:
+        ready = {True: "ready", False: "NOT ready", None: "unknown (use --standby-url)"}
+        print(f"  standby {standby['standby']} ({standby['state'] or 'not connected'}): "
+              f"{ready[standby['ready']]}")
+        for reason in standby["reasons"]:
+            print(f"    - {reason}")
 
 
 def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
@@ -117,7 +144,7 @@ def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
             log.info(line)
         return 0
     if args.command == "status":
-        return _status(settings, args.json)
+        return _status(settings, args.json, args.standby_url)
     if args.command == "demo":
         from cdc.demo import run_demo
 

@@ -16,6 +16,7 @@ from psycopg import sql
 
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SourceError
+from cdc.failover import supported as failover_slots_supported
 from cdc.outbox import REQUIRED_COLUMNS
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -109,14 +110,31 @@ def require_publication(conn: Conn, settings: RelaySettings) -> None:
         )
 
 
+def create_slot(conn: Conn, settings: RelaySettings) -> None:
+    """Create the pgoutput slot; on PostgreSQL 17+ as a failover slot.
+
+    A failover slot is synchronized to standbys that run with ``sync_replication_slots``,
+    so after a promotion the relay continues from the copy there instead of finding no
+    slot (docs/operations.md lists the server settings). Older servers get a plain slot.
+    """
+    if failover_slots_supported(conn.info.server_version):
+        # (name, plugin, temporary, twophase, failover)
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput', false, false, true)",
+            (settings.slot_name,),
+        )
+    else:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
+                     (settings.slot_name,))
+
+
 def ensure_slot(conn: Conn, settings: RelaySettings) -> bool:
     """Create the logical slot if missing; return True if it was created."""
     plugin = _one(conn, "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s",
                   (settings.slot_name,))
     if plugin is None:
         try:
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
-                         (settings.slot_name,))
+            create_slot(conn, settings)
         except psycopg.errors.DuplicateObject:
             return False  # another relay created it between our look and our create
         except psycopg.Error as exc:

@@ -49,6 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
+import pgcluster
 import psycopg
 import pytest
 from psycopg import sql
@@ -1368,10 +1369,12 @@ class SqlAccess:
 class Env(SqlAccess):
     """Unique names for one test and helpers over them; ``cleanup()`` removes everything."""
 
-    def __init__(self, dbname: str, broker: Broker, tmp_path: Path) -> None:
+    def __init__(
+        self, dbname: str, broker: Broker, tmp_path: Path, url: str | None = None
+    ) -> None:
         self.tag = secrets.token_hex(3)
         self.dbname = dbname
-        self.db_url = db_url(dbname)
+        self.db_url = url or db_url(dbname)
         self.broker = broker
         self.tmp_path = tmp_path
         self.table = f"public.outbox_{self.tag}"
@@ -1830,6 +1833,71 @@ def rabbit_app() -> Iterator[RabbitApp]:
             with contextlib.suppress(Exception):
                 app._ctl("start_app")
         wait_amqp_ready(timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# throwaway PostgreSQL clusters (tests/pgcluster.py): a primary and a physical standby
+
+
+class Clusters:
+    """Clusters started by one test and :class:`Env` objects on them; ``close()`` removes all.
+
+    A cluster's servers run as the ``postgres`` unix user in ``/tmp/cdc_pgcluster_<pid>_*``;
+    leftovers of crashed runs (owner process gone) are swept when the fixture starts.
+    """
+
+    def __init__(self, broker: Broker, tmp_path: Path) -> None:
+        self.broker = broker
+        self.tmp_path = tmp_path
+        self.clusters: list[pgcluster.PgCluster] = []
+        self.envs: list[Env] = []
+        swept = pgcluster.sweep_stale()
+        if swept:
+            print(f"removed clusters of crashed runs: {swept}")
+
+    def start(self, version: int, standby: bool = True) -> pgcluster.PgCluster:
+        """A running primary of ``version`` (and a streaming physical standby of it)."""
+        cluster = pgcluster.start_cluster(version, standby=standby)
+        self.clusters.append(cluster)
+        return cluster
+
+    def env(self, cluster: pgcluster.PgCluster, dbname: str = "cdc_cluster") -> Env:
+        """An :class:`Env` in a new database of ``cluster``; the relay's URL names both hosts
+        with ``target_session_attrs=read-write`` when there is a standby."""
+        cluster.primary.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        url = cluster.multi_host_url(dbname) if cluster.standby else cluster.primary.url(dbname)
+        e = Env(dbname, self.broker, self.tmp_path / f"c{len(self.clusters)}", url=url)
+        e.tmp_path.mkdir(exist_ok=True)
+        e.declare_sink()
+        self.envs.append(e)
+        return e
+
+    def close(self) -> None:
+        """Relays, names and clusters of this test; problems are printed, not raised."""
+        errors: list[str] = []
+        for e in self.envs:
+            for r in e.relays:
+                if r.log_path.exists():
+                    print(r.tail(80))
+            errors += e.cleanup()
+        for cluster in self.clusters:
+            print(cluster.logs())
+            try:
+                cluster.destroy()
+            except Exception as exc:
+                errors.append(f"destroy {cluster.base}: {exc!r}")
+        if errors:
+            print("teardown problems:", *errors, sep="\n  ")
+
+
+@pytest.fixture
+def pg_clusters(broker: Broker, tmp_path: Path) -> Iterator[Clusters]:
+    """Start throwaway clusters (``pg_clusters.start(18)``); stopped and deleted at the end."""
+    c = Clusters(broker, tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ PURE = [
     "cdc.feed",
     "cdc.backoff",
     "cdc.errors",
+    "cdc.failover",
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",
