@@ -1,0 +1,279 @@
+"""Failover of PostgreSQL under load: the primary dies (``pg_ctl stop -m immediate``), the
+physical standby is promoted, the relay reconnects through its two-host URL
+(``target_session_attrs=read-write``).
+
+Writers commit one-row transactions through the same two-host URL the whole time,
+reconnecting after the failover. The truth is the promoted database: every row in it must
+arrive on the broker (lost 0). Rows whose commit returned on the old primary but that the
+standby never received are PostgreSQL's own loss under asynchronous replication: counted
+and reported, not blamed on the relay. Nothing may arrive that the promoted database does
+not have (the primary's ``synchronized_standby_slots`` keeps the relay behind the standby).
+
+- PostgreSQL 18: the slot is a failover slot; once ``cdc status --standby-url`` says the
+  standby's copy is ready (synced and persistent), the failover happens and the relay
+  continues from the synchronized copy with no recovery step. Measured: time from the end
+  of the promotion to the relay streaming again, duplicates.
+- PostgreSQL 15: no failover slots, the promoted standby has no slot. The relay must refuse
+  to stream (exit 5, naming `cdc recover`), `cdc recover` publishes the missing window, and
+  the relay then streams from the new slot.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from cdc import cli
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+WRITERS = 2
+#: Pause between a writer's commits: steady load that leaves the 2-core machine some room.
+WRITE_PAUSE = 0.004
+EXIT_SLOT_LOST = 5
+
+
+def has_recover() -> bool:
+    actions = cli._parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    return "recover" in actions
+
+
+class Writers:
+    """Threads inserting one outbox row per transaction, reconnecting after any error.
+
+    ``committed`` holds the ids whose COMMIT returned, with the monotonic time it did; a
+    commit that raised may or may not have happened, so it is only in ``uncertain``.
+    """
+
+    def __init__(self, env: Any) -> None:
+        self.env = env
+        self.committed: dict[str, float] = {}
+        self.uncertain: set[str] = set()
+        self.reconnects = 0
+        self._halt = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(w,), daemon=True, name=f"writer-{w}")
+            for w in range(WRITERS)
+        ]
+
+    def start(self) -> Writers:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._halt.set()
+        for t in self._threads:
+            t.join(30)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.committed)
+
+    def _run(self, writer: int) -> None:
+        from conftest import insert_rows, new_event
+
+        conn: psycopg.Connection[Any] | None = None
+        while not self._halt.is_set():
+            row = new_event("failover.written", {"w": writer})
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = psycopg.connect(self.env.db_url, connect_timeout=3)
+                with conn.cursor() as cur:
+                    insert_rows(cur, self.env.table, [row])
+                conn.commit()
+            except psycopg.Error:
+                with self._lock:
+                    self.uncertain.add(row["id"])
+                    self.reconnects += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                self.committed[row["id"]] = time.monotonic()
+            time.sleep(WRITE_PAUSE)
+        if conn is not None:
+            conn.close()
+
+
+def wait_ready_copy(env: Any, cluster: Any) -> float:
+    """Poll `cdc status --standby-url` until the standby's copy is ready; seconds it took."""
+    t0 = time.monotonic()
+    last: dict[str, Any] = {}
+
+    def ready() -> bool:
+        # A running-xacts record now, so the slot (and its copy) move without a 15 s wait.
+        cluster.primary.sql("SELECT pg_log_standby_snapshot()")
+        res = env.cdc("status", "--json", "--standby-url", cluster.standby.url(env.dbname))
+        assert res.returncode == 0, res.stderr
+        last.update(json.loads(res.stdout)["failover"]["standbys"][0])
+        return bool(last["ready"])
+
+    env.wait_for(ready, 120, lambda: f"a ready copy on the standby (last: {last})", interval=1)
+    return time.monotonic() - t0
+
+
+class StateWatch(threading.Thread):
+    """The relay's /healthz state every 20 ms, as (monotonic time, state) transitions."""
+
+    def __init__(self, relay: Any) -> None:
+        super().__init__(daemon=True, name="state-watch")
+        self.relay = relay
+        self.changes: list[tuple[float, str | None]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            state = self.relay.state()
+            if not self.changes or self.changes[-1][1] != state:
+                self.changes.append((time.monotonic(), state))
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+    def back_streaming(self, after: float) -> float | None:
+        """When the relay streamed again after having stopped streaming past ``after``."""
+        left = False
+        for t, state in self.changes:
+            if t >= after and state != "streaming":
+                left = True
+            elif left and state == "streaming":
+                return t
+        return None
+
+
+def fail_over(cluster: Any, relay: Any, writers: Writers) -> dict[str, float]:
+    """Immediate stop of the primary under load, then promotion of the standby; times."""
+    load_before = writers.count()
+    time.sleep(2.0)
+    assert writers.count() > load_before, "writers are not committing before the failover"
+    t_stop = time.monotonic()
+    cluster.primary.stop("immediate")
+    cluster.standby.promote()  # returns once the promoted server accepts writes
+    return {"t_stop": t_stop, "t_promoted": time.monotonic()}
+
+
+def settle(env: Any, writers: Writers, seconds: float = 3.0) -> None:
+    """More commits on the new primary, then stop the writers."""
+    after = writers.count()
+    env.wait_for(lambda: writers.count() > after + 50, 60, "writes on the promoted primary")
+    time.sleep(seconds)
+    writers.stop()
+
+
+def check_outcome(env: Any, writers: Writers, t_stop: float) -> dict[str, int]:
+    """Lost 0 against the promoted database; counts of the rest."""
+    env.conn.close()  # the cached connection was to the old primary
+    truth = env.fetch_rows()
+    want = set(truth)
+    got: set[str] = set()
+    read = [0]
+
+    def all_arrived(msgs: list[Any]) -> bool:
+        got.update(m.message_id for m in msgs[read[0]:])
+        read[0] = len(msgs)
+        return want <= got
+
+    msgs = env.drain(stop=all_arrived, quiet=2.0, timeout=120)
+    dups = env.check_exactly_once(msgs, truth, allow_duplicates=True)  # lost 0, no strays
+    before_stop = {i for i, t in writers.committed.items() if t < t_stop}
+    figures = {
+        "rows_in_promoted_db": len(truth),
+        "messages": len(msgs),
+        "duplicated_ids": len(dups),
+        "duplicate_copies": sum(dups.values()) - len(dups),
+        "committed_on_old_primary_never_shipped": len(before_stop - want),
+        "uncertain_commits": len(writers.uncertain),
+        "uncertain_present": len(writers.uncertain & want),
+    }
+    # Every row whose commit returned after the promotion is there, of course.
+    assert {i for i, t in writers.committed.items() if t >= t_stop} <= want
+    return figures
+
+
+def test_pg18_relay_continues_from_the_synchronized_slot(pg_clusters):
+    cluster = pg_clusters.start(18)
+    env = pg_clusters.env(cluster)
+    env.setup()
+    relay = env.relay(metrics=True)
+    relay.wait_streaming(60)
+    writers = Writers(env).start()
+    watch = StateWatch(relay)
+    try:
+        ready_s = wait_ready_copy(env, cluster)
+        watch.start()
+        times = fail_over(cluster, relay, writers)
+        env.wait_for(lambda: watch.back_streaming(times["t_stop"]), 60,
+                     lambda: f"the relay streaming again ({watch.changes})\n{relay.tail()}")
+        settle(env, writers)
+    finally:
+        writers.stop()
+        watch.stop()
+    back = watch.back_streaming(times["t_stop"])
+    assert back is not None
+    figures = check_outcome(env, writers, times["t_stop"])
+    assert relay.alive(), relay.tail()
+    slot = cluster.standby.sql(
+        "SELECT failover, synced, temporary FROM pg_replication_slots WHERE slot_name = %s",
+        (env.slot,),
+    )
+    assert slot == [(True, True, False)], slot  # the same synced slot, not a new one
+    assert relay.sigterm() == 0
+    # pg_ctl notices the promotion by polling (100 ms), so the relay may stream first.
+    promoted_to_streaming = max(0.0, back - times["t_promoted"])
+    assert back - times["t_stop"] < 30
+    print(
+        f"PG18 failover: copy ready after {ready_s:.1f}s; primary stop -> promoted "
+        f"{times['t_promoted'] - times['t_stop']:.2f}s; primary stop -> relay streaming "
+        f"{back - times['t_stop']:.2f}s; promoted -> streaming {promoted_to_streaming:.2f}s; "
+        f"{figures}"
+    )
+
+
+@pytest.mark.xfail(
+    not has_recover(),
+    reason="needs slot-loss detection (exit 5) and `cdc recover`, built on another branch",
+    run=False,
+)
+def test_pg15_relay_refuses_the_missing_slot_and_recover_fills_the_gap(pg_clusters):
+    cluster = pg_clusters.start(15)
+    env = pg_clusters.env(cluster)
+    env.setup()
+    relay = env.relay(metrics=True)
+    relay.wait_streaming(60)
+    writers = Writers(env).start()
+    try:
+        # Let the relay confirm (and checkpoint) a while before the failover.
+        time.sleep(3)
+        times = fail_over(cluster, relay, writers)
+        code = relay.wait_exit(60)
+        assert code == EXIT_SLOT_LOST, relay.tail()
+        assert "cdc recover" in relay.log(), relay.tail()
+        assert env.cdc("relay").returncode == EXIT_SLOT_LOST  # a restart refuses again
+        recovered = env.cdc("recover", timeout=180)
+        assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+        t_recovered = time.monotonic()
+        again = env.relay(metrics=True)
+        again.wait_streaming(60)
+        settle(env, writers)
+    finally:
+        writers.stop()
+    figures = check_outcome(env, writers, times["t_stop"])
+    # Duplicates come from the window the checkpoint could not prove published: bounded
+    # by the rows committed in the last seconds before the failover, never the whole table.
+    assert figures["duplicated_ids"] < figures["rows_in_promoted_db"] / 2, figures
+    assert again.sigterm() == 0
+    print(
+        f"PG15 failover: stop->promoted {times['t_promoted'] - times['t_stop']:.2f}s; recover done "
+        f"{t_recovered - times['t_promoted']:.1f}s after promotion; {figures}"
+    )

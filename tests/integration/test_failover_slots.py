@@ -1,0 +1,123 @@
+"""Failover slots on real primary+standby clusters (tests/pgcluster.py): PostgreSQL 18 and 15.
+
+On 18 `cdc setup` makes a failover slot, the standby's slot sync worker copies it, and
+`cdc status --standby-url` says "ready" only once that copy is synced and persistent (a
+temporary copy is dropped at promotion). On 15 there are no failover slots and status says
+so. The replication-protocol form (CREATE_REPLICATION_SLOT ... SNAPSHOT 'export') that
+recovery and backfill use is checked against both servers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import pq, sql
+
+from cdc.replication import create_slot_command
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def status(env: Any, standby_url: str | None = None) -> dict[str, Any]:
+    args = ["status", "--json"] + (["--standby-url", standby_url] if standby_url else [])
+    res = env.cdc(*args)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    return dict(doc["failover"])
+
+
+def only_standby(failover: dict[str, Any]) -> dict[str, Any]:
+    assert len(failover["standbys"]) == 1, failover
+    return dict(failover["standbys"][0])
+
+
+def nudge(cluster: Any) -> None:
+    """Log a running-xacts record now (not every 15 s) so the relay's slot moves on."""
+    cluster.primary.sql("SELECT pg_log_standby_snapshot()")
+
+
+def test_pg18_status_is_ready_only_once_the_standby_copy_is_persistent(pg_clusters):
+    cluster = pg_clusters.start(18)
+    env = pg_clusters.env(cluster)
+    env.setup()
+    standby_url = cluster.standby.url(env.dbname)
+    rows = cluster.primary.sql(
+        "SELECT failover, synced FROM pg_replication_slots WHERE slot_name = %s", (env.slot,)
+    )
+    assert rows == [(True, False)]
+
+    # From the primary alone: configured as it should be, but it cannot see the copy.
+    seen = only_standby(status(env))
+    assert (seen["ready"], seen["checked"], seen["reasons"]) == (None, False, []), seen
+    assert seen["physical_slot"] == "cdc_standby" and seen["state"] == "streaming"
+
+    # Before the slot moves, the standby's copy is missing or temporary: not ready, and why.
+    early = status(env, standby_url)
+    assert early["supported"] and early["slot_failover"] is True
+    assert early["synchronized_standby_slots"] == ["cdc_standby"]
+    verdict = only_standby(early)
+    assert verdict["ready"] is False, verdict
+    assert any("no copy" in r or "still temporary" in r for r in verdict["reasons"]), verdict
+
+    relay = env.relay(metrics=True)
+    relay.wait_streaming()
+    t0 = time.monotonic()
+    ready: dict[str, Any] = {}
+
+    def persistent() -> bool:
+        nudge(cluster)
+        ready.update(only_standby(status(env, standby_url)))
+        return bool(ready["ready"])
+
+    env.wait_for(persistent, 120, lambda: f"a ready standby copy (last: {ready})", interval=1)
+    print(f"standby copy persistent {time.monotonic() - t0:.1f}s after the relay streamed")
+    assert ready["checked"] and ready["reasons"] == []
+    copy = cluster.standby.sql(
+        "SELECT synced, temporary, failover FROM pg_replication_slots WHERE slot_name = %s",
+        (env.slot,),
+    )
+    assert copy == [(True, False, True)]
+
+
+def test_pg15_status_says_there_are_no_failover_slots(pg_clusters):
+    cluster = pg_clusters.start(15)
+    env = pg_clusters.env(cluster)
+    env.setup()
+    failover = status(env, cluster.standby.url(env.dbname))
+    assert failover["supported"] is False and failover["slot_failover"] is None
+    verdict = only_standby(failover)
+    assert verdict["ready"] is False and verdict["checked"] is True
+    assert "has no failover slots" in verdict["reasons"][0]
+    assert "cdc recover" in verdict["reasons"][0]
+
+
+@pytest.mark.parametrize("version", [15, 18])
+def test_replication_protocol_slot_exports_a_snapshot(pg_clusters, version):
+    cluster = pg_clusters.start(version, standby=False)
+    server = cluster.primary
+    slot = "cdc_protocol_slot"
+    with psycopg.connect(server.url(), replication="database", autocommit=True) as conn:
+        result = conn.pgconn.exec_(create_slot_command(slot, conn.info.server_version))
+        assert result.status == pq.ExecStatus.TUPLES_OK, result.error_message
+        names = [result.fname(i) for i in range(result.nfields)]
+        snapshot = result.get_value(0, names.index(b"snapshot_name"))
+        assert snapshot, names
+        # The exported snapshot is usable while this connection stays in the slot's txn.
+        with psycopg.connect(server.url(), autocommit=False) as reader:
+            reader.execute(
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+            )
+            reader.execute(
+                sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot.decode()))
+            )
+            reader.rollback()
+    failover = server.sql(
+        "SELECT " + ("failover" if version >= 17 else "NULL")
+        + " FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+    assert failover == [(True if version >= 17 else None,)]
