@@ -152,7 +152,7 @@ class StateWatch(threading.Thread):
         return None
 
 
-def fail_over(cluster: Any, relay: Any, writers: Writers) -> dict[str, float]:
+def fail_over(cluster: Any, writers: Writers) -> dict[str, float]:
     """Immediate stop of the primary under load, then promotion of the standby; times."""
     load_before = writers.count()
     time.sleep(2.0)
@@ -201,18 +201,23 @@ def check_outcome(env: Any, writers: Writers, t_stop: float) -> dict[str, int]:
     return figures
 
 
-def test_pg18_relay_continues_from_the_synchronized_slot(pg_clusters):
-    cluster = pg_clusters.start(18)
+def streaming_under_load(pg_clusters: Any, version: int) -> tuple[Any, Any, Any, Writers]:
+    """A primary and standby of ``version``, a relay streaming from it, writers committing."""
+    cluster = pg_clusters.start(version)
     env = pg_clusters.env(cluster)
     env.setup()
     relay = env.relay(metrics=True)
     relay.wait_streaming(60)
-    writers = Writers(env).start()
+    return cluster, env, relay, Writers(env).start()
+
+
+def test_pg18_relay_continues_from_the_synchronized_slot(pg_clusters):
+    cluster, env, relay, writers = streaming_under_load(pg_clusters, 18)
     watch = StateWatch(relay)
     try:
         ready_s = wait_ready_copy(env, cluster)
         watch.start()
-        times = fail_over(cluster, relay, writers)
+        times = fail_over(cluster, writers)
         env.wait_for(lambda: watch.back_streaming(times["t_stop"]), 60,
                      lambda: f"the relay streaming again ({watch.changes})\n{relay.tail()}")
         settle(env, writers)
@@ -246,16 +251,11 @@ def test_pg18_relay_continues_from_the_synchronized_slot(pg_clusters):
     run=False,
 )
 def test_pg15_relay_refuses_the_missing_slot_and_recover_fills_the_gap(pg_clusters):
-    cluster = pg_clusters.start(15)
-    env = pg_clusters.env(cluster)
-    env.setup()
-    relay = env.relay(metrics=True)
-    relay.wait_streaming(60)
-    writers = Writers(env).start()
+    cluster, env, relay, writers = streaming_under_load(pg_clusters, 15)
     try:
         # Let the relay confirm (and checkpoint) a while before the failover.
         time.sleep(3)
-        times = fail_over(cluster, relay, writers)
+        times = fail_over(cluster, writers)
         code = relay.wait_exit(60)
         assert code == EXIT_SLOT_LOST, relay.tail()
         assert "cdc recover" in relay.log(), relay.tail()
