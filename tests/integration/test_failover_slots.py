@@ -4,15 +4,20 @@ On 18 `cdc setup` makes a failover slot, the standby's slot sync worker copies i
 `cdc status --standby-url` says "ready" only once that copy is synced and persistent (a
 temporary copy is dropped at promotion). On 15 there are no failover slots and status says
 so. The replication-protocol form (CREATE_REPLICATION_SLOT ... SNAPSHOT 'export') that
-recovery and backfill use is checked against both servers.
+recovery and backfill use is checked against both servers. And the harness itself: a
+server left running by a killed test run is stopped and deleted by the next sweep.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import pgcluster
 import psycopg
 import pytest
 from psycopg import pq, sql
@@ -121,3 +126,32 @@ def test_replication_protocol_slot_exports_a_snapshot(pg_clusters, version):
         (slot,),
     )
     assert failover == [(True if version >= 17 else None,)]
+
+
+def test_clusters_of_a_killed_run_are_swept():
+    """A test run killed with -9 leaves a running server; the next fixture start removes it."""
+    code = (
+        "import sys, time, pgcluster\n"
+        "c = pgcluster.start_cluster(18, standby=False)\n"
+        "print(c.base, c.primary.port, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    tests_dir = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=tests_dir, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        base, port = proc.stdout.readline().split()
+        proc.kill()
+        proc.wait(10)
+        assert Path(base).is_dir()
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres") as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)  # orphaned, still running
+        assert base in pgcluster.sweep_stale()
+        assert not Path(base).exists()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=3)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
