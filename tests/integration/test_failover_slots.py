@@ -86,6 +86,10 @@ def test_pg18_status_is_ready_only_once_the_standby_copy_is_persistent(pg_cluste
         (env.slot,),
     )
     assert copy == [(True, False, True)]
+    text = env.cdc("status", "--standby-url", standby_url)
+    assert text.returncode == 0, text.stderr
+    line = f"standby 127.0.0.1:{cluster.standby.port} (streaming): ready"
+    assert line in text.stdout, text.stdout
 
 
 def test_pg15_status_says_there_are_no_failover_slots(pg_clusters):
