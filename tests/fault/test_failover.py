@@ -20,6 +20,8 @@ not have (the primary's ``synchronized_standby_slots`` keeps the relay behind th
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import threading
 import time
@@ -40,8 +42,13 @@ EXIT_SLOT_LOST = 5
 
 
 def has_recover() -> bool:
-    actions = cli._parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    return "recover" in actions
+    """Whether this build has `cdc recover` (the PostgreSQL 15 scenario needs it)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            cli._parser().parse_args(["recover"])
+    except SystemExit:
+        return False
+    return True
 
 
 class Writers:
