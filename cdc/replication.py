@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cdc.errors import ProtocolError
-from cdc.failover import supported as failover_slots_supported
 
 #: PostgreSQL timestamps count microseconds from 2000-01-01 UTC.
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -93,22 +92,6 @@ def pgoutput_version(server_version: int) -> int:
     if server_version >= 140000:
         return 2
     return 1
-
-
-def create_slot_command(slot: str, server_version: int) -> bytes:
-    """Build CREATE_REPLICATION_SLOT for a pgoutput slot with an exported snapshot.
-
-    The snapshot is what a caller publishes existing rows from, consistent with the slot's
-    start. From 17 on the slot is a failover slot, so standbys that synchronize slots keep
-    a copy that a promoted standby can stream from. Before 15 the option list did not exist.
-    """
-    name = _quote_ident(slot)
-    if server_version < 150000:
-        return f"CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput EXPORT_SNAPSHOT".encode()
-    options = ["SNAPSHOT 'export'"]
-    if failover_slots_supported(server_version):
-        options.append("FAILOVER true")
-    return f"CREATE_REPLICATION_SLOT {name} LOGICAL pgoutput ({', '.join(options)})".encode()
 
 
 def _quote_ident(name: str) -> str:

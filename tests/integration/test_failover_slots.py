@@ -3,9 +3,8 @@
 On 18 `cdc setup` makes a failover slot, the standby's slot sync worker copies it, and
 `cdc status --standby-url` says "ready" only once that copy is synced and persistent (a
 temporary copy is dropped at promotion). On 15 there are no failover slots and status says
-so. The replication-protocol form (CREATE_REPLICATION_SLOT ... SNAPSHOT 'export') that
-recovery and backfill use is checked against both servers. And the harness itself: a
-server left running by a killed test run is stopped and deleted by the next sweep.
+so. And the harness itself: a server left running by a killed test run is stopped and
+deleted by the next sweep.
 """
 
 from __future__ import annotations
@@ -20,9 +19,6 @@ from typing import Any
 import pgcluster
 import psycopg
 import pytest
-from psycopg import pq, sql
-
-from cdc.replication import create_slot_command
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -102,34 +98,6 @@ def test_pg15_status_says_there_are_no_failover_slots(pg_clusters):
     assert verdict["ready"] is False and verdict["checked"] is True
     assert "has no failover slots" in verdict["reasons"][0]
     assert "cdc recover" in verdict["reasons"][0]
-
-
-@pytest.mark.parametrize("version", [15, 18])
-def test_replication_protocol_slot_exports_a_snapshot(pg_clusters, version):
-    cluster = pg_clusters.start(version, standby=False)
-    server = cluster.primary
-    slot = "cdc_protocol_slot"
-    with psycopg.connect(server.url(), replication="database", autocommit=True) as conn:
-        result = conn.pgconn.exec_(create_slot_command(slot, conn.info.server_version))
-        assert result.status == pq.ExecStatus.TUPLES_OK, result.error_message
-        names = [result.fname(i) for i in range(result.nfields)]
-        snapshot = result.get_value(0, names.index(b"snapshot_name"))
-        assert snapshot, names
-        # The exported snapshot is usable while this connection stays in the slot's txn.
-        with psycopg.connect(server.url(), autocommit=False) as reader:
-            reader.execute(
-                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
-            )
-            reader.execute(
-                sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot.decode()))
-            )
-            reader.rollback()
-    failover = server.sql(
-        "SELECT " + ("failover" if version >= 17 else "NULL")
-        + " FROM pg_replication_slots WHERE slot_name = %s",
-        (slot,),
-    )
-    assert failover == [(True if version >= 17 else None,)]
 
 
 def test_clusters_of_a_killed_run_are_swept():

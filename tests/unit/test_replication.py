@@ -19,7 +19,6 @@ from cdc.replication import (
     PG_EPOCH,
     Keepalive,
     XLogData,
-    create_slot_command,
     parse_copy_data,
     pg_us_to_datetime,
     pgoutput_version,
@@ -255,30 +254,3 @@ def test_start_replication_asks_for_neither_streaming_nor_two_phase():
     assert command.startswith("START_REPLICATION SLOT ")
     assert " LOGICAL 0/0 " in command  # 0/0: resume at the slot's confirmed_flush_lsn
     assert ";" not in command
-
-
-@pytest.mark.parametrize(
-    ("server_version", "expected"),
-    [
-        (140010, "CREATE_REPLICATION_SLOT \"cdc_outbox\" LOGICAL pgoutput EXPORT_SNAPSHOT"),
-        (150020, "CREATE_REPLICATION_SLOT \"cdc_outbox\" LOGICAL pgoutput (SNAPSHOT 'export')"),
-        (160004, "CREATE_REPLICATION_SLOT \"cdc_outbox\" LOGICAL pgoutput (SNAPSHOT 'export')"),
-        (
-            170000,
-            "CREATE_REPLICATION_SLOT \"cdc_outbox\" LOGICAL pgoutput "
-            "(SNAPSHOT 'export', FAILOVER true)",
-        ),
-        (
-            180006,
-            "CREATE_REPLICATION_SLOT \"cdc_outbox\" LOGICAL pgoutput "
-            "(SNAPSHOT 'export', FAILOVER true)",
-        ),
-    ],
-)
-def test_create_slot_command_is_a_failover_slot_from_17(server_version, expected):
-    assert create_slot_command("cdc_outbox", server_version).decode() == expected
-
-
-def test_create_slot_command_quotes_the_name():
-    command = create_slot_command('we"ird', 180000).decode()
-    assert command.startswith('CREATE_REPLICATION_SLOT "we""ird" LOGICAL pgoutput ')
