@@ -16,7 +16,8 @@ name with the session tag, and is removed in teardown even when the test fails:
 
 Services default to 127.0.0.1 (PostgreSQL 5432 as ``postgres``, RabbitMQ 5672 guest/guest);
 override with ``CDC_TEST_PG_URL`` (an admin URL to the ``postgres`` database) and
-``CDC_TEST_AMQP_URL``.
+``CDC_TEST_AMQP_URL``. ``pg_clusters`` starts throwaway servers of its own (PostgreSQL 15, or
+``CDC_TEST_PG_VERSION``), with a physical standby when asked.
 """
 
 from __future__ import annotations
@@ -1855,9 +1856,12 @@ class Clusters:
         if swept:
             print(f"removed clusters of crashed runs: {swept}")
 
-    def start(self, version: int, standby: bool = True) -> pgcluster.PgCluster:
-        """A running primary of ``version`` (and a streaming physical standby of it)."""
-        cluster = pgcluster.start_cluster(version, standby=standby)
+    def start(
+        self, version: int | None = None, standby: bool = True, **settings: Any
+    ) -> pgcluster.PgCluster:
+        """A running primary of ``version`` (default: the version under test) with extra
+        server ``settings``, and a streaming physical standby of it."""
+        cluster = pgcluster.start_cluster(version, standby=standby, settings=settings)
         self.clusters.append(cluster)
         return cluster
 

@@ -19,8 +19,9 @@ server version::
 
     python tests/pgcluster.py run 18 -- CMD ARGS...
 
-starts one server, runs CMD with ``CDC_TEST_PG_URL`` pointing at it, stops the server
-(also on failure or Ctrl-C) and exits with CMD's status.
+starts one server, runs CMD with ``CDC_TEST_PG_URL`` pointing at it (and
+``CDC_TEST_PG_VERSION``, the default version of clusters the tests start themselves), stops
+the server (also on failure or Ctrl-C) and exits with CMD's status.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ STANDBY_SLOT = "cdc_standby"
 _DIR_RE = re.compile(rf"^{PREFIX}(\d+)_[0-9a-f]+$")
 _STALE_AFTER_S = 6 * 3600
 _OS_USER = "postgres"
+
+
+def version_under_test() -> int:
+    """The major version the tests run against: ``CDC_TEST_PG_VERSION`` (set by ``run``), else
+    15, the machine's server."""
+    return int(os.environ.get("CDC_TEST_PG_VERSION", "15"))
 
 
 def bin_dir(version: int) -> Path:
@@ -213,8 +220,11 @@ class PgCluster:
         hosts = f"127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
         return f"postgresql://postgres@{hosts}/{dbname}?target_session_attrs=read-write"
 
-    def start_primary(self) -> PgServer:
+    def start_primary(self, settings: dict[str, Any] | None = None) -> PgServer:
+        """initdb, the test settings plus ``settings``, start."""
         self.primary.initdb()
+        if settings:
+            self.primary.configure(settings)
         self.primary.start()
         return self.primary
 
@@ -285,11 +295,14 @@ class PgCluster:
         _kill_dir(self.base)
 
 
-def start_cluster(version: int, standby: bool = True) -> PgCluster:
-    """A started primary (and standby); destroyed again if any step fails."""
-    cluster = PgCluster(version)
+def start_cluster(
+    version: int | None = None, standby: bool = True, settings: dict[str, Any] | None = None
+) -> PgCluster:
+    """A started primary (and standby) of ``version`` (default: the version under test), with
+    ``settings`` added to the primary's; destroyed again if any step fails."""
+    cluster = PgCluster(version or version_under_test())
     try:
-        cluster.start_primary()
+        cluster.start_primary(settings)
         if standby:
             cluster.add_standby()
     except BaseException:
@@ -369,7 +382,9 @@ def _run_with_server(version: int, command: list[str]) -> int:
     try:
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
-        env = dict(os.environ, CDC_TEST_PG_URL=cluster.primary.url())
+        env = dict(
+            os.environ, CDC_TEST_PG_URL=cluster.primary.url(), CDC_TEST_PG_VERSION=str(version)
+        )
         print(f"PostgreSQL {version} on port {cluster.primary.port} ({cluster.base})", flush=True)
         child = subprocess.Popen(command, env=env)
         return child.wait()
