@@ -1857,11 +1857,13 @@ class Clusters:
             print(f"removed clusters of crashed runs: {swept}")
 
     def start(
-        self, version: int | None = None, standby: bool = True, **settings: Any
+        self, version: int | None = None, standby: bool = True, proxy: bool = False,
+        **settings: Any,
     ) -> pgcluster.PgCluster:
         """A running primary of ``version`` (default: the version under test) with extra
-        server ``settings``, and a streaming physical standby of it."""
-        cluster = pgcluster.start_cluster(version, standby=standby, settings=settings)
+        server ``settings``, and a streaming physical standby of it (through
+        ``cluster.proxy`` with ``proxy=True``)."""
+        cluster = pgcluster.start_cluster(version, standby, settings, proxy)
         self.clusters.append(cluster)
         return cluster
 

@@ -208,6 +208,7 @@ class PgCluster:
             os.chown(self.base, pw.pw_uid, pw.pw_gid)
         self.primary = PgServer("primary", version, self.base)
         self.standby: PgServer | None = None
+        self.proxy: Any = None
 
     @property
     def failover_slots(self) -> bool:
@@ -228,9 +229,19 @@ class PgCluster:
         self.primary.start()
         return self.primary
 
-    def add_standby(self) -> PgServer:
-        """Base backup over a physical slot, standby settings, start; wait until streaming."""
+    def add_standby(self, via_proxy: bool = False) -> PgServer:
+        """Base backup over a physical slot, standby settings, start; wait until streaming.
+
+        ``via_proxy``: the standby reaches the primary through :attr:`proxy`, a
+        :class:`tcp_proxy.TcpProxy` whose ``hold()`` starves it of WAL (a lagging standby).
+        """
         primary = self.primary
+        upstream_port = primary.port
+        if via_proxy:
+            from tcp_proxy import TcpProxy
+
+            self.proxy = TcpProxy(upstream_port=primary.port).start()
+            upstream_port = self.proxy.port
         primary.sql("SELECT pg_create_physical_replication_slot(%s, true)", (STANDBY_SLOT,))
         standby = PgServer("standby", self.version, self.base)
         _run(
@@ -240,7 +251,7 @@ class PgCluster:
             timeout=300,
         )
         conninfo = (
-            f"host=127.0.0.1 port={primary.port} user=postgres application_name=standby"
+            f"host=127.0.0.1 port={upstream_port} user=postgres application_name=standby"
             + (" dbname=postgres" if self.failover_slots else "")
         )
         settings: dict[str, Any] = {
@@ -292,19 +303,24 @@ class PgCluster:
         for server in self.servers():
             with contextlib.suppress(Exception):
                 server.stop("immediate")
+        if self.proxy is not None:
+            self.proxy.stop()
         _kill_dir(self.base)
 
 
 def start_cluster(
-    version: int | None = None, standby: bool = True, settings: dict[str, Any] | None = None
+    version: int | None = None,
+    standby: bool = True,
+    settings: dict[str, Any] | None = None,
+    proxy: bool = False,
 ) -> PgCluster:
-    """A started primary (and standby) of ``version`` (default: the version under test), with
-    ``settings`` added to the primary's; destroyed again if any step fails."""
+    """A started primary (and standby, through a proxy if asked) of ``version`` (default: the
+    version under test), ``settings`` added to the primary's; destroyed if any step fails."""
     cluster = PgCluster(version or version_under_test())
     try:
         cluster.start_primary(settings)
         if standby:
-            cluster.add_standby()
+            cluster.add_standby(via_proxy=proxy)
     except BaseException:
         cluster.destroy()
         raise
