@@ -95,6 +95,8 @@ def _slot_reasons(primary: PrimaryFacts) -> list[str]:
 
 
 def _link_reasons(primary: PrimaryFacts, link: StandbyLink) -> list[str]:
+    if not supported(primary.server_version):
+        return []  # nothing a standby could change: the slot reason says it all
     reasons = []
     if link.state != "streaming":
         reasons.append(f"standby {link.name} is {link.state or 'not connected'}, not streaming")
@@ -114,11 +116,18 @@ def _link_reasons(primary: PrimaryFacts, link: StandbyLink) -> list[str]:
     return reasons
 
 
-def _view_reasons(primary: PrimaryFacts, view: StandbyView) -> list[str]:
+def _view_reasons(
+    primary: PrimaryFacts, view: StandbyView, link: StandbyLink | None
+) -> list[str]:
     name, slot = view.name, primary.slot_name
+    if not supported(primary.server_version):
+        return []
     if not view.in_recovery:
         return [f"{name} is not a standby (not in recovery)"]
     reasons = []
+    if link is None:
+        reasons.append(f"the primary lists no standby on physical slot "
+                       f"{view.primary_slot_name or '(none)'} for {name}")
     if view.wal_level != "logical":
         reasons.append(f"wal_level is {view.wal_level} on {name}: set it to logical")
     if not view.hot_standby_feedback:
@@ -166,11 +175,7 @@ def assess(
         if link is not None:
             matched.add(id(link))
             reasons += _link_reasons(primary, link)
-        elif view.in_recovery:
-            reasons.append(f"the primary lists no standby on physical slot "
-                           f"{view.primary_slot_name or '(none)'} for {view.name}")
-        if supported(primary.server_version):
-            reasons += _view_reasons(primary, view)
+        reasons += _view_reasons(primary, view, link)
         out.append(
             Readiness(view.name, view.primary_slot_name or None,
                       link.state if link else None, True, not reasons, tuple(reasons))

@@ -88,3 +88,13 @@ def test_unmatched_view_and_link_are_both_reported():
         ("walreceiver", False, None),
     ]
     assert "no standby on physical slot other" in verdicts[0].reasons[0]
+
+
+def test_before_17_only_the_slot_reason_is_given():
+    pg15 = replace(
+        PRIMARY, server_version=150020, slot_failover=None, synchronized_standby_slots=()
+    )
+    for views in ([], [replace(VIEW, sync_replication_slots=None, copy_exists=False)]):
+        v = one(pg15, views=views)
+        assert v.ready is False
+        assert len(v.reasons) == 1 and "has no failover slots" in v.reasons[0], v.reasons
