@@ -19,6 +19,7 @@ from typing import Any
 import pgcluster
 import psycopg
 import pytest
+from conftest import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -98,6 +99,12 @@ def test_pg15_status_says_there_are_no_failover_slots(pg_clusters):
     assert verdict["ready"] is False and verdict["checked"] is True
     assert "has no failover slots" in verdict["reasons"][0]
     assert "cdc recover" in verdict["reasons"][0]
+    # An unreachable standby is an error that names it, without the URL's password.
+    gone = f"postgresql://postgres:s3cr3t@127.0.0.1:{free_port()}/postgres"
+    res = env.cdc("status", "--standby-url", gone)
+    assert res.returncode == 3, (res.returncode, res.stdout, res.stderr)
+    assert "cannot connect to standby 127.0.0.1:" in res.stderr, res.stderr
+    assert "s3cr3t" not in res.stdout + res.stderr
 
 
 def test_clusters_of_a_killed_run_are_swept():
