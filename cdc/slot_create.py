@@ -27,6 +27,7 @@ from cdc.config import RelaySettings
 from cdc.errors import SourceError
 from cdc.failover import supported as failover_slots_supported
 from cdc.lsn import parse_lsn
+from cdc.refusals import refused_by_postgres
 from cdc.replication import IDENTIFY_SYSTEM, create_slot_command
 from cdc.source import translate_error
 
@@ -83,7 +84,9 @@ def replication_connect(settings: RelaySettings) -> Conn:
             settings.database_url.get_secret_value(), replication="database", autocommit=True
         )
     except psycopg.OperationalError as exc:
-        raise SourceError(f"cannot open a replication connection: {exc}".strip()) from exc
+        doing = "cannot open a replication connection"
+        refused = refused_by_postgres(str(exc), doing)
+        raise refused or SourceError(f"{doing}: {exc}".strip()) from exc
 
 
 @contextlib.contextmanager
@@ -95,16 +98,15 @@ def exported_slot(
     The yielded connection is in a REPEATABLE READ transaction that imported the slot's
     exported snapshot: it sees exactly the rows committed before the slot's first streamed
     change. Read them before leaving the block; the transaction is rolled back and both
-    connections are closed on exit (the slot stays). A slot that already exists is a
-    :class:`SourceError` (SQLSTATE 42710), missing privileges a ``SetupError``.
-    ``failover`` None (the default) makes a failover slot where the server has them (17+).
+    connections are closed on exit (the slot stays). ``failover`` defaults to "where the
+    server has failover slots" (17+), so standbys that sync slots keep a copy. A slot that
+    already exists is a :class:`SourceError` (SQLSTATE 42710), missing privileges a
+    ``SetupError``.
     """
     with replication_connect(settings) as repl:
-        identity = identify_system(repl)
         if failover is None:
-            # A failover slot wherever the server has them (17+): standbys that synchronize
-            # slots keep a copy, so a promotion does not lose the slot.
             failover = failover_slots_supported(repl.info.server_version)
+        identity = identify_system(repl)
         result = _command(repl.pgconn, create_slot_command(settings.slot_name, failover=failover))
         # Columns: slot_name, consistent_point, snapshot_name, output_plugin. Nothing may be
         # sent on `repl` from here until the reader is done: that would end the snapshot.
