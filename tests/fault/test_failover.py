@@ -23,8 +23,6 @@ counted.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import threading
 import time
@@ -34,8 +32,6 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import wait_for
-
-from cdc import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -50,16 +46,6 @@ UNSHIPPED = 20
 #: plus slack for a loaded machine. Older rows must never be published twice by recovery.
 CHECKPOINT_INTERVAL = 1.0
 PROOF_LAG = 2 * CHECKPOINT_INTERVAL + 5.0
-
-
-def has_recover() -> bool:
-    """Whether this build has `cdc recover` (the PostgreSQL 15 scenario needs it)."""
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            cli._parser().parse_args(["recover"])
-    except SystemExit:
-        return False
-    return True
 
 
 class Writers:
@@ -294,11 +280,6 @@ def test_pg18_relay_continues_from_the_synchronized_slot(pg_clusters):
     )
 
 
-@pytest.mark.xfail(
-    not has_recover(),
-    reason="needs slot-loss detection (exit 5) and `cdc recover`, built on another branch",
-    run=False,
-)
 def test_pg15_relay_refuses_the_missing_slot_and_recover_fills_the_gap(pg_clusters):
     cluster, env, relay, writers = streaming_under_load(
         pg_clusters, 15, checkpoint_interval=CHECKPOINT_INTERVAL
