@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
+            cmd.add_argument(
+                "--standby-url",
+                action="append",
+                default=[],
+                metavar="URL",
+                help="also check this standby's copy of the slot (repeatable)",
+            )
         if name == "setup":
             cmd.add_argument(
                 "--backfill",
@@ -131,10 +138,14 @@ def _run_fast(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return runner.run(main())
 
 
-def _status(settings: RelaySettings, as_json: bool) -> int:
+def _status(settings: RelaySettings, as_json: bool, standby_urls: list[str]) -> int:
+    from cdc.standbys import failover_status
+
     state = slots.status(settings)
+    with slots.connect(settings) as conn:
+        failover = failover_status(conn, settings, standby_urls)
     if as_json:
-        print(orjson.dumps(state.as_dict()).decode())
+        print(orjson.dumps(state.as_dict() | {"failover": failover}).decode())
         return 0
     if not state.exists:
         print(f"slot {state.slot_name}: does not exist")
@@ -161,6 +172,7 @@ def _status(settings: RelaySettings, as_json: bool) -> int:
             f"  backfill {cp['backfill_mode']}: {cp['backfill_rows_done']}/"
             f"{cp['backfill_rows_total']} rows, done={cp['backfill_done']}"
         )
+    _print_failover(failover)
     return 0
 
 
@@ -178,6 +190,20 @@ def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
     for line in privileges.grant_lines(settings, role, apply=args.relay_role is not None):
         print(line)
     return 0
+
+
+def _print_failover(failover: dict[str, Any]) -> None:
+    print(
+        f"failover slot: {failover['slot_failover']} "
+        f"(supported: {failover['supported']}; synchronized_standby_slots: "
+        f"{','.join(failover['synchronized_standby_slots']) or '(none)'})"
+    )
+    for standby in failover["standbys"]:
+        ready = {True: "ready", False: "NOT ready", None: "unknown (use --standby-url)"}
+        print(f"  standby {standby['standby']} ({standby['state'] or 'not connected'}): "
+              f"{ready[standby['ready']]}")
+        for reason in standby["reasons"]:
+            print(f"    - {reason}")
 
 
 def _setup_lines(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
@@ -221,7 +247,7 @@ def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
             log.info(line)
         return 0
     if args.command == "status":
-        return _status(settings, args.json)
+        return _status(settings, args.json, args.standby_url)
     if args.command == "demo":
         from cdc.demo import run_demo
 
