@@ -50,7 +50,7 @@ class RelaySettings(CdcSettings):
     standby_poll_interval: float = Field(2.0, gt=0, description="standby retry period (s)")
     shutdown_timeout: float = Field(10.0, ge=0, description="drain time on SIGTERM (s)")
     log_format: Literal["text", "json"] = Field("text", description="log output format")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="level")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @field_validator("slot_name")
     @classmethod

@@ -104,7 +104,7 @@ async def _queue_count(channel: AbstractChannel, queue: str) -> int | None:
 
 
 async def _with_channel(settings: ConsumerSettings, fn: Any) -> int:
-    connection = await open_broker(settings.amqp_url.get_secret_value(), timeout=10)
+    connection = await open_broker(settings.broker_url(), timeout=10)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return int(await fn(connection, channel))
