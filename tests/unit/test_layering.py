@@ -29,6 +29,7 @@ PURE = [
     "cdc.refusals",
     "cdc.errors",
     "cdc.checkpoint",
+    "cdc.status_report",
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",
