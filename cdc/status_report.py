@@ -203,6 +203,11 @@ def seconds(s: float | None) -> str:
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
 
 
+def _safe(n: int | None) -> str:
+    # PostgreSQL gives no safe_wal_size when max_slot_wal_keep_size is -1: nothing caps it.
+    return "unlimited" if n is None else size(n)
+
+
 def _slot_lines(doc: dict[str, Any]) -> list[str]:
     if not doc.get("exists"):
         return [f"slot      {doc['slot_name']}: does not exist"]
@@ -212,7 +217,7 @@ def _slot_lines(doc: dict[str, Any]) -> list[str]:
         f"          confirmed_flush_lsn {doc['confirmed_flush_lsn']}  restart_lsn "
         f"{doc['restart_lsn']}  current_wal_lsn {doc['current_wal_lsn']}",
         f"          wal_status {doc['wal_status']}  retained {size(doc['retained_bytes'])}"
-        f"  safe_wal_size {size(doc['safe_wal_size'])}",
+        f"  safe_wal_size {_safe(doc['safe_wal_size'])}",
     ]
     if doc.get("invalidation_reason"):
         lines[-1] += f"  invalidation_reason {doc['invalidation_reason']}"
