@@ -70,27 +70,33 @@ def scrape(url: str) -> report.Scrape:
     return report.Scrape(url, metrics, health if isinstance(health, dict) else None)
 
 
-async def _depth(url: str, queue: str) -> int:
+async def _depths(url: str, queues: list[str]) -> dict[str, int | None]:
     connection = await asyncio.wait_for(aiormq.connect(url), TIMEOUT * 2)
+    found: dict[str, int | None] = {}
     try:
-        channel = await connection.channel()
-        ok = await channel.queue_declare(queue, passive=True)
-        return int(ok.message_count or 0)
+        for queue in queues:
+            # A missing queue closes the channel: ask each on a fresh one.
+            channel = await connection.channel()
+            try:
+                ok = await channel.queue_declare(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                found[queue] = None
+                continue
+            found[queue] = int(ok.message_count or 0)
+            await channel.close()
     finally:
         await connection.close()
+    return found
 
 
-def parking(settings: RelaySettings) -> report.Parking:
-    """The parking queue's depth from the broker, or why it is unknown."""
-    queue = settings.parking_queue
+def depths(settings: RelaySettings, queues: list[str]) -> report.Depths:
+    """How many messages wait in ``queues`` (passive declares: nothing is created)."""
     if settings.amqp_url is None:
-        return report.Parking(queue)
+        return report.Depths()
     try:
-        return report.Parking(queue, asyncio.run(_depth(settings.broker_url(), queue)))
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return report.Parking(queue, error="no such queue (the relay declares it at start)")
+        return report.Depths(asyncio.run(_depths(settings.broker_url(), queues)), asked=True)
     except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
-        return report.Parking(queue, error=f"broker: {_why(exc)}")
+        return report.Depths(asked=True, error=f"broker: {_why(exc)}")
 
 
 def gather(
@@ -100,11 +106,16 @@ def gather(
     relay_url = relay_url or default_relay_url(settings)
     note = None if relay_url else "CDC_METRICS_PORT is 0: the relay serves no metrics"
     urls = ([relay_url] if relay_url else []) + worker_urls
-    with ThreadPoolExecutor(max_workers=max(1, len(urls) + 1)) as pool:
+    with ThreadPoolExecutor(max_workers=len(urls) + 1) as pool:
         scrapes = pool.map(scrape, urls)
-        parked = pool.submit(parking, settings)
-        slot = slots.status(settings).as_dict()
+        slot = pool.submit(lambda: slots.status(settings).as_dict())
         found = list(scrapes)
-        parked_now = parked.result()
-    relay = found.pop(0) if relay_url else None
-    return report.build(slot, relay, found, parked_now, note)
+        relay = found.pop(0) if relay_url else None
+        # the workers' queues are named in their metrics: ask the broker once for all
+        queues = [settings.parking_queue] + [
+            q for w in found for q in report.worker_view(w)["queues"]
+        ]
+        waiting = depths(settings, queues)
+        return report.build(
+            slot.result(), relay, found, settings.parking_queue, waiting, note
+        )

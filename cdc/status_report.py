@@ -9,7 +9,7 @@ builds the JSON document and the one-screen text. A value nobody could read is `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +34,15 @@ class Scrape:
 
 
 @dataclass(frozen=True, slots=True)
-class Parking:
-    """The relay's parking queue as the broker reports it (``messages`` None: not asked)."""
+class Depths:
+    """Messages waiting per queue, as the broker reports them.
 
-    queue: str
-    messages: int | None = None
+    ``asked`` is False without ``CDC_AMQP_URL``; a queue the broker does not have, or every
+    queue when it could not be asked (``error``), is None.
+    """
+
+    counts: Mapping[str, int | None] = field(default_factory=dict)
+    asked: bool = False
     error: str | None = None
 
 
@@ -122,6 +126,10 @@ def worker_view(scrape: Scrape) -> dict[str, Any]:
         "error": scrape.error,
         "worker": health.get("worker") or (names[0] if names else None),
         "state": health.get("state") or s.state("cdc_worker_state"),
+        "queues": sorted(
+            {labels["queue"] for labels, _ in s.each("cdc_worker_processed_total")
+             if "queue" in labels}
+        ),
         "event_age_seconds": {
             labels["queue"]: value
             for labels, value in s.each("cdc_worker_event_age_seconds") if "queue" in labels
@@ -143,18 +151,28 @@ def consumer_lag(workers: Sequence[dict[str, Any]]) -> float | None:
     return max(ages) if ages else None
 
 
+def backlog(workers: Sequence[dict[str, Any]], depths: Depths) -> int | None:
+    """Messages waiting in every listed worker's queues; None unless all of them are known."""
+    queues = [q for w in workers for q in w["queues"]]
+    if not queues or not all(w["reachable"] for w in workers):
+        return None
+    counts = [depths.counts.get(q) for q in queues]
+    return None if None in counts else sum(c for c in counts if c is not None)
+
+
 def build(
     slot: dict[str, Any],
     relay: Scrape | None,
     workers: Sequence[Scrape],
-    parking: Parking,
+    parking_queue: str,
+    depths: Depths,
     relay_note: str | None = None,
 ) -> dict[str, Any]:
     """The `cdc status --json` document: the slot's keys as they were, plus ``relay``,
     ``workers``, ``lags`` and ``parked``."""
     r = relay_view(relay, relay_note)
     ws = [worker_view(w) for w in workers]
-    source = "broker" if parking.messages is not None else None
+    parked = depths.counts.get(parking_queue)
     return slot | {
         "relay": r,
         "workers": ws,
@@ -163,16 +181,27 @@ def build(
             "broker_confirmed_bytes": r["lag_bytes"],
             "broker_confirmed_seconds": r["lag_seconds"],
             "consumer_seconds": consumer_lag(ws),
+            "consumer_messages": backlog(ws, depths),
         },
         "parked": {
-            "queue": parking.queue,
-            "messages": parking.messages,
-            "source": source,
-            "error": parking.error,
+            "queue": parking_queue,
+            "messages": parked,
+            "source": "broker" if parked is not None else None,
+            "error": _depth_error(depths, parking_queue),
             "relay_total": r["parked_total"],
             "workers": {q: n for w in ws for q, n in w["parked_messages"].items()},
         },
     }
+
+
+def _depth_error(depths: Depths, queue: str) -> str | None:
+    if not depths.asked:
+        return "CDC_AMQP_URL not set"
+    if depths.error:
+        return depths.error
+    if depths.counts.get(queue) is None:
+        return "no such queue (the relay declares it at start)"
+    return None
 
 
 # -- the screen ------------------------------------------------------------------------------
@@ -249,7 +278,11 @@ def _lag_lines(doc: dict[str, Any]) -> list[str]:
     if not workers:
         consumer = f"{UNKNOWN} (give --worker-metrics URL)"
     else:
-        consumer = seconds(lags["consumer_seconds"]) + " (commit to ack, oldest queue)"
+        waiting = lags["consumer_messages"]
+        consumer = (
+            f"{seconds(lags['consumer_seconds'])} (commit to ack, oldest queue), "
+            f"{UNKNOWN if waiting is None else waiting} messages waiting"
+        )
     return [
         f"lag       slot             {size(lags['slot_bytes'])} (WAL PostgreSQL keeps)",
         f"          broker-confirmed {size(lags['broker_confirmed_bytes'])}, "
@@ -263,7 +296,7 @@ def _parked_lines(doc: dict[str, Any]) -> list[str]:
     if p["messages"] is not None:
         queue = f"{p['messages']} waiting (broker)"
     else:
-        queue = UNKNOWN + (f" ({p['error']})" if p["error"] else " (CDC_AMQP_URL not set)")
+        queue = f"{UNKNOWN} ({p['error']})"
     line = f"parked    {p['queue']}: {queue}"
     total = p["relay_total"]
     if total is not None:

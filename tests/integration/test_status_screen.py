@@ -86,9 +86,10 @@ def test_status_shows_slot_lags_relay_and_parked(env, ledger):
     assert lags["broker_confirmed_bytes"] >= 0 and lags["broker_confirmed_seconds"] >= 0
     # the worker measured commit-to-ack of real events: a positive, plausible age
     assert 0 < lags["consumer_seconds"] < 120, lags
+    assert lags["consumer_messages"] == 0, lags  # the broker's count of the worker's queue
     (w,) = doc["workers"]
     assert w["reachable"] is True and w["state"] == "consuming" and w["worker"], w
-    assert ledger.queue in w["event_age_seconds"], w
+    assert ledger.queue in w["event_age_seconds"] and ledger.queue in w["queues"], w
     parked = doc["parked"]
     assert (parked["queue"], parked["source"]) == (env.parking_queue, "broker"), parked
     assert parked["relay_total"] == {"unroutable": 1, "malformed": 0}, parked
@@ -110,6 +111,7 @@ def test_status_shows_slot_lags_relay_and_parked(env, ledger):
     no_broker = _doc(env, *urls, amqp_url=None)
     assert no_broker["parked"]["messages"] is None and no_broker["parked"]["source"] is None
     assert no_broker["parked"]["relay_total"]["unroutable"] == 1
+    assert no_broker["lags"]["consumer_messages"] is None
     assert "CDC_AMQP_URL not set" in _status(env, *urls, amqp_url=None).stdout
 
     # A worker that stops answering makes the consumer lag unknown, not its last value.

@@ -3,7 +3,17 @@ kept apart from zero, the consumer lag rule, the JSON keys and the text lines.""
 
 from __future__ import annotations
 
-from cdc.status_report import Parking, Samples, Scrape, build, consumer_lag, render, seconds, size
+from cdc.status_report import (
+    Depths,
+    Samples,
+    Scrape,
+    backlog,
+    build,
+    consumer_lag,
+    render,
+    seconds,
+    size,
+)
 
 RELAY_METRICS = """\
 # TYPE cdc_replication_lag_bytes gauge
@@ -35,6 +45,9 @@ cdc_worker_event_age_seconds{queue="billing.a",worker="billing"} 1.5
 cdc_worker_event_age_seconds{queue="billing.b",worker="billing"} 0.5
 # TYPE cdc_worker_parked_messages gauge
 cdc_worker_parked_messages{queue="billing-service.parked",worker="billing"} 4.0
+# TYPE cdc_worker_processed_total counter
+cdc_worker_processed_total{queue="billing.a",worker="billing"} 10.0
+cdc_worker_processed_total{queue="billing.b",worker="billing"} 0.0
 """
 SLOT = {
     "slot_name": "s", "exists": True, "plugin": "pgoutput", "active": True,
@@ -59,55 +72,56 @@ def test_samples_read_values_and_nan_is_unknown():
 
 def test_relay_state_and_lags_from_metrics_and_healthz():
     health = {"state": "blocked", "flushed_lsn": "0/20", "in_flight": 7}
-    doc = build(SLOT, Scrape(URL, RELAY_METRICS, health), [], Parking("p", 5))
+    doc = build(SLOT, Scrape(URL, RELAY_METRICS, health), [], "p", Depths({"p": 5}, asked=True))
     assert set(SLOT) < set(doc) and doc["slot_name"] == "s"
     relay = doc["relay"]
     assert (relay["state"], relay["in_flight"], relay["flushed_lsn"]) == ("blocked", 7, "0/20")
     assert doc["lags"] == {
         "slot_bytes": 16, "broker_confirmed_bytes": 2048, "broker_confirmed_seconds": 0.25,
-        "consumer_seconds": None,
+        "consumer_seconds": None, "consumer_messages": None,
     }
     assert doc["parked"]["relay_total"] == {"unroutable": 2, "malformed": 0}
     assert (doc["parked"]["messages"], doc["parked"]["source"]) == (5, "broker")
     # without /healthz the state gauge stands in
-    gauges = build(SLOT, Scrape(URL, RELAY_METRICS), [], Parking("p"))["relay"]
+    gauges = build(SLOT, Scrape(URL, RELAY_METRICS), [], "p", Depths())["relay"]
     assert (gauges["state"], gauges["in_flight"]) == ("streaming", 3)
 
 
 def test_unknown_is_never_zero():
     for relay in (Scrape(URL, error="connection refused"), Scrape(URL, NEVER_CONNECTED), None):
-        doc = build(SLOT | {"exists": False, "lag_bytes": None}, relay, [], Parking("p"))
+        doc = build(SLOT | {"exists": False, "lag_bytes": None}, relay, [], "p", Depths())
         assert set(doc["lags"].values()) == {None}, doc["lags"]
         text = "\n".join(render(doc, "head"))
         assert "0 B" not in text and "0.00 s" not in text, text
         assert "broker-confirmed unknown, unknown" in text
         assert "p: unknown (CDC_AMQP_URL not set)" in text
-    down = build(SLOT, Scrape(URL, error="connection refused"), [], Parking("p"))
+    down = build(SLOT, Scrape(URL, error="connection refused"), [], "p", Depths())
     assert "relay     unknown (no answer at http://127.0.0.1:9190/metrics: connection refused)" in (
         render(down, "head")
     )
-    assert build(SLOT, None, [], Parking("p"), "CDC_METRICS_PORT is 0")["relay"]["error"]
+    assert build(SLOT, None, [], "p", Depths(), "CDC_METRICS_PORT is 0")["relay"]["error"]
 
 
 def test_consumer_lag_is_the_oldest_queue_and_unknown_if_a_worker_is_silent():
-    ok = build(SLOT, None, [Scrape("http://w/metrics", WORKER_METRICS)], Parking("p"))
+    ok = build(SLOT, None, [Scrape("http://w/metrics", WORKER_METRICS)], "p", Depths())
     (w,) = ok["workers"]
     assert (w["worker"], w["state"]) == ("billing", "consuming")
     assert w["event_age_seconds"] == {"billing.a": 1.5, "billing.b": 0.5}
     assert ok["lags"]["consumer_seconds"] == 1.5
     assert ok["parked"]["workers"] == {"billing-service.parked": 4}
     silent = Scrape("http://w2/metrics", error="timed out")
-    both = build(SLOT, None, [Scrape("http://w/metrics", WORKER_METRICS), silent], Parking("p"))
+    both = build(SLOT, None, [Scrape("http://w/metrics", WORKER_METRICS), silent], "p", Depths())
     assert both["lags"]["consumer_seconds"] is None
     assert consumer_lag([]) is None
-    fresh = build(SLOT, None, [Scrape("http://w/metrics", "")], Parking("p"))
+    fresh = build(SLOT, None, [Scrape("http://w/metrics", "")], "p", Depths())
     assert fresh["lags"]["consumer_seconds"] is None  # no event acked yet: unknown
 
 
 def test_screen_has_every_part_in_few_lines():
     doc = build(
         SLOT, Scrape(URL, RELAY_METRICS, {"state": "streaming", "in_flight": 0}),
-        [Scrape("http://w/metrics", WORKER_METRICS)], Parking("cdc.outbox.parked", 0),
+        [Scrape("http://w/metrics", WORKER_METRICS)], "cdc.outbox.parked",
+        Depths({"cdc.outbox.parked": 0, "billing.a": 3, "billing.b": 4}, asked=True),
     )
     lines = render(doc, "cdc status")
     text = "\n".join(lines)
@@ -118,7 +132,7 @@ def test_screen_has_every_part_in_few_lines():
         "worker    billing: consuming, event age 1.50 s over 2 queue(s)",
         "lag       slot             16 B",
         "broker-confirmed 2.0 KiB, 0.25 s",
-        "consumers        1.50 s",
+        "consumers        1.50 s (commit to ack, oldest queue), 7 messages waiting",
         "parked    cdc.outbox.parked: 0 waiting (broker); relay parked since start: "
         "unroutable 2, malformed 0",
         "billing-service.parked: 4 waiting (worker)",
@@ -132,3 +146,18 @@ def test_units():
         "unknown", "0 B", "1023 B", "1.5 KiB", "5.0 GiB"]
     assert [seconds(s) for s in (None, 0.0, 59.994, 125, 7260)] == [
         "unknown", "0.00 s", "59.99 s", "2m05s", "2h01m"]
+
+
+def test_consumer_backlog_counts_every_worker_queue_or_is_unknown():
+    (w,) = build(SLOT, None, [Scrape("http://w/metrics", WORKER_METRICS)], "p", Depths())[
+        "workers"
+    ]
+    assert w["queues"] == ["billing.a", "billing.b"]
+    assert backlog([w], Depths({"billing.a": 3, "billing.b": 4}, asked=True)) == 7
+    assert backlog([w], Depths({"billing.a": 3}, asked=True)) is None  # one queue missing
+    assert backlog([w], Depths()) is None  # no broker URL
+    assert backlog([], Depths({"x": 1}, asked=True)) is None
+    down = build(SLOT, None, [], "p", Depths(asked=True, error="broker: connection refused"))
+    assert down["parked"]["messages"] is None
+    assert down["parked"]["error"] == "broker: connection refused"
+    assert "p: unknown (broker: connection refused)" in "\n".join(render(down, "h"))
