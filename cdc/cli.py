@@ -195,21 +195,35 @@ def _run_fast(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def _status(settings: RelaySettings, args: argparse.Namespace) -> int:
-    from cdc import status_probe, status_report
+    from cdc import status_probe
 
     while True:
-        doc = status_probe.gather(settings, args.relay_metrics, args.worker_metrics)
-        if args.json:
-            print(orjson.dumps(doc).decode(), flush=True)
+        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        heading = f"cdc status  outbox-cdc {__version__}  {now}"
+        try:
+            doc = status_probe.gather(settings, args.relay_metrics, args.worker_metrics)
+        except SourceError as exc:
+            if args.watch is None:
+                raise
+            # Watching through a PostgreSQL outage: say so and look again next round.
+            print(f"{heading}\nPostgreSQL: {exc} (trying again in {args.watch:g} s)",
+                  file=sys.stderr, flush=True)
         else:
-            now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-            heading = f"cdc status  outbox-cdc {__version__}  {now}"
-            if args.watch is not None and sys.stdout.isatty():
-                print("\x1b[H\x1b[2J", end="")  # home and clear: redraw in place
-            print("\n".join(status_report.render(doc, heading)), flush=True)
+            _show(doc, heading, args)
         if args.watch is None:
             return 0
         time.sleep(max(args.watch, 0.2))
+
+
+def _show(doc: dict[str, Any], heading: str, args: argparse.Namespace) -> None:
+    from cdc import status_report
+
+    if args.json:
+        print(orjson.dumps(doc).decode(), flush=True)
+        return
+    if args.watch is not None and sys.stdout.isatty():
+        print("\x1b[H\x1b[2J", end="")  # home and clear: redraw in place
+    print("\n".join(status_report.render(doc, heading)), flush=True)
 
 
 def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:

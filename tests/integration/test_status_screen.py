@@ -126,9 +126,9 @@ def test_status_shows_slot_lags_relay_and_parked(env, ledger):
     assert stopped["lags"]["slot_bytes"] is not None
 
 
-def _watch(env, *args: str, run_for: float = 3.0) -> tuple[int, str]:
+def _watch(env, *args: str, run_for: float = 3.0, **overrides) -> tuple[str, str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-    full.update(env.relay_env())
+    full.update(env.relay_env(**overrides))
     proc = subprocess.Popen(
         [sys.executable, "-m", "cdc", "status", *args],
         cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -143,14 +143,23 @@ def _watch(env, *args: str, run_for: float = 3.0) -> tuple[int, str]:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
-    return proc.returncode, out
+    return out, err
 
 
 def test_watch_redraws_until_ctrl_c(env):
     env.setup()
-    _, out = _watch(env, "--watch", "0.3", run_for=4.0)
+    out, _ = _watch(env, "--watch", "0.3", run_for=4.0)
     # at least two screens in 4 s on a loaded machine (each needs PostgreSQL round trips)
     assert out.count("cdc status  outbox-cdc") >= 2, out
-    _, lines = _watch(env, "--json", "--watch", "0.3", run_for=4.0)
+    lines, _ = _watch(env, "--json", "--watch", "0.3", run_for=4.0)
     docs = [json.loads(line) for line in lines.splitlines() if line.strip()]
     assert len(docs) >= 2 and all(set(d) >= SLOT_KEYS | NEW_KEYS for d in docs), lines
+
+
+def test_watch_goes_on_through_a_database_outage(env):
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    once = env.cdc("status", env=env.relay_env(database_url=closed))
+    assert once.returncode == 3, once.stderr  # without --watch: the usual refusal exit
+    out, err = _watch(env, "--watch", "0.3", run_for=3.0, database_url=closed)
+    assert err.count("PostgreSQL: cannot connect") >= 2, err
+    assert out == ""
