@@ -1,4 +1,4 @@
-"""Command line of the relay: ``cdc setup | relay | status | demo``.
+"""Command line of the relay: ``cdc setup | relay | status | recover | prune | demo``.
 
 Builds the one :class:`RelaySettings` from the environment with flags overriding, sets up
 logging, and maps outcomes to the documented exit codes. Each command declares the settings
@@ -45,6 +45,8 @@ EXIT_SLOT_LOST = 5
 DB, AMQP = "database_url", "amqp_url"
 NAMES = ("slot_name", "publication_name", "outbox_table")
 LOGS = ("log_format", "log_level")
+#: What publishing reads (the relay, `cdc recover`, `cdc setup --backfill`).
+PUBLISH = ("exchange", "parking_queue", "max_in_flight", "confirm_timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +61,9 @@ class Command:
 COMMANDS = {
     "setup": Command(
         "create the outbox table (if absent), publication, checkpoint table and slot; print "
-        "the relay role's GRANTs (--check: verify as the relay's role, change nothing)",
-        (DB, *NAMES, *LOGS),
+        "the relay role's GRANTs (--check: verify as the relay's role, change nothing; "
+        "--backfill: also publish rows already there, which needs CDC_AMQP_URL)",
+        (DB, AMQP, *NAMES, *PUBLISH, *LOGS),
         (DB,),
     ),
     "relay": Command(
@@ -72,6 +75,16 @@ COMMANDS = {
         "one screen: the slot and its health, the three lags, the relay's state, parked "
         "counts (CDC_AMQP_URL optional: the parking queue's depth)",
         (DB, AMQP, *NAMES, "parking_queue", "metrics_port", *LOGS),
+        (DB,),
+    ),
+    "recover": Command(
+        "after a slot loss: new slot, publish what the checkpoint cannot prove sent",
+        (DB, AMQP, *NAMES, *PUBLISH, *LOGS),
+        (DB, AMQP),
+    ),
+    "prune": Command(
+        "delete outbox rows the checkpoint proves published, older than a duration",
+        (DB, *NAMES, "prune_older_than", *LOGS),
         (DB,),
     ),
     "demo": Command(
@@ -145,22 +158,40 @@ def _add_own_flags(name: str, cmd: argparse.ArgumentParser) -> None:
             default=[],
             help="workers' /metrics, for the consumer lag and their parked counts",
         )
+    if name == "setup":
+        cmd.add_argument(
+            "--backfill",
+            metavar="pending|all|since=ISO",
+            help="publish rows already in the table from the new slot's snapshot "
+            "(pending: those whose status is not 'published'); run again to resume",
+        )
+    if name == "prune":
+        cmd.add_argument(
+            "--older-than",
+            metavar="DURATION",
+            help="e.g. 90s, 12h, 7d (default: CDC_PRUNE_OLDER_THAN)",
+        )
     if name == "demo":
         cmd.add_argument("--rate", type=float, default=5.0, help="events per second (default 5)")
         cmd.add_argument("--count", type=int, default=0, help="stop after N (default 0: forever)")
 
 
+def _needs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The URLs this invocation needs: a backfill publishes, plain setup does not."""
+    needs = COMMANDS[args.command].needs
+    if args.command == "setup" and args.backfill is not None:
+        return (*needs, AMQP)
+    return needs
+
+
 def _settings(args: argparse.Namespace) -> RelaySettings:
-    command = COMMANDS[args.command]
-    return load(
-        RelaySettings,
-        settings_flags(args, RelaySettings),
-        needs=command.needs,
-        user=f"`cdc {args.command}`",
-    )
+    backfill = args.command == "setup" and args.backfill is not None
+    user = "`cdc setup --backfill`" if backfill else f"`cdc {args.command}`"
+    return load(RelaySettings, settings_flags(args, RelaySettings), _needs(args), user)
 
 
 def _run_relay(settings: RelaySettings) -> int:
+    from cdc import maintenance
     from cdc.metrics import Metrics, serve
     from cdc.relay import Relay
 
@@ -170,6 +201,7 @@ def _run_relay(settings: RelaySettings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, relay.stop)
+        upkeep = asyncio.create_task(maintenance.run(settings, metrics), name="cdc-upkeep")
         server = None
         if settings.metrics_port:
             server = await serve(
@@ -178,6 +210,7 @@ def _run_relay(settings: RelaySettings) -> int:
         try:
             return await relay.run()
         finally:
+            upkeep.cancel()
             if server is not None:
                 server.close()
 
@@ -235,16 +268,53 @@ def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
             print(finding.line())
         return 0 if all(f.ok for f in findings) else EXIT_SETUP
     role = privileges.check_role_name(args.relay_role or privileges.DEFAULT_ROLE)
-    for line in slots.setup(settings):
+    for line in _setup_lines(args, settings):
         log.info(line)
     for line in privileges.grant_lines(settings, role, apply=args.relay_role is not None):
         print(line)
     return 0
 
 
+def _setup_lines(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
+    if args.backfill is None:
+        return slots.setup(settings)
+    from cdc import backfill
+    from cdc.horizon import parse_backfill
+
+    try:
+        mode, since = parse_backfill(args.backfill)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return backfill.run(settings, mode, since)
+
+
+def _prune(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
+    from cdc.durations import parse_duration
+    from cdc.prune import prune
+
+    text = args.older_than or settings.prune_older_than
+    if not text:
+        raise ConfigError("say how old a row must be: --older-than 7d (or CDC_PRUNE_OLDER_THAN)")
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from exc
+    return [prune(settings, seconds).summary(text)]
+
+
 def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
     if args.command == "setup":
         return _setup(settings, args)
+    if args.command in ("recover", "prune"):
+        if args.command == "recover":
+            from cdc.recovery import recover
+
+            lines = recover(settings)
+        else:
+            lines = _prune(args, settings)
+        for line in lines:
+            log.info(line)
+        return 0
     if args.command == "status":
         return _status(settings, args)
     if args.command == "demo":

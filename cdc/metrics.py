@@ -86,6 +86,16 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.backfill_done = Gauge(
+            "cdc_backfill_rows_done", "Rows the slot's backfill has published", registry=r
+        )
+        self.backfill_total = Gauge(
+            "cdc_backfill_rows_total", "Rows the slot's backfill publishes in all", registry=r
+        )
+        self.pruned = Counter(
+            "cdc_pruned_rows_total", "Published outbox rows deleted by the periodic prune",
+            registry=r,
+        )
         self.slot_lost = Gauge(
             "cdc_slot_lost",
             "1 when the slot is lost (missing, invalidated, moved, unpublished table): "

@@ -1,8 +1,9 @@
 """Outbox routing: a decoded INSERT into the outbox table becomes one AMQP message.
 
 Pure: takes pgoutput :class:`Relation`/:class:`Insert` values plus the transaction's commit
-LSN and time, and returns either an :class:`OutboxEvent` (what to publish, per BRIEF §2) or
-a :class:`Malformed` (what to park, with the reason). No row is ever dropped here.
+LSN and time (or, for a row read from a snapshot, where it was read), and returns either an
+:class:`OutboxEvent` (what to publish, per BRIEF §2) or a :class:`Malformed` (what to park,
+with the reason). No row is ever dropped here.
 
 The column layout is looked up by *name* once per Relation message, so columns added by
 ``ALTER TABLE ... ADD COLUMN`` mid-stream, or legacy columns like ``status``, do not matter.
@@ -131,6 +132,23 @@ def route(
     layout: Layout, row: TupleData, *, commit_lsn: int, commit_time: datetime
 ) -> OutboxEvent | Malformed:
     """Turn one inserted outbox row into the message of BRIEF §2, or say why it cannot be."""
+    lsn_text, time_text = _commit_headers(commit_lsn, commit_time)
+    return _route(layout, row, {"commit_lsn": lsn_text, "commit_time": time_text})
+
+
+def route_snapshot(
+    layout: Layout, row: TupleData, *, source: str, snapshot: str
+) -> OutboxEvent | Malformed:
+    """Like :func:`route` for a row read from a snapshot (backfill or recovery).
+
+    Same body, properties and row headers; instead of the commit headers (a row read from
+    the table has no commit position) ``x-cdc-source`` (``backfill`` | ``recovery``) and
+    ``x-cdc-snapshot`` (the ``pg_snapshot`` text the row was read in).
+    """
+    return _route(layout, row, {"x-cdc-source": source, "x-cdc-snapshot": snapshot})
+
+
+def _route(layout: Layout, row: TupleData, own: dict[str, str]) -> OutboxEvent | Malformed:
     idx = layout.index
 
     def col(name: str) -> bytes | None:
@@ -183,7 +201,7 @@ def route(
     created_at = _parse_time(created_text)
     headers["aggregate_type"] = _text(col("aggregate_type"))
     headers["aggregate_id"] = _text(col("aggregate_id"))
-    headers["commit_lsn"], headers["commit_time"] = _commit_headers(commit_lsn, commit_time)
+    headers.update(own)
     created_iso = created_at.isoformat(timespec="microseconds") if created_at else None
     headers["created_at"] = created_iso or created_text
     # Before 1970 the AMQP timestamp cannot carry it: the header keeps the time.

@@ -69,6 +69,7 @@ _STALE_DB_RE = re.compile(r"^cdc_test_([0-9a-f]{8})[0-9a-f]{4}$")
 _STALE_SLOT_RE = re.compile(r"^cdc_test_([0-9a-f]{8})[0-9a-f]{4}_")
 _STALE_AMQP_RE = re.compile(r"^cdc_test\.([0-9a-f]{8})[0-9a-f]{4}\.")
 _LSN_RE = re.compile(r"^([0-9A-F]{1,8})/([0-9A-F]{1,8})$")
+_SNAPSHOT_RE = re.compile(r"^\d+:\d+:(\d+(,\d+)*)?$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1485,6 +1486,70 @@ class Env(SqlAccess):
         assert info is not None, f"slot {self.slot} does not exist"
         return parse_lsn(info["confirmed_flush_lsn"])
 
+    def prove_checkpoint(self, timeout: float = 30.0, quiet: bool = True) -> str:
+        """Do once, now, what the relay's periodic checkpoint does; return the snapshot.
+
+        Snapshot first, then the WAL insert position (every transaction the snapshot sees
+        has its commit below it); once the slot's confirmed_flush_lsn has passed that
+        position, the snapshot is proven: every stream row below its xmin was confirmed.
+        ``quiet=False`` takes the snapshot at once, with whatever transactions are open.
+        """
+        # Wait until no transaction older than the outbox's newest row is open (other tests
+        # on the shared server may hold one), so the checkpoint covers every row so far.
+        newest = sql.SQL("SELECT coalesce(max(xmin::text::bigint), 0) FROM {}").format(
+            self.table_ident()
+        )
+        xmin = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+        if quiet:
+            wait_for(
+                lambda: self.sql(xmin)[0][0] > self.sql(newest)[0][0],
+                timeout,
+                "the transactions open on the server to end",
+            )
+        snapshot = str(self.sql("SELECT pg_current_snapshot()::text")[0][0])
+        lsn = parse_lsn(self.sql("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+        wait_for(
+            lambda: self.confirmed_flush_lsn() >= lsn,
+            timeout,
+            lambda: f"slot to confirm {format_lsn(lsn)}\n{self.relay_tails()}",
+        )
+        self.sql(
+            "UPDATE cdc.relay_checkpoint SET proven_snapshot = %s::pg_snapshot, proven_at = now()"
+            " WHERE slot_name = %s",
+            (snapshot, self.slot),
+        )
+        return snapshot
+
+    def create_seed_table(self) -> None:
+        """The outbox table exactly as ``cdc/sql/001_outbox_table.sql`` makes it."""
+        ddl = (REPO / "cdc" / "sql" / "001_outbox_table.sql").read_text()
+        self.sql(sql.SQL(ddl).format(table=self.table_ident()))  # type: ignore[arg-type]
+
+    def seed_poller_rows(self, pending: int, failed: int, published: int) -> dict[str, set[str]]:
+        """Rows as the seed's polling relay leaves them (statuses ``pending``, ``failed``
+        after 5 tries, ``published`` with ``published_at``), created an hour ago, in one
+        statement; returns their ids by status."""
+        self.sql(
+            sql.SQL(
+                "INSERT INTO {} (aggregate_type, aggregate_id, event_type, payload, status,"
+                " retry_count, published_at, created_at)"
+                " SELECT 'device', 'dev-' || g, 'device.started',"
+                " jsonb_build_object('seed', g, 'deviceId', 'dev-' || g),"
+                " CASE WHEN g <= %(p)s THEN 'pending' WHEN g <= %(p)s + %(f)s THEN 'failed'"
+                " ELSE 'published' END,"
+                " CASE WHEN g > %(p)s AND g <= %(p)s + %(f)s THEN 5 ELSE 0 END,"
+                " CASE WHEN g > %(p)s + %(f)s THEN now() - interval '50 minutes' END,"
+                " now() - interval '1 hour' + g * interval '1 ms'"
+                " FROM generate_series(1, %(n)s) g"
+            ).format(self.table_ident()),
+            {"p": pending, "f": failed, "n": pending + failed + published},
+        )
+        by_status: dict[str, set[str]] = {"pending": set(), "failed": set(), "published": set()}
+        query = sql.SQL("SELECT id::text, status FROM {}").format(self.table_ident())
+        for rid, status in self.sql(query):
+            by_status[status].add(rid)
+        return by_status
+
     def slot_active(self) -> bool:
         info = self.slot_info()
         return bool(info and info["active"])
@@ -1704,11 +1769,18 @@ class Env(SqlAccess):
             assert h.get("aggregate_id") in (None, ""), (where, h)
         else:
             assert h.get("aggregate_id") == row.aggregate_id, (where, h)
-        assert _LSN_RE.match(str(h.get("commit_lsn"))), (where, h)
-        commit_time = _iso(h.get("commit_time"))
-        assert commit_time.utcoffset() == dt.timedelta(0), (where, h["commit_time"])
-        now = dt.datetime.now(dt.UTC)
-        assert self.t0 - dt.timedelta(minutes=1) <= commit_time <= now + dt.timedelta(minutes=1)
+        if "x-cdc-source" in h:
+            # Read from a snapshot (backfill or recovery): no commit position, the snapshot.
+            assert h["x-cdc-source"] in ("backfill", "recovery"), (where, h)
+            assert _SNAPSHOT_RE.match(str(h.get("x-cdc-snapshot"))), (where, h)
+            assert "commit_lsn" not in h and "commit_time" not in h, (where, h)
+        else:
+            assert _LSN_RE.match(str(h.get("commit_lsn"))), (where, h)
+            commit_time = _iso(h.get("commit_time"))
+            assert commit_time.utcoffset() == dt.timedelta(0), (where, h["commit_time"])
+            now = dt.datetime.now(dt.UTC)
+            soon = now + dt.timedelta(minutes=1)
+            assert self.t0 - dt.timedelta(minutes=1) <= commit_time <= soon, where
         created_h = _iso(h.get("created_at"))
         if created_h.tzinfo is not None:
             assert created_h == row.created_at, (where, h["created_at"], row.created_at)

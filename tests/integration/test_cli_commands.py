@@ -1,7 +1,8 @@
 """Each command asks only for what it uses, and ``cdc-worker`` is ``python -m consumers``.
 
-- ``cdc setup`` and ``cdc status`` run without ``CDC_AMQP_URL``; ``cdc relay`` and a worker
-  without one exit 2 with one line naming the variable and the command;
+- ``cdc setup``, ``cdc status`` and ``cdc prune`` run without ``CDC_AMQP_URL``; ``cdc relay``,
+  ``cdc recover``, ``cdc setup --backfill`` and a worker without one exit 2 with one line
+  naming the variable and the command;
 - ``dlq list`` runs without ``CDC_DATABASE_URL``;
 - the ``cdc-worker`` console script runs a worker as ``python -m consumers`` does.
 """
@@ -38,6 +39,11 @@ def test_cdc_commands_need_only_their_urls(env):
     assert status.returncode == 0 and f"slot      {env.slot}" in status.stdout, status.stderr
     _one_line(env.cdc("relay", env=no_broker), "CDC_AMQP_URL: is not set", "`cdc relay`")
     _one_line(env.cdc("demo", env=no_broker), "CDC_AMQP_URL", "`cdc demo`")
+    _one_line(env.cdc("recover", env=no_broker), "CDC_AMQP_URL", "`cdc recover`")
+    backfill = env.cdc("setup", "--backfill", "all", env=no_broker)
+    _one_line(backfill, "CDC_AMQP_URL", "`cdc setup --backfill`")
+    prune = env.cdc("prune", "--older-than", "7d", env=no_broker)
+    assert prune.returncode == 0 and "pruned 0 published rows" in prune.stderr, prune.stderr
     no_db = env.relay_env(database_url=None)
     for command in ("setup", "status", "relay"):
         _one_line(env.cdc(command, env=no_db), "CDC_DATABASE_URL: is not set", f"`cdc {command}`")

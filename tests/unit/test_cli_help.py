@@ -17,7 +17,7 @@ from consumers.config import ConsumerSettings
 pytestmark = pytest.mark.usefixtures("no_cdc_env")
 
 MARKUP = re.compile(r"``|:(class|func|mod|attr|meth|data):")
-CDC_COMMANDS = ["setup", "relay", "status", "demo"]
+CDC_COMMANDS = ["setup", "relay", "status", "recover", "prune", "demo"]
 DLQ_COMMANDS = ["list", "show", "replay", "purge"]
 
 
@@ -51,7 +51,11 @@ def test_each_cdc_command_lists_only_its_flags(capsys):
         "--database-url", "--amqp-url", "--slot-name", "--publication-name", "--outbox-table",
         "--parking-queue", "--metrics-port", "--log-format", "--log-level",
     }
-    assert "--amqp-url" not in shown["setup"] and "--max-in-flight" not in shown["setup"]
+    # setup publishes only with --backfill: the broker and the publish window, no relay knobs
+    assert {"--amqp-url", "--max-in-flight"} <= shown["setup"]
+    assert "--status-interval" not in shown["setup"] and "--metrics-port" not in shown["setup"]
+    assert "--amqp-url" in shown["recover"] and "--prune-older-than" not in shown["recover"]
+    assert "--amqp-url" not in shown["prune"] and "--prune-older-than" in shown["prune"]
     assert "--slot-name" not in shown["demo"] and "--metrics-port" not in shown["demo"]
     status = _flags(_out(capsys, cdc_cli.main, ["status", "--help"]))
     assert {"--json", "--watch", "--relay-metrics", "--worker-metrics"} <= status

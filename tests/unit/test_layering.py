@@ -28,6 +28,8 @@ PURE = [
     "cdc.liveness",
     "cdc.refusals",
     "cdc.errors",
+    "cdc.durations",
+    "cdc.progress",
     "cdc.checkpoint",
     "cdc.status_report",
     "consumers.billing.metering",
