@@ -335,6 +335,24 @@ def _checkpoint_lines(cp: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _failover_lines(failover: dict[str, Any] | None) -> list[str]:
+    if failover is None:
+        return []
+    listed = ",".join(failover["synchronized_standby_slots"]) or "(none)"
+    lines = [
+        f"failover slot: {failover['slot_failover']} (supported: {failover['supported']}; "
+        f"synchronized_standby_slots: {listed})"
+    ]
+    ready = {True: "ready", False: "NOT ready", None: "unknown (use --standby-url)"}
+    for standby in failover["standbys"]:
+        lines.append(
+            f"  standby {standby['standby']} ({standby['state'] or 'not connected'}): "
+            f"{ready[standby['ready']]}"
+        )
+        lines += [f"    - {reason}" for reason in standby["reasons"]]
+    return lines
+
+
 def render(doc: dict[str, Any], heading: str) -> list[str]:
     """The one-screen text of a :func:`build` document."""
     return [
@@ -346,4 +364,5 @@ def render(doc: dict[str, Any], heading: str) -> list[str]:
         *_lag_lines(doc),
         *_parked_lines(doc),
         *_checkpoint_lines(doc.get("checkpoint")),
+        *_failover_lines(doc.get("failover")),
     ]

@@ -161,3 +161,24 @@ def test_consumer_backlog_counts_every_worker_queue_or_is_unknown():
     assert down["parked"]["messages"] is None
     assert down["parked"]["error"] == "broker: connection refused"
     assert "p: unknown (broker: connection refused)" in "\n".join(render(down, "h"))
+
+
+def test_failover_lines_when_the_document_has_them():
+    doc = build(SLOT, None, [], "p", Depths()) | {
+        "failover": {
+            "supported": True, "slot_failover": True, "synchronized_standby_slots": ["sb1"],
+            "standbys": [
+                {"standby": "sb1", "state": "streaming", "ready": True, "reasons": []},
+                {"standby": "sb2", "state": None, "ready": None, "reasons": ["not listed"]},
+            ],
+        }
+    }
+    lines = render(doc, "h")
+    tail = lines[lines.index(
+        "failover slot: True (supported: True; synchronized_standby_slots: sb1)"):]
+    assert tail[1:] == [
+        "  standby sb1 (streaming): ready",
+        "  standby sb2 (not connected): unknown (use --standby-url)",
+        "    - not listed",
+    ]
+    assert not any("failover" in line for line in render(build(SLOT, None, [], "p", Depths()), "h"))
