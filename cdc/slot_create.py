@@ -26,6 +26,7 @@ from psycopg import pq, sql
 from cdc.checkpoint import normalize_snapshot
 from cdc.config import RelaySettings
 from cdc.errors import SourceError
+from cdc.failover import supported as failover_slots_supported
 from cdc.lsn import parse_lsn
 from cdc.refusals import refused_by_postgres
 from cdc.replication import IDENTIFY_SYSTEM, create_slot_command
@@ -89,10 +90,6 @@ def replication_connect(settings: RelaySettings) -> Conn:
         raise refused or SourceError(f"{doing}: {exc}".strip()) from exc
 
 
-#: First server version (``server_version_num``) with failover slots.
-FAILOVER_SLOTS_SINCE = 170000
-
-
 @contextlib.contextmanager
 def exported_slot(
     settings: RelaySettings, *, failover: bool | None = None
@@ -109,7 +106,7 @@ def exported_slot(
     """
     with replication_connect(settings) as repl:
         if failover is None:
-            failover = repl.info.server_version >= FAILOVER_SLOTS_SINCE
+            failover = failover_slots_supported(repl.info.server_version)
         identity = identify_system(repl)
         result = _command(repl.pgconn, create_slot_command(settings.slot_name, failover=failover))
         # Columns: slot_name, consistent_point, snapshot_name, output_plugin. Nothing may be

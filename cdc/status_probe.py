@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -99,8 +100,20 @@ def depths(settings: RelaySettings, queues: list[str]) -> report.Depths:
         return report.Depths(asked=True, error=f"broker: {_why(exc)}")
 
 
+def _database_side(settings: RelaySettings, standby_urls: list[str]) -> dict[str, Any]:
+    """The slot's status and the failover readiness of the standbys."""
+    from cdc.standbys import failover_status
+
+    slot = slots.status(settings).as_dict()
+    with slots.connect(settings) as conn:
+        return slot | {"failover": failover_status(conn, settings, standby_urls)}
+
+
 def gather(
-    settings: RelaySettings, relay_url: str | None, worker_urls: list[str]
+    settings: RelaySettings,
+    relay_url: str | None,
+    worker_urls: list[str],
+    standby_urls: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Everything `cdc status` shows, as the JSON document of :func:`status_report.build`."""
     relay_url = relay_url or default_relay_url(settings)
@@ -108,7 +121,7 @@ def gather(
     urls = ([relay_url] if relay_url else []) + worker_urls
     with ThreadPoolExecutor(max_workers=len(urls) + 1) as pool:
         scrapes = pool.map(scrape, urls)
-        slot = pool.submit(lambda: slots.status(settings).as_dict())
+        slot = pool.submit(_database_side, settings, list(standby_urls))
         found = list(scrapes)
         relay = found.pop(0) if relay_url else None
         # the workers' queues are named in their metrics: ask the broker once for all

@@ -16,7 +16,8 @@ name with the session tag, and is removed in teardown even when the test fails:
 
 Services default to 127.0.0.1 (PostgreSQL 5432 as ``postgres``, RabbitMQ 5672 guest/guest);
 override with ``CDC_TEST_PG_URL`` (an admin URL to the ``postgres`` database) and
-``CDC_TEST_AMQP_URL``.
+``CDC_TEST_AMQP_URL``. ``pg_clusters`` starts throwaway servers of its own (PostgreSQL 15, or
+``CDC_TEST_PG_VERSION``), with a physical standby when asked.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -53,6 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
+import pgcluster
 import psycopg
 import pytest
 import yaml
@@ -1937,10 +1938,12 @@ def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
 
 
 @pytest.fixture
-def private_env(private_pg: PrivatePostgres, broker: Broker, tmp_path: Path) -> Iterator[Env]:
+def private_env(
+    private_pg: pgcluster.PgServer, broker: Broker, tmp_path: Path
+) -> Iterator[Env]:
     """``env`` on a throwaway server of this test's own (``private_pg``), for settings that
     must not touch the shared one."""
-    yield from _serve_env(Env("postgres", broker, tmp_path, url=private_pg.url))
+    yield from _serve_env(Env("postgres", broker, tmp_path, url=private_pg.url()))
 
 
 def _serve_env(e: Env) -> Iterator[Env]:
@@ -1956,57 +1959,20 @@ def _serve_env(e: Env) -> Iterator[Env]:
             print("teardown problems:", *errors, sep="\n  ")
 
 
-class PrivatePostgres:
-    """A throwaway PostgreSQL cluster (initdb, run as the ``postgres`` user when we are
-    root) on a free port, with ``wal_level=logical`` and the given extra settings."""
-
-    def __init__(self, settings: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self.datadir = Path(tempfile.mkdtemp(prefix="cdc_test_pg_"))
-        self._settings = {"wal_level": "logical", "fsync": "off", **settings}
-
-    def _run(self, *argv: str, timeout: float = 120) -> None:
-        bindir = subprocess.run(
-            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        cmd = [str(Path(bindir) / argv[0]), *argv[1:]]
-        if os.geteuid() == 0:  # the server refuses to run as root
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, capture_output=True, check=True, timeout=timeout)
-
-    def start(self) -> PrivatePostgres:
-        if os.geteuid() == 0:
-            shutil.chown(self.datadir, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
-                  "-E", "UTF8", "--no-sync")
-        options = {
-            "port": str(self.port),
-            "listen_addresses": "127.0.0.1",
-            "unix_socket_directories": str(self.datadir),
-            **self._settings,
-        }
-        opts = " ".join(f"-c {k}={v}" for k, v in options.items())
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"),
-                  "-w", "-o", opts, "start")
-        return self
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(self.datadir, ignore_errors=True)
-
-
 @pytest.fixture
-def private_pg(request: pytest.FixtureRequest) -> Iterator[PrivatePostgres]:
-    """A throwaway cluster for this test; ``@pytest.mark.pg_settings(name=value, ...)`` adds
-    server settings. Stopped (immediate) and deleted at the end."""
+def private_pg(request: pytest.FixtureRequest) -> Iterator[pgcluster.PgServer]:
+    """A throwaway server (tests/pgcluster.py, of the version under test) for this test;
+    ``@pytest.mark.pg_settings(name=value, ...)`` adds server settings. Stopped and deleted
+    at the end."""
     marker = request.node.get_closest_marker("pg_settings")
-    server = PrivatePostgres(dict(marker.kwargs) if marker else {})
+    pgcluster.sweep_stale()
+    cluster = pgcluster.start_cluster(
+        standby=False, settings=dict(marker.kwargs) if marker else None
+    )
     try:
-        yield server.start()
+        yield cluster.primary
     finally:
-        server.stop()
+        cluster.destroy()
 
 
 @pytest.fixture
@@ -2298,6 +2264,76 @@ def rabbit_app() -> Iterator[RabbitApp]:
             with contextlib.suppress(Exception):
                 app._ctl("start_app")
         wait_amqp_ready(timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# throwaway PostgreSQL clusters (tests/pgcluster.py): a primary and a physical standby
+
+
+class Clusters:
+    """Clusters started by one test and :class:`Env` objects on them; ``close()`` removes all.
+
+    A cluster's servers run as the ``postgres`` unix user in ``/tmp/cdc_pgcluster_<pid>_*``;
+    leftovers of crashed runs (owner process gone) are swept when the fixture starts.
+    """
+
+    def __init__(self, broker: Broker, tmp_path: Path) -> None:
+        self.broker = broker
+        self.tmp_path = tmp_path
+        self.clusters: list[pgcluster.PgCluster] = []
+        self.envs: list[Env] = []
+        swept = pgcluster.sweep_stale()
+        if swept:
+            print(f"removed clusters of crashed runs: {swept}")
+
+    def start(
+        self, version: int | None = None, standby: bool = True, proxy: bool = False,
+        **settings: Any,
+    ) -> pgcluster.PgCluster:
+        """A running primary of ``version`` (default: the version under test) with extra
+        server ``settings``, and a streaming physical standby of it (through
+        ``cluster.proxy`` with ``proxy=True``)."""
+        cluster = pgcluster.start_cluster(version, standby, settings, proxy)
+        self.clusters.append(cluster)
+        return cluster
+
+    def env(self, cluster: pgcluster.PgCluster, dbname: str = "cdc_cluster") -> Env:
+        """An :class:`Env` in a new database of ``cluster``; the relay's URL names both hosts
+        with ``target_session_attrs=read-write`` when there is a standby."""
+        cluster.primary.sql(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        url = cluster.multi_host_url(dbname) if cluster.standby else cluster.primary.url(dbname)
+        e = Env(dbname, self.broker, self.tmp_path / f"c{len(self.clusters)}", url=url)
+        e.tmp_path.mkdir(exist_ok=True)
+        e.declare_sink()
+        self.envs.append(e)
+        return e
+
+    def close(self) -> None:
+        """Relays, names and clusters of this test; problems are printed, not raised."""
+        errors: list[str] = []
+        for e in self.envs:
+            for r in e.relays:
+                if r.log_path.exists():
+                    print(r.tail(80))
+            errors += e.cleanup()
+        for cluster in self.clusters:
+            print(cluster.logs())
+            try:
+                cluster.destroy()
+            except Exception as exc:
+                errors.append(f"destroy {cluster.base}: {exc!r}")
+        if errors:
+            print("teardown problems:", *errors, sep="\n  ")
+
+
+@pytest.fixture
+def pg_clusters(broker: Broker, tmp_path: Path) -> Iterator[Clusters]:
+    """Start throwaway clusters (``pg_clusters.start(18)``); stopped and deleted at the end."""
+    c = Clusters(broker, tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.parse import urlsplit
 
 import pytest
+from conftest import ADMIN_URL, db_url
 from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -36,6 +38,7 @@ STATUS_KEYS = {
     "health",
     "health_reason",
     "checkpoint",
+    "failover",
 }
 #: What the status screen added (tests/integration/test_status_screen.py checks their values).
 SCREEN_KEYS = {"relay", "workers", "lags", "parked"}
@@ -168,9 +171,13 @@ def test_bad_slot_name_is_rejected_and_nothing_is_created(env, how):
 def test_setup_against_missing_database_fails_clearly(env, style):
     db = f"cdc_test_missing_{env.tag}"
     if style == "url":
-        url = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/{db}"
+        url = db_url(db, password=SECRET)
     else:
-        url = f"host=127.0.0.1 port=5432 dbname={db} user=postgres password={SECRET}"
+        where = urlsplit(ADMIN_URL)
+        url = (
+            f"host={where.hostname} port={where.port or 5432} dbname={db} user=postgres "
+            f"password={SECRET}"
+        )
     res = env.cdc("setup", env=env.relay_env(database_url=url), timeout=60)
     out = res.stdout + res.stderr
     assert res.returncode in (2, 3), (res.returncode, out)
@@ -234,7 +241,7 @@ def test_sigterm_drains_and_exits_zero(env):
 
 
 def test_no_secret_in_metrics_logs_or_errors(env):
-    url = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/{env.dbname}"
+    url = db_url(env.dbname, password=SECRET)
     setup = env.cdc("setup", env=env.relay_env(database_url=url, log_level="DEBUG"))
     assert setup.returncode == 0, setup.stderr
     status = env.cdc("status", env=env.relay_env(database_url=url))

@@ -32,6 +32,7 @@ PURE = [
     "cdc.progress",
     "cdc.checkpoint",
     "cdc.status_report",
+    "cdc.failover",
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",

@@ -28,7 +28,11 @@ def test_values_the_dsn_sets_are_kept():
 
 
 def test_a_walsender_waiting_on_its_client_or_for_wal_is_not_busy():
-    for event in ("WalSenderWaitForWAL", "WalSenderWriteData", "WalSenderMain", "ClientRead"):
+    # WalSenderWaitForWal is PostgreSQL 17+'s name of WalSenderWaitForWAL.
+    for event in (
+        "WalSenderWaitForWAL", "WalSenderWaitForWal", "WalSenderWriteData", "WalSenderMain",
+        "ClientRead", "ClientWrite",
+    ):
         assert busy_with("active", event) is None
     assert busy_with(None, None) is None  # gone
 
