@@ -37,7 +37,8 @@ typecheck: install
 # on a free port and removes afterwards. Run once: the consumers' tests, the live monitoring
 # test (a Prometheus over relay and workers), tests whose subject is the broker or the
 # settings rather than PostgreSQL (publisher, broker outage, configuration errors, row
-# headers, which URLs each command needs), and the failover tests (they start their own PostgreSQL 15 and 18 clusters).
+# headers, which URLs each command needs), and the failover tests (they start their own
+# PostgreSQL 15 and 18 clusters).
 SECOND_PG ?= 18
 RELAY_TESTS_AGAIN := tests/integration tests/fault \
 	--ignore=tests/integration/consumers --ignore=tests/fault/consumers \
