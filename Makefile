@@ -37,7 +37,8 @@ typecheck: install
 # on a free port and removes afterwards. Run once: the consumers' tests, the live monitoring
 # test (a Prometheus over relay and workers), tests whose subject is the broker or the
 # settings rather than PostgreSQL (publisher, broker outage, configuration errors, row
-# headers), and the failover tests (they start their own PostgreSQL 15 and 18 clusters).
+# headers, which URLs each command needs), and the failover tests (they start their own
+# PostgreSQL 15 and 18 clusters).
 SECOND_PG ?= 18
 RELAY_TESTS_AGAIN := tests/integration tests/fault \
 	--ignore=tests/integration/consumers --ignore=tests/fault/consumers \
@@ -48,6 +49,7 @@ RELAY_TESTS_AGAIN := tests/integration tests/fault \
 	--ignore=tests/integration/test_monitoring_live.py \
 	--ignore=tests/integration/test_amqp_publish.py --ignore=tests/fault/test_broker_outage.py \
 	--ignore=tests/integration/test_config_errors.py --ignore=tests/integration/test_row_headers.py \
+	--ignore=tests/integration/test_cli_commands.py \
 	--deselect=tests/fault/test_relay_faults.py::test_frozen_broker_connection_is_detected_within_the_heartbeat \
 	--deselect=tests/fault/test_relay_faults.py::test_broker_memory_alarm_reports_blocked \
 	--ignore=tests/integration/test_failover_slots.py --ignore=tests/fault/test_failover.py

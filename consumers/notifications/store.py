@@ -13,6 +13,7 @@ webhook went out), so the retry does not POST the webhook again.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -156,7 +157,9 @@ class DeliveryLog:
     the same idempotency key, which the receiver uses to drop the copy.
     """
 
-    def __init__(self, store: NotificationStore, database_url: str) -> None:
+    def __init__(self, store: NotificationStore, database_url: Callable[[], str]) -> None:
+        # A callable, read on first use: building the worker's spec (which `dlq list` does
+        # for its queue names) needs no database URL.
         self._store = store
         self._url = database_url
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -168,7 +171,7 @@ class DeliveryLog:
         try:
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = await psycopg.AsyncConnection.connect(
-                    self._url,
+                    self._url(),
                     autocommit=True,
                     connect_timeout=10,
                     prepare_threshold=None,

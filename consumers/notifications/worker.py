@@ -128,7 +128,7 @@ def _defaults(settings: NotificationSettings) -> Preferences:
 def build(settings: NotificationSettings) -> WorkerSpec:
     """The notifications worker's queues, route and schema for ``settings``."""
     store = NotificationStore(settings.notifications_schema)
-    deliveries = DeliveryLog(store, settings.database_url.get_secret_value())
+    deliveries = DeliveryLog(store, settings.dsn)
     defaults = _defaults(settings)
     secret = (
         settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else None
