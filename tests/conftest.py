@@ -14,9 +14,9 @@ name with the session tag, and is removed in teardown even when the test fails:
   run ``python -m cdc``, start :class:`Relay` subprocesses, insert rows, drain the sink;
 - ``tcp_proxy`` (function): a :class:`tcp_proxy.TcpProxy` to the broker, stopped at test end.
 
-Services default to 127.0.0.1 (PostgreSQL 5432 as ``postgres``, RabbitMQ 5672 guest/guest);
-override with ``CDC_TEST_PG_URL`` (an admin URL to the ``postgres`` database) and
-``CDC_TEST_AMQP_URL``.
+The servers come from :mod:`services`: containers started for the session when a Docker API
+answers, else (or with ``CDC_TEST_SERVICES=local``) the local ones on 127.0.0.1, or
+``CDC_TEST_PG_URL`` (an admin URL to the ``postgres`` database) and ``CDC_TEST_AMQP_URL``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -51,11 +50,27 @@ import aio_pika
 import aiormq
 import psycopg
 import pytest
+import services
 from psycopg import sql
 
 REPO = Path(__file__).resolve().parent.parent
-ADMIN_URL = os.environ.get("CDC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-AMQP_URL = os.environ.get("CDC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# --- test services (tests/services.py): containers per session, or the local servers -------
+SERVICES = services.choose()
+ADMIN_URL = SERVICES.admin_url
+AMQP_URL = SERVICES.amqp_url
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(SERVICES.describe())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    SERVICES.close()
+
+
+# --------------------------------------------------------------------------------------------
 #: Session tag: 8 hex digits of the start time (for the stale sweep) + 4 random ones.
 SESSION = f"{int(time.time()):08x}{secrets.token_hex(2)}"
 STALE_AFTER_S = 6 * 3600
@@ -483,19 +498,13 @@ def wait_amqp_ready(url: str = AMQP_URL, timeout: float = 90.0) -> None:
 
 
 def _rabbitmqctl_names(kind: str) -> list[str]:
-    if shutil.which("rabbitmqctl") is None:
+    if not SERVICES.has_rabbitmqctl():
         return []
     try:
-        out = subprocess.run(
-            ["rabbitmqctl", kind, "--quiet", "--no-table-headers", "name"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        ).stdout
+        code, out = SERVICES.rabbitmqctl(kind, "--quiet", "--no-table-headers", "name", timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    return [line.strip() for line in out.splitlines() if line.strip()] if code == 0 else []
 
 
 def _is_ours_or_stale(name: str, ours_prefix: str, pattern: re.Pattern[str]) -> bool:
@@ -1798,14 +1807,16 @@ def tcp_proxy() -> Iterator[Any]:
 
 
 class RabbitApp:
-    """``rabbitmqctl stop_app`` / ``start_app`` on the shared broker; always restored."""
+    """``rabbitmqctl stop_app`` / ``start_app`` on the session's broker; always restored."""
 
     def __init__(self) -> None:
         self.stopped = False
 
     @staticmethod
     def _ctl(*args: str) -> None:
-        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+        code, out = SERVICES.rabbitmqctl(*args, timeout=120)
+        if code != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} exited {code}: {out}")
 
     def stop(self) -> None:
         self.stopped = True
@@ -1820,7 +1831,7 @@ class RabbitApp:
 @pytest.fixture
 def rabbit_app() -> Iterator[RabbitApp]:
     """Stops/starts the broker application; the finalizer starts it again whatever happened."""
-    if shutil.which("rabbitmqctl") is None:
+    if not SERVICES.has_rabbitmqctl():
         pytest.fail("rabbitmqctl is needed for the broker outage test")
     app = RabbitApp()
     try:

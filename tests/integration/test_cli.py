@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.parse import urlsplit
 
 import pytest
+from conftest import ADMIN_URL, AMQP_URL, db_url
 from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -149,10 +151,12 @@ def test_bad_slot_name_is_rejected_and_nothing_is_created(env, how):
 @pytest.mark.parametrize("style", ["url", "keyword"])
 def test_setup_against_missing_database_fails_clearly(env, style):
     db = f"cdc_test_missing_{env.tag}"
+    server = urlsplit(ADMIN_URL)
     if style == "url":
-        url = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/{db}"
+        url = db_url(db, password=SECRET)
     else:
-        url = f"host=127.0.0.1 port=5432 dbname={db} user=postgres password={SECRET}"
+        where = f"host={server.hostname} port={server.port}"
+        url = f"{where} dbname={db} user=postgres password={SECRET}"
     res = env.cdc("setup", env=env.relay_env(database_url=url), timeout=60)
     out = res.stdout + res.stderr
     assert res.returncode in (2, 3), (res.returncode, out)
@@ -216,7 +220,7 @@ def test_sigterm_drains_and_exits_zero(env):
 
 
 def test_no_secret_in_metrics_logs_or_errors(env):
-    url = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/{env.dbname}"
+    url = db_url(env.dbname, password=SECRET)
     setup = env.cdc("setup", env=env.relay_env(database_url=url, log_level="DEBUG"))
     assert setup.returncode == 0, setup.stderr
     status = env.cdc("status", env=env.relay_env(database_url=url))
@@ -231,7 +235,10 @@ def test_no_secret_in_metrics_logs_or_errors(env):
     assert health["state"] == "streaming" and health["slot"] == env.slot
     assert relay.sigterm() == 0
     # a broker password that is refused must not leak through the retry logs either
-    bad_amqp = env.relay(amqp_url=f"amqp://guest:{SECRET}@127.0.0.1:5672/", log_level="DEBUG")
+    broker = urlsplit(AMQP_URL)
+    bad_amqp = env.relay(
+        amqp_url=f"amqp://guest:{SECRET}@{broker.hostname}:{broker.port}/", log_level="DEBUG"
+    )
     env.wait_for(
         lambda: _problems(bad_amqp.log()) >= 3,
         20,
