@@ -31,7 +31,7 @@ export TESTCONTAINERS_CONNECTION_MODE=docker_host
 export CDC_TEST_PG_IMAGE=$PREFIX/postgres:15
 export CDC_TEST_PG18_IMAGE=$PREFIX/postgres:18
 export CDC_TEST_RABBITMQ_IMAGE=$PREFIX/rabbitmq:3-management
-export CDC_TEST_PYTHON_IMAGE=$PREFIX/python:3.11-slim
+export CDC_IMAGE_BASE=$PREFIX/python:3.11-slim
 EOF
 }
 

@@ -819,13 +819,13 @@ class Domain:
             out[key if key.startswith("CDC_") else f"CDC_{key.upper()}"] = str(value)
         return out
 
-    def start(self, worker: str, **overrides: Any) -> Relay:
-        """``python -m consumers <worker>`` started and consuming (killed at teardown)."""
+    def register(self, worker: str, variables: dict[str, str]) -> None:
+        """Note the queues and exchanges ``worker`` declares with ``variables``, so that
+        ``cleanup()`` deletes them (also for a worker run elsewhere, e.g. in a container)."""
         from consumers.config import ConsumerSettings
         from consumers.loader import build_spec, load
         from consumers.runtime.runner import names_for
 
-        variables = self.worker_env(worker_metrics_port=free_port(), **overrides)
         module = load(worker)
         # Only the runtime's fields decide the names (the worker's own keep their defaults).
         base = {k[4:].lower(): v for k, v in variables.items() if k.startswith("CDC_")}
@@ -833,6 +833,11 @@ class Domain:
             **{k: v for k, v in base.items() if k in ConsumerSettings.model_fields}
         )
         self._names.append(names_for(settings, build_spec(module, settings)))
+
+    def start(self, worker: str, **overrides: Any) -> Relay:
+        """``python -m consumers <worker>`` started and consuming (killed at teardown)."""
+        variables = self.worker_env(worker_metrics_port=free_port(), **overrides)
+        self.register(worker, variables)
         n = len(self.workers)
         proc = Relay(
             variables,

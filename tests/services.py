@@ -22,12 +22,19 @@ there, and on the host in local mode.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import subprocess
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
 
 PG_IMAGE_DEFAULT = "postgres:15"
 RABBITMQ_IMAGE_DEFAULT = "rabbitmq:3-management"
@@ -156,9 +163,15 @@ def _start_containers() -> Services:
 
 def _wait_broker(mq: Any, timeout: float = 120) -> None:
     """Until the broker accepts AMQP logins (its port opens before the app is up)."""
-    code, out = mq.exec(["rabbitmqctl", "await_startup", "--timeout", str(int(timeout))])
-    if code != 0:
-        raise ServicesError(f"the broker container did not start: {out.decode(errors='replace')}")
+    deadline = time.monotonic() + timeout
+    while True:  # await_startup fails at once while the Erlang node itself is not up yet
+        code, out = mq.exec(["rabbitmqctl", "await_startup", "--timeout", "30"])
+        if code == 0:
+            return
+        if time.monotonic() > deadline:
+            text = out.decode(errors="replace")
+            raise ServicesError(f"the broker container did not start within {timeout} s: {text}")
+        time.sleep(1)
 
 
 def choose() -> Services:
@@ -178,3 +191,52 @@ def choose() -> Services:
         os.environ.get("CDC_TEST_AMQP_URL", LOCAL_AMQP_URL),
         why,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the project's own image (deploy/Dockerfile)
+
+
+@functools.cache
+def app_image() -> str:
+    """The project's image: ``CDC_TEST_IMAGE``, or built once now by scripts/build-image.sh."""
+    image = os.environ.get("CDC_TEST_IMAGE")
+    if image:
+        return image
+    res = subprocess.run(
+        ["bash", str(REPO / "scripts" / "build-image.sh")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise ServicesError(f"building deploy/Dockerfile failed:\n{res.stderr[-3000:]}")
+    print(res.stderr.strip())
+    return res.stdout.strip().splitlines()[-1]
+
+
+@contextmanager
+def image_containers() -> Iterator[Any]:
+    """A ``run(image, command, environment)`` starting containers on the host's network (they
+    reach the session's servers at the same addresses as the tests); all removed at exit."""
+    from testcontainers.core.container import DockerContainer
+
+    started: list[Any] = []
+
+    def run(image: str, command: list[str], environment: dict[str, str]) -> Any:
+        container = DockerContainer(image).with_command(command)
+        container.with_kwargs(network_mode="host", labels=TEST_LABEL)
+        for key, value in environment.items():
+            container.with_env(key, value)
+        started.append(container)
+        return container.start().get_wrapped_container()
+
+    try:
+        yield run
+    finally:
+        for container in started:
+            try:
+                container.stop(force=True, delete_volume=True)
+            except Exception as exc:
+                print(f"could not remove container of {container.image}: {exc}")
