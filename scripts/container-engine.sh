@@ -32,6 +32,9 @@ export CDC_TEST_PG_IMAGE=$PREFIX/postgres:15
 export CDC_TEST_PG18_IMAGE=$PREFIX/postgres:18
 export CDC_TEST_RABBITMQ_IMAGE=$PREFIX/rabbitmq:3-management
 export CDC_IMAGE_BASE=$PREFIX/python:3.11-slim
+export POSTGRES_IMAGE=$PREFIX/postgres:15
+export RABBITMQ_IMAGE=$PREFIX/rabbitmq:3-management
+export PROMETHEUS_IMAGE=$PREFIX/prometheus:v2
 EOF
 }
 
@@ -153,6 +156,7 @@ up() {
   build_image postgres:18 postgres Containerfile.18
   build_image rabbitmq:3-management rabbitmq
   build_image python:3.11-slim python
+  build_image prometheus:v2 prometheus
   start_service
   log "ready in $((SECONDS - t0)) s"
   print_env
