@@ -14,10 +14,14 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	bash scripts/fetch-promtool.sh $(BIN)
 	touch $@
 
-install: $(BIN)/.installed
+# promtool, prometheus and postgres_exporter for the monitoring tests (unpacked, not installed).
+$(BIN)/.prometheus-tools: $(BIN)/.installed scripts/fetch-prometheus.sh
+	bash scripts/fetch-prometheus.sh $(BIN)
+	touch $@
+
+install: $(BIN)/.installed $(BIN)/.prometheus-tools
 
 services:
 	bash scripts/ensure-services.sh
@@ -37,8 +41,11 @@ run: install services
 	bash scripts/run-demo.sh $(DEMO_RATE) $(DEMO_COUNT)
 
 # `make run` leaves its slot for the next run; an unread slot pins WAL, so drop it when done.
+# The checkpoint row goes with the slot: kept alone, it makes the next start take the
+# missing slot for a lost one (exit 5).
 run-clean:
-	psql "$(CDC_DATABASE_URL)" -X -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cdc_outbox' AND NOT active"
+	psql "$(CDC_DATABASE_URL)" -X -q -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cdc_outbox' AND NOT active" \
+	  -c "DO \$$\$$ BEGIN IF to_regclass('cdc.relay_checkpoint') IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'cdc_outbox') THEN DELETE FROM cdc.relay_checkpoint WHERE slot_name = 'cdc_outbox'; END IF; END \$$\$$"
 
 # Benchmarks (docs/benchmarks.md): not part of `make test`. Installs the bench extra and the
 # locked npm packages of bench/, then runs every scenario; BENCH_ARGS='--quick' for small sizes.

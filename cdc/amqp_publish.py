@@ -19,7 +19,9 @@ Contract:
   come within ``confirm_timeout`` (a late confirm of the old copy is then ignored).
 * :attr:`ConfirmChannel.closed` completes with a :class:`SinkError` as soon as the
   connection is lost, the broker closes it or the channel, heartbeats stop, or
-  :meth:`fail` is called. Unconfirmed tokens are then dropped without a callback: the
+  :meth:`fail` is called; with a :class:`~cdc.errors.RefusedError` (not retried) when the
+  broker refuses the login, the vhost or a permission, or its TLS certificate does not
+  verify. Unconfirmed tokens are then dropped without a callback: the
   relay re-reads them from the replication slot.
 """
 
@@ -34,12 +36,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from pamqp import base, commands
 
 from cdc import amqp_frames as wire
-from cdc.errors import SinkError
+from cdc.errors import CdcError, ConfigError, RefusedError, SinkError
+from cdc.refusals import amqp_refusal, tls_hint
+from cdc.urls import parse_amqp_url
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +131,11 @@ class ConfirmChannel(asyncio.Protocol):
         on_republish: Callable[[str], None],
     ) -> ConfirmChannel:
         """Connect to ``url`` and return a channel in confirm mode (SinkError on failure)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "amqps"):
-            raise SinkError(f"broker URL must be amqp:// or amqps://, not {parts.scheme}://")
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        tls = None
-        if parts.scheme == "amqps":
-            tls = ssl.create_default_context(cafile=query.get("cafile"))
-        port = parts.port or (5671 if tls else 5672)
-        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-        user = unquote(parts.username or "guest")
-        password = unquote(parts.password or "guest")
-        heartbeat = int(query.get("heartbeat", "60"))
+        try:
+            parts = parse_amqp_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"CDC_AMQP_URL {exc}") from None
+        tls = ssl.create_default_context(cafile=parts.cafile) if parts.tls else None
         channel = cls(
             confirm_timeout=confirm_timeout,
             on_ack=on_ack,
@@ -149,9 +145,14 @@ class ConfirmChannel(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT):
-                host = parts.hostname or "localhost"
-                await loop.create_connection(lambda: channel, host, port, ssl=tls)
-                await channel._open(user, password, vhost, heartbeat)
+                await loop.create_connection(lambda: channel, parts.host, parts.port, ssl=tls)
+                await channel._open(parts.user, parts.password, parts.vhost, parts.heartbeat)
+        except ssl.SSLCertVerificationError as exc:
+            refused = RefusedError(f"cannot connect to the broker: {exc}: {tls_hint()}")
+            channel._fail(refused)
+            raise refused from exc
+        except RefusedError:
+            raise
         except (OSError, TimeoutError, SinkError) as exc:
             cause = channel._error() if channel.closed.done() else exc
             error = SinkError(f"cannot connect to the broker: {cause!r}")
@@ -380,7 +381,9 @@ class ConfirmChannel(asyncio.Protocol):
             self._write(wire.method_frame(channel, reply))
             side = "connection" if channel == 0 else "channel"
             text = f"broker closed the {side}: {method.reply_code} {method.reply_text}"
-            self._fail(SinkError(text), graceful=True)
+            hint = amqp_refusal(method.reply_code or 0)
+            error = SinkError(text) if hint is None else RefusedError(f"{text}: {hint}")
+            self._fail(error, graceful=True)
         elif isinstance(method, commands.Basic.Return):
             self._returning = (method, -1)
         elif isinstance(method, commands.Connection.Blocked | commands.Connection.Unblocked):
@@ -437,16 +440,18 @@ class ConfirmChannel(asyncio.Protocol):
         self._expire(now)
         self._schedule_tick()
 
-    def _error(self) -> SinkError:
+    def _error(self) -> CdcError:
         closed = self.closed
         exc = closed.exception() if closed.done() and not closed.cancelled() else None
-        return exc if isinstance(exc, SinkError) else SinkError("broker channel is closed")
+        if isinstance(exc, SinkError | RefusedError):
+            return exc
+        return SinkError("broker channel is closed")
 
     def fail(self, exc: SinkError) -> None:
         """End the connection with ``exc`` as the reason (:attr:`closed` carries it)."""
         self._fail(exc)
 
-    def _fail(self, exc: SinkError, *, graceful: bool = False) -> None:
+    def _fail(self, exc: CdcError, *, graceful: bool = False) -> None:
         if not self.closed.done():
             self.closed.set_exception(exc)
         for handle in (self._tick_handle, self._flush_handle):

@@ -15,25 +15,34 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from cdc import slot as slots
 from cdc.config import RelaySettings
-from cdc.errors import CdcError, SetupError, SourceError
-from cdc.logs import configure, redact
+from cdc.errors import (
+    CdcError,
+    ConfigError,
+    RefusedError,
+    SetupError,
+    SlotLostError,
+    SourceError,
+)
+from cdc.logs import configure
+from cdc.settings_base import load
 
 log = logging.getLogger("cdc")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_SETUP = 3
+EXIT_SLOT_LOST = 5
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
-        "setup": "create table (if absent), publication and slot; check the server",
+        "setup": "create table (if absent), publication, checkpoint table and slot; print the "
+        "relay role's GRANTs (--check: verify, change nothing)",
         "relay": "stream outbox inserts to RabbitMQ until SIGTERM/SIGINT",
         "status": "show the slot, its confirmed_flush_lsn and lag",
         "demo": "insert sample outbox events and print what arrives on the exchange",
@@ -47,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
                 default=None,
                 help=f"{info.description} (env CDC_{field.upper()})",
             )
+        if name == "setup":
+            cmd.add_argument(
+                "--check",
+                action="store_true",
+                help="change nothing; check, as the relay's role, that everything it needs "
+                "is in place (exit 0, or 3 listing what is missing)",
+            )
+            cmd.add_argument(
+                "--relay-role",
+                default=None,
+                help="apply the relay role's GRANTs to this existing role (always printed)",
+            )
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "demo":
@@ -56,8 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> RelaySettings:
-    overrides = {k: getattr(args, k) for k in RelaySettings.model_fields if getattr(args, k)}
-    return RelaySettings(**overrides)
+    return load(RelaySettings, {k: getattr(args, k) for k in RelaySettings.model_fields})
 
 
 def _run_relay(settings: RelaySettings) -> int:
@@ -98,24 +118,52 @@ def _status(settings: RelaySettings, as_json: bool) -> int:
     state = slots.status(settings)
     if as_json:
         print(orjson.dumps(state.as_dict()).decode())
-    elif not state.exists:
-        print(f"slot {state.slot_name}: does not exist (run `cdc setup`)")
+        return 0
+    if not state.exists:
+        print(f"slot {state.slot_name}: does not exist")
     else:
         print(
             f"slot {state.slot_name} ({state.plugin}) "
             f"active={state.active} pid={state.active_pid}\n"
             f"  confirmed_flush_lsn {state.confirmed_flush_lsn}  restart_lsn {state.restart_lsn}\n"
             f"  current_wal_lsn {state.current_wal_lsn}  lag {state.lag_bytes} bytes, "
-            f"retained {state.retained_bytes} bytes"
+            f"retained {state.retained_bytes} bytes\n"
+            f"  wal_status {state.wal_status}  safe_wal_size {state.safe_wal_size}"
+            + (f"  invalidation_reason {state.invalidation_reason}"
+               if state.invalidation_reason else "")
         )
+    print(f"health: {state.health}" + (f" ({state.health_reason})" if state.health_reason else ""))
+    cp = state.checkpoint
+    if cp is not None:
+        print(
+            f"checkpoint: {cp['state']}"
+            + (f" ({cp['lost_reason']})" if cp["lost_reason"] else "")
+            + f"  proven_at {cp['proven_at']}  confirmed_lsn {cp['confirmed_lsn']}\n"
+            f"  backfill {cp['backfill_mode']}: {cp['backfill_rows_done']}/"
+            f"{cp['backfill_rows_total']} rows, done={cp['backfill_done']}"
+        )
+    return 0
+
+
+def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
+    from cdc import privileges
+
+    if args.check:
+        findings = privileges.check(settings)
+        for finding in findings:
+            print(finding.line())
+        return 0 if all(f.ok for f in findings) else EXIT_SETUP
+    role = privileges.check_role_name(args.relay_role or privileges.DEFAULT_ROLE)
+    for line in slots.setup(settings):
+        log.info(line)
+    for line in privileges.grant_lines(settings, role, apply=args.relay_role is not None):
+        print(line)
     return 0
 
 
 def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
     if args.command == "setup":
-        for line in slots.setup(settings):
-            log.info(line)
-        return 0
+        return _setup(settings, args)
     if args.command == "status":
         return _status(settings, args.json)
     if args.command == "demo":
@@ -130,17 +178,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-    except ValidationError as exc:
-        errors: list[Any] = [
-            f"CDC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
-        ]
-        print(redact("invalid configuration:\n  " + "\n  ".join(errors)), file=sys.stderr)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
         return EXIT_USAGE
     configure(settings.log_format, settings.log_level)
     try:
         return _dispatch(args, settings)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except SlotLostError as exc:
+        log.error("%s", exc)
+        return EXIT_SLOT_LOST
     except SetupError as exc:
         log.error("database is not set up for the relay: %s", exc)
+        return EXIT_SETUP
+    except RefusedError as exc:
+        log.error("%s", exc)
         return EXIT_SETUP
     except SourceError as exc:
         log.error("%s", exc)

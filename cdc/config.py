@@ -1,8 +1,10 @@
 """The relay's settings: one pydantic-settings model, built once in the CLI and passed down.
 
-Every field reads ``CDC_<NAME>`` from the environment; the CLI turns each into a
-``--name`` flag that overrides it. Identifiers are validated here so nothing later pastes
-an unchecked name into SQL.
+Every field reads ``CDC_<NAME>`` from the environment (secrets also ``CDC_<NAME>_FILE``,
+see ``cdc/settings_base.py``); the CLI turns each into a ``--name`` flag that overrides
+it. Identifiers are validated here so nothing later pastes an unchecked name into SQL, and
+values that can never work (a bad URL, a backoff whose minimum exceeds its maximum) stop
+the process at start.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+
+from cdc.settings_base import CdcSettings, check_backoff
+from cdc.urls import check_host
 
 #: Defaults that name the broker topology live in one place.
 DEFAULT_EXCHANGE = "cloudphone.events"
@@ -22,13 +26,9 @@ _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 _AMQP_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
 
 
-class RelaySettings(BaseSettings):
+class RelaySettings(CdcSettings):
     """Configuration of one ``cdc`` process (see README, "Configuration")."""
 
-    model_config = SettingsConfigDict(env_prefix="CDC_", extra="ignore")
-
-    database_url: SecretStr = Field(description="libpq URL or DSN of the source database")
-    amqp_url: SecretStr = Field(description="amqp:// URL of the broker")
     slot_name: str = Field("cdc_outbox", description="logical replication slot")
     publication_name: str = Field("cdc_outbox", description="publication of the outbox table")
     outbox_table: str = Field("public.event_outbox", description="outbox table, [schema.]table")
@@ -39,6 +39,9 @@ class RelaySettings(BaseSettings):
     max_in_flight: int = Field(1000, ge=1, le=100_000, description="unconfirmed publish window")
     confirm_timeout: float = Field(30.0, gt=0, description="seconds before re-publishing")
     status_interval: float = Field(10.0, gt=0, le=3600, description="status update period (s)")
+    checkpoint_interval: float = Field(
+        10.0, gt=0, le=3600, description="checkpoint and slot-health check period (s)"
+    )
     reconnect_min_delay: float = Field(0.5, gt=0, description="first reconnect backoff (s)")
     reconnect_max_delay: float = Field(30.0, gt=0, description="largest reconnect backoff (s)")
     standby_poll_interval: float = Field(2.0, gt=0, description="standby retry period (s)")
@@ -74,6 +77,16 @@ class RelaySettings(BaseSettings):
         if not _AMQP_NAME_RE.fullmatch(value):
             raise ValueError("AMQP names may use letters, digits and . _ - : only")
         return value
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        return check_host(value)
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> RelaySettings:
+        check_backoff(self.reconnect_min_delay, self.reconnect_max_delay, "reconnect")
+        return self
 
     @property
     def table_schema(self) -> str:

@@ -15,6 +15,14 @@ class ConfigError(CdcError):
     """The configuration is invalid; fix the named setting and start again."""
 
 
+class RefusedError(CdcError):
+    """A server refuses this configuration: login, database, vhost, privilege, TLS certificate.
+
+    Retrying cannot help, so it is not retried: the process exits 3 and the message says
+    what to fix (``cdc/refusals.py`` tells refusals from outages).
+    """
+
+
 class ProtocolError(CdcError):
     """Bytes from the server could not be decoded.
 
@@ -53,3 +61,19 @@ class SlotBusyError(SourceError):
 
 class SinkError(CdcError):
     """RabbitMQ (the sink) failed: connection lost, channel closed, confirms missing."""
+
+
+class SlotLostError(SourceError):
+    """The slot the relay streamed from is gone or unusable; events may have been skipped.
+
+    Not retried and never repaired by creating a slot: ``cdc recover`` publishes what the
+    checkpoint does not prove published and makes a new slot. Exit code 5.
+    """
+
+    def __init__(self, slot: str, reason: str) -> None:
+        super().__init__(
+            f"slot {slot!r} is lost: {reason}. Events committed after the last checkpoint "
+            "may not have been published: run `cdc recover`"
+        )
+        self.slot = slot
+        self.reason = reason

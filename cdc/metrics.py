@@ -14,19 +14,42 @@ from collections.abc import Callable
 from typing import Protocol
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from cdc import __version__
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "standby", "streaming", "reconnecting", "draining")
+STATES = ("starting", "standby", "streaming", "reconnecting", "draining", "slot_lost")
+
+
+def process_registry(build_info: str, labels: dict[str, str] | None = None) -> CollectorRegistry:
+    """A private registry with the ``process_*`` and ``python_info`` series of this process
+    and ``<build_info>{version, ...labels} 1``: what every outbox-cdc process exports
+    besides its own metrics. Private so that tests may build several in one process."""
+    r = CollectorRegistry()
+    r.register(PROCESS_COLLECTOR)
+    r.register(PLATFORM_COLLECTOR)
+    extra = labels or {}
+    info = Gauge(build_info, "Version of outbox-cdc, always 1", ["version", *extra], registry=r)
+    info.labels(version=__version__, **extra).set(1)
+    return r
 
 
 class Metrics:
     """Every metric of the relay, on a private registry (tests may build several)."""
 
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        r = self.registry = process_registry("cdc_build_info")
         self.published = Counter(
             "cdc_events_published_total", "Events confirmed by the broker", registry=r
         )
@@ -61,8 +84,27 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.slot_lost = Gauge(
+            "cdc_slot_lost",
+            "1 when the slot is lost (missing, invalidated, moved, unpublished table): "
+            "run `cdc recover`",
+            registry=r,
+        )
         self.state = Gauge("cdc_relay_state", "1 for the current state", ["state"], registry=r)
         self.set_state("starting")
+        # Every known label value starts at 0, so rate() and increase() have a series to
+        # work on from the first scrape and a rule reads "none yet", not "no data".
+        for kind in ("unroutable", "malformed"):
+            self.parked.labels(kind=kind)
+        for reason in ("nack", "timeout"):
+            self.republished.labels(reason=reason)
+        for side in ("broker", "database"):
+            self.reconnects.labels(side=side)
+        self.ignored.labels(reason="other_table")
+        # Unknown is not zero: until the first status update of a session there is no lag
+        # to report, and a 0 would read as "all caught up" on a relay that never connected.
+        self.lag_bytes.set(float("nan"))
+        self.lag_seconds.set(float("nan"))
 
     def set_state(self, state: str) -> None:
         """Make ``state`` the one current state."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from cdc.lsn import format_lsn
 from cdc.pgoutput import BinaryValue, Relation, TupleData, UnchangedToast
+from cdc.row_headers import safe_headers
 
 REQUIRED_COLUMNS = ("id", "event_type", "payload")
 _OPTIONAL_COLUMNS = ("aggregate_type", "aggregate_id", "created_at", "headers")
@@ -157,6 +158,9 @@ def route(
             return bad("headers is not valid JSON", message_id, event_type)
         if not isinstance(parsed, dict):
             return bad("headers is not a JSON object", message_id, event_type)
+        # Keys that would steer delivery (CC, BCC) or spoof broker/runtime headers are
+        # renamed before anything else looks at them (a renamed key may be too long).
+        parsed = safe_headers(parsed)
         if not _amqp_safe(parsed):
             return bad("headers hold a value AMQP cannot carry", message_id, event_type)
         headers.update(parsed)

@@ -18,12 +18,13 @@ import time
 from collections import deque
 from typing import Any
 
-from cdc import slot as slots
+from cdc import slot_guard
 from cdc.backoff import Backoff
+from cdc.checkpoint import Action
 from cdc.config import RelaySettings
-from cdc.errors import SetupError, SinkError, SlotBusyError, SourceError
+from cdc.errors import SetupError, SinkError, SlotBusyError, SlotLostError, SourceError
 from cdc.feed import Item, OutboxFeed
-from cdc.lsn import format_lsn, parse_lsn
+from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.publisher import Publisher
 from cdc.replication import Keepalive, parse_copy_data
@@ -35,11 +36,15 @@ log = logging.getLogger(__name__)
 #: Exit codes of `cdc relay` (README, "Exit codes").
 EXIT_STOPPED = 0
 EXIT_DRAIN_TIMEOUT = 4
+EXIT_SLOT_LOST = 5
 
 # Send a status update this soon after the watermark moves; it bounds the duplicates that a
 # crash can cause without writing one message per confirm.
 _FLUSH_REPORT_DELAY = 0.02
 _HEALTHY_SESSION = 30.0
+# How long a relay whose slot is lost keeps /metrics and /healthz up before exiting 5, at
+# most: long enough for a scrape to see `slot_lost`, short enough for a supervisor.
+_LOST_LINGER = 15.0
 
 
 class Relay:
@@ -50,6 +55,7 @@ class Relay:
         self._metrics = metrics
         self._stop = asyncio.Event()
         self.state = "starting"
+        self.lost_reason: str | None = None
         self._watermark = Watermark()
 
     def stop(self) -> None:
@@ -58,12 +64,15 @@ class Relay:
 
     def health(self) -> dict[str, Any]:
         """What `/healthz` reports."""
-        return {
+        health: dict[str, Any] = {
             "state": self.state,
             "slot": self._settings.slot_name,
             "flushed_lsn": format_lsn(self._watermark.flushed),
             "in_flight": self._watermark.in_flight,
         }
+        if self.lost_reason is not None:
+            health["reason"] = self.lost_reason
+        return health
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -72,7 +81,8 @@ class Relay:
         self._metrics.set_state(state)
 
     async def run(self) -> int:
-        """Stream until stopped; return the exit code. SetupError propagates (not retried)."""
+        """Stream until stopped; return the exit code. SetupError propagates (not retried);
+        a lost slot returns :data:`EXIT_SLOT_LOST` after a short linger."""
         backoff = Backoff(self._settings.reconnect_min_delay, self._settings.reconnect_max_delay)
         while not self._stop.is_set():
             started = time.monotonic()
@@ -82,7 +92,15 @@ class Relay:
                 self._set_state("standby")
                 await self._sleep(self._settings.standby_poll_interval)
                 continue
+            except SlotLostError as exc:
+                return await self._slot_lost(exc)
             except SetupError:
+                # The walsender refused mid-stream (e.g. "publication ... does not exist"):
+                # with a checkpoint row that is a lost slot, not "run cdc setup".
+                try:
+                    await asyncio.to_thread(slot_guard.recheck, self._settings)
+                except SlotLostError as exc:
+                    return await self._slot_lost(exc)
                 raise
             except (SourceError, SinkError) as exc:
                 side = "broker" if isinstance(exc, SinkError) else "database"
@@ -99,20 +117,21 @@ class Relay:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    def _prepare(self) -> int:
-        """Ensure the slot exists and return its confirmed_flush_lsn (blocking; in a thread)."""
-        with slots.connect(self._settings) as conn:
-            slots.require_publication(conn, self._settings)
-            if slots.ensure_slot(conn, self._settings):
-                log.info("created replication slot %s", self._settings.slot_name)
-            row = conn.execute(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                (self._settings.slot_name,),
-            ).fetchone()
-        return parse_lsn(row[0]) if row and row[0] else 0
+    async def _slot_lost(self, exc: SlotLostError) -> int:
+        """Say so everywhere (log, /healthz, metrics), linger for a scrape, exit 5."""
+        self.lost_reason = exc.reason
+        self._set_state("slot_lost")
+        self._metrics.slot_lost.set(1)
+        log.error("%s", exc)
+        await self._sleep(min(self._settings.status_interval, _LOST_LINGER))
+        return EXIT_SLOT_LOST
 
     async def _session(self) -> int:
-        start_lsn = await asyncio.to_thread(self._prepare)
+        opened = await asyncio.to_thread(slot_guard.open_slot, self._settings)
+        if opened.action is not Action.STREAM:
+            verb = "created" if opened.action is Action.CREATE else "adopted"
+            log.info("%s replication slot %s", verb, self._settings.slot_name)
+        start_lsn = opened.start_lsn
         stream = await ReplicationStream.start(self._settings)
         session = _Session(self._settings, self._metrics, stream, start_lsn)
         publisher = session.publisher
@@ -126,7 +145,7 @@ class Relay:
             )
             return await session.run(self._stop, self._set_state)
         except (SourceError, SinkError) as exc:
-            if not isinstance(exc, SetupError):
+            if not isinstance(exc, SetupError | SlotLostError):
                 # Say so before the (possibly slow) teardown of the other connection.
                 self._set_state("reconnecting")
             raise
@@ -165,23 +184,38 @@ class _Session:
         """Stream until ``stop`` is set or a task fails (re-raised with its real cause)."""
         reader = asyncio.create_task(self._read(), name="cdc-reader")
         writer = asyncio.create_task(self._publish(), name="cdc-publisher")
+        checker = asyncio.create_task(self._checkpoint(), name="cdc-checkpoint")
         stopper = asyncio.create_task(stop.wait())
         failed = self.publisher.closed
-        tasks: set[asyncio.Future[Any]] = {reader, writer, stopper, failed}
+        tasks: set[asyncio.Future[Any]] = {reader, writer, checker, stopper, failed}
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for done in (failed, reader, writer):
+            for done in (failed, reader, writer, checker):
                 if done.done() and not done.cancelled() and done.exception() is not None:
                     raise done.exception()  # type: ignore[misc]
             set_state("draining")
             reader.cancel()
+            checker.cancel()
             return await self._drain()
         finally:
-            for task in (reader, writer, stopper):
+            for task in (reader, writer, checker, stopper):
                 task.cancel()
             # Let them finish before the sockets close: the reader must unregister its fd
             # first, or a reused fd number would be taken from the next session's socket.
-            await asyncio.gather(reader, writer, stopper, return_exceptions=True)
+            await asyncio.gather(reader, writer, checker, stopper, return_exceptions=True)
+
+    async def _checkpoint(self) -> None:
+        """Every ``checkpoint_interval``: re-check the slot and publication, write the
+        checkpoint (off the hot path, on its own connection). Ends only with a lost slot."""
+        while True:
+            await asyncio.sleep(self._settings.checkpoint_interval)
+            try:
+                await asyncio.to_thread(slot_guard.tick, self._settings, self.watermark.flushed)
+            except SlotLostError:
+                raise
+            except SourceError as exc:
+                # The stream notices a database outage on its own; try again next time.
+                log.warning("checkpoint skipped: %s", exc)
 
     async def _drain(self) -> int:
         deadline = time.monotonic() + self._settings.shutdown_timeout

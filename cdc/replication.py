@@ -117,3 +117,23 @@ def start_replication_command(slot: str, publication: str, proto_version: int) -
         ]
     )
     return f"START_REPLICATION SLOT {_quote_ident(slot)} LOGICAL 0/0 ({options})".encode()
+
+
+#: Asks a walsender for the system identifier, timeline, WAL position and database.
+IDENTIFY_SYSTEM = b"IDENTIFY_SYSTEM"
+
+
+def create_slot_command(slot: str, *, failover: bool = False) -> bytes:
+    """Build CREATE_REPLICATION_SLOT for a pgoutput slot that exports its snapshot.
+
+    The exported snapshot is the slot's starting point as a transaction snapshot: a
+    transaction that imports it sees exactly the rows committed before the first change the
+    slot will stream. ``failover`` (PostgreSQL 17+) lets the slot be synchronized to
+    standbys. The option-list syntax needs PostgreSQL 15+.
+    """
+    options = ["SNAPSHOT 'export'"]
+    if failover:
+        options.append("FAILOVER true")
+    return (
+        f"CREATE_REPLICATION_SLOT {_quote_ident(slot)} LOGICAL pgoutput ({', '.join(options)})"
+    ).encode()

@@ -14,9 +14,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from cdc.checkpoint import Action, Checkpoint, Observed, SlotSeen, assess
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SourceError
+from cdc.lsn import format_lsn
 from cdc.outbox import REQUIRED_COLUMNS
+from cdc.refusals import refused_by_postgres
+from cdc.slot_create import SystemIdentity
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -26,10 +30,11 @@ def connect(settings: RelaySettings) -> Conn:
     try:
         return psycopg.connect(settings.database_url.get_secret_value(), autocommit=True)
     except psycopg.OperationalError as exc:
-        raise SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+        refused = refused_by_postgres(str(exc), "cannot connect to PostgreSQL")
+        raise refused or SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
 
 
-def _one(conn: Conn, query: str, params: tuple[Any, ...] = ()) -> Any:
+def _one(conn: Conn, query: str | sql.Composed, params: tuple[Any, ...] = ()) -> Any:
     row = conn.execute(query, params).fetchone()
     return row[0] if row else None
 
@@ -90,14 +95,67 @@ def ensure_publication(conn: Conn, settings: RelaySettings) -> None:
             )
         )
         return
-    has_table = _one(
-        conn,
-        "SELECT count(*) FROM pg_publication_tables "
-        "WHERE pubname = %s AND schemaname = %s AND tablename = %s",
-        (settings.publication_name, settings.table_schema, settings.table_name),
-    )
-    if not has_table:
+    if not table_published(conn, settings):
         conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, table))
+
+
+def table_published(conn: Conn, settings: RelaySettings) -> bool:
+    """Whether the publication carries the configured table, by schema and name.
+
+    A table renamed away (and perhaps recreated under the old name) drops out here even
+    though the publication still holds the renamed one.
+    """
+    return bool(
+        _one(
+            conn,
+            "SELECT count(*) FROM pg_publication_tables "
+            "WHERE pubname = %s AND schemaname = %s AND tablename = %s",
+            (settings.publication_name, settings.table_schema, settings.table_name),
+        )
+    )
+
+
+def _slot_columns(conn: Conn) -> str:
+    """pg_replication_slots columns of this server version, NULL where it lacks them."""
+    version = conn.info.server_version
+    return ", ".join(
+        [
+            "plugin",
+            "wal_status",
+            "invalidation_reason" if version >= 170000 else "NULL::text",
+            "conflicting" if version >= 160000 else "NULL::boolean",
+            "failover" if version >= 170000 else "NULL::boolean",
+        ]
+    )
+
+
+def slot_seen(conn: Conn, settings: RelaySettings) -> SlotSeen | None:
+    """The slot's health columns, or ``None`` if there is no such slot."""
+    query = sql.SQL("SELECT {} FROM pg_replication_slots WHERE slot_name = %s").format(
+        sql.SQL(_slot_columns(conn))
+    )
+    row = conn.execute(query, (settings.slot_name,)).fetchone()
+    return None if row is None else SlotSeen(*row)
+
+
+def observe(
+    conn: Conn, settings: RelaySettings, identity: SystemIdentity | None = None
+) -> Observed:
+    """What :func:`cdc.checkpoint.assess` needs: the slot, the publication, the server."""
+    publication = bool(
+        _one(conn, "SELECT count(*) FROM pg_publication WHERE pubname = %s",
+             (settings.publication_name,))
+    )
+    return Observed(
+        slot_name=settings.slot_name,
+        publication_name=settings.publication_name,
+        outbox_table=settings.outbox_table,
+        slot=slot_seen(conn, settings),
+        publication_exists=publication,
+        table_published=publication and table_published(conn, settings),
+        system_identifier=identity.system_identifier if identity else None,
+        timeline=identity.timeline if identity else None,
+    )
 
 
 def require_publication(conn: Conn, settings: RelaySettings) -> None:
@@ -107,27 +165,6 @@ def require_publication(conn: Conn, settings: RelaySettings) -> None:
         raise SetupError(
             f"publication {settings.publication_name!r} does not exist: run `cdc setup`"
         )
-
-
-def ensure_slot(conn: Conn, settings: RelaySettings) -> bool:
-    """Create the logical slot if missing; return True if it was created."""
-    plugin = _one(conn, "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s",
-                  (settings.slot_name,))
-    if plugin is None:
-        try:
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
-                         (settings.slot_name,))
-        except psycopg.errors.DuplicateObject:
-            return False  # another relay created it between our look and our create
-        except psycopg.Error as exc:
-            raise SetupError(f"cannot create slot {settings.slot_name!r}: {exc}") from exc
-        return True
-    if plugin != "pgoutput":
-        raise SetupError(
-            f"slot {settings.slot_name!r} uses plugin {plugin!r}, not pgoutput: "
-            "drop it or choose another CDC_SLOT_NAME"
-        )
-    return False
 
 
 def setup(settings: RelaySettings) -> list[str]:
@@ -145,9 +182,36 @@ def setup(settings: RelaySettings) -> list[str]:
                 f"{exc}: grant CREATE on the schema and ownership of the table"
             ) from exc
         done.append(f"publication {settings.publication_name} covers {settings.outbox_table}")
-        created = ensure_slot(conn, settings)
-        done.append(f"{'created' if created else 'kept'} slot {settings.slot_name}")
-        return done
+    # Imported here: the guard builds on this module's connect/observe.
+    from cdc.slot_guard import open_slot
+
+    opened = open_slot(settings)
+    verb = {Action.CREATE: "created", Action.ADOPT: "adopted"}.get(opened.action, "kept")
+    done.append(f"{verb} slot {settings.slot_name}")
+    if opened.action is Action.CREATE and _has_rows(settings):
+        done.append(
+            f"{settings.outbox_table} already had rows: they are not published "
+            "(the slot starts after them)"
+        )
+    return done
+
+
+def _has_rows(settings: RelaySettings) -> bool:
+    table = sql.Identifier(settings.table_schema, settings.table_name)
+    with connect(settings) as conn:
+        return bool(_one(conn, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(table)))
+
+
+#: ``health`` in `cdc status`, by verdict: streaming may go on, the slot is lost (exit 5,
+#: `cdc recover`), no checkpoint yet (the next start creates or adopts the slot), or
+#: `cdc setup` has not run.
+_HEALTH = {
+    Action.STREAM: "ok",
+    Action.LOST: "lost",
+    Action.CREATE: "no_checkpoint",
+    Action.ADOPT: "no_checkpoint",
+    Action.NOT_SET_UP: "not_set_up",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,23 +228,76 @@ class SlotStatus:
     current_wal_lsn: str | None = None
     lag_bytes: int | None = None
     retained_bytes: int | None = None
+    wal_status: str | None = None
+    safe_wal_size: int | None = None
+    invalidation_reason: str | None = None
+    health: str = "not_set_up"
+    health_reason: str | None = None
+    checkpoint: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready mapping with the documented keys."""
         return asdict(self)
 
 
+def _checkpoint_fields(cp: Checkpoint) -> dict[str, Any]:
+    return {
+        "state": cp.state,
+        "lost_reason": cp.lost_reason,
+        "proven_at": cp.proven_at.isoformat() if cp.proven_at else None,
+        "confirmed_lsn": format_lsn(cp.confirmed_lsn),
+        "system_identifier": cp.system_identifier,
+        "timeline": cp.timeline,
+        "backfill_mode": cp.backfill_mode,
+        "backfill_done": cp.backfill_done,
+        "backfill_rows_done": cp.backfill_rows_done,
+        "backfill_rows_total": cp.backfill_rows_total,
+    }
+
+
+def _health(conn: Conn, settings: RelaySettings) -> dict[str, Any]:
+    """The verdict the relay would reach now, and the checkpoint row it rests on."""
+    from cdc import checkpoint_store as store
+    from cdc.slot_create import current_identity
+
+    try:
+        row = store.read(conn, settings.slot_name)
+    except SetupError as exc:
+        return {"health": "not_set_up", "health_reason": str(exc)}
+    try:
+        identity: SystemIdentity | None = current_identity(settings)
+    except SourceError:
+        identity = None  # no replication access from here: judge without it
+    verdict = assess(row, observe(conn, settings, identity))
+    return {
+        "health": _HEALTH[verdict.action],
+        "health_reason": verdict.reason or None,
+        "checkpoint": None if row is None else _checkpoint_fields(row),
+    }
+
+
 def status(settings: RelaySettings) -> SlotStatus:
-    """Read the slot's position and lag from pg_replication_slots."""
+    """Read the slot's position, lag and health, and the relay's checkpoint."""
     with connect(settings) as conn:
         row = conn.execute(
             "SELECT plugin, active, active_pid, restart_lsn::text, confirmed_flush_lsn::text, "
             "pg_current_wal_lsn()::text, "
             "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
+            "wal_status, safe_wal_size "
             "FROM pg_replication_slots WHERE slot_name = %s",
             (settings.slot_name,),
         ).fetchone()
+        seen = slot_seen(conn, settings)
+        health = _health(conn, settings)
     if row is None:
-        return SlotStatus(settings.slot_name, exists=False)
-    return SlotStatus(settings.slot_name, True, *row)
+        return SlotStatus(settings.slot_name, exists=False, **health)
+    names = ("plugin", "active", "active_pid", "restart_lsn", "confirmed_flush_lsn",
+             "current_wal_lsn", "lag_bytes", "retained_bytes", "wal_status", "safe_wal_size")
+    return SlotStatus(
+        settings.slot_name,
+        True,
+        invalidation_reason=seen.invalidation_reason if seen else None,
+        **dict(zip(names, row, strict=True)),
+        **health,
+    )

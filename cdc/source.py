@@ -16,6 +16,7 @@ from psycopg import pq
 
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SlotBusyError, SourceError
+from cdc.refusals import refused_by_postgres
 from cdc.replication import (
     pgoutput_version,
     standby_status,
@@ -28,7 +29,8 @@ _SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3
 _SETUP_STATES = {"42501", "42704", "55000", "42P01", "3D000", "28000"}
 
 
-def _translate(result: pq.abc.PGresult | None, pgconn: pq.abc.PGconn) -> SourceError:
+def translate_error(result: pq.abc.PGresult | None, pgconn: pq.abc.PGconn) -> SourceError:
+    """Turn a failed replication-protocol result into the relay's error of that kind."""
     state = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode() if result else ""
     text = (result.error_message if result else pgconn.error_message).decode(errors="replace")
     text = text.strip() or "replication connection closed"
@@ -65,7 +67,9 @@ class ReplicationStream:
                 options=_SESSION_OPTIONS,
             )
         except psycopg.OperationalError as exc:
-            raise SourceError(f"cannot open the replication connection: {exc}") from exc
+            doing = "cannot open the replication connection"
+            refused = refused_by_postgres(str(exc), doing)
+            raise refused or SourceError(f"{doing}: {exc}") from exc
         stream = cls(conn)
         try:
             await stream._start(settings)
@@ -81,7 +85,7 @@ class ReplicationStream:
         self._pg.send_query(cmd)
         result = await self._next_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
-            raise _translate(result, self._pg)
+            raise translate_error(result, self._pg)
 
     async def _next_result(self) -> pq.abc.PGresult | None:
         while True:
@@ -122,7 +126,7 @@ class ReplicationStream:
             if nbytes > 0:
                 return data
             if nbytes == -1:
-                raise _translate(self._pg.get_result(), self._pg)
+                raise translate_error(self._pg.get_result(), self._pg)
             left = deadline - time.monotonic()
             if left <= 0 or not await self._wait_readable(left):
                 return None

@@ -3,8 +3,9 @@
 ``<worker>`` is ``billing``, ``notifications`` or a dotted module path (see ``loader``). The
 settings model is the worker's ``SETTINGS``; every field is a ``--flag`` overriding its
 ``CDC_*`` variable. Exit codes: 0 stopped by SIGTERM/SIGINT after draining, 1 unexpected
-error, 2 configuration or usage error, 4 the shutdown drain timed out (what was not acked is
-redelivered to another replica or on the next start).
+error, 2 configuration or usage error, 3 a server refuses the configuration (login,
+database, vhost, privilege, TLS certificate: ``cdc/refusals.py``), 4 the shutdown drain
+timed out (what was not acked is redelivered to another replica or on the next start).
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from cdc.logs import configure, redact
+from cdc.errors import ConfigError as SettingsProblem
+from cdc.logs import configure
+from cdc.settings_base import load
 from consumers.config import ConsumerSettings
-from consumers.errors import ConfigError, ConsumerError
+from consumers.errors import ConfigError, ConsumerError, Refused
 
 log = logging.getLogger("consumers")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 3
 EXIT_DRAIN_TIMEOUT = 4
 
 S = TypeVar("S", bound=ConsumerSettings)
@@ -53,19 +57,12 @@ def add_setting_flags(parser: argparse.ArgumentParser, model: type[ConsumerSetti
 
 
 def build_settings(model: type[S], args: argparse.Namespace) -> S:
-    """The settings from the environment, with the flags that were given overriding."""
-    overrides = {
-        k: getattr(args, k) for k in model.model_fields if getattr(args, k, None) is not None
-    }
-    return model(**overrides)
+    """The settings from the environment, with the flags that were given overriding.
 
-
-def explain(exc: ValidationError) -> str:
-    """A pydantic error as one line per variable, secrets redacted."""
-    lines: list[Any] = [
-        f"CDC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
-    ]
-    return redact("invalid configuration:\n  " + "\n  ".join(lines))
+    Raises ``cdc.errors.ConfigError`` (one line) for anything invalid, a secret in a flag
+    included.
+    """
+    return load(model, {k: getattr(args, k, None) for k in model.model_fields})
 
 
 def _run_worker(argv: Sequence[str]) -> int:
@@ -81,11 +78,17 @@ def _run_worker(argv: Sequence[str]) -> int:
         prog=f"python -m consumers {name}", description=f"run the {name} worker"
     )
     add_setting_flags(parser, worker.settings)
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing: check the worker's database role and broker login "
+        "(exit 0, or 3 listing what is missing)",
+    )
     args = parser.parse_args(argv[1:])
     try:
         settings = build_settings(worker.settings, args)
-    except ValidationError as exc:
-        print(explain(exc), file=sys.stderr)
+    except SettingsProblem as exc:
+        print(exc, file=sys.stderr)
         return EXIT_USAGE
     configure(settings.worker_log_format, settings.worker_log_level)
     try:
@@ -93,6 +96,10 @@ def _run_worker(argv: Sequence[str]) -> int:
     except (ConfigError, ValidationError, ValueError) as exc:
         log.error("worker %s cannot start: %s", name, exc)
         return EXIT_USAGE
+    if args.check:
+        from consumers import check
+
+        return asyncio.run(check.run(settings, spec))
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(settings, spec))
 
@@ -182,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    except Refused as exc:
+        log.error("%s", exc)
+        return EXIT_REFUSED
     except ConsumerError as exc:
         log.error("%s", exc)
         return EXIT_ERROR

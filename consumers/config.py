@@ -1,7 +1,8 @@
 """Settings of one worker process: a pydantic-settings model, built once and passed down.
 
 Connection variables are the relay's (``CDC_DATABASE_URL``, ``CDC_AMQP_URL``,
-``CDC_EXCHANGE``, ``CDC_OUTBOX_TABLE``) so one environment serves the relay and its workers;
+``CDC_EXCHANGE``, ``CDC_OUTBOX_TABLE``; the base ``cdc.settings_base.CdcSettings`` checks
+the URLs and reads ``*_FILE`` secrets) so one environment serves the relay and its workers;
 the runtime's own knobs are ``CDC_WORKER_*``. A worker subclasses this model to add its own
 fields (``consumers.billing.worker.SETTINGS``, ...). Every field becomes a ``--flag`` of
 ``python -m consumers <worker>`` that overrides the environment.
@@ -12,8 +13,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
+
+from cdc.settings_base import CdcSettings, check_backoff
+from cdc.urls import check_host
 
 DEFAULT_EXCHANGE = "cloudphone.events"
 DEFAULT_INBOX_TABLE = "public.consumer_inbox"
@@ -38,13 +42,9 @@ def check_table(value: str) -> str:
     return value if len(parts) == 2 else f"public.{value}"
 
 
-class ConsumerSettings(BaseSettings):
+class ConsumerSettings(CdcSettings):
     """Configuration of one ``python -m consumers <worker>`` process."""
 
-    model_config = SettingsConfigDict(env_prefix="CDC_", extra="ignore")
-
-    database_url: SecretStr = Field(description="libpq URL of the database (inbox, effects)")
-    amqp_url: SecretStr = Field(description="amqp:// URL of the broker")
     exchange: str = Field(DEFAULT_EXCHANGE, description="topic exchange the events come from")
     outbox_table: str = Field("public.event_outbox", description="where workers write events")
 
@@ -131,8 +131,14 @@ class ConsumerSettings(BaseSettings):
             raise ValueError("AMQP names may use letters, digits and . _ - : only")
         return value
 
+    @field_validator("worker_metrics_host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        return check_host(value)
+
     @model_validator(mode="after")
     def _check_backoff(self) -> ConsumerSettings:
-        if self.worker_reconnect_max_delay < self.worker_reconnect_min_delay:
-            raise ValueError("CDC_WORKER_RECONNECT_MAX_DELAY must be >= the minimum delay")
+        check_backoff(
+            self.worker_reconnect_min_delay, self.worker_reconnect_max_delay, "worker_reconnect"
+        )
         return self

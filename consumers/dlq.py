@@ -9,8 +9,9 @@
   acked in the parking queue; the others are given back untouched;
 - ``purge QUEUE --yes``: delete every parked message (refused without ``--yes``).
 
-Only queues named ``*.parked`` are accepted. Exit codes: 0 done, 1 unexpected error,
-2 usage error or no such queue.
+Only queues named ``*.parked`` are accepted. Exit codes: 0 done, 1 unexpected error or
+the broker not reachable, 2 usage error or no such queue, 3 the broker refuses the
+configuration (login, vhost, TLS certificate).
 """
 
 from __future__ import annotations
@@ -21,15 +22,24 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
-from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from consumers.cli import EXIT_OK, EXIT_USAGE, add_setting_flags, build_settings, explain
+from cdc.errors import ConfigError as SettingsProblem
+from cdc.logs import redact
+from consumers.cli import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    add_setting_flags,
+    build_settings,
+)
 from consumers.config import ConsumerSettings
-from consumers.errors import ConfigError, DlqError
+from consumers.connect import open_broker
+from consumers.errors import ConfigError, DlqError, Refused
 from consumers.runtime import headers as hdr
 from consumers.runtime.policy import ATTEMPT_HEADER
 from consumers.runtime.republish import copy_properties, publish_confirmed
@@ -94,7 +104,7 @@ async def _queue_count(channel: AbstractChannel, queue: str) -> int | None:
 
 
 async def _with_channel(settings: ConsumerSettings, fn: Any) -> int:
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=10)
+    connection = await open_broker(settings.amqp_url.get_secret_value(), timeout=10)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return int(await fn(connection, channel))
@@ -212,14 +222,24 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = build_settings(ConsumerSettings, args)
-    except ValidationError as exc:
-        print(explain(exc), file=sys.stderr)
+    except SettingsProblem as exc:
+        print(exc, file=sys.stderr)
         return EXIT_USAGE
     try:
         return asyncio.run(_dispatch(args, settings))
     except DlqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except SettingsError as exc:  # a worker's own settings, read for `list`
+        print(redact(f"invalid configuration: {exc}"), file=sys.stderr)
+        return EXIT_USAGE
+    except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+        # A one-shot command does not wait for the broker: say so in one line.
+        print(redact(f"error: the broker is not reachable: {exc!r}"), file=sys.stderr)
+        return EXIT_ERROR
 
 
 async def _dispatch(args: argparse.Namespace, settings: ConsumerSettings) -> int:

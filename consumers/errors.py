@@ -6,8 +6,8 @@ A handler signals *how* it failed; the runtime decides what happens next:
 - :class:`Retry` or any other exception: tried again after a backoff delay, parked after the
   last attempt.
 
-The others are the runtime's: configuration problems (exit 2) and the broker/database
-failures its reconnect loops absorb.
+The others are the runtime's: configuration problems (exit 2), refusals by a server (exit 3)
+and the broker/database failures its reconnect loops absorb.
 """
 
 from __future__ import annotations
@@ -19,6 +19,13 @@ class ConsumerError(Exception):
 
 class ConfigError(ConsumerError):
     """The worker's settings or its name are wrong; the message says which and how to fix it."""
+
+
+class Refused(ConsumerError):
+    """A server refuses the worker's configuration (login, database, vhost, privilege, TLS).
+
+    Not retried: the process exits 3 with the message, which says what to fix.
+    """
 
 
 class PermanentError(ConsumerError):

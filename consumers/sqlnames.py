@@ -34,6 +34,15 @@ def qualified_table(value: str, setting: str) -> sql.Composed:
     )
 
 
+#: A worker's ``CREATE SCHEMA IF NOT EXISTS {s}`` that a role owning an existing schema may
+#: run: the plain statement asks for the database's CREATE privilege even when the schema
+#: exists. Format with ``s`` (the quoted schema) and ``schema_name`` (its name as a literal).
+CREATE_SCHEMA = (
+    "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = {schema_name})"
+    " THEN CREATE SCHEMA {s}; END IF; END $$"
+)
+
+
 def render(query: sql.Composable) -> str:
     """The query as text, rendered once at start (names are quoted identifiers)."""
     return query.as_string(None)

@@ -31,13 +31,18 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -51,7 +56,9 @@ import aiormq
 import psycopg
 import pytest
 import services
+import yaml
 from psycopg import sql
+from psycopg.rows import dict_row
 
 REPO = Path(__file__).resolve().parent.parent
 # --- test services (tests/services.py): containers per session, or the local servers -------
@@ -131,15 +138,26 @@ def with_overrides(env: dict[str, str], overrides: dict[str, Any]) -> dict[str, 
     return env
 
 
-def db_url(dbname: str, password: str | None = None) -> str:
-    """The admin URL pointed at ``dbname`` (optionally with a password put in)."""
-    parts = urlsplit(ADMIN_URL)
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0] or "postgres"
-        netloc = f"{user}:{password}@{hostport}"
+def _with_login(url: str, user: str | None, password: str | None) -> tuple[Any, str]:
+    parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    old_user, _, old_password = userinfo.partition(":")
+    user = user if user is not None else old_user
+    password = password if password is not None else old_password
+    return parts, f"{user}:{password}@{hostport}" if password else f"{user}@{hostport}"
+
+
+def db_url(dbname: str, password: str | None = None, user: str | None = None) -> str:
+    """The admin URL pointed at ``dbname`` (optionally as another user, with a password)."""
+    parts, netloc = _with_login(ADMIN_URL, user or urlsplit(ADMIN_URL).username or "postgres",
+                                password)  # fmt: skip
     return urlunsplit((parts.scheme, netloc, f"/{dbname}", parts.query, parts.fragment))
+
+
+def broker_url(password: str | None = None, vhost: str = "/", scheme: str = "amqp") -> str:
+    """The session's broker URL with another password, vhost or scheme (same host and port)."""
+    _, netloc = _with_login(AMQP_URL, None, password)
+    return urlunsplit((scheme, netloc, vhost if vhost == "/" else f"/{vhost}", "", ""))
 
 
 def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -507,6 +525,24 @@ def _rabbitmqctl_names(kind: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()] if code == 0 else []
 
 
+def unacked_messages(queues: Iterable[str]) -> int:
+    """Messages of ``queues`` delivered and not yet acked, as the broker counts them
+    (``rabbitmqctl list_queues``; the AMQP passive declare only reports ready ones)."""
+    code, out = SERVICES.rabbitmqctl(
+        "list_queues", "--quiet", "--no-table-headers", "name", "messages_unacknowledged",
+        timeout=60,
+    )
+    if code != 0:
+        raise RuntimeError(f"rabbitmqctl list_queues exited {code}: {out}")
+    wanted = set(queues)
+    total = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in wanted:
+            total += int(parts[1])
+    return total
+
+
 def _is_ours_or_stale(name: str, ours_prefix: str, pattern: re.Pattern[str]) -> bool:
     if name.startswith(ours_prefix):
         return True
@@ -543,6 +579,12 @@ def _drop_slot(conn: psycopg.Connection[Any], slot: str, timeout: float = 15.0) 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def _delete_checkpoint(conn: psycopg.Connection[Any], slot: str) -> None:
+    """Remove ``slot``'s row of the relay's checkpoint table, if that table exists."""
+    if conn.execute("SELECT to_regclass('cdc.relay_checkpoint')").fetchone()[0]:
+        conn.execute("DELETE FROM cdc.relay_checkpoint WHERE slot_name = %s", (slot,))
 
 
 def _rollback_prepared(conn: psycopg.Connection[Any], database: str, prefix: str = "") -> None:
@@ -590,6 +632,13 @@ def _sweep_postgres(admin: psycopg.Connection[Any], current_db: str | None) -> l
             with contextlib.suppress(psycopg.Error):
                 _drop_database(admin, name)
                 swept.append(f"database {name}")
+    for (role,) in admin.execute(
+        "SELECT rolname FROM pg_roles WHERE rolname LIKE 'cdc\\_test\\_%'"
+    ).fetchall():
+        if _is_ours_or_stale(role, f"cdc_test_{SESSION}_", _STALE_SLOT_RE):
+            with contextlib.suppress(psycopg.Error):
+                admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+                swept.append(f"role {role}")
     return swept
 
 
@@ -851,9 +900,12 @@ class Domain:
         proc.wait_state("consuming", timeout=60)
         return proc
 
-    def publish(self, messages: list[tuple[str, str, Any]]) -> None:
+    def publish(
+        self, messages: list[tuple[str, str, Any]], headers: dict[str, Any] | None = None
+    ) -> None:
         """Publish ``(routing_key, message_id, payload)`` in this order, each confirmed,
-        with a ``created_at`` header as the relay sets it."""
+        with a ``created_at`` header as the relay sets it (and ``headers``, straight to the
+        exchange: what a publisher other than the relay could send)."""
 
         async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
             ex = await ch.get_exchange(self.env.exchange, ensure=False)
@@ -865,7 +917,10 @@ class Domain:
                         type=key,
                         content_type="application/json",
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        headers={"created_at": dt.datetime.now(dt.UTC).isoformat()},
+                        headers={
+                            **(headers or {}),
+                            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                        },
                     ),
                     key,
                     mandatory=True,
@@ -1008,9 +1063,11 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
 
 
 class SmtpSink:
-    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts."""
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it accepts.
+    ``fail_first`` answers 451 (try again later) to the first message of each idempotency
+    key; ``refused`` counts those."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_first: bool = False) -> None:
         from email import message_from_bytes
         from email.message import Message
 
@@ -1018,10 +1075,18 @@ class SmtpSink:
 
         sink = self
         self.messages: list[Message] = []
+        self.refused = 0
+        seen: set[str] = set()
 
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-                sink.messages.append(message_from_bytes(envelope.content))
+                message = message_from_bytes(envelope.content)
+                key = str(message["X-Idempotency-Key"])
+                if fail_first and key not in seen:
+                    seen.add(key)
+                    sink.refused += 1
+                    return "451 4.3.0 try again later"
+                sink.messages.append(message)
                 return "250 OK"
 
         self.port = free_port()
@@ -1382,10 +1447,12 @@ class SqlAccess:
 class Env(SqlAccess):
     """Unique names for one test and helpers over them; ``cleanup()`` removes everything."""
 
-    def __init__(self, dbname: str, broker: Broker, tmp_path: Path) -> None:
+    def __init__(
+        self, dbname: str, broker: Broker, tmp_path: Path, url: str | None = None
+    ) -> None:
         self.tag = secrets.token_hex(3)
         self.dbname = dbname
-        self.db_url = db_url(dbname)
+        self.db_url = url or db_url(dbname)
         self.broker = broker
         self.tmp_path = tmp_path
         self.table = f"public.outbox_{self.tag}"
@@ -1544,6 +1611,28 @@ class Env(SqlAccess):
         }
         return with_overrides(env, overrides)
 
+    def settings(self, **overrides: Any) -> Any:
+        """The relay's settings model for this test (``relay_env`` with ``overrides``)."""
+        from cdc.config import RelaySettings
+
+        fields = {
+            k.removeprefix("CDC_").lower(): v for k, v in self.relay_env(**overrides).items()
+        }
+        return RelaySettings(**fields)
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """This test's row of ``cdc.relay_checkpoint`` (None if absent or no table yet)."""
+        if not self.sql("SELECT to_regclass('cdc.relay_checkpoint') IS NOT NULL")[0][0]:
+            return None
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT *, proven_snapshot::text AS proven_text,"
+                " base_snapshot::text AS base_text, confirmed_lsn::text AS confirmed_text"
+                " FROM cdc.relay_checkpoint WHERE slot_name = %s",
+                (self.slot,),
+            )
+            return cur.fetchone()
+
     def cdc(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
@@ -1701,6 +1790,7 @@ class Env(SqlAccess):
                     lambda: _rollback_prepared(conn, self.dbname, self.gid_prefix),
                 )
                 step("drop slot", lambda: _drop_slot(conn, self.slot))
+                step("delete checkpoint row", lambda: _delete_checkpoint(conn, self.slot))
                 step(
                     "drop publication",
                     lambda: conn.execute(
@@ -1784,7 +1874,17 @@ def broker() -> Iterator[Broker]:
 def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
     """A fresh set of names; the sink queue is declared and bound with '#'. Nothing is set up
     in PostgreSQL: call ``env.setup()`` (after creating a custom table if the test needs one)."""
-    e = Env(pg_session_db, broker, tmp_path)
+    yield from _serve_env(Env(pg_session_db, broker, tmp_path))
+
+
+@pytest.fixture
+def private_env(private_pg: PrivatePostgres, broker: Broker, tmp_path: Path) -> Iterator[Env]:
+    """``env`` on a throwaway server of this test's own (``private_pg``), for settings that
+    must not touch the shared one."""
+    yield from _serve_env(Env("postgres", broker, tmp_path, url=private_pg.url))
+
+
+def _serve_env(e: Env) -> Iterator[Env]:
     try:
         e.declare_sink()
         yield e
@@ -1795,6 +1895,227 @@ def env(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Env]:
         errors = e.cleanup()
         if errors:
             print("teardown problems:", *errors, sep="\n  ")
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster (initdb, run as the ``postgres`` user when we are
+    root) on a free port, with ``wal_level=logical`` and the given extra settings."""
+
+    def __init__(self, settings: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.datadir = Path(tempfile.mkdtemp(prefix="cdc_test_pg_"))
+        self._settings = {"wal_level": "logical", "fsync": "off", **settings}
+
+    def _run(self, *argv: str, timeout: float = 120) -> None:
+        bindir = subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        cmd = [str(Path(bindir) / argv[0]), *argv[1:]]
+        if os.geteuid() == 0:  # the server refuses to run as root
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, capture_output=True, check=True, timeout=timeout)
+
+    def start(self) -> PrivatePostgres:
+        if os.geteuid() == 0:
+            shutil.chown(self.datadir, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8", "--no-sync")
+        options = {
+            "port": str(self.port),
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.datadir),
+            **self._settings,
+        }
+        opts = " ".join(f"-c {k}={v}" for k, v in options.items())
+        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"),
+                  "-w", "-o", opts, "start")
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.datadir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pg(request: pytest.FixtureRequest) -> Iterator[PrivatePostgres]:
+    """A throwaway cluster for this test; ``@pytest.mark.pg_settings(name=value, ...)`` adds
+    server settings. Stopped (immediate) and deleted at the end."""
+    marker = request.node.get_closest_marker("pg_settings")
+    server = PrivatePostgres(dict(marker.kwargs) if marker else {})
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def no_cdc_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CDC_* variable of the machine running the tests leaks into a settings model."""
+    for name in list(os.environ):
+        if name.upper().startswith("CDC_"):
+            monkeypatch.delenv(name)
+
+
+def _role(attributes: str, env: Env, kind: str) -> str:
+    """Create ``cdc_test_<S>_<t>_<kind>`` with ``attributes`` (trust auth: no password)."""
+    role = f"cdc_test_{SESSION}_{env.tag}_{kind}"
+    with pg_connect(ADMIN_URL) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} " + attributes).format(sql.Identifier(role)))
+    return role
+
+
+def _drop_role(env: Env, role: str) -> None:
+    """End the role's sessions, drop what it owns and its grants in the test database, drop it."""
+    ident = sql.Identifier(role)
+    with pg_connect(ADMIN_URL) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        with pg_connect(env.db_url) as conn:  # its grants and objects live in the test database
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+        admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+
+
+@pytest.fixture
+def relay_role(env: Env) -> Iterator[str]:
+    """A role ``cdc_test_<S>_<t>_relay`` with LOGIN REPLICATION and nothing else; its grants
+    and the role go at teardown."""
+    role = _role("LOGIN REPLICATION", env, "relay")
+    try:
+        yield role
+    finally:
+        _drop_role(env, role)
+
+
+@pytest.fixture
+def worker_role(env: Env, pg_schema: str) -> Iterator[str]:
+    """A role ``cdc_test_<S>_<t>_worker`` with LOGIN only, made owner of ``pg_schema`` (where
+    the domain workers keep their tables); what it owns, its grants and the role go at
+    teardown."""
+    role = _role("LOGIN", env, "worker")
+    try:
+        env.sql(
+            sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(
+                sql.Identifier(pg_schema), sql.Identifier(role)
+            )
+        )
+        yield role
+    finally:
+        _drop_role(env, role)
+
+
+@pytest.fixture
+def amqp_user_without_configure(env: Env) -> Iterator[str]:
+    """A broker user ``cdc_test.<S>.<t>`` that may write and read on ``/`` but declare
+    nothing (configure ``^$``); its URL. Deleted at teardown."""
+    if not SERVICES.has_rabbitmqctl():
+        pytest.fail("rabbitmqctl is needed to create a broker user")
+    user, password = f"cdc_test.{SESSION}.{env.tag}", secrets.token_hex(8)
+
+    def ctl(*args: str) -> None:
+        SERVICES.rabbitmqctl(*args, timeout=60, check=True)
+
+    ctl("add_user", user, password)
+    try:
+        ctl("set_permissions", "-p", "/", user, "^$", ".*", ".*")
+        parts = urlsplit(AMQP_URL)
+        yield urlunsplit(("amqp", f"{user}:{password}@{parts.netloc.rpartition('@')[2]}",
+                          "/", "", ""))  # fmt: skip
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            ctl("delete_user", user)
+
+
+class FakeServer:
+    """A local TCP server whose every connection runs ``handle(socket)`` in a thread."""
+
+    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
+        self._handle = handle
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(10)
+            self._handle(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(5)
+
+
+def _self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server context with a throwaway self-signed certificate (no client trusts it)."""
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.fixture
+def untrusted_tls_server(tmp_path: Path) -> Iterator[FakeServer]:
+    """A TLS server with a self-signed certificate: a client's verification must fail."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    context = _self_signed(tmp_path)
+
+    def handshake(conn: socket.socket) -> None:
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)
+
+    server = FakeServer(handshake)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _pg_message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!I", len(body) + 4) + body
+
+
+@pytest.fixture
+def pg_starting_up() -> Iterator[FakeServer]:
+    """A fake PostgreSQL that answers every login with FATAL 57P03 "starting up"."""
+
+    def refuse(conn: socket.socket) -> None:
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                return
+            length, code = struct.unpack("!II", head)
+            conn.recv(length - 8, socket.MSG_WAITALL)
+            if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest: not offered
+                conn.sendall(b"N")
+                continue
+            fields = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0"
+            conn.sendall(_pg_message(b"E", fields))
+            return
+
+    server = FakeServer(refuse)
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture
@@ -1889,6 +2210,13 @@ class Ledger(SqlAccess):
         self.extra_queues.append(name)
         self.broker.declare_queue(name, self.exchange, keys)
         return name
+
+    def more_queues(self, n: int) -> list[str]:
+        """Every queue of a worker started with ``ledger_queues=n`` (extra ones removed at
+        teardown)."""
+        extra = [f"{self.ns}.ledger.entries-{i}" for i in range(2, n + 1)]
+        self.extra_queues += extra
+        return [self.queue, *extra]
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -2008,6 +2336,29 @@ class Ledger(SqlAccess):
 
         self.broker._run(fn)
         return ids
+
+    def publish_without_id(self, body: Any, routing_key: str = "ledger.entry") -> None:
+        """Publish one message that has no ``message_id`` property at all (aio-pika and
+        aiormq fill one in otherwise; ``ABSENT_ID`` keeps it out of the frame)."""
+        from pamqp.commands import Basic
+
+        from consumers.runtime.republish import ABSENT_ID
+
+        async def fn(ch: aio_pika.abc.AbstractChannel) -> None:
+            raw = await ch.get_underlay_channel()  # in confirm mode (aio-pika's default)
+            props = Basic.Properties(
+                message_id=ABSENT_ID, content_type="application/json", delivery_mode=2
+            )
+            await raw.basic_publish(
+                json.dumps(body).encode(),
+                exchange=self.exchange,
+                routing_key=routing_key,
+                properties=props,
+                mandatory=True,
+                timeout=30,
+            )
+
+        self.broker._run(fn)
 
     # -- ground truth ------------------------------------------------------------------------
 
@@ -2136,3 +2487,169 @@ def ledger(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Ledge
         errors = lg.cleanup()
         if errors:
             print("teardown problems:", *errors, sep="\n  ")
+
+
+# --------------------------------------------------------------------------------------------
+# live monitoring: a RabbitMQ vhost of our own, Prometheus and postgres_exporter processes
+
+def tool(name: str) -> str | None:
+    """An executable on PATH or in the venv (``make install`` unpacks Debian's Prometheus
+    tools there: scripts/fetch-prometheus.sh)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return bool(resp.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def ensure_rabbitmq_prometheus() -> str:
+    """The shared broker's per-object metrics URL. Enables the ``rabbitmq_prometheus`` plugin
+    if it is not enabled yet, and leaves it enabled (it only adds a metrics listener)."""
+    url = SERVICES.rabbit_metrics_url
+    if not _http_ok(url):
+        _, listed = SERVICES.broker_tool("rabbitmq-plugins", "list", "-e", "-m")
+        if "rabbitmq_prometheus" not in listed.split():
+            SERVICES.broker_tool(
+                "rabbitmq-plugins", "enable", "rabbitmq_prometheus", timeout=180, check=True
+            )
+        wait_for(lambda: _http_ok(url), 90, lambda: f"{url} to answer", interval=1)
+    return url
+
+
+def _rabbitmqctl(*args: str) -> None:
+    SERVICES.rabbitmqctl(*args, timeout=120, check=True)
+
+
+@pytest.fixture
+def rabbit_vhost() -> Iterator[tuple[str, str]]:
+    """``(name, AMQP URL)`` of a fresh vhost (guest has every permission), deleted with all
+    its queues and exchanges at the end. Lets a test use the real queue names
+    (``billing-service.device-started``...) without touching anyone else's."""
+    if not SERVICES.has_rabbitmqctl():
+        pytest.skip("rabbitmqctl is not on PATH: cannot create a vhost")
+    for stale in _rabbitmqctl_names("list_vhosts"):
+        if _is_ours_or_stale(stale, "\0", _STALE_AMQP_RE):
+            with contextlib.suppress(subprocess.SubprocessError):
+                _rabbitmqctl("delete_vhost", stale)
+    name = f"cdc_test.{SESSION}.{secrets.token_hex(3)}"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        base = urlsplit(AMQP_URL)
+        path = "/" + urllib.parse.quote(name, safe="")
+        yield name, urlunsplit((base.scheme, base.netloc, path, base.query, ""))
+    finally:
+        # Another test may have the broker's app stopped (rabbit_app): wait for it.
+        with contextlib.suppress(RuntimeError):
+            wait_amqp_ready(timeout=120)
+        _rabbitmqctl("delete_vhost", name)
+
+
+class Daemon:
+    """A long-running helper process (Prometheus, an exporter); output to ``log_path``."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.argv, self.log_path, self.env = argv, log_path, env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env={**os.environ, **(self.env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return f"--- {self.log_path.name} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+class Prometheus:
+    """A Prometheus server on a free port with its config and data in ``workdir``."""
+
+    def __init__(self, binary: str, workdir: Path, config: dict[str, Any]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.daemon = Daemon(
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=2h",
+                "--log.level=warn",
+            ],
+            workdir / "prometheus.log",
+        )
+
+    def start(self) -> Prometheus:
+        self.daemon.start()
+        wait_for(lambda: _http_ok(f"{self.url}/-/ready"), 60, self.daemon.tail, interval=0.5)
+        return self
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=30) as resp:
+            doc = json.loads(resp.read())
+        assert doc["status"] == "success", doc
+        return doc["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The instant vector ``expr`` evaluates to now (an error fails the test)."""
+        data = self.api("query", query=expr)
+        return list(data["result"]) if data["resultType"] == "vector" else [data]
+
+    def firing(self) -> list[dict[str, str]]:
+        """Labels of every alert that is firing now."""
+        return [a["labels"] for a in self.api("alerts")["alerts"] if a["state"] == "firing"]
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap: a database and two roles as deploy/kubernetes/sql creates them
+
+
+@pytest.fixture
+def bootstrap_names() -> Iterator[dict[str, str]]:
+    """Names for a database and the relay/worker roles, all dropped at the end (roles are
+    cluster-wide: they carry the session tag)."""
+    names = {
+        "db": f"cdc_test_{SESSION}_boot{secrets.token_hex(2)}",
+        "relay_role": f"cdc_test_{SESSION}_relay",
+        "worker_role": f"cdc_test_{SESSION}_worker",
+        "monitor_role": f"cdc_test_{SESSION}_monitor",
+    }
+    try:
+        yield names
+    finally:
+        with pg_connect(ADMIN_URL) as admin:
+            _drop_database(admin, names["db"])
+            for role in (names["relay_role"], names["worker_role"], names["monitor_role"]):
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def role_url(role: str, dbname: str) -> str:
+    """``dbname`` as ``role`` (the test server trusts local connections: no password)."""
+    parts = urlsplit(db_url(dbname))
+    hostport = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{role}@{hostport}", parts.path, parts.query, ""))

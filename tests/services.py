@@ -40,6 +40,7 @@ PG_IMAGE_DEFAULT = "postgres:15"
 RABBITMQ_IMAGE_DEFAULT = "rabbitmq:3-management"
 LOCAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCAL_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+LOCAL_RABBIT_METRICS_URL = "http://127.0.0.1:15692/metrics/per-object"
 #: Server flags of the PostgreSQL container: what the relay needs (logical decoding, prepared
 #: transactions for the two-phase tests, room for many slots and walsenders at once) and
 #: fsync off, since the container's data is thrown away with it.
@@ -64,6 +65,8 @@ class Services:
     admin_url: str
     amqp_url: str
     detail: str
+    #: the broker's Prometheus endpoint (rabbitmq_prometheus), per-object metrics
+    rabbit_metrics_url: str = LOCAL_RABBIT_METRICS_URL
     _containers: list[Any] = field(default_factory=list)
     _broker: Any = None
 
@@ -73,15 +76,27 @@ class Services:
     def has_rabbitmqctl(self) -> bool:
         return self._broker is not None or shutil.which("rabbitmqctl") is not None
 
-    def rabbitmqctl(self, *args: str, timeout: float = 120) -> tuple[int, str]:
-        """Run ``rabbitmqctl ARGS`` on the session's broker: (exit code, stdout + stderr)."""
+    def broker_tool(
+        self, tool: str, *args: str, timeout: float = 120, check: bool = False
+    ) -> tuple[int, str]:
+        """Run the broker's ``rabbitmqctl`` or ``rabbitmq-plugins`` with ``args``: inside the
+        broker container, or on the host. (exit code, stdout + stderr); ``check`` raises
+        :class:`subprocess.CalledProcessError` on a non-zero exit."""
         if self._broker is not None:
-            code, out = self._broker.exec(["rabbitmqctl", *args])
-            return int(code), out.decode(errors="replace")
-        res = subprocess.run(
-            ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
-        return res.returncode, res.stdout + res.stderr
+            code, raw = self._broker.exec([tool, *args])
+            code, out = int(code), raw.decode(errors="replace")
+        else:
+            res = subprocess.run(
+                [tool, *args], capture_output=True, text=True, timeout=timeout, check=False
+            )
+            code, out = res.returncode, res.stdout + res.stderr
+        if check and code != 0:
+            raise subprocess.CalledProcessError(code, [tool, *args], out)
+        return code, out
+
+    def rabbitmqctl(self, *args: str, timeout: float = 120, check: bool = False) -> tuple[int, str]:
+        """``rabbitmqctl ARGS`` on the session's broker (see :meth:`broker_tool`)."""
+        return self.broker_tool("rabbitmqctl", *args, timeout=timeout, check=check)
 
     def close(self) -> None:
         """Remove the containers (and their anonymous volumes); safe to call twice."""
@@ -127,10 +142,12 @@ def _start_containers() -> Services:
         DockerContainer(mq_image)
         .with_env("RABBITMQ_DEFAULT_USER", "guest")
         .with_env("RABBITMQ_DEFAULT_PASS", "guest")
-        .with_exposed_ports(5672)
+        .with_exposed_ports(5672, 15692)
         .with_kwargs(labels=TEST_LABEL)
     )
-    services = Services("containers", "", "", f"{pg_image}, {mq_image}", [pg, mq], mq)
+    services = Services(
+        "containers", "", "", f"{pg_image}, {mq_image}", _containers=[pg, mq], _broker=mq
+    )
     atexit.register(services.close)  # also when the session dies before its hooks run
     errors: list[BaseException] = []
 
@@ -157,6 +174,9 @@ def _start_containers() -> Services:
         f"postgresql://postgres@{host}:{pg.get_exposed_port(5432)}/postgres"
     )
     services.amqp_url = f"amqp://guest:guest@{host}:{mq.get_exposed_port(5672)}/"
+    services.rabbit_metrics_url = (
+        f"http://{host}:{mq.get_exposed_port(15692)}/metrics/per-object"
+    )
     _wait_broker(mq)
     return services
 

@@ -313,12 +313,28 @@ def merge_diffs(diffs: Iterable[RecordDiff]) -> RecordDiff:
     )
 
 
+def canonical_decimal(value: Decimal) -> str:
+    """``value`` in plain decimal notation, the form other languages can reproduce.
+
+    Optional ``-``, the integer digits without leading zeros (at least one), and only if
+    the value has a fractional part a ``.`` and its digits without trailing zeros; no
+    exponent: ``10``, ``10.00`` and ``1E+1`` all give ``10``; ``0.050`` gives ``0.05``.
+    """
+    if not value.is_finite():
+        raise ValueError(f"{value} has no decimal notation")
+    if value == 0:
+        return "0"  # also for -0 and 0E-5
+    return format(value.normalize(), "f")
+
+
 def balance_low_id(user_id: str, threshold: Decimal) -> uuid.UUID:
     """Id of the one ``billing.balance_low`` outbox row for ``user_id`` under ``threshold``.
 
-    Deterministic, so even a second writer would collide on the outbox primary key.
+    UUIDv5 (SHA-1, RFC 4122) in ``BALANCE_LOW_NAMESPACE`` of the UTF-8 bytes of
+    ``<user_id> NUL <canonical_decimal(threshold)>``. Deterministic, so even a second
+    writer would collide on the outbox primary key.
     """
-    return uuid.uuid5(BALANCE_LOW_NAMESPACE, f"{user_id}\x00{threshold.normalize()}")
+    return uuid.uuid5(BALANCE_LOW_NAMESPACE, f"{user_id}\x00{canonical_decimal(threshold)}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from psycopg import sql
 
 from consumers.billing import metering
 from consumers.billing.metering import DeviceEvent, PlanChange, Pricing, UsageRecord
-from consumers.sqlnames import check_name, qualified_table, render
+from consumers.sqlnames import CREATE_SCHEMA, check_name, qualified_table, render
 
 _RECORD_COLUMNS = (
     "record_id, device_id, user_id, started_at, stopped_at, duration_seconds, rate, cost, "
@@ -41,7 +41,7 @@ _RECORD_COLUMNS = (
 )
 
 _DDL = (
-    "CREATE SCHEMA IF NOT EXISTS {s}",
+    CREATE_SCHEMA,
     """CREATE TABLE IF NOT EXISTS {s}.device_events (
         message_id text PRIMARY KEY,
         device_id  text NOT NULL,
@@ -266,7 +266,10 @@ def schema_ddl(schema: str, lock_timeout: float = 0.2) -> tuple[str, ...]:
     batches costs that long, not PostgreSQL's ``deadlock_timeout``."""
     s = sql.Identifier(check_name(schema, "CDC_BILLING_SCHEMA"))
     timeout = sql.Literal(f"{max(1, round(lock_timeout * 1000))}ms")
-    return tuple(render(sql.SQL(stmt).format(s=s, lock_timeout=timeout)) for stmt in _DDL)
+    name = sql.Literal(schema)
+    return tuple(
+        render(sql.SQL(stmt).format(s=s, lock_timeout=timeout, schema_name=name)) for stmt in _DDL
+    )
 
 
 @dataclass(frozen=True, slots=True)

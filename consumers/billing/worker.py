@@ -147,4 +147,6 @@ def build(settings: BillingSettings) -> WorkerSpec:
         routes=routes,
         schema=schema_ddl(settings.billing_schema, settings.billing_lock_timeout),
         db_only=True,  # effects are rows only: no savepoints unless a batch fails
+        # billing.balance_low rows: INSERT ... RETURNING id needs SELECT too (`--check`)
+        extra={"outbox_privileges": ("INSERT", "SELECT")},
     )

@@ -6,31 +6,27 @@ refused connection, a non-2xx answer, a temporary SMTP error) so the runtime tri
 after its backoff delay; a recipient the SMTP server refuses for good is a
 :class:`~consumers.errors.PermanentError`. Both carry the delivery's idempotency key
 (``Idempotency-Key`` header; ``Message-ID`` and ``X-Idempotency-Key`` in the email), the
-same on every attempt. Redirects are not followed: a POST must not turn into a GET.
+same on every attempt. Redirects are not followed: a POST must not turn into a GET. A
+webhook goes only to a target ``targets`` allows, over a connection to the very address that
+was checked (no second DNS lookup, no HTTP proxy); a refused target is a
+:class:`~consumers.errors.PermanentError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import smtplib
-import urllib.error
+import socket
+import ssl
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
-from typing import Any
 
 from consumers.errors import PermanentError, Retry
+from consumers.notifications import targets
 from consumers.notifications.signing import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,40 +38,92 @@ class Webhook:
     message_id: str
 
 
-def _post(hook: Webhook, secret: bytes, timeout: float) -> int:
-    request = urllib.request.Request(
-        hook.url,
-        data=hook.body,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(secret, hook.body),
-            IDEMPOTENCY_HEADER: hook.idempotency_key,
-            "X-CDC-Event-Type": hook.event_type,
-            "X-CDC-Message-Id": hook.message_id,
-            "User-Agent": "outbox-cdc-notifications",
-        },
-    )
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Plain HTTP to ``address`` (already checked), ``Host`` naming the URL's host."""
+
+    def __init__(self, target: targets.WebhookTarget, address: str, timeout: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """TLS to ``address`` (already checked); the certificate is verified for the URL's host."""
+
+    def __init__(self, target: targets.WebhookTarget, address: str, timeout: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout, context=_TLS)
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = _TLS.wrap_socket(sock, server_hostname=self.host)
+
+
+_TLS = ssl.create_default_context()
+
+
+def pinned_connection(
+    target: targets.WebhookTarget, address: str, timeout: float
+) -> http.client.HTTPConnection:
+    """An HTTP(S) connection to ``target`` that connects to ``address`` and nowhere else."""
+    pinned = _PinnedHTTPS if target.scheme == "https" else _PinnedHTTP
+    return pinned(target, address, timeout)
+
+
+def _resolve(target: targets.WebhookTarget) -> list[str]:
+    infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _post(
+    hook: Webhook, secret: bytes, timeout: float, policy: targets.TargetPolicy
+) -> int:
+    target = targets.webhook_target(hook.url, policy)
+    # Resolve once, check every address, connect to the checked one: a second lookup by
+    # the HTTP client could get another answer (DNS rebinding).
+    address = targets.checked_address(target, _resolve(target), policy)
+    conn = pinned_connection(target, address, timeout)
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            response.read()
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+        conn.request(
+            "POST",
+            target.path,
+            body=hook.body,
+            headers={
+                "Content-Type": "application/json",
+                SIGNATURE_HEADER: sign(secret, hook.body),
+                IDEMPOTENCY_HEADER: hook.idempotency_key,
+                "X-CDC-Event-Type": hook.event_type,
+                "X-CDC-Message-Id": hook.message_id,
+                "User-Agent": "outbox-cdc-notifications",
+            },
+        )
+        response = conn.getresponse()
+        response.read()
+        return int(response.status)
+    finally:
+        conn.close()
 
 
 def _where(url: str) -> str:
     # Webhook URLs often carry a token in the path or query: errors (which end up in logs
     # and parking headers) name the scheme and host only.
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}".rstrip(":")
-
-
-async def post_webhook(hook: Webhook, secret: bytes, timeout: float) -> None:
-    """POST the signed body; a 2xx answer is a delivery, anything else is a :class:`Retry`."""
     try:
-        status = await asyncio.to_thread(_post, hook, secret, timeout)
-    except (OSError, urllib.error.URLError, ValueError) as exc:
+        parts = urllib.parse.urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}".rstrip(":")
+    except ValueError:
+        return "(unparsable URL)"
+
+
+async def post_webhook(
+    hook: Webhook, secret: bytes, timeout: float, policy: targets.TargetPolicy
+) -> None:
+    """POST the signed body to the checked target; a 2xx answer is a delivery, a refused
+    target a :class:`PermanentError`, anything else a :class:`Retry`."""
+    try:
+        status = await asyncio.to_thread(_post, hook, secret, timeout, policy)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
         raise Retry(f"webhook {_where(hook.url)} unreachable: {exc!r}") from exc
     if not 200 <= status < 300:
         raise Retry(f"webhook {_where(hook.url)} answered {status}")

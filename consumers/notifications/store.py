@@ -1,25 +1,30 @@
 """Notifications' tables: in-app notifications, per-user preferences, the delivery log.
 
-Contract: every statement runs in the caller's transaction. ``notifications`` holds one
-in-app row per event (``message_id`` primary key); ``notification_deliveries`` one row per
-``(message_id, channel)`` actually delivered, written right after the send inside the same
-transaction, so a later attempt of the same event skips what is recorded; and
-``notification_preferences`` the per-user choices (absent row = the configured defaults).
+Contract: ``notifications`` holds one in-app row per event (``message_id`` primary key);
+``notification_deliveries`` one row per ``(message_id, channel)`` actually delivered, so a
+later attempt of the same event skips what is recorded; and ``notification_preferences`` the
+per-user choices (absent row = the configured defaults). The in-app row and its record are
+written in the handler's transaction. A webhook or email record is written by
+:class:`DeliveryLog` on a connection of its own and committed right after the send: it
+stands even when the handler's transaction rolls back (say the email failed after the
+webhook went out), so the retry does not POST the webhook again.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import orjson
 import psycopg
 from psycopg import sql
 
+from consumers.errors import Retry
 from consumers.notifications.templates import Channel, Notification, Preferences
-from consumers.sqlnames import check_name, render
+from consumers.sqlnames import CREATE_SCHEMA, check_name, render
 
 _DDL = (
-    "CREATE SCHEMA IF NOT EXISTS {s}",
+    CREATE_SCHEMA,
     """CREATE TABLE IF NOT EXISTS {s}.notifications (
         message_id text PRIMARY KEY,
         user_id    text,
@@ -60,7 +65,8 @@ _DDL = (
 def schema_ddl(schema: str) -> tuple[str, ...]:
     """Idempotent DDL of the notification tables in ``schema``."""
     s = sql.Identifier(check_name(schema, "CDC_NOTIFICATIONS_SCHEMA"))
-    return tuple(render(sql.SQL(stmt).format(s=s)) for stmt in _DDL)
+    name = sql.Literal(schema)
+    return tuple(render(sql.SQL(stmt).format(s=s, schema_name=name)) for stmt in _DDL)
 
 
 class NotificationStore:
@@ -140,3 +146,47 @@ class NotificationStore:
     ) -> None:
         """Remember that ``channel`` delivered ``message_id`` (skipped on later attempts)."""
         await conn.execute(self._record, (message_id, channel, user_id, target, key))
+
+
+class DeliveryLog:
+    """Records external deliveries at once, outside the handler's transaction (module doc).
+
+    One autocommit connection, opened on first use and again after a failure. A record that
+    cannot be written is a :class:`~consumers.errors.Retry`: the send is then repeated with
+    the same idempotency key, which the receiver uses to drop the copy.
+    """
+
+    def __init__(self, store: NotificationStore, database_url: str) -> None:
+        self._store = store
+        self._url = database_url
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def record(
+        self, message_id: str, channel: Channel, user_id: str | None, target: str, key: str
+    ) -> None:
+        """Commit the record of ``channel`` having delivered ``message_id``."""
+        try:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self._url,
+                    autocommit=True,
+                    connect_timeout=10,
+                    prepare_threshold=None,
+                    application_name="cdc-worker:notifications-deliveries",
+                )
+            await self._store.record_delivery(
+                self._conn, message_id, channel, user_id, target, key
+            )
+        except psycopg.Error as exc:
+            await self.close()
+            raise Retry(
+                f"{channel} delivered but its record failed ({type(exc).__name__}); the "
+                "next attempt sends it again with the same idempotency key"
+            ) from exc
+
+    async def close(self) -> None:
+        """Close the connection (the worker's ``on_close``)."""
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self._conn.close()
+            self._conn = None

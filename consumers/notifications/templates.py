@@ -182,11 +182,10 @@ class Preferences:
         return event_type in self.muted or f"{family}.*" in self.muted or "*" in self.muted
 
 
-def select_channels(
-    prefs: Preferences, note: Notification, *, fallback_email: str | None = None
-) -> tuple[Channel, ...]:
+def select_channels(prefs: Preferences, note: Notification) -> tuple[Channel, ...]:
     """The channels ``note`` goes to, in sending order (in-app first: it cannot fail
-    outside the transaction). An external channel without an address is left out."""
+    outside the transaction). An external channel without a stored address is left out:
+    the event's payload never supplies one."""
     if prefs.mutes(note.event_type):
         return ()
     chosen: list[Channel] = []
@@ -196,7 +195,7 @@ def select_channels(
         chosen.append("webhook")
     if (
         prefs.email
-        and (prefs.email_address or fallback_email)
+        and prefs.email_address
         and _SEVERITY_RANK[note.severity] >= _SEVERITY_RANK[prefs.email_min_severity]
     ):
         chosen.append("email")

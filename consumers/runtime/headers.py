@@ -12,6 +12,16 @@ relay set; the runtime's own keys (all ``x-cdc-*``) say where it came from:
 
 Broker-owned headers (``x-death``, ``x-delivery-count``, ...) are dropped from every copy so
 that the broker's counters start afresh and never leak into ours.
+
+The runtime trusts its own keys only on its own copies (:func:`came_back`): a delivery that
+reached the queue through the default exchange, which only the worker's retry queues (they
+dead-letter there) and ``dlq replay`` publish to, and that names this queue as its origin.
+The exchange of a delivery is set by the broker, so no header can fake it (a client
+allowed to publish to the default exchange can put any message into the queue anyway:
+that is a broker permission, not a header, to withhold). On any other
+delivery (an event from the topic exchange) every ``x-cdc-*`` key is dropped before the
+runtime or a handler looks at the headers (:func:`own_headers`): an event's headers cannot
+choose its route or its attempt count.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ KIND_NO_ROUTE = "no-route"  # no route of the worker matches the routing key
 KIND_NO_MESSAGE_ID = "no-message-id"  # inbox dedup is impossible without it
 KIND_PERMANENT = "permanent"  # the handler raised PermanentError
 KIND_EXHAUSTED = "exhausted"  # the last attempt failed
+KINDS = (KIND_VALIDATION, KIND_NO_ROUTE, KIND_NO_MESSAGE_ID, KIND_PERMANENT, KIND_EXHAUSTED)
 
 _BROKER_OWNED = frozenset(
     {
@@ -63,6 +74,25 @@ def text(value: Any) -> str | None:
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8", "replace")
     return str(value)
+
+
+RUNTIME_PREFIX = "x-cdc-"
+
+
+def came_back(exchange: str | None, queue: str, headers: Mapping[str, Any] | None) -> bool:
+    """True if the delivery from ``queue`` is one of the runtime's own copies (see module doc):
+    delivered through the default exchange and naming ``queue`` as its origin."""
+    return not exchange and text((headers or {}).get(ORIGIN_QUEUE_HEADER)) == queue
+
+
+def own_headers(headers: Mapping[str, Any] | None, *, trusted: bool) -> dict[str, Any]:
+    """The headers the runtime and the handler act on: an untrusted delivery loses every
+    ``x-cdc-*`` key (whatever its case)."""
+    if trusted:
+        return dict(headers or {})
+    return {
+        k: v for k, v in (headers or {}).items() if not k.lower().startswith(RUNTIME_PREFIX)
+    }
 
 
 def original_routing_key(headers: Mapping[str, Any] | None, routing_key: str) -> str:

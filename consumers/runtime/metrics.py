@@ -6,7 +6,9 @@ by the parking queue. No label carries a URL or a payload.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+from cdc.metrics import process_registry
 
 STATES = ("starting", "consuming", "reconnecting", "draining", "stopped")
 
@@ -16,7 +18,7 @@ class WorkerMetrics:
 
     def __init__(self, worker: str) -> None:
         self.worker = worker
-        r = self.registry = CollectorRegistry()
+        r = self.registry = process_registry("cdc_build_info", {"worker": worker})
         labels = ["worker", "queue"]
         self.processed = Counter(
             "cdc_worker_processed_total",
@@ -79,6 +81,21 @@ class WorkerMetrics:
             "cdc_worker_state", "1 for the current state", ["worker", "state"], registry=r
         )
         self.set_state("starting")
+
+    def start_at_zero(self, queues: list[str], parking_queue: str, reasons: list[str]) -> None:
+        """Create every series the worker will count, at 0, before the first message: a
+        rule or a panel then reads "none yet" instead of "no data", and ``rate()`` sees
+        the first increase."""
+        w = self.worker
+        for queue in queues:
+            for metric in (self.processed, self.duplicates, self.retried, self.handler_seconds):
+                metric.labels(worker=w, queue=queue)
+            for reason in reasons:
+                self.parked.labels(worker=w, queue=queue, reason=reason)
+        self.batch_size.labels(worker=w)
+        # Not the parking gauge nor the event age: their value is unknown until read.
+        for side in ("broker", "database"):
+            self.reconnects.labels(worker=w, side=side)
 
     def set_state(self, state: str) -> None:
         """Make ``state`` the one current state."""

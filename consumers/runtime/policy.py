@@ -6,7 +6,12 @@ Pure rules, no I/O. An attempt is counted *before* the handler runs:
   when the message was republished for a retry; absent on a fresh event;
 - ``x-delivery-count`` (set by quorum queues on a redelivery) adds the deliveries that
   ended without an ack, i.e. a worker that crashed or lost its connection while holding
-  the message. A message that kills the worker every time is therefore parked too.
+  the message. A message that kills the worker every time is therefore parked too. It
+  counts only on a delivery the broker flags ``redelivered``: on a first delivery the
+  header can only have come from the publisher.
+
+Which headers are trusted at all is ``headers.came_back``'s rule: the runtime's
+``x-cdc-attempt`` is removed from events that did not come back through its own queues.
 
 After a failed attempt ``n`` (1-based): attempt ``n < max_attempts`` waits
 ``delays[n - 1]`` (the last delay repeats) in a TTL queue and comes back to the origin
@@ -33,11 +38,13 @@ def _as_int(value: Any) -> int:
     return max(number, 0)
 
 
-def attempt_of(headers: Mapping[str, Any] | None) -> int:
-    """The 1-based number of the attempt that is about to run for a message with ``headers``."""
+def attempt_of(headers: Mapping[str, Any] | None, *, redelivered: bool = True) -> int:
+    """The 1-based number of the attempt that is about to run for a message with ``headers``
+    (``redelivered``: the broker's flag on this delivery)."""
     if not headers:
         return 1
-    return 1 + _as_int(headers.get(ATTEMPT_HEADER)) + _as_int(headers.get(DELIVERY_COUNT_HEADER))
+    crashed = _as_int(headers.get(DELIVERY_COUNT_HEADER)) if redelivered else 0
+    return 1 + _as_int(headers.get(ATTEMPT_HEADER)) + crashed
 
 
 @dataclass(frozen=True, slots=True)

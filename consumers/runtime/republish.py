@@ -27,11 +27,30 @@ _PERSISTENT = 2
 _MAX_DELAY = 5.0
 
 
+class _AbsentId(str):
+    """An empty message id that stays absent on the wire.
+
+    aiormq gives a publish without ``message_id`` a random one (it matches returned
+    messages by id); pamqp leaves an empty string out of the frame. This value is truthy
+    for the first and empty for the second, so a copy of a message that had no id has none.
+    """
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return True
+
+
+#: ``message_id`` of a copy whose original had none.
+ABSENT_ID: str = _AbsentId("")
+
+
 def copy_properties(source: Basic.Properties, headers: Mapping[str, Any]) -> Basic.Properties:
     """The properties of a received message with new ``headers``, persistent.
 
     ``expiration`` and ``user_id`` are not copied: a per-message TTL would fight the retry
-    queues' TTL, and the broker rejects a user id that is not the connection's.
+    queues' TTL, and the broker rejects a user id that is not the connection's. Every other
+    property is kept as it was, an absent ``message_id`` included (:data:`ABSENT_ID`).
     """
     return Basic.Properties(
         content_type=source.content_type,
@@ -41,7 +60,7 @@ def copy_properties(source: Basic.Properties, headers: Mapping[str, Any]) -> Bas
         priority=source.priority,
         correlation_id=source.correlation_id,
         reply_to=source.reply_to,
-        message_id=source.message_id,
+        message_id=ABSENT_ID if source.message_id is None else source.message_id,
         timestamp=source.timestamp,
         message_type=source.message_type,
         app_id=source.app_id,
@@ -56,8 +75,16 @@ async def publish_confirmed(
     properties: Basic.Properties,
     timeout: float,
 ) -> None:
-    """Publish (mandatory, persistent) and wait for the broker's confirm; see module doc."""
+    """Publish (mandatory, persistent) and wait for the broker's confirm; see module doc.
+
+    A copy without ``message_id`` cannot be matched to a ``basic.return`` (the client
+    library matches returns by id), so before publishing one to a queue by name (the
+    default exchange) the queue is checked to exist: a missing one raises
+    :class:`Unroutable` instead of a silent loss.
+    """
     delay = 0.05
+    if properties.message_id == "" and not exchange:
+        await _check_queue(channel, routing_key)
     while True:
         try:
             await channel.basic_publish(
@@ -81,3 +108,12 @@ async def publish_confirmed(
             raise BrokerLost(f"broker connection lost while publishing: {exc!r}") from exc
         await asyncio.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, _MAX_DELAY)
+
+
+async def _check_queue(channel: AbstractChannel, queue: str) -> None:
+    try:
+        await channel.queue_declare(queue, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        raise Unroutable(f"no queue {queue!r} for a copy without message_id") from exc
+    except (aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
+        raise BrokerLost(f"broker connection lost while checking {queue!r}: {exc!r}") from exc

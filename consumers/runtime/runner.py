@@ -1,8 +1,9 @@
 """The worker's I/O shell: sessions, consuming, micro-batches, acks, shutdown, reconnects.
 
-A *session* is one broker connection with a consuming channel (prefetch
-``CDC_WORKER_PREFETCH``) and a confirm-mode publishing channel. Deliveries land in a local
-buffer; one loop takes up to ``CDC_WORKER_BATCH_SIZE`` of them at a time and, in order:
+A *session* is one broker connection with a consuming channel (``CDC_WORKER_PREFETCH``
+split across the queues' consumers, see ``prefetch``) and a confirm-mode publishing channel.
+Deliveries land in a local buffer; one loop takes up to ``CDC_WORKER_BATCH_SIZE`` of them at a
+time and, in order:
 
 1. routes and validates each (``dispatch``): a rejected message is parked at once;
 2. runs the valid ones in one PostgreSQL transaction (``batch``): inbox claim, a savepoint
@@ -31,14 +32,14 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-import aio_pika
 import aiormq
 import psycopg
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from cdc.backoff import Backoff
 from consumers.config import ConsumerSettings
-from consumers.errors import BatchAborted, BrokerLost, PermanentError, Unroutable
+from consumers.connect import open_broker, open_database, refused_by_broker
+from consumers.errors import BatchAborted, BrokerLost, PermanentError, Refused, Unroutable
 from consumers.runtime import headers as hdr
 from consumers.runtime import inbox, topology
 from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item, run_batch
@@ -46,6 +47,7 @@ from consumers.runtime.dispatch import Rejected, resolve
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
 from consumers.runtime.policy import Park, after_failure, attempt_of
+from consumers.runtime.prefetch import split_prefetch
 from consumers.runtime.republish import copy_properties, publish_confirmed
 from consumers.runtime.spec import Delivery, WorkerSpec
 
@@ -76,6 +78,10 @@ class Runner:
         self._spec = spec
         self._metrics = metrics
         self.names = names_for(settings, spec)
+        self._prefetch = split_prefetch(settings.worker_prefetch, len(self.names.queues))
+        metrics.start_at_zero(
+            [name for name, _ in self.names.queues], self.names.parking_queue, list(hdr.KINDS)
+        )
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
@@ -109,6 +115,8 @@ class Runner:
             started = time.monotonic()
             try:
                 await self._session()
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise refused_by_broker(exc) from exc  # a permission: no retry can help
             except (BrokerLost, Unroutable, *_AMQP_ERRORS) as exc:
                 self._buffer.clear()
                 if self._stop.is_set():
@@ -141,7 +149,7 @@ class Runner:
         backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(
+                conn = await open_database(
                     self._s.database_url.get_secret_value(),
                     connect_timeout=10,
                     application_name=f"cdc-worker:{self._spec.name}"[:63],
@@ -151,6 +159,8 @@ class Runner:
                     prepare_threshold=None,
                 )
                 await inbox.apply_schema(conn, self._s.worker_inbox_table, self._spec.schema)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise Refused(f"the worker's database role lacks a privilege: {exc}") from exc
             except psycopg.OperationalError as exc:
                 delay = backoff.next_delay()
                 self._metrics.reconnects.labels(worker=self._spec.name, side="database").inc()
@@ -197,7 +207,7 @@ class Runner:
 
     async def _session(self) -> None:
         self._lost = asyncio.get_running_loop().create_future()
-        connection = await aio_pika.connect(self._s.amqp_url.get_secret_value(), timeout=10)
+        connection = await open_broker(self._s.amqp_url.get_secret_value(), timeout=10)
         connection.close_callbacks.add(self._on_close)
         poller: asyncio.Task[None] | None = None
         try:
@@ -206,7 +216,6 @@ class Runner:
             # Deliveries go straight to aiormq's frames (no aio-pika message object): the
             # per-message cost of the wrapper was a large share of the worker's CPU.
             raw = await consuming.get_underlay_channel()
-            await raw.basic_qos(prefetch_count=self._s.worker_prefetch)
             # on_return_raises: a copy no queue took must fail, not count as confirmed.
             publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
             publishing.close_callbacks.add(self._on_close)
@@ -214,11 +223,14 @@ class Runner:
             self._publisher = await publishing.get_underlay_channel()
             poller = asyncio.create_task(self._poll_parked(connection))
             tags = []
-            for name, _ in self.names.queues:
+            for (name, _), share in zip(self.names.queues, self._prefetch, strict=True):
 
                 async def deliver(m: DeliveredMessage, q: str = name) -> None:
                     self._on_message(q, m)
 
+                # global=false: the limit of the consumer started next (its share of the
+                # replica's budget; quorum queues have no channel-wide limit).
+                await raw.basic_qos(prefetch_count=share)
                 ok = await raw.basic_consume(name, deliver, no_ack=False)
                 tags.append(str(ok.consumer_tag))
             self._set_state("consuming")
@@ -269,17 +281,19 @@ class Runner:
 
     async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
         items: list[Item] = []
-        copies: list[tuple[str, DeliveredMessage, str, int, str, str]] = []
+        copies: list[tuple[str, DeliveredMessage, Delivery, str, str]] = []
         for queue, message in batch:
             props = message.header.properties
-            headers = props.headers or {}
+            # Our own retry headers count only on our own copies (see headers.came_back).
+            trusted = hdr.came_back(message.exchange, queue, props.headers)
+            headers = hdr.own_headers(props.headers, trusted=trusted)
             key = hdr.original_routing_key(headers, message.routing_key or "")
-            attempt = attempt_of(headers)
+            attempt = attempt_of(headers, redelivered=bool(message.redelivered))
+            delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
             found = resolve(self._spec.routes, key, props.message_id, message.body)
             if isinstance(found, Rejected):
-                copies.append((queue, message, key, attempt, found.kind, found.reason))
+                copies.append((queue, message, delivery, found.kind, found.reason))
                 continue
-            delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
             items.append(Item(delivery, found.route, found.payload, queue, message=message))
         if items:
             await self._run_in_database(items)
@@ -289,14 +303,7 @@ class Runner:
                 assert item.error is not None
                 kind = hdr.KIND_PERMANENT if isinstance(item.error, PermanentError) else ""
                 copies.append(
-                    (
-                        item.queue,
-                        item.message,
-                        item.delivery.routing_key,
-                        item.delivery.attempt,
-                        kind,
-                        hdr.describe(item.error),
-                    )
+                    (item.queue, item.message, item.delivery, kind, hdr.describe(item.error))
                 )
         if copies:
             await asyncio.gather(*(self._copy(*c) for c in copies))
@@ -331,12 +338,12 @@ class Runner:
         self,
         queue: str,
         message: DeliveredMessage,
-        key: str,
-        attempt: int,
+        delivery: Delivery,
         kind: str,
         reason: str,
     ) -> None:
         """Publish the retry or parked copy of a failed/rejected message, confirmed."""
+        key, attempt = delivery.routing_key, delivery.attempt
         channel = self._publisher
         if channel is None:
             raise BrokerLost("publishing channel is closed")
@@ -355,7 +362,7 @@ class Runner:
         if isinstance(step, Park):
             kind = kind or hdr.KIND_EXHAUSTED
             headers = hdr.parking_headers(
-                props.headers,
+                delivery.headers,
                 attempts=attempt,
                 routing_key=key,
                 origin_queue=queue,
@@ -373,7 +380,7 @@ class Runner:
         else:
             retry = self.names.retry_queue_for(step.delay)
             headers = hdr.retry_headers(
-                props.headers,
+                delivery.headers,
                 attempts=attempt,
                 routing_key=key,
                 origin_queue=queue,

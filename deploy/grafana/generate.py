@@ -15,9 +15,14 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 SLOT = 'cdc_slot=~"$cdc_slot"'
 WORKER = 'worker=~"$worker"'
 NOT_STANDBY = 'unless on (job, instance) (cdc_relay_state{state="standby"} == 1)'
-WORKER_QUEUES = (
-    'queue=~"(billing-service|notification-service)\\\\.[a-z0-9-]+", queue!~".+\\\\.parked"'
-)
+PG_SLOT = 'slot_name=~"$cdc_slot"'
+# The worker queues are a dashboard variable (`queues`, a regex): set it to match your
+# CDC_WORKER_QUEUE_PREFIX. Parking queues are never part of the backlog.
+WORKER_QUEUES = 'queue=~"$queues", queue!~".+\\\\.parked"'
+DEFAULT_QUEUES = "(billing-service|notification-service)\\.[a-z0-9-]+"
+#: Stat colours: green below the first step (or the colour of a first step whose value is
+#: None), then each (colour, from value).
+Steps = list[tuple[str, float | None]]
 
 
 def target(expr: str, legend: str) -> dict[str, Any]:
@@ -33,14 +38,23 @@ def panel(
     w: int,
     h: int,
     description: str = "",
+    steps: Steps | None = None,
 ) -> dict[str, Any]:
-    """A panel without position; :func:`layout` places it."""
+    """A panel without position; :func:`layout` places it. ``steps`` colour a stat (green
+    below the first); a stat without them is blue (information, no judgement)."""
+    steps = list(steps or [])
+    if not steps or steps[0][1] is not None:
+        steps.insert(0, ("green" if steps else "blue", None))
+    thresholds = {"mode": "absolute", "steps": [{"color": c, "value": v} for c, v in steps]}
     return {
         "type": kind,
         "title": title,
         "description": description,
         "datasource": DS,
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "fieldConfig": {
+            "defaults": {"unit": unit, "thresholds": thresholds, "noValue": "no data"},
+            "overrides": [],
+        },
         "options": {"legend": {"displayMode": "list", "placement": "bottom"}}
         if kind == "timeseries"
         else {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "value"},
@@ -61,6 +75,139 @@ def quantiles(metric: str, by: str, selector: str) -> list[dict[str, Any]]:
     ]
 
 
+GIB = 1024**3
+# The top row. A relay-wide flag (a slot found lost, the broker blocking publishes) belongs
+# here as a stat with steps [("green", None), ("red", 1)]; a backfill's progress as a
+# "percentunit" stat of rows done / rows total. Only metrics the relay defines may appear
+# (tests/unit/test_deploy_monitoring.py checks every name against its registry).
+GLANCE = [
+    panel(
+        "stat",
+        "Slot lag (PostgreSQL)",
+        "bytes",
+        [target(f"max(pg_logical_slot_lag_bytes{{{PG_SLOT}}})", "")],
+        4,
+        4,
+        "WAL behind the slot's confirmed position, as PostgreSQL reports it (any relay up or not).",
+        [("orange", 256 * 1024**2), ("red", GIB)],
+    ),
+    panel(
+        "stat",
+        "Broker-confirmed lag",
+        "bytes",
+        [target(f"max(cdc_replication_lag_bytes{{{SLOT}}} {NOT_STANDBY})", "")],
+        4,
+        4,
+        "Server WAL end minus the LSN the relay confirmed after the broker's confirms.",
+        [("orange", 256 * 1024**2), ("red", GIB)],
+    ),
+    panel(
+        "stat",
+        "Broker-confirmed lag",
+        "s",
+        [target(f"max(cdc_replication_lag_seconds{{{SLOT}}} {NOT_STANDBY})", "")],
+        4,
+        4,
+        "Age of the oldest committed transaction not yet confirmed by the broker.",
+        [("orange", 60), ("red", 600)],
+    ),
+    panel(
+        "stat",
+        "Consumer backlog",
+        "bytes",
+        [target(f"sum(rabbitmq_queue_messages_bytes{{{WORKER_QUEUES}}})", "")],
+        4,
+        4,
+        "Bytes waiting in the worker queues, not yet acked (variable `queues`).",
+        [("orange", 64 * 1024**2), ("red", GIB)],
+    ),
+    panel(
+        "stat",
+        "Consumer event age",
+        "s",
+        [target(f"max(cdc_worker_event_age_seconds{{{WORKER}}})", "")],
+        4,
+        4,
+        "Commit to ack of the last event each worker acked: the consumer-acked lag in seconds.",
+        [("orange", 60), ("red", 300)],
+    ),
+    panel(
+        "stat",
+        "Consumer time to drain",
+        "s",
+        [target("max(queue:cdc_worker_backlog_drain_seconds:estimate)", "")],
+        4,
+        4,
+        "Backlog divided by the processing rate; infinite while nothing consumes a backlog.",
+        [("orange", 120), ("red", 600)],
+    ),
+    panel(
+        "stat",
+        "Slot readers",
+        "none",
+        [target(f"sum(pg_logical_slot_active{{{PG_SLOT}}})", "")],
+        4,
+        4,
+        "Walsenders reading the slot: 1 when a relay streams, 0 when none does.",
+        [("red", None), ("green", 1), ("orange", 2)],
+    ),
+    panel(
+        "stat",
+        "Relay parked events",
+        "none",
+        [target('sum(rabbitmq_queue_messages{queue=~".+\\\\.parked", queue!~"$queues"})', "")],
+        4,
+        4,
+        "Messages waiting in parking queues outside the worker queues (the relay's, "
+        "CDC_PARKING_QUEUE).",
+        [("orange", 1)],
+    ),
+    panel(
+        "stat",
+        "Worker parked messages",
+        "none",
+        [target(f"sum(cdc_worker_parked_messages{{{WORKER}}})", "")],
+        4,
+        4,
+        "Messages waiting in the workers' parking queues: `python -m consumers dlq list`.",
+        [("orange", 1)],
+    ),
+    panel(
+        "stat",
+        "Published",
+        "ops",
+        [target(f"sum(rate(cdc_events_published_total{{{SLOT}}}[$__rate_interval]))", "")],
+        4,
+        4,
+        "Events per second the broker confirmed.",
+    ),
+    panel(
+        "stat",
+        "Processed",
+        "ops",
+        [target(f"sum(rate(cdc_worker_processed_total{{{WORKER}}}[$__rate_interval]))", "")],
+        4,
+        4,
+        "Messages per second whose effect committed.",
+    ),
+    panel(
+        "stat",
+        "Parked per hour",
+        "none",
+        [
+            target(
+                f"sum(increase(cdc_events_parked_total{{{SLOT}}}[1h]))"
+                f" + sum(increase(cdc_worker_parked_total{{{WORKER}}}[1h]))",
+                "",
+            )
+        ],
+        4,
+        4,
+        "Events the relay and the workers parked in the last hour.",
+        [("orange", 1)],
+    ),
+]
+
 RELAY = [
     panel(
         "stat",
@@ -70,6 +217,7 @@ RELAY = [
         6,
         4,
         "Exactly 1 per slot when healthy; 0 means nobody publishes.",
+        [("red", None), ("green", 1), ("orange", 2)],
     ),
     panel(
         "stat",
@@ -82,20 +230,28 @@ RELAY = [
     ),
     panel(
         "stat",
-        "Broker-confirmed lag",
-        "s",
-        [target(f"max(cdc_replication_lag_seconds{{{SLOT}}} {NOT_STANDBY})", "")],
+        "In flight",
+        "none",
+        [target(f"sum(cdc_inflight_events{{{SLOT}}} {NOT_STANDBY})", "")],
         6,
         4,
-        "Age of the oldest committed transaction not yet confirmed by the broker.",
+        "Published, not yet confirmed; at CDC_MAX_IN_FLIGHT the relay waits for the broker.",
     ),
     panel(
         "stat",
-        "Published",
-        "ops",
-        [target(f"sum(rate(cdc_events_published_total{{{SLOT}}}[$__rate_interval]))", "")],
+        "Relay memory",
+        "bytes",
+        [
+            target(
+                "max(process_resident_memory_bytes and on (job, instance) "
+                f'(cdc_relay_state{{state="streaming", {SLOT}}} == 1))',
+                "",
+            )
+        ],
         6,
         4,
+        "Resident memory of the largest relay process.",
+        [("orange", 384 * 1024**2), ("red", 480 * 1024**2)],
     ),
     panel(
         "timeseries",
@@ -193,6 +349,20 @@ RELAY = [
 ]
 
 CONSUMERS = [
+    panel(
+        "timeseries",
+        "Event age at ack (consumer-acked lag)",
+        "s",
+        [
+            target(
+                f"max by (worker, queue) (cdc_worker_event_age_seconds{{{WORKER}}})",
+                "{{worker}} {{queue}}",
+            )
+        ],
+        24,
+        8,
+        "Commit (the relay's commit_time header) to ack, of the last event acked per queue.",
+    ),
     panel(
         "timeseries",
         "Worker state",
@@ -304,19 +474,19 @@ CONSUMERS = [
 LAG_LEVELS = [
     panel(
         "timeseries",
-        "Slot: WAL behind confirmed_flush_lsn (PostgreSQL)",
+        "Slot: WAL behind confirmed_flush_lsn",
         "bytes",
         [
+            target(f"max by (slot_name) (pg_logical_slot_lag_bytes{{{PG_SLOT}}})", "{{slot_name}}"),
             target(
-                'pg_replication_slot_slot_current_wal_lsn{slot_type="logical"} '
-                "- on (instance, job, slot_name, slot_type) "
-                'pg_replication_slot_slot_confirmed_flush_lsn{slot_type="logical"}',
-                "{{slot_name}}",
-            )
+                f"max by (slot_name) (pg_logical_slot_retained_bytes{{{PG_SLOT}}})",
+                "{{slot_name}} retained",
+            ),
         ],
         8,
         8,
-        "From postgres_exporter.",
+        "PostgreSQL's own figures (postgres_exporter with postgres-exporter-queries.yaml), "
+        "reported whether or not a relay reads the slot.",
     ),
     panel(
         "timeseries",
@@ -414,10 +584,20 @@ def dashboard() -> dict[str, Any]:
                 },
                 variable("cdc_slot", "slot", "cdc_relay_state"),
                 variable("worker", "worker", "cdc_worker_state"),
+                {
+                    "name": "queues",
+                    "label": "worker queues (regex)",
+                    "type": "textbox",
+                    "query": DEFAULT_QUEUES,
+                    "current": {"text": DEFAULT_QUEUES, "value": DEFAULT_QUEUES},
+                    "description": "RabbitMQ queues the workers consume; include your "
+                    "CDC_WORKER_QUEUE_PREFIX if you set one.",
+                },
             ]
         },
         "panels": layout(
             [
+                ("Lag at a glance: slot, broker-confirmed, consumer-acked", GLANCE),
                 ("Relay", RELAY),
                 ("Consumers", CONSUMERS),
                 ("Lag at three levels: slot, broker-confirmed (above), consumer-acked", LAG_LEVELS),

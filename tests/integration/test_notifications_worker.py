@@ -46,6 +46,8 @@ def test_channels_preferences_retries_and_duplicates(env, domain, webhook_receiv
         "notifications",
         webhook_secret=webhook_receiver.SECRET,
         webhook_timeout=2,
+        webhook_allow_http="true",  # the test receiver: plain http on 127.0.0.1
+        webhook_allowed_networks="127.0.0.1/32",
         smtp_host="127.0.0.1",
         smtp_port=smtp_sink.port,
         smtp_from="notify@cloudphone.test",

@@ -19,18 +19,10 @@ from cdc.config import DEFAULT_EXCHANGE, DEFAULT_PARKING_QUEUE, RelaySettings
 from cdc.errors import CdcError, ConfigError
 from cdc.lsn import INVALID_LSN, MAX_LSN, format_lsn, parse_lsn
 
+pytestmark = pytest.mark.usefixtures("no_cdc_env")
+
 DB_URL = "postgresql://relay:s3cr3t-db@db.internal:5432/cloudphone"
 AMQP_URL = "amqp://cdc:s3cr3t-mq@rabbit.internal:5672/%2F"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    """No CDC_* variable of the machine running the tests leaks in."""
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith("CDC_"):
-            monkeypatch.delenv(name)
 
 
 def settings(**overrides) -> RelaySettings:

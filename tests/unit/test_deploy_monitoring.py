@@ -40,11 +40,13 @@ EXTERNAL: dict[str, set[str]] = {
     # and queue_metrics families).
     "rabbitmq_queue_messages": {"vhost", "queue"},
     "rabbitmq_queue_messages_bytes": {"vhost", "queue"},
-    # postgres_exporter, replication_slot collector.
-    "pg_replication_slot_slot_current_wal_lsn": {"slot_name", "slot_type"},
-    "pg_replication_slot_slot_confirmed_flush_lsn": {"slot_name", "slot_type"},
-    "pg_replication_slot_slot_is_active": {"slot_name", "slot_type"},
-    "pg_replication_slot_wal_status": {"slot_name", "slot_type", "wal_status"},
+    # postgres_exporter with deploy/prometheus/postgres-exporter-queries.yaml (checked
+    # against that file by test_postgres_exporter_queries_define_the_slot_metrics).
+    "pg_logical_slot_active": {"slot_name", "database", "server"},
+    "pg_logical_slot_lag_bytes": {"slot_name", "database", "server"},
+    "pg_logical_slot_retained_bytes": {"slot_name", "database", "server"},
+    "pg_logical_slot_safe_wal_size_bytes": {"slot_name", "database", "server"},
+    "pg_logical_slot_wal_status": {"slot_name", "database", "server", "wal_status"},
 }
 
 WORKER_PREFIX = "cdc_worker_"
@@ -58,6 +60,11 @@ def catalog(registry: CollectorRegistry) -> dict[str, set[str]]:
     for name, collector in registry._names_to_collectors.items():
         labels = set(getattr(collector, "_labelnames", ()))
         names[name] = labels | ({"le"} if name.endswith("_bucket") else set())
+    # Collectors that describe nothing up front (process_*, python_info) are read from
+    # what they collect.
+    for family in registry.collect():
+        for sample in family.samples:
+            names.setdefault(sample.name, set(sample.labels))
     return names
 
 
@@ -128,6 +135,33 @@ def check(
             if label == "state" and op == "=" and value not in states.get(sel.name, (value,)):
                 problems.append(f"{where}: {sel.name} has no state {value!r}")
     return problems
+
+
+def fill(query: str) -> str:
+    """A panel query with Grafana's variables set as on a first visit (all slots, all
+    workers, the default worker queues)."""
+    board = json.loads(DASHBOARD.read_text())
+    queues = next(v["query"] for v in board["templating"]["list"] if v["name"] == "queues")
+    for name, value in (
+        ("$__rate_interval", "5m"),
+        ("$cdc_slot", ".*"),
+        ("$worker", ".*"),
+        ("$queues", queues.replace("\\", "\\\\")),
+    ):
+        query = query.replace(name, value)
+    return query
+
+
+def test_postgres_exporter_queries_define_the_slot_metrics() -> None:
+    queries = yaml.safe_load((RULES / "postgres-exporter-queries.yaml").read_text())
+    defined = {}
+    for prefix, spec in queries.items():
+        columns = {k: v["usage"] for m in spec["metrics"] for k, v in m.items()}
+        labels = {k for k, usage in columns.items() if usage == "LABEL"} | {"server"}
+        for column, usage in columns.items():
+            if usage == "GAUGE":
+                defined[f"{prefix}_{column}"] = labels
+    assert {k: v for k, v in EXTERNAL.items() if k.startswith("pg_")} == defined
 
 
 def test_rules_and_dashboard_parse_and_have_queries() -> None:
@@ -238,7 +272,7 @@ def test_dashboard_is_the_generators_output_and_importable() -> None:
 
 
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) -> None:
-    # `make install` unpacks promtool into the venv (scripts/fetch-promtool.sh).
+    # `make install` unpacks promtool into the venv (scripts/fetch-prometheus.sh).
     venv_bin = str(Path(sys.executable).parent)
     promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
     promtool = promtool or shutil.which("promtool", path=venv_bin)
@@ -249,10 +283,7 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) ->
         )
     # The dashboard's queries, with Grafana's variables filled in, as recording rules: so
     # promtool parses them too.
-    filled = [
-        q.replace("$__rate_interval", "5m").replace("$cdc_slot", ".*").replace("$worker", ".*")
-        for q in dashboard_queries()
-    ]
+    filled = [fill(q) for q in dashboard_queries()]
     panels = tmp_path / "dashboard.rules.yml"
     rules = [{"record": f"dashboard:query:n{i}", "expr": q} for i, q in enumerate(filled)]
     panels.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
@@ -262,3 +293,32 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(tmp_path: Path) ->
     ):
         done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_lag_at_a_glance_row_has_every_level_with_thresholds() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    panels = board["panels"]
+    first_row = next(i for i, p in enumerate(panels) if p["type"] == "row")
+    second_row = next(i for i, p in enumerate(panels) if p["type"] == "row" and i > first_row)
+    glance = panels[first_row + 1 : second_row]
+    assert panels[first_row]["title"].startswith("Lag at a glance")
+    by_metric = {
+        (s.name, p["fieldConfig"]["defaults"]["unit"])
+        for p in glance
+        for t in p["targets"]
+        for s in selectors(t["expr"])
+    }
+    # slot (bytes), broker-confirmed (bytes and seconds), consumer-acked (bytes, seconds)
+    assert {
+        ("pg_logical_slot_lag_bytes", "bytes"),
+        ("cdc_replication_lag_bytes", "bytes"),
+        ("cdc_replication_lag_seconds", "s"),
+        ("rabbitmq_queue_messages_bytes", "bytes"),
+        ("cdc_worker_event_age_seconds", "s"),
+    } <= by_metric
+    for p in panels:
+        if p["type"] == "stat":
+            steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"]
+            assert steps[0]["value"] is None, p["title"]
+            if p["fieldConfig"]["defaults"]["unit"] in {"bytes", "s"}:
+                assert len(steps) >= 3, f"{p['title']}: a lag needs warning and critical steps"

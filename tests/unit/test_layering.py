@@ -22,12 +22,17 @@ PURE = [
     "cdc.lsn",
     "cdc.watermark",
     "cdc.outbox",
+    "cdc.row_headers",
     "cdc.feed",
     "cdc.backoff",
+    "cdc.refusals",
     "cdc.errors",
+    "cdc.checkpoint",
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",
+    "consumers.notifications.targets",
+    "consumers.errors",
 ]
 PACKAGES = {"cdc", "consumers"}
 FORBIDDEN = {"asyncio", "psycopg", "psycopg_binary", "psycopg_c", "aiormq", "aio_pika", "pamqp"}

@@ -9,6 +9,8 @@ straight from the set (:func:`meter`).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import uuid
 from decimal import Decimal
 
 import pytest
@@ -16,11 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumers.billing.metering import (
+    BALANCE_LOW_NAMESPACE,
     DeviceEvent,
     Ledger,
     PlanChange,
     Pricing,
     balance_low_id,
+    canonical_decimal,
     device_records,
     diff_records,
     merge_diffs,
@@ -158,7 +162,34 @@ def test_diff_moves_spend_between_users_and_deletes_vanished_records():
 
 def test_balance_low_ids_are_stable():
     assert balance_low_id("u1", Decimal("10")) == balance_low_id("u1", Decimal("10.00"))
+    assert balance_low_id("u1", Decimal("10")) == balance_low_id("u1", Decimal("1E+1"))
     assert balance_low_id("u1", Decimal("10")) != balance_low_id("u2", Decimal("10"))
+
+
+#: balance_low_id("user-42", 10): documented in docs/contract.md.
+FIXED_VECTOR = "e662d96c-b619-5fb9-ab80-a6bcfd1d47f4"
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [("10", "10"), ("10.00", "10"), ("1E+1", "10"), ("100", "100"), ("0.050", "0.05"),
+     ("5.5", "5.5"), ("0", "0"), ("-0.0", "0"), ("0E-7", "0"), ("-2.50", "-2.5"),
+     ("1E-7", "0.0000001"), ("12345678901234567890.1", "12345678901234567890.1")],
+)
+def test_canonical_decimal_is_plain_notation(value, text):
+    assert canonical_decimal(Decimal(value)) == text
+
+
+def test_balance_low_id_fixed_vector():
+    """The documented definition, computed by hand as any language would (RFC 4122 v5)."""
+    name = b"user-42\x0010"
+    digest = bytearray(hashlib.sha1(BALANCE_LOW_NAMESPACE.bytes + name).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    by_hand = uuid.UUID(bytes=bytes(digest))
+    assert str(BALANCE_LOW_NAMESPACE) == "5b0e7c1e-6f2a-4f57-9d8e-0c8b1d9a4b21"
+    assert balance_low_id("user-42", Decimal("1E+1")) == by_hand
+    assert str(by_hand) == FIXED_VECTOR
 
 
 def test_ledger_alerts_once_when_the_balance_falls_below_the_threshold():

@@ -81,10 +81,9 @@ def test_channels_follow_preferences():
     )
     assert select_channels(everything, note) == ("in_app", "webhook", "email")
     assert select_channels(everything, info) == ("in_app", "webhook")
-    # no address: the channel is left out; the payload's address is the fallback
+    # no stored address: the channel is left out (a payload never supplies one)
     no_address = Preferences(in_app=False, email=True, webhook=True)
     assert select_channels(no_address, note) == ()
-    assert select_channels(no_address, note, fallback_email="p@b.test") == ("email",)
     muted = Preferences(muted=frozenset({"device.*"}))
     assert select_channels(muted, note) == ()
     assert select_channels(muted, render("app.installed", {})) == ("in_app",)

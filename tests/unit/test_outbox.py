@@ -315,6 +315,50 @@ def test_row_headers_are_merged_and_relay_keys_win():
     assert event.headers == expected
 
 
+RESERVED = {
+    "CC": ["billing.secret"],
+    "BCC": ["audit.#"],
+    "cc": "lower.case",
+    "x-cdc-attempt": 99,
+    "x-cdc-routing-key": "user.updated",
+    "X-CDC-Origin-Queue": "elsewhere",
+    "cdc-retry-queue": "svc.retry.5s",
+    "x-death": [{"queue": "svc.retry.5s", "reason": "expired"}],
+    "x-delivery-count": 7,
+    "x-first-death-queue": "svc.retry.5s",
+    "x-last-death-reason": "expired",
+    "x-parked-kind": "unroutable",
+    "x-original-routing-key": "x",
+    "x-delay": 60000,
+    "x-opt-sequence-number": 1,
+    "x-stream-filter-value": "f",
+    "x-received-from": [],
+}
+
+
+def test_reserved_row_headers_are_renamed_not_obeyed():
+    ordinary = {"x-trace-id": "t-1", "tenant": "acme", "ccx": 1}
+    event = run(WITH_HEADERS, headers=json.dumps({**RESERVED, **ordinary}))
+    assert isinstance(event, OutboxEvent)
+    for key, value in RESERVED.items():
+        assert key not in event.headers, key
+        assert event.headers[f"outbox-{key}"] == value, key
+    for key, value in ordinary.items():
+        assert event.headers[key] == value  # x- keys nobody owns pass as they are
+
+
+def test_a_row_holding_the_renamed_key_keeps_its_own_value():
+    event = run(WITH_HEADERS, headers=json.dumps({"CC": ["a"], "outbox-CC": "mine"}))
+    assert isinstance(event, OutboxEvent)
+    assert event.headers["outbox-CC"] == "mine" and "CC" not in event.headers
+
+
+def test_a_reserved_key_too_long_once_renamed_is_malformed():
+    key = "x-cdc-" + "k" * 249  # 255 bytes: fits, but not with the prefix
+    got = run(WITH_HEADERS, headers=json.dumps({key: 1}))
+    assert isinstance(got, Malformed)
+
+
 @pytest.mark.parametrize("headers", [None, "{}"], ids=["null", "empty-object"])
 def test_null_or_empty_row_headers_add_nothing(headers):
     event = run(WITH_HEADERS, headers=headers)

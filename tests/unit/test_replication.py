@@ -19,6 +19,7 @@ from cdc.replication import (
     PG_EPOCH,
     Keepalive,
     XLogData,
+    create_slot_command,
     parse_copy_data,
     pg_us_to_datetime,
     pgoutput_version,
@@ -254,3 +255,23 @@ def test_start_replication_asks_for_neither_streaming_nor_two_phase():
     assert command.startswith("START_REPLICATION SLOT ")
     assert " LOGICAL 0/0 " in command  # 0/0: resume at the slot's confirmed_flush_lsn
     assert ";" not in command
+
+
+@pytest.mark.parametrize(
+    ("slot", "failover", "expected"),
+    [
+        ("cdc_outbox", False,
+         "CREATE_REPLICATION_SLOT \"cdc_outbox\" LOGICAL pgoutput (SNAPSHOT 'export')"),
+        ("cdc_outbox", True,
+         "CREATE_REPLICATION_SLOT \"cdc_outbox\" LOGICAL pgoutput "
+         "(SNAPSHOT 'export', FAILOVER true)"),
+        ('we"ird', False,
+         "CREATE_REPLICATION_SLOT \"we\"\"ird\" LOGICAL pgoutput (SNAPSHOT 'export')"),
+    ],
+    ids=["default", "failover", "hostile"],
+)
+def test_create_slot_command(slot, failover, expected):
+    command = create_slot_command(slot, failover=failover)
+    assert isinstance(command, bytes)
+    assert command.decode() == expected
+    assert ";" not in command.decode()

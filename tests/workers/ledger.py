@@ -1,8 +1,10 @@
 """A tiny worker for the runtime's tests: ``python -m consumers tests.workers.ledger``.
 
 Queue ``<ns>.ledger.entries`` is bound to ``ledger.#`` and ``unrouted.#``; only ``ledger.#``
-has a route, so ``unrouted.*`` events exercise the no-route rule. An ``Entry`` inserts one
-row into ``CDC_LEDGER_TABLE`` (message_id, key, amount, attempt, pid) and can fail on demand:
+has a route, so ``unrouted.*`` events exercise the no-route rule. ``CDC_LEDGER_QUEUES=n``
+adds queues ``<ns>.ledger.entries-<i>`` bound to ``ledger<i>.#`` (i = 2..n), same handler.
+An ``Entry`` inserts one row into ``CDC_LEDGER_TABLE`` (message_id, key, amount, attempt,
+pid) and can fail on demand:
 
 - ``fail="always"``: raises ``Retry`` every time (poison message);
 - ``fail="times"``: raises ``Retry`` while ``attempt <= fail_times``;
@@ -37,6 +39,9 @@ class LedgerSettings(ConsumerSettings):
     ledger_namespace: str = Field("ledger", description="prefix of the queue/service names")
     ledger_attempt_log: str = Field("", description="file that records every attempt")
     ledger_db_only: bool = Field(False, description="declare the handlers database-only")
+    ledger_queues: int = Field(
+        1, ge=1, description="queues: the first as above, queue i (2..n) bound to ledger<i>.#"
+    )
 
 
 SETTINGS = LedgerSettings
@@ -101,8 +106,17 @@ def build(settings: ConsumerSettings) -> WorkerSpec:
     return WorkerSpec(
         name=f"{ns}-ledger",
         service=f"{ns}.ledger-service",
-        queues=(QueueSpec(f"{ns}.ledger.entries", ("ledger.#", "unrouted.#")),),
-        routes=(Route("ledger.#", Entry, on_entry),),
+        queues=(
+            QueueSpec(f"{ns}.ledger.entries", ("ledger.#", "unrouted.#")),
+            *(
+                QueueSpec(f"{ns}.ledger.entries-{i}", (f"ledger{i}.#",))
+                for i in range(2, settings.ledger_queues + 1)
+            ),
+        ),
+        routes=(
+            Route("ledger.#", Entry, on_entry),
+            *(Route(f"ledger{i}.#", Entry, on_entry) for i in range(2, settings.ledger_queues + 1)),
+        ),
         schema=tuple(s.as_string() for s in schema),
         db_only=settings.ledger_db_only,
     )

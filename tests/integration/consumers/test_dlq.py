@@ -79,3 +79,34 @@ def test_dlq_round_trip(ledger):
     res = ledger.consumers_cli("dlq", "show", f"{ledger.ns}.missing.parked")
     assert res.returncode == 2 and "no queue" in res.stderr
     assert w.sigterm() == 0
+
+
+def test_a_message_without_message_id_stays_without_one_when_parked_and_replayed(ledger):
+    """The parked copy keeps the original properties, an absent message_id included, so a
+    replay cannot process it under an invented id (it is parked again, for the same reason)."""
+    ledger.start()
+    ledger.publish_without_id(ledger.entry("anon", 5))
+    ledger.wait_parked(1)
+
+    res = ledger.consumers_cli("dlq", "show", ledger.parking_queue)
+    assert res.returncode == 0, res.stderr
+    [doc] = [json.loads(line) for line in res.stdout.splitlines()]
+    assert doc["message_id"] is None
+    assert doc["error_kind"] == "no-message-id"
+    assert doc["attempts"] == 1
+
+    res = ledger.consumers_cli("dlq", "replay", ledger.parking_queue, "--all")
+    assert res.returncode == 0, res.stderr
+    assert "1 replayed" in res.stdout
+    # the worker takes it again, still without an id, and parks it again; nothing processed
+    ledger.wait_for(
+        lambda: ledger.broker.queue_count(ledger.parking_queue) == 1
+        and ledger.broker.queue_count(ledger.queue) == 0,
+        20,
+        "the replayed message to be parked again",
+    )
+    [parked] = ledger.broker.drain(ledger.parking_queue, expected=1, quiet=0.3, timeout=15)
+    assert parked.message_id is None
+    assert parked.headers["x-cdc-error-kind"] == "no-message-id"
+    assert parked.content_type == "application/json"
+    assert ledger.rows() == []

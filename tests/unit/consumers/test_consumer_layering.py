@@ -15,6 +15,7 @@ PURE = [
     "consumers.runtime.headers",
     "consumers.runtime.names",
     "consumers.runtime.dispatch",
+    "consumers.runtime.prefetch",
 ]
 FORBIDDEN = ["asyncio", "psycopg", "aiormq", "aio_pika", "pamqp"]
 

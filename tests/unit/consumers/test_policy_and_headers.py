@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from consumers.errors import ConfigError
 from consumers.runtime import headers as hdr
 from consumers.runtime.names import build_names
 from consumers.runtime.policy import (
@@ -14,6 +15,7 @@ from consumers.runtime.policy import (
     delay_label,
     delays_used,
 )
+from consumers.runtime.prefetch import split_prefetch
 
 
 @pytest.mark.parametrize(
@@ -186,3 +188,59 @@ def test_committed_at_prefers_the_relays_commit_time():
     # AMQP timestamps arrive naive, in UTC
     assert hdr.committed_at({"commit_time": "junk"}, ts) == ts.replace(tzinfo=dt.UTC).timestamp()
     assert hdr.committed_at({}, None) is None
+
+
+# -- which deliveries the runtime's own headers are trusted on -------------------------------
+
+SPOOFED = {
+    "x-cdc-attempt": 3,
+    "x-cdc-routing-key": "user.updated",
+    "X-CDC-Origin-Queue": "svc.q",
+    "x-cdc-error-kind": "permanent",
+    "traceparent": "t",
+}
+
+
+@pytest.mark.parametrize(
+    ("exchange", "queue", "headers", "trusted"),
+    [
+        ("", "svc.q", {"x-cdc-origin-queue": "svc.q"}, True),  # retry dead-letter or replay
+        (None, "svc.q", {"x-cdc-origin-queue": b"svc.q"}, True),
+        ("cloudphone.events", "svc.q", {"x-cdc-origin-queue": "svc.q"}, False),  # an event
+        ("", "svc.q", {"x-cdc-origin-queue": "svc.other"}, False),  # another queue's copy
+        ("", "svc.q", {}, False),
+        ("", "svc.q", None, False),
+    ],
+)
+def test_own_headers_are_trusted_only_on_own_copies(exchange, queue, headers, trusted):
+    assert hdr.came_back(exchange, queue, headers) is trusted
+
+
+def test_untrusted_delivery_loses_every_runtime_key():
+    view = hdr.own_headers(SPOOFED, trusted=False)
+    assert view == {"traceparent": "t"}
+    assert hdr.original_routing_key(view, "device.started") == "device.started"
+    assert attempt_of(view) == 1
+    assert hdr.own_headers(SPOOFED, trusted=True) == SPOOFED
+    assert hdr.own_headers(None, trusted=False) == {}
+
+
+def test_delivery_count_counts_only_on_a_redelivery():
+    spoofed = {"x-delivery-count": 9}
+    assert attempt_of(spoofed, redelivered=False) == 1
+    assert attempt_of(spoofed, redelivered=True) == 10
+
+
+@pytest.mark.parametrize(
+    ("total", "n", "shares"),
+    [(256, 1, [256]), (256, 5, [52, 51, 51, 51, 51]), (64, 7, [10, 9, 9, 9, 9, 9, 9]),
+     (5, 5, [1, 1, 1, 1, 1]), (12, 4, [3, 3, 3, 3])],
+)
+def test_prefetch_budget_is_split_across_consumers(total, n, shares):
+    assert split_prefetch(total, n) == shares
+    assert sum(shares) == total
+
+
+def test_prefetch_smaller_than_the_queues_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"CDC_WORKER_PREFETCH=4 .* 5 queues"):
+        split_prefetch(4, 5)

@@ -1,0 +1,181 @@
+"""What the relay's and the workers' settings share: secret files, URL checks, flags, errors.
+
+- :class:`CdcSettings` is the base of both settings models (``cdc/config.py``,
+  ``consumers/config.py``): the ``CDC_`` prefix, the two connection strings and their checks
+  (a broker URL or DSN that can never connect is refused at start, exit 2).
+- Every secret setting (a ``SecretStr`` field: ``CDC_DATABASE_URL``, ``CDC_AMQP_URL``, the
+  notifications worker's ``CDC_WEBHOOK_SECRET`` and ``CDC_SMTP_PASSWORD``) may instead be
+  given as ``CDC_<NAME>_FILE``: the path of a file holding the value, one trailing newline
+  stripped, as Kubernetes secret volumes and compose secrets mount them. Setting both is an
+  error.
+- :func:`load` builds a model from the environment and the command line flags. A flag may
+  not carry a secret, because every user of the host sees a process's arguments.
+- Every problem is a :class:`~cdc.errors.ConfigError` with one line naming the variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar, get_args
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from cdc.errors import ConfigError
+from cdc.logs import redact
+from cdc.urls import parse_amqp_url, parse_dsn, url_has_password
+
+PREFIX = "CDC_"
+FILE_SUFFIX = "_FILE"
+
+S = TypeVar("S", bound="CdcSettings")
+
+
+def variable(field: str) -> str:
+    """The environment variable of a settings field (``amqp_url`` -> ``CDC_AMQP_URL``)."""
+    return f"{PREFIX}{field.upper()}"
+
+
+def is_secret(info: FieldInfo) -> bool:
+    """True for ``SecretStr`` fields (optional ones included)."""
+    return info.annotation is SecretStr or SecretStr in get_args(info.annotation)
+
+
+def read_secret_file(name: str, path: str) -> str:
+    """The value in file ``path`` (named by variable ``name``), one trailing newline removed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise SettingsError(f"{name}: cannot read {path}: {why}") from None
+    if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    if not text:
+        raise SettingsError(f"{name}: {path} is empty")
+    return text
+
+
+class SecretFileSource(PydanticBaseSettingsSource):
+    """``CDC_<NAME>_FILE`` for every secret field: the value is read from that file."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: :meth:`__call__` reads every secret field at once."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        environ = {k.upper(): v for k, v in os.environ.items()}
+        values: dict[str, Any] = {}
+        for field, info in self.settings_cls.model_fields.items():
+            name = variable(field)
+            path = environ.get(name + FILE_SUFFIX)
+            if not is_secret(info) or path is None:
+                continue
+            if name in environ:
+                raise SettingsError(
+                    f"{name} and {name}{FILE_SUFFIX} are both set: keep one of them"
+                )
+            values[field] = read_secret_file(name + FILE_SUFFIX, path)
+        return values
+
+
+class CdcSettings(BaseSettings):
+    """Base of the relay's and the workers' settings (see the module docstring)."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
+
+    database_url: SecretStr = Field(
+        description="libpq URL or key=value DSN of the database (or CDC_DATABASE_URL_FILE)"
+    )
+    amqp_url: SecretStr = Field(
+        description="amqp:// or amqps:// URL of the broker (or CDC_AMQP_URL_FILE)"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags, then the environment, then ``*_FILE`` secrets (one of the two, not both)."""
+        return (
+            init_settings,
+            env_settings,
+            SecretFileSource(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_dsn(cls, value: SecretStr) -> SecretStr:
+        parse_dsn(value.get_secret_value())
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
+        url = parse_amqp_url(value.get_secret_value())
+        if url.cafile is not None and not os.access(url.cafile, os.R_OK):
+            raise ValueError(f"?cafile={url.cafile} is not a readable file")
+        return value
+
+
+def check_backoff(minimum: float, maximum: float, field: str) -> None:
+    """Refuse a reconnect backoff whose first delay exceeds its largest one."""
+    if minimum > maximum:
+        raise ValueError(
+            f"{variable(field + '_min_delay')} ({minimum:g}) is larger than "
+            f"{variable(field + '_max_delay')} ({maximum:g})"
+        )
+
+
+def explain(exc: ValidationError) -> str:
+    """A pydantic error as one line naming each variable; secrets redacted."""
+    parts = []
+    for error in exc.errors():
+        field, *inside = [str(part) for part in error["loc"]] or [""]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "missing":
+            name = variable(field)
+            message = f"is not set (set {name} or {name}{FILE_SUFFIX})"
+        where = variable(field) + (f" [{'.'.join(inside)}]" if inside else "")
+        parts.append(f"{where}: {message}" if field else message)
+    return redact("invalid configuration: " + "; ".join(parts))
+
+
+def refuse_secret_flags(model: type[CdcSettings], flags: Mapping[str, Any]) -> None:
+    """ConfigError if a flag carries a secret (a password in a URL, or a secret itself)."""
+    for field, value in flags.items():
+        info = model.model_fields.get(field)
+        if info is None or value is None or not is_secret(info):
+            continue
+        if field.endswith("_url") and not url_has_password(str(value)):
+            continue
+        flag, name = f"--{field.replace('_', '-')}", variable(field)
+        raise ConfigError(
+            f"invalid configuration: {flag} carries a password, and every user of this host "
+            f"can read a process's arguments: set {name} or {name}{FILE_SUFFIX} instead"
+        )
+
+
+def load(model: type[S], flags: Mapping[str, Any]) -> S:
+    """``model`` from the environment with the given ``flags`` (not None) overriding."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    refuse_secret_flags(model, given)
+    try:
+        return model(**given)
+    except ValidationError as exc:
+        raise ConfigError(explain(exc)) from None
+    except SettingsError as exc:
+        raise ConfigError(redact(f"invalid configuration: {exc}")) from None
