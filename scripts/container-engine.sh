@@ -4,6 +4,7 @@
 #
 #   scripts/container-engine.sh up     install podman, build the local images, start the API
 #                                      service; prints the environment to use (eval it)
+#   scripts/container-engine.sh images the same without the API service (podman CLI users)
 #   scripts/container-engine.sh env    print that environment only (no changes)
 #   scripts/container-engine.sh down   remove the containers the tests left, stop the API
 #                                      service if `up` started it
@@ -145,8 +146,7 @@ stop_service() {
   rm -f "$pidfile"
 }
 
-up() {
-  local t0=$SECONDS
+images() {
   mkdir -p "$CACHE"
   install_packages
   write_engine_conf
@@ -157,6 +157,11 @@ up() {
   build_image rabbitmq:3-management rabbitmq
   build_image python:3.11-slim python
   build_image prometheus:v2 prometheus
+}
+
+up() {
+  local t0=$SECONDS
+  images
   start_service
   log "ready in $((SECONDS - t0)) s"
   print_env
@@ -164,6 +169,7 @@ up() {
 
 case ${1:-up} in
   up) up ;;
+  images) images; print_env ;;
   env) print_env ;;
   down) remove_leftovers; stop_service ;;
   *) echo "usage: $0 [up|env|down]" >&2; exit 2 ;;
