@@ -126,16 +126,19 @@ start_service() {
   log "podman system service did not answer on $SOCK (see $STATE/podman-service.log)"; return 1
 }
 
-# Containers the test session, the image smoke tests or the compose test left behind (a killed
-# run): testcontainers labels its containers; ours carry the outbox-cdc.test label.
+# What a killed test run left behind: testcontainers labels its containers, the image tests
+# add the outbox-cdc.test label, and the compose test's projects are named outbox-cdc-test-*
+# (containers, the `_default` network and the volumes carry that name).
 remove_leftovers() {
   command -v podman >/dev/null || return 0
   local ids
-  ids=$(podman ps -aq --filter label=org.testcontainers=true; podman ps -aq --filter label=outbox-cdc.test=true)
-  [ -n "$ids" ] && podman rm -f -v $ids >/dev/null 2>&1 || true
-  podman pod ls -q --filter label=outbox-cdc.test=true | xargs -r podman pod rm -f >/dev/null 2>&1 || true
-  podman network ls -q --filter label=outbox-cdc.test=true | xargs -r podman network rm -f >/dev/null 2>&1 || true
-  podman volume ls -q --filter label=outbox-cdc.test=true | xargs -r podman volume rm -f >/dev/null 2>&1 || true
+  ids=$(podman ps -aq --filter label=org.testcontainers=true
+        podman ps -aq --filter label=outbox-cdc.test=true
+        podman ps -aq --filter name='^outbox-cdc-test-')
+  [ -z "$ids" ] || podman rm -f -v $ids >/dev/null 2>&1 || true
+  podman pod ls -q --filter name='^pod_outbox-cdc-test-' | xargs -r podman pod rm -f >/dev/null 2>&1 || true
+  podman network ls -q --filter name='^outbox-cdc-test-' | xargs -r podman network rm -f >/dev/null 2>&1 || true
+  podman volume ls -q --filter name='^outbox-cdc-test-' | xargs -r podman volume rm -f >/dev/null 2>&1 || true
 }
 
 stop_service() {
