@@ -6,8 +6,8 @@
 #                                      service; prints the environment to use (eval it)
 #   scripts/container-engine.sh images the same without the API service (podman CLI users)
 #   scripts/container-engine.sh env    print that environment only (no changes)
-#   scripts/container-engine.sh down   remove the containers the tests left, stop the API
-#                                      service if `up` started it
+#   scripts/container-engine.sh down   remove the containers the tests left (of the run
+#                                      $CDC_TEST_RUN_ID), stop the API service if `up` started it
 #
 # Idempotent and cached under $CDC_ENGINE_CACHE (default /var/cache/outbox-cdc): the Debian
 # base tarball is made once; an image is rebuilt only when its recipe (scripts/images/NAME)
@@ -126,24 +126,26 @@ start_service() {
   log "podman system service did not answer on $SOCK (see $STATE/podman-service.log)"; return 1
 }
 
-# What a killed test run left behind: testcontainers labels its containers, the image tests
-# add the outbox-cdc.test label, and the compose test's projects are named outbox-cdc-test-*
-# (containers, the `_default` network and the volumes carry that name).
+# What a killed test run left behind: the tests label every container they start with
+# outbox-cdc.test=$CDC_TEST_RUN_ID, and the compose test names its project
+# outbox-cdc-test-$CDC_TEST_RUN_ID (containers, `_default` network, volumes). Without
+# CDC_TEST_RUN_ID, every run's.
 remove_leftovers() {
   command -v podman >/dev/null || return 0
-  local ids
-  ids=$(podman ps -aq --filter label=org.testcontainers=true
-        podman ps -aq --filter label=outbox-cdc.test=true
-        podman ps -aq --filter name='^outbox-cdc-test-')
+  local run=${CDC_TEST_RUN_ID:-} label=outbox-cdc.test ids
+  [ -n "$run" ] && label=outbox-cdc.test=$run
+  ids=$(podman ps -aq --filter "label=$label"; podman ps -aq --filter "name=^outbox-cdc-test-$run")
   [ -z "$ids" ] || podman rm -f -v $ids >/dev/null 2>&1 || true
-  podman pod ls -q --filter name='^pod_outbox-cdc-test-' | xargs -r podman pod rm -f >/dev/null 2>&1 || true
-  podman network ls -q --filter name='^outbox-cdc-test-' | xargs -r podman network rm -f >/dev/null 2>&1 || true
-  podman volume ls -q --filter name='^outbox-cdc-test-' | xargs -r podman volume rm -f >/dev/null 2>&1 || true
+  podman network ls -q --filter "name=^outbox-cdc-test-$run" | xargs -r podman network rm -f >/dev/null 2>&1 || true
+  podman volume ls -q --filter "name=^outbox-cdc-test-$run" | xargs -r podman volume rm -f >/dev/null 2>&1 || true
 }
 
 stop_service() {
   local pidfile=$STATE/podman-service.pid pid
   [ -f "$pidfile" ] || return 0
+  if [ -n "$(podman ps -q --filter label=outbox-cdc.test)" ]; then
+    log "another test run still has containers: leaving the API service running"; return 0
+  fi
   pid=$(cat "$pidfile")
   if kill -0 "$pid" 2>/dev/null; then log "stopping podman system service (pid $pid)"; kill -TERM "$pid"; fi
   rm -f "$pidfile"

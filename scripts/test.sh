@@ -19,6 +19,8 @@ only=${1:-all}
 log() { echo "== $*"; }
 
 mode=${CDC_TEST_SERVICES:-}
+# Labels this run's containers: the cleanup at the end removes these and no other run's.
+export CDC_TEST_RUN_ID=${CDC_TEST_RUN_ID:-run$(date +%s)$$}
 if [ "$mode" != local ] && [ -z "${DOCKER_HOST:-}" ] && [ ! -S /var/run/docker.sock ]; then
   if engine_env=$(bash scripts/container-engine.sh up); then
     eval "$engine_env"

@@ -48,9 +48,11 @@ PG_FLAGS = (
     "-c wal_level=logical -c max_prepared_transactions=64 -c max_replication_slots=32"
     " -c max_wal_senders=32 -c max_connections=200 -c fsync=off"
 )
-#: Label on every container the tests start, so `scripts/container-engine.sh down` can remove
-#: those a killed run left behind.
-TEST_LABEL = {"outbox-cdc.test": "true"}
+#: The run this session belongs to (scripts/test.sh sets it), in the label of every container
+#: the tests start, so `scripts/container-engine.sh down` removes what a killed run left
+#: behind, and only that run's.
+RUN_ID = os.environ.get("CDC_TEST_RUN_ID", "true")
+TEST_LABEL = {"outbox-cdc.test": RUN_ID}
 
 
 class ServicesError(RuntimeError):

@@ -62,7 +62,8 @@ class Stack:
     """One compose project of deploy/compose.yaml on free host ports."""
 
     def __init__(self) -> None:
-        self.project = f"outbox-cdc-test-{SESSION}"
+        run = services.RUN_ID if services.RUN_ID != "true" else SESSION
+        self.project = f"outbox-cdc-test-{run}"
         self.ports = {
             name: free_port()
             for name in ("POSTGRES_PORT", "RABBITMQ_PORT", "RABBITMQ_UI_PORT", "PROMETHEUS_PORT")
