@@ -16,13 +16,20 @@ Contract:
   ``on_ack`` (batched: a list of tokens, in publish order) when the broker confirms it, or
   ``on_returned(token, reason)`` when it was returned as unroutable and then confirmed. A
   nack re-publishes the same frames after a short backoff; so does a confirm that does not
-  come within ``confirm_timeout`` (a late confirm of the old copy is then ignored).
+  come within ``confirm_timeout`` while the broker is otherwise heard from (a late confirm
+  of the old copy is then ignored). The confirm clock stops while the broker blocks
+  publishers (``connection.blocked``); ``on_blocked(bool)`` reports both transitions.
 * :attr:`ConfirmChannel.closed` completes with a :class:`SinkError` as soon as the
-  connection is lost, the broker closes it or the channel, heartbeats stop, or
-  :meth:`fail` is called; with a :class:`~cdc.errors.RefusedError` (not retried) when the
-  broker refuses the login, the vhost or a permission, or its TLS certificate does not
-  verify. Unconfirmed tokens are then dropped without a callback: the
-  relay re-reads them from the replication slot.
+  connection is lost, the broker closes it or the channel, nothing (not even a heartbeat)
+  arrives for two heartbeat intervals, a confirm times out on a connection from which
+  nothing arrived since that publish, or :meth:`fail` is called; with a
+  :class:`~cdc.errors.RefusedError` (not retried) when the broker refuses the login, the
+  vhost or a permission, or its TLS certificate does not verify. A silent connection is
+  never written to again: nothing is re-sent into it, so what is buffered stays bounded
+  by the window. Unconfirmed tokens are then dropped without a callback: the relay
+  re-reads them from the replication slot.
+* The socket has TCP keepalives on (``_KEEPALIVE``), so a peer that vanished without a
+  word is noticed by the kernel too.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import time
 from collections import deque
@@ -49,6 +57,8 @@ log = logging.getLogger(__name__)
 _CHANNEL = 1
 _FRAME_MAX = 131072
 _CONNECT_TIMEOUT = 10.0
+# TCP keepalive: first probe after 10 s idle, then every 5 s, dead after 3 unanswered.
+_KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
 _RETRY_FIRST, _RETRY_MAX = 0.05, 5.0
 _CLIENT_PROPERTIES: dict[str, Any] = {
     "product": "outbox-cdc",
@@ -59,6 +69,17 @@ _CLIENT_PROPERTIES: dict[str, Any] = {
         "authentication_failure_close": True,
     },
 }
+
+
+def _set_keepalive(sock: Any) -> None:
+    """Turn TCP keepalives on (where the platform has the options)."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in _KEEPALIVE:
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class _Pending:
@@ -90,12 +111,14 @@ class ConfirmChannel(asyncio.Protocol):
         on_ack: Callable[[list[Any]], None],
         on_returned: Callable[[Any, str], None],
         on_republish: Callable[[str], None],
+        on_blocked: Callable[[bool], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._confirm_timeout = confirm_timeout
         self._on_ack = on_ack
         self._on_returned = on_returned
         self._on_republish = on_republish
+        self._on_blocked = on_blocked
         self._transport: asyncio.Transport | None = None
         self._reader = wire.FrameReader()
         self.frame_max = _FRAME_MAX
@@ -129,6 +152,7 @@ class ConfirmChannel(asyncio.Protocol):
         on_ack: Callable[[list[Any]], None],
         on_returned: Callable[[Any, str], None],
         on_republish: Callable[[str], None],
+        on_blocked: Callable[[bool], None] | None = None,
     ) -> ConfirmChannel:
         """Connect to ``url`` and return a channel in confirm mode (SinkError on failure)."""
         try:
@@ -141,6 +165,7 @@ class ConfirmChannel(asyncio.Protocol):
             on_ack=on_ack,
             on_returned=on_returned,
             on_republish=on_republish,
+            on_blocked=on_blocked,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -302,9 +327,11 @@ class ConfirmChannel(asyncio.Protocol):
                 self._on_returned(entry.token, entry.returned)
 
     def _nacked(self, tag: int, multiple: bool) -> None:
-        for entry in self._settle(tag, multiple):
+        settled = self._settle(tag, multiple)
+        if settled:
+            log.warning("broker nacked %d publish(es); publishing again", len(settled))
+        for entry in settled:
             self._on_republish("nack")
-            log.warning("broker nacked; publishing again", extra={"key": entry.routing_key})
             entry.attempts += 1
             entry.returned = None
             delay = min(_RETRY_FIRST * 2 ** (entry.attempts - 1), _RETRY_MAX)
@@ -331,19 +358,37 @@ class ConfirmChannel(asyncio.Protocol):
         log.warning("basic.return for no pending publish", extra={"key": method.routing_key})
 
     def _expire(self, now: float) -> None:
-        """Publish again whatever waited longer than ``confirm_timeout`` for its confirm."""
+        """Handle publishes that waited longer than ``confirm_timeout`` for their confirm.
+
+        If nothing at all came from the broker since the oldest of them was sent, the
+        connection is dead: end it (re-sending into it would only grow the buffer and the
+        duplicates). Otherwise the broker is alive and lost track of them: publish again.
+        """
+        if self._blocked:
+            return  # a blocked broker reads nothing we send; the clock restarts on unblock
         limit = now - self._confirm_timeout
         pending = self._pending
+        expired = 0
         for index, entry in enumerate(pending):
             if entry is None:
                 continue
             if entry.sent > limit:
                 break
+            if self._last_read < entry.sent:
+                self._fail(
+                    SinkError(
+                        f"no confirm and no frame at all from the broker in "
+                        f"{now - entry.sent:.0f}s; the connection is presumed dead"
+                    )
+                )
+                return
             pending[index] = None
             self._on_republish("timeout")
-            log.warning("no confirm in time; publishing again", extra={"key": entry.routing_key})
             entry.returned = None
             self._loop.call_soon(self._resend, entry)
+            expired += 1
+        if expired:
+            log.warning("%d publish(es) got no confirm in time; publishing again", expired)
         while pending and pending[0] is None:
             pending.popleft()
             self._base_tag += 1
@@ -353,6 +398,7 @@ class ConfirmChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
+        _set_keepalive(transport.get_extra_info("socket"))
         self._transport.write(wire.PROTOCOL_HEADER)
 
     def data_received(self, data: bytes) -> None:
@@ -387,13 +433,30 @@ class ConfirmChannel(asyncio.Protocol):
         elif isinstance(method, commands.Basic.Return):
             self._returning = (method, -1)
         elif isinstance(method, commands.Connection.Blocked | commands.Connection.Unblocked):
-            self._blocked = isinstance(method, commands.Connection.Blocked)
-            log.warning("broker %s publishers", "blocks" if self._blocked else "unblocks")
-            self._update_writable()
+            self._set_blocked(method)
         else:
             self._replies.append(method)
             if not self._reply_ready.done():
                 self._reply_ready.set_result(None)
+
+    def _set_blocked(self, method: base.Frame) -> None:
+        blocked = isinstance(method, commands.Connection.Blocked)
+        if blocked == self._blocked:
+            return
+        self._blocked = blocked
+        if blocked:
+            reason = getattr(method, "reason", "") or "no reason given"
+            log.warning("broker blocks publishers (%s)", reason)
+        else:
+            log.warning("broker unblocks publishers")
+            # Whatever waited did so because of the block: restart its confirm clock.
+            now = time.monotonic()
+            for entry in self._pending:
+                if entry is not None:
+                    entry.sent = now
+        self._update_writable()
+        if self._on_blocked is not None:
+            self._on_blocked(blocked)
 
     def _on_content(self, kind: int, payload: bytes) -> None:
         if self._returning is None:

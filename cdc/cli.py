@@ -1,4 +1,4 @@
-"""Command line: ``cdc setup | relay | status | demo``.
+"""Command line: ``cdc setup | relay | status | recover | prune | demo``.
 
 Builds the one :class:`RelaySettings` from the environment with flags overriding, sets up
 logging, and maps outcomes to the documented exit codes.
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         "relay": "stream outbox inserts to RabbitMQ until SIGTERM/SIGINT",
         "status": "show the slot, its confirmed_flush_lsn and lag",
         "demo": "insert sample outbox events and print what arrives on the exchange",
+        "recover": "after a slot loss: new slot, publish what the checkpoint cannot prove sent",
+        "prune": "delete outbox rows the checkpoint proves published, older than a duration",
     }
     for name, text in commands.items():
         cmd = sub.add_parser(name, help=text, description=text)
@@ -70,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "setup":
+            cmd.add_argument(
+                "--backfill",
+                metavar="pending|all|since=ISO",
+                help="publish rows already in the table from the new slot's snapshot "
+                "(pending: those whose status is not 'published'); run again to resume",
+            )
+        if name == "prune":
+            cmd.add_argument(
+                "--older-than", metavar="DURATION", help="e.g. 90s, 12h, 7d (default: "
+                "CDC_PRUNE_OLDER_THAN)",
+            )
         if name == "demo":
             cmd.add_argument("--rate", type=float, default=5.0, help="events per second")
             cmd.add_argument("--count", type=int, default=0, help="stop after N (0: forever)")
@@ -81,6 +95,7 @@ def _settings(args: argparse.Namespace) -> RelaySettings:
 
 
 def _run_relay(settings: RelaySettings) -> int:
+    from cdc import maintenance
     from cdc.metrics import Metrics, serve
     from cdc.relay import Relay
 
@@ -90,6 +105,7 @@ def _run_relay(settings: RelaySettings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, relay.stop)
+        upkeep = asyncio.create_task(maintenance.run(settings, metrics), name="cdc-upkeep")
         server = None
         if settings.metrics_port:
             server = await serve(
@@ -98,6 +114,7 @@ def _run_relay(settings: RelaySettings) -> int:
         try:
             return await relay.run()
         finally:
+            upkeep.cancel()
             if server is not None:
                 server.close()
 
@@ -132,7 +149,9 @@ def _status(settings: RelaySettings, as_json: bool) -> int:
             + (f"  invalidation_reason {state.invalidation_reason}"
                if state.invalidation_reason else "")
         )
-    print(f"health: {state.health}" + (f" ({state.health_reason})" if state.health_reason else ""))
+    hint = ": run `cdc recover`" if state.health == "lost" else ""
+    reason = f" ({state.health_reason})" if state.health_reason else ""
+    print(f"health: {state.health}{reason}{hint}")
     cp = state.checkpoint
     if cp is not None:
         print(
@@ -154,16 +173,53 @@ def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
             print(finding.line())
         return 0 if all(f.ok for f in findings) else EXIT_SETUP
     role = privileges.check_role_name(args.relay_role or privileges.DEFAULT_ROLE)
-    for line in slots.setup(settings):
+    for line in _setup_lines(args, settings):
         log.info(line)
     for line in privileges.grant_lines(settings, role, apply=args.relay_role is not None):
         print(line)
     return 0
 
 
+def _setup_lines(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
+    if args.backfill is None:
+        return slots.setup(settings)
+    from cdc import backfill
+    from cdc.horizon import parse_backfill
+
+    try:
+        mode, since = parse_backfill(args.backfill)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return backfill.run(settings, mode, since)
+
+
+def _prune(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
+    from cdc.durations import parse_duration
+    from cdc.prune import prune
+
+    text = args.older_than or settings.prune_older_than
+    if not text:
+        raise ConfigError("say how old a row must be: --older-than 7d (or CDC_PRUNE_OLDER_THAN)")
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from exc
+    return [prune(settings, seconds).summary(text)]
+
+
 def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
     if args.command == "setup":
         return _setup(settings, args)
+    if args.command in ("recover", "prune"):
+        if args.command == "recover":
+            from cdc.recovery import recover
+
+            lines = recover(settings)
+        else:
+            lines = _prune(args, settings)
+        for line in lines:
+            log.info(line)
+        return 0
     if args.command == "status":
         return _status(settings, args.json)
     if args.command == "demo":

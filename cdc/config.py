@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from cdc.durations import parse_duration
 from cdc.settings_base import CdcSettings, check_backoff
 from cdc.urls import check_host
 
@@ -39,6 +40,9 @@ class RelaySettings(CdcSettings):
     max_in_flight: int = Field(1000, ge=1, le=100_000, description="unconfirmed publish window")
     confirm_timeout: float = Field(30.0, gt=0, description="seconds before re-publishing")
     status_interval: float = Field(10.0, gt=0, le=3600, description="status update period (s)")
+    source_timeout: float = Field(
+        20.0, gt=0, le=3600, description="silence from PostgreSQL that ends the session (s)"
+    )
     checkpoint_interval: float = Field(
         10.0, gt=0, le=3600, description="checkpoint and slot-health check period (s)"
     )
@@ -46,6 +50,10 @@ class RelaySettings(CdcSettings):
     reconnect_max_delay: float = Field(30.0, gt=0, description="largest reconnect backoff (s)")
     standby_poll_interval: float = Field(2.0, gt=0, description="standby retry period (s)")
     shutdown_timeout: float = Field(10.0, ge=0, description="drain time on SIGTERM (s)")
+    prune_older_than: str = Field(
+        "", description="relay's periodic prune: delete published rows older than this (7d)"
+    )
+    prune_interval: float = Field(3600.0, gt=0, description="seconds between periodic prunes")
     log_format: Literal["text", "json"] = Field("text", description="log output format")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="level")
 
@@ -77,6 +85,18 @@ class RelaySettings(CdcSettings):
         if not _AMQP_NAME_RE.fullmatch(value):
             raise ValueError("AMQP names may use letters, digits and . _ - : only")
         return value
+
+    @field_validator("prune_older_than")
+    @classmethod
+    def _check_duration(cls, value: str) -> str:
+        if value.strip():
+            parse_duration(value)  # raises ValueError with the accepted form
+        return value.strip()
+
+    @property
+    def prune_after(self) -> float | None:
+        """:attr:`prune_older_than` in seconds, ``None`` when the periodic prune is off."""
+        return parse_duration(self.prune_older_than) if self.prune_older_than else None
 
     @field_validator("metrics_host")
     @classmethod

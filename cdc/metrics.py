@@ -29,7 +29,9 @@ from cdc import __version__
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "standby", "streaming", "reconnecting", "draining", "slot_lost")
+STATES = (
+    "starting", "standby", "streaming", "blocked", "reconnecting", "draining", "slot_lost"
+)
 
 
 def process_registry(build_info: str, labels: dict[str, str] | None = None) -> CollectorRegistry:
@@ -84,6 +86,16 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.backfill_done = Gauge(
+            "cdc_backfill_rows_done", "Rows the slot's backfill has published", registry=r
+        )
+        self.backfill_total = Gauge(
+            "cdc_backfill_rows_total", "Rows the slot's backfill publishes in all", registry=r
+        )
+        self.pruned = Counter(
+            "cdc_pruned_rows_total", "Published outbox rows deleted by the periodic prune",
+            registry=r,
+        )
         self.slot_lost = Gauge(
             "cdc_slot_lost",
             "1 when the slot is lost (missing, invalidated, moved, unpublished table): "
@@ -91,6 +103,11 @@ class Metrics:
             registry=r,
         )
         self.state = Gauge("cdc_relay_state", "1 for the current state", ["state"], registry=r)
+        self.broker_blocked = Gauge(
+            "cdc_broker_blocked",
+            "1 while the broker blocks publishing (connection.blocked: memory or disk alarm)",
+            registry=r,
+        )
         self.set_state("starting")
         # Every known label value starts at 0, so rate() and increase() have a series to
         # work on from the first scrape and a rule reads "none yet", not "no data".

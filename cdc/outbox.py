@@ -1,8 +1,9 @@
 """Outbox routing: a decoded INSERT into the outbox table becomes one AMQP message.
 
 Pure: takes pgoutput :class:`Relation`/:class:`Insert` values plus the transaction's commit
-LSN and time, and returns either an :class:`OutboxEvent` (what to publish, per BRIEF §2) or
-a :class:`Malformed` (what to park, with the reason). No row is ever dropped here.
+LSN and time (or, for a row read from a snapshot, where it was read), and returns either an
+:class:`OutboxEvent` (what to publish, per BRIEF §2) or a :class:`Malformed` (what to park,
+with the reason). No row is ever dropped here.
 
 The column layout is looked up by *name* once per Relation message, so columns added by
 ``ALTER TABLE ... ADD COLUMN`` mid-stream, or legacy columns like ``status``, do not matter.
@@ -24,6 +25,8 @@ REQUIRED_COLUMNS = ("id", "event_type", "payload")
 _OPTIONAL_COLUMNS = ("aggregate_type", "aggregate_id", "created_at", "headers")
 _MAX_ROUTING_KEY = 255
 _MAX_SHORT_STRING = 255  # AMQP shortstr: message_id and type
+#: AMQP 0-9-1 field names hold at most 128 bytes; pamqp cuts longer ones, so they are parked.
+MAX_HEADER_KEY = 128
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # AMQP timestamps are unsigned seconds
 _INT64 = 1 << 63
 
@@ -96,16 +99,27 @@ def _parse_time(text: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _amqp_safe(value: Any) -> bool:
+def _header_problem(value: Any) -> str | None:
+    """Why AMQP cannot carry this header value as it is, or ``None`` if it can."""
     if isinstance(value, bool | str | float) or value is None:
-        return True
+        return None
     if isinstance(value, int):
-        return -_INT64 <= value < _INT64
+        return None if -_INT64 <= value < _INT64 else f"integer {value} is outside int64"
     if isinstance(value, list):
-        return all(_amqp_safe(v) for v in value)
+        return next((p for p in map(_header_problem, value) if p is not None), None)
     if isinstance(value, dict):
-        return all(len(k.encode()) <= 255 and _amqp_safe(v) for k, v in value.items())
-    return False
+        for key, item in value.items():
+            size = len(key.encode())
+            if size > MAX_HEADER_KEY:
+                return (
+                    f"key {key[:40]!r}... is {size} bytes, over the AMQP field-name limit "
+                    f"of {MAX_HEADER_KEY} bytes"
+                )
+            problem = _header_problem(item)
+            if problem is not None:
+                return problem
+        return None
+    return f"{type(value).__name__} values are not supported"
 
 
 @lru_cache(maxsize=64)
@@ -118,6 +132,23 @@ def route(
     layout: Layout, row: TupleData, *, commit_lsn: int, commit_time: datetime
 ) -> OutboxEvent | Malformed:
     """Turn one inserted outbox row into the message of BRIEF §2, or say why it cannot be."""
+    lsn_text, time_text = _commit_headers(commit_lsn, commit_time)
+    return _route(layout, row, {"commit_lsn": lsn_text, "commit_time": time_text})
+
+
+def route_snapshot(
+    layout: Layout, row: TupleData, *, source: str, snapshot: str
+) -> OutboxEvent | Malformed:
+    """Like :func:`route` for a row read from a snapshot (backfill or recovery).
+
+    Same body, properties and row headers; instead of the commit headers (a row read from
+    the table has no commit position) ``x-cdc-source`` (``backfill`` | ``recovery``) and
+    ``x-cdc-snapshot`` (the ``pg_snapshot`` text the row was read in).
+    """
+    return _route(layout, row, {"x-cdc-source": source, "x-cdc-snapshot": snapshot})
+
+
+def _route(layout: Layout, row: TupleData, own: dict[str, str]) -> OutboxEvent | Malformed:
     idx = layout.index
 
     def col(name: str) -> bytes | None:
@@ -161,15 +192,16 @@ def route(
         # Keys that would steer delivery (CC, BCC) or spoof broker/runtime headers are
         # renamed before anything else looks at them (a renamed key may be too long).
         parsed = safe_headers(parsed)
-        if not _amqp_safe(parsed):
-            return bad("headers hold a value AMQP cannot carry", message_id, event_type)
+        problem = _header_problem(parsed)
+        if problem is not None:
+            return bad(f"headers hold a value AMQP cannot carry: {problem}", message_id, event_type)
         headers.update(parsed)
 
     created_text = _text(col("created_at"))
     created_at = _parse_time(created_text)
     headers["aggregate_type"] = _text(col("aggregate_type"))
     headers["aggregate_id"] = _text(col("aggregate_id"))
-    headers["commit_lsn"], headers["commit_time"] = _commit_headers(commit_lsn, commit_time)
+    headers.update(own)
     created_iso = created_at.isoformat(timespec="microseconds") if created_at else None
     headers["created_at"] = created_iso or created_text
     # Before 1970 the AMQP timestamp cannot carry it: the header keeps the time.

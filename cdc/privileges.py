@@ -3,7 +3,8 @@
 The relay runs as a role with ``LOGIN REPLICATION`` and nothing else but these grants:
 
 - ``CONNECT`` on the database;
-- ``USAGE`` on the outbox table's schema and ``SELECT`` on the outbox table;
+- ``USAGE`` on the outbox table's schema and ``SELECT`` on the outbox table (``SELECT,
+  DELETE`` when the relay prunes it itself, ``CDC_PRUNE_OLDER_THAN``);
 - ``USAGE`` on schema ``cdc`` and ``SELECT, INSERT, UPDATE`` on ``cdc.relay_checkpoint``
   (its durable checkpoint, created by ``cdc setup``).
 
@@ -47,6 +48,11 @@ def check_role_name(role: str) -> str:
     return role
 
 
+def outbox_privileges(settings: RelaySettings) -> tuple[str, ...]:
+    """What the relay's role needs on the outbox table: it deletes only to prune."""
+    return ("SELECT", "DELETE") if settings.prune_older_than else ("SELECT",)
+
+
 def relay_grants(settings: RelaySettings, database: str, role: str) -> list[sql.Composed]:
     """The GRANT statements the relay's role needs, in the order they apply."""
     who = sql.Identifier(role)
@@ -58,7 +64,9 @@ def relay_grants(settings: RelaySettings, database: str, role: str) -> list[sql.
         sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
             sql.Identifier(settings.table_schema), who
         ),
-        sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(table, who),
+        sql.SQL("GRANT {} ON TABLE {} TO {}").format(
+            sql.SQL(", ").join(map(sql.SQL, outbox_privileges(settings))), table, who
+        ),
         sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(CHECKPOINT_SCHEMA), who),
         sql.SQL("GRANT {} ON TABLE {} TO {}").format(privileges, checkpoint, who),
     ]
@@ -161,7 +169,7 @@ def _server(conn: slots.Conn, role: str) -> list[Finding]:
 
 def _outbox(conn: slots.Conn, settings: RelaySettings, role: str) -> list[Finding]:
     schema, name = settings.table_schema, settings.table_name
-    found = _table_privileges(conn, role, schema, name, ("SELECT",))
+    found = _table_privileges(conn, role, schema, name, outbox_privileges(settings))
     oid = _relation(conn, schema, name)
     if oid is not None:
         columns = {

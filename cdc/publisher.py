@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _PERSISTENT = 2
+# A content header frame is its property block plus 7 bytes of frame header, 12 of class,
+# weight and body size, and the end byte; the whole frame must fit the negotiated frame_max.
+_HEADER_FRAME_OVERHEAD = 20
 # What a confirmed token was: the event itself, or a parked copy of one kind or the other.
 _EVENT, _UNROUTABLE, _MALFORMED = "event", "unroutable", "malformed"
 
@@ -40,11 +43,16 @@ class Publisher:
     """One broker connection and one confirm-mode channel, owned by a relay session."""
 
     def __init__(
-        self, settings: RelaySettings, metrics: Metrics, on_confirm: Callable[[list[Txn]], None]
+        self,
+        settings: RelaySettings,
+        metrics: Metrics,
+        on_confirm: Callable[[list[Txn]], None],
+        on_blocked: Callable[[bool], None] | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._on_confirm = on_confirm
+        self._on_blocked = on_blocked
         self._exchange = settings.exchange
         self._channel: ConfirmChannel | None = None
         self._frame_max = 0
@@ -58,6 +66,7 @@ class Publisher:
             on_ack=self._acked,
             on_returned=self._returned,
             on_republish=lambda reason: self._metrics.republished.labels(reason=reason).inc(),
+            on_blocked=self._on_blocked,
         )
         self._frame_max = self._channel.frame_max
         try:
@@ -102,14 +111,37 @@ class Publisher:
                 message_type=key,
                 timestamp=item.timestamp,
             )
-            frames = wire.publish_frames(1, self._exchange, key, props, item.body, self._frame_max)
-            channel.publish(frames, (txn, item, _EVENT), self._exchange, key, message_id)
-            return
+            if len(props) + _HEADER_FRAME_OVERHEAD > self._frame_max:
+                # The broker would close the connection (FRAME_ERROR) on every attempt.
+                item = self._oversized(item, len(props) + _HEADER_FRAME_OVERHEAD)
+            else:
+                frames = wire.publish_frames(
+                    1, self._exchange, key, props, item.body, self._frame_max
+                )
+                channel.publish(frames, (txn, item, _EVENT), self._exchange, key, message_id)
+                return
         assert isinstance(item, Malformed)
+        self._park_malformed(txn, item)
+
+    def _park_malformed(self, txn: Txn, item: Malformed) -> None:
         log.warning("parking malformed row", extra={"id": item.message_id, "why": item.reason})
         headers = self._parking_headers(_MALFORMED, item.reason, item.routing_key)
         body = orjson.dumps(item.row)
         self._park(txn, item, _MALFORMED, item.message_id, item.routing_key, headers, body)
+
+    def _oversized(self, event: OutboxEvent, size: int) -> Malformed:
+        """The malformed form of an event whose content header cannot fit one frame."""
+        reason = (
+            f"content header of {size} bytes exceeds the broker's frame_max of "
+            f"{self._frame_max} bytes (negotiated); make the row's headers smaller"
+        )
+        row: dict[str, str | None] = {
+            "id": event.message_id,
+            "event_type": event.routing_key,
+            "payload": event.body.decode("utf-8", "replace"),
+            "headers": orjson.dumps(event.headers).decode(),
+        }
+        return Malformed(event.message_id, event.routing_key, reason, row)
 
     def _park(
         self,
@@ -133,6 +165,11 @@ class Publisher:
             message_type=message_type,
             timestamp=timestamp,
         )
+        size = len(props) + _HEADER_FRAME_OVERHEAD
+        if size > self._frame_max and isinstance(item, OutboxEvent):
+            # An unroutable event whose headers fit, but not with the parking headers added.
+            self._park_malformed(txn, self._oversized(item, size))
+            return
         frames = wire.publish_frames(1, "", queue, props, body, self._frame_max)
         self._channel.publish(frames, (txn, item, kind), "", queue, message_id)
 

@@ -16,14 +16,17 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+from cdc import slot as slots
 from cdc import slot_guard
 from cdc.backoff import Backoff
 from cdc.checkpoint import Action
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SinkError, SlotBusyError, SlotLostError, SourceError
 from cdc.feed import Item, OutboxFeed
+from cdc.liveness import PING, PROBE, SilenceClock
 from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.publisher import Publisher
@@ -42,6 +45,10 @@ EXIT_SLOT_LOST = 5
 # crash can cause without writing one message per confirm.
 _FLUSH_REPORT_DELAY = 0.02
 _HEALTHY_SESSION = 30.0
+# After CDC_SOURCE_TIMEOUT of silence: how long the look at the walsender may take, and the
+# last short read before the connection is declared dead.
+_PROBE_TIMEOUT = 10.0
+_LAST_CHANCE = 0.2
 # How long a relay whose slot is lost keeps /metrics and /healthz up before exiting 5, at
 # most: long enough for a scrape to see `slot_lost`, short enough for a supervisor.
 _LOST_LINGER = 15.0
@@ -57,6 +64,8 @@ class Relay:
         self.state = "starting"
         self.lost_reason: str | None = None
         self._watermark = Watermark()
+        # The walsender of this process's last session: a later session may end it (slot.py).
+        self._last_walsender: int | None = None
 
     def stop(self) -> None:
         """Ask the relay to drain and exit (signal handlers call this)."""
@@ -94,14 +103,16 @@ class Relay:
                 continue
             except SlotLostError as exc:
                 return await self._slot_lost(exc)
-            except SetupError:
+            except SetupError as refusal:
                 # The walsender refused mid-stream (e.g. "publication ... does not exist"):
                 # with a checkpoint row that is a lost slot, not "run cdc setup".
                 try:
                     await asyncio.to_thread(slot_guard.recheck, self._settings)
                 except SlotLostError as exc:
                     return await self._slot_lost(exc)
-                raise
+                except SourceError as exc:  # cannot tell: report the walsender's refusal
+                    log.warning("slot check after the refusal failed: %s", exc)
+                raise refusal
             except (SourceError, SinkError) as exc:
                 side = "broker" if isinstance(exc, SinkError) else "database"
                 self._metrics.reconnects.labels(side=side).inc()
@@ -126,14 +137,23 @@ class Relay:
         await self._sleep(min(self._settings.status_interval, _LOST_LINGER))
         return EXIT_SLOT_LOST
 
+    def _end_stale_walsender(self, pid: int) -> None:
+        """End this process's previous walsender if it still holds the slot (in a thread)."""
+        with slots.connect(self._settings) as conn:
+            if slots.end_stale_walsender(conn, self._settings, pid):
+                log.warning("ended walsender %d of this relay's previous session", pid)
+
     async def _session(self) -> int:
+        if self._last_walsender is not None:
+            await asyncio.to_thread(self._end_stale_walsender, self._last_walsender)
         opened = await asyncio.to_thread(slot_guard.open_slot, self._settings)
         if opened.action is not Action.STREAM:
             verb = "created" if opened.action is Action.CREATE else "adopted"
             log.info("%s replication slot %s", verb, self._settings.slot_name)
         start_lsn = opened.start_lsn
         stream = await ReplicationStream.start(self._settings)
-        session = _Session(self._settings, self._metrics, stream, start_lsn)
+        self._last_walsender = stream.backend_pid
+        session = _Session(self._settings, self._metrics, stream, start_lsn, self._blocked)
         publisher = session.publisher
         try:
             await publisher.connect()
@@ -150,20 +170,34 @@ class Relay:
                 self._set_state("reconnecting")
             raise
         finally:
+            self._metrics.broker_blocked.set(0)
             await publisher.close()
             await stream.close()
+
+    def _blocked(self, blocked: bool) -> None:
+        """The broker blocks (memory/disk alarm) or unblocks publishing on this session."""
+        self._metrics.broker_blocked.set(1 if blocked else 0)
+        if blocked and self.state == "streaming":
+            self._set_state("blocked")
+        elif not blocked and self.state == "blocked":
+            self._set_state("streaming")
 
 
 class _Session:
     """One replication connection and one broker connection, joined by a queue."""
 
     def __init__(
-        self, settings: RelaySettings, metrics: Metrics, stream: ReplicationStream, start_lsn: int
+        self,
+        settings: RelaySettings,
+        metrics: Metrics,
+        stream: ReplicationStream,
+        start_lsn: int,
+        on_blocked: Callable[[bool], None],
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._stream = stream
-        self.publisher = Publisher(settings, metrics, self._confirmed)
+        self.publisher = Publisher(settings, metrics, self._confirmed, on_blocked)
         self.watermark = Watermark(flushed=start_lsn)
         self._feed = OutboxFeed(
             settings.table_schema,
@@ -236,8 +270,12 @@ class _Session:
     async def _read(self) -> None:
         interval = self._settings.status_interval
         next_status = time.monotonic() + interval
+        clock = SilenceClock(self._settings.source_timeout, time.monotonic())
+        data: memoryview | None = None
         while True:
             now = time.monotonic()
+            if data is not None:
+                clock.heard = now  # the loop's clock: no extra call per message
             moved = self.watermark.flushed > self._reported
             if (moved and now - self._reported_at >= _FLUSH_REPORT_DELAY) or now >= next_status:
                 await self._report()
@@ -245,18 +283,65 @@ class _Session:
                 next_status = now + interval
             if self.watermark.in_flight >= self._settings.max_in_flight:
                 await self._wait_progress(min(interval, max(0.0, next_status - now)))
+                clock.reset(time.monotonic())  # not listening meanwhile
+                data = None
                 continue
-            pending = self.watermark.flushed > self._reported or self.watermark.in_flight
-            timeout = _FLUSH_REPORT_DELAY if pending else max(0.0, next_status - now)
+            if data is None:  # only after a read that got nothing: no cost per message
+                due = clock.due(now)
+                if due is PROBE:
+                    data = await self._probe(clock, now)
+                    if data is not None and self._on_copy_data(data):
+                        await self._report()
+                    continue
+                if due is PING:
+                    await self._report(reply=True)  # a live walsender answers at once
+                    clock.ping(now)
+            if self.watermark.flushed > self._reported or self.watermark.in_flight:
+                timeout = _FLUSH_REPORT_DELAY
+            else:
+                timeout = max(0.0, min(next_status, clock.wake()) - now)
             data = await self._stream.read(timeout)
             if data is not None and self._on_copy_data(data):
                 await self._report()
 
+    async def _probe(self, clock: SilenceClock, now: float) -> memoryview | None:
+        """After CDC_SOURCE_TIMEOUT of silence: None to wait on (the walsender is busy), a
+        message that came meanwhile, or SourceError: the connection is dead."""
+        silent = clock.silent_for(now)
+        if await self._server_busy(silent):
+            clock.busy(time.monotonic())
+            return None
+        data = await self._stream.read(_LAST_CHANCE)  # it may have answered meanwhile
+        if data is None:
+            raise SourceError(
+                f"nothing from PostgreSQL in {silent:.1f}s, not even the keepalive asked for, "
+                f"and its walsender is not busy (CDC_SOURCE_TIMEOUT={clock.timeout:g}); the "
+                "connection is presumed dead"
+            )
+        return data
+
+    async def _server_busy(self, silent: float) -> bool:
+        """True if our walsender is alive and busy, so its silence is not a dead connection."""
+        pid = self._stream.backend_pid
+        try:
+            busy = await asyncio.wait_for(
+                asyncio.to_thread(slots.walsender_busy, self._settings, pid), _PROBE_TIMEOUT
+            )
+        except TimeoutError:
+            busy = None
+        if busy is not None:
+            log.info(
+                "nothing from PostgreSQL in %.1fs, but its walsender %d is busy (%s): waiting",
+                silent, pid, busy,
+            )
+        return busy is not None
+
     async def _wait_progress(self, timeout: float) -> None:
         if self._progress.done():
             self._progress = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._progress), timeout)
+        # asyncio.wait, not wait_for: on 3.11 wait_for swallows a cancellation that arrives
+        # as the future completes, and a reader that misses its cancel never ends.
+        await asyncio.wait((self._progress,), timeout=timeout)
 
     def _on_copy_data(self, data: memoryview) -> bool:
         """Handle one CopyData message; True if the server asked for an immediate reply."""
@@ -274,9 +359,9 @@ class _Session:
             self._queued.set()
         return False
 
-    async def _report(self) -> None:
+    async def _report(self, *, reply: bool = False) -> None:
         flushed = self.watermark.flushed
-        await self._stream.send_status(flushed)
+        await self._stream.send_status(flushed, reply=reply)
         self._reported = flushed
         m = self._metrics
         m.received_lsn.set(self._received)

@@ -1,4 +1,4 @@
-"""Database-side set-up and inspection: outbox table, publication, slot, status.
+"""Database-side set-up and inspection: outbox table, publication, slot health, status.
 
 Runs over an ordinary (non-replication) connection with bound parameters; identifiers are
 composed with ``psycopg.sql.Identifier``, never pasted in. Every refusal is a
@@ -7,6 +7,7 @@ composed with ``psycopg.sql.Identifier``, never pasted in. Every refusal is a
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
@@ -16,11 +17,12 @@ from psycopg import sql
 
 from cdc.checkpoint import Action, Checkpoint, Observed, SlotSeen, assess
 from cdc.config import RelaySettings
-from cdc.errors import SetupError, SourceError
+from cdc.errors import RefusedError, SetupError, SourceError
 from cdc.lsn import format_lsn
 from cdc.outbox import REQUIRED_COLUMNS
 from cdc.refusals import refused_by_postgres
 from cdc.slot_create import SystemIdentity
+from cdc.source import with_keepalives
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -28,7 +30,8 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 def connect(settings: RelaySettings) -> Conn:
     """Open an autocommit connection, translating failures into actionable errors."""
     try:
-        return psycopg.connect(settings.database_url.get_secret_value(), autocommit=True)
+        dsn = with_keepalives(settings.database_url.get_secret_value())
+        return psycopg.connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
         refused = refused_by_postgres(str(exc), "cannot connect to PostgreSQL")
         raise refused or SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
@@ -158,13 +161,71 @@ def observe(
     )
 
 
-def require_publication(conn: Conn, settings: RelaySettings) -> None:
-    """Fail with instructions if the publication is missing (the relay does not make it)."""
-    if not _one(conn, "SELECT count(*) FROM pg_publication WHERE pubname = %s",
-                (settings.publication_name,)):
-        raise SetupError(
-            f"publication {settings.publication_name!r} does not exist: run `cdc setup`"
+#: Wait events of a walsender that waits for WAL or for its client (pg_stat_activity): such
+#: a walsender answers a keepalive request at once, so a silent connection to it is dead.
+_WALSENDER_WAITING = frozenset(
+    {"WalSenderMain", "WalSenderWaitForWAL", "WalSenderWriteData", "ClientRead", "ClientWrite"}
+)
+
+
+def busy_with(state: str | None, wait_event: str | None) -> str | None:
+    """What a walsender in ``state``/``wait_event`` is busy with, or None if it waits on us.
+
+    A walsender decoding a large transaction that produces no output (changes to tables
+    outside the publication) reads its client only every ``wal_sender_timeout / 2``: it is
+    alive although it does not answer. It runs (no wait event) or waits on I/O or a lock.
+    """
+    if state is None or wait_event in _WALSENDER_WAITING:
+        return None
+    return wait_event or "running"
+
+
+def walsender_busy(settings: RelaySettings, pid: int) -> str | None:
+    """Look at walsender ``pid`` over a new connection: :func:`busy_with`, None if it is gone.
+
+    Blocking (run it in a thread). A failure to connect counts as "not busy": the path to
+    the server is down, which is what the caller suspects.
+    """
+    dsn = with_keepalives(settings.database_url.get_secret_value())
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute(
+                "SELECT state, wait_event FROM pg_stat_activity "
+                "WHERE pid = %s AND backend_type = 'walsender'",
+                (pid,),
+            ).fetchone()
+    except psycopg.Error:
+        return None
+    return busy_with(row[0], row[1]) if row else None
+
+
+def end_stale_walsender(conn: Conn, settings: RelaySettings, pid: int, wait: float = 10.0) -> bool:
+    """Terminate the walsender ``pid`` if it still holds the slot; True if it did.
+
+    Only for a walsender this relay process started itself and then abandoned (a silent
+    connection): PostgreSQL keeps it, and the slot, until ``wal_sender_timeout``. While that
+    process lives its pid cannot be reused, so an ``active_pid`` equal to it is provably the
+    abandoned one. Waits up to ``wait`` seconds for the slot to be released.
+    """
+    ended = _one(
+        conn,
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+        "WHERE slot_name = %s AND active AND active_pid = %s",
+        (settings.slot_name, pid),
+    )
+    if not ended:
+        return False
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        holder = _one(
+            conn,
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+            (settings.slot_name,),
         )
+        if holder != pid:
+            break
+        time.sleep(0.05)
+    return True
 
 
 def setup(settings: RelaySettings) -> list[str]:
@@ -266,7 +327,7 @@ def _health(conn: Conn, settings: RelaySettings) -> dict[str, Any]:
         return {"health": "not_set_up", "health_reason": str(exc)}
     try:
         identity: SystemIdentity | None = current_identity(settings)
-    except SourceError:
+    except (SourceError, RefusedError):
         identity = None  # no replication access from here: judge without it
     verdict = assess(row, observe(conn, settings, identity))
     return {

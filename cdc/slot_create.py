@@ -26,6 +26,7 @@ from psycopg import pq, sql
 from cdc.config import RelaySettings
 from cdc.errors import SourceError
 from cdc.lsn import parse_lsn
+from cdc.refusals import refused_by_postgres
 from cdc.replication import IDENTIFY_SYSTEM, create_slot_command
 from cdc.source import translate_error
 
@@ -82,22 +83,32 @@ def replication_connect(settings: RelaySettings) -> Conn:
             settings.database_url.get_secret_value(), replication="database", autocommit=True
         )
     except psycopg.OperationalError as exc:
-        raise SourceError(f"cannot open a replication connection: {exc}".strip()) from exc
+        doing = "cannot open a replication connection"
+        refused = refused_by_postgres(str(exc), doing)
+        raise refused or SourceError(f"{doing}: {exc}".strip()) from exc
+
+
+#: First server version (``server_version_num``) with failover slots.
+FAILOVER_SLOTS_SINCE = 170000
 
 
 @contextlib.contextmanager
 def exported_slot(
-    settings: RelaySettings, *, failover: bool = False
+    settings: RelaySettings, *, failover: bool | None = None
 ) -> Iterator[tuple[CreatedSlot, Conn]]:
     """Create ``settings.slot_name`` and yield it with a connection inside its snapshot.
 
     The yielded connection is in a REPEATABLE READ transaction that imported the slot's
     exported snapshot: it sees exactly the rows committed before the slot's first streamed
     change. Read them before leaving the block; the transaction is rolled back and both
-    connections are closed on exit (the slot stays). A slot that already exists is a
-    :class:`SourceError` (SQLSTATE 42710), missing privileges a ``SetupError``.
+    connections are closed on exit (the slot stays). ``failover`` defaults to "where the
+    server has failover slots" (17+), so standbys that sync slots keep a copy. A slot that
+    already exists is a :class:`SourceError` (SQLSTATE 42710), missing privileges a
+    ``SetupError``.
     """
     with replication_connect(settings) as repl:
+        if failover is None:
+            failover = repl.info.server_version >= FAILOVER_SLOTS_SINCE
         identity = identify_system(repl)
         result = _command(repl.pgconn, create_slot_command(settings.slot_name, failover=failover))
         # Columns: slot_name, consistent_point, snapshot_name, output_plugin. Nothing may be
@@ -129,7 +140,7 @@ def exported_slot(
                 reader.rollback()
 
 
-def create_slot(settings: RelaySettings, *, failover: bool = False) -> CreatedSlot:
+def create_slot(settings: RelaySettings, *, failover: bool | None = None) -> CreatedSlot:
     """Create the slot and return where it starts, its base snapshot and the system identity."""
     with exported_slot(settings, failover=failover) as (created, _reader):
         return created

@@ -13,6 +13,7 @@ import time
 
 import psycopg
 from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SlotBusyError, SourceError
@@ -26,6 +27,26 @@ from cdc.replication import (
 
 # Output functions run with the walsender's settings: pin them so timestamps parse.
 _SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3"
+# Liveness unless the DSN sets its own: connecting gives up after 10 s (libpq waits forever
+# by default); TCP keepalives probe after 10 s idle, then every 5 s, dead after 3
+# unanswered; unacknowledged data gives up after 30 s (tcp_user_timeout, ms).
+_KEEPALIVES = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+
+
+def with_keepalives(dsn: str) -> str:
+    """``dsn`` plus the libpq connect timeout and TCP keepalive parameters it lacks."""
+    try:
+        given = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return dsn  # libpq reports a bad DSN better when it connects
+    return make_conninfo(dsn, **{k: v for k, v in _KEEPALIVES.items() if k not in given})
 _SETUP_STATES = {"42501", "42704", "55000", "42P01", "3D000", "28000"}
 
 
@@ -55,13 +76,15 @@ class ReplicationStream:
         self._pg = conn.pgconn
         self._fd = self._pg.socket
         self.proto_version = pgoutput_version(self._pg.server_version)
+        #: The walsender's process id, to recognise it later if this connection is abandoned.
+        self.backend_pid = self._pg.backend_pid
 
     @classmethod
     async def start(cls, settings: RelaySettings) -> ReplicationStream:
         """Connect with ``replication=database`` and issue START_REPLICATION at the slot."""
         try:
             conn = await psycopg.AsyncConnection.connect(
-                settings.database_url.get_secret_value(),
+                with_keepalives(settings.database_url.get_secret_value()),
                 replication="database",
                 autocommit=True,
                 options=_SESSION_OPTIONS,
@@ -99,10 +122,10 @@ class ReplicationStream:
         ready: asyncio.Future[None] = loop.create_future()
         loop.add_reader(self._fd, _resolve, ready)
         try:
-            await asyncio.wait_for(ready, timeout)
-            return True
-        except TimeoutError:
-            return False
+            # Not wait_for: on 3.11 it swallows a cancellation that arrives as the socket
+            # turns readable, and the reader task would then never end.
+            done, _ = await asyncio.wait((ready,), timeout=timeout)
+            return bool(done)
         finally:
             loop.remove_reader(self._fd)
 

@@ -17,8 +17,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
 
-#: Heartbeat (seconds) when the URL names none.
-DEFAULT_HEARTBEAT = 60
+#: Heartbeat (seconds) when the URL names none: the relay declares a broker dead after two
+#: silent intervals (20 s). Zero (``?heartbeat=0``) turns heartbeats off.
+DEFAULT_HEARTBEAT = 10
 _HOSTNAME_RE = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"

@@ -85,6 +85,7 @@ _STALE_DB_RE = re.compile(r"^cdc_test_([0-9a-f]{8})[0-9a-f]{4}$")
 _STALE_SLOT_RE = re.compile(r"^cdc_test_([0-9a-f]{8})[0-9a-f]{4}_")
 _STALE_AMQP_RE = re.compile(r"^cdc_test\.([0-9a-f]{8})[0-9a-f]{4}\.")
 _LSN_RE = re.compile(r"^([0-9A-F]{1,8})/([0-9A-F]{1,8})$")
+_SNAPSHOT_RE = re.compile(r"^\d+:\d+:(\d+(,\d+)*)?$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1509,6 +1510,70 @@ class Env(SqlAccess):
         assert info is not None, f"slot {self.slot} does not exist"
         return parse_lsn(info["confirmed_flush_lsn"])
 
+    def prove_checkpoint(self, timeout: float = 30.0, quiet: bool = True) -> str:
+        """Do once, now, what the relay's periodic checkpoint does; return the snapshot.
+
+        Snapshot first, then the WAL insert position (every transaction the snapshot sees
+        has its commit below it); once the slot's confirmed_flush_lsn has passed that
+        position, the snapshot is proven: every stream row below its xmin was confirmed.
+        ``quiet=False`` takes the snapshot at once, with whatever transactions are open.
+        """
+        # Wait until no transaction older than the outbox's newest row is open (other tests
+        # on the shared server may hold one), so the checkpoint covers every row so far.
+        newest = sql.SQL("SELECT coalesce(max(xmin::text::bigint), 0) FROM {}").format(
+            self.table_ident()
+        )
+        xmin = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+        if quiet:
+            wait_for(
+                lambda: self.sql(xmin)[0][0] > self.sql(newest)[0][0],
+                timeout,
+                "the transactions open on the server to end",
+            )
+        snapshot = str(self.sql("SELECT pg_current_snapshot()::text")[0][0])
+        lsn = parse_lsn(self.sql("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+        wait_for(
+            lambda: self.confirmed_flush_lsn() >= lsn,
+            timeout,
+            lambda: f"slot to confirm {format_lsn(lsn)}\n{self.relay_tails()}",
+        )
+        self.sql(
+            "UPDATE cdc.relay_checkpoint SET proven_snapshot = %s::pg_snapshot, proven_at = now()"
+            " WHERE slot_name = %s",
+            (snapshot, self.slot),
+        )
+        return snapshot
+
+    def create_seed_table(self) -> None:
+        """The outbox table exactly as ``cdc/sql/001_outbox_table.sql`` makes it."""
+        ddl = (REPO / "cdc" / "sql" / "001_outbox_table.sql").read_text()
+        self.sql(sql.SQL(ddl).format(table=self.table_ident()))  # type: ignore[arg-type]
+
+    def seed_poller_rows(self, pending: int, failed: int, published: int) -> dict[str, set[str]]:
+        """Rows as the seed's polling relay leaves them (statuses ``pending``, ``failed``
+        after 5 tries, ``published`` with ``published_at``), created an hour ago, in one
+        statement; returns their ids by status."""
+        self.sql(
+            sql.SQL(
+                "INSERT INTO {} (aggregate_type, aggregate_id, event_type, payload, status,"
+                " retry_count, published_at, created_at)"
+                " SELECT 'device', 'dev-' || g, 'device.started',"
+                " jsonb_build_object('seed', g, 'deviceId', 'dev-' || g),"
+                " CASE WHEN g <= %(p)s THEN 'pending' WHEN g <= %(p)s + %(f)s THEN 'failed'"
+                " ELSE 'published' END,"
+                " CASE WHEN g > %(p)s AND g <= %(p)s + %(f)s THEN 5 ELSE 0 END,"
+                " CASE WHEN g > %(p)s + %(f)s THEN now() - interval '50 minutes' END,"
+                " now() - interval '1 hour' + g * interval '1 ms'"
+                " FROM generate_series(1, %(n)s) g"
+            ).format(self.table_ident()),
+            {"p": pending, "f": failed, "n": pending + failed + published},
+        )
+        by_status: dict[str, set[str]] = {"pending": set(), "failed": set(), "published": set()}
+        query = sql.SQL("SELECT id::text, status FROM {}").format(self.table_ident())
+        for rid, status in self.sql(query):
+            by_status[status].add(rid)
+        return by_status
+
     def slot_active(self) -> bool:
         info = self.slot_info()
         return bool(info and info["active"])
@@ -1728,11 +1793,18 @@ class Env(SqlAccess):
             assert h.get("aggregate_id") in (None, ""), (where, h)
         else:
             assert h.get("aggregate_id") == row.aggregate_id, (where, h)
-        assert _LSN_RE.match(str(h.get("commit_lsn"))), (where, h)
-        commit_time = _iso(h.get("commit_time"))
-        assert commit_time.utcoffset() == dt.timedelta(0), (where, h["commit_time"])
-        now = dt.datetime.now(dt.UTC)
-        assert self.t0 - dt.timedelta(minutes=1) <= commit_time <= now + dt.timedelta(minutes=1)
+        if "x-cdc-source" in h:
+            # Read from a snapshot (backfill or recovery): no commit position, the snapshot.
+            assert h["x-cdc-source"] in ("backfill", "recovery"), (where, h)
+            assert _SNAPSHOT_RE.match(str(h.get("x-cdc-snapshot"))), (where, h)
+            assert "commit_lsn" not in h and "commit_time" not in h, (where, h)
+        else:
+            assert _LSN_RE.match(str(h.get("commit_lsn"))), (where, h)
+            commit_time = _iso(h.get("commit_time"))
+            assert commit_time.utcoffset() == dt.timedelta(0), (where, h["commit_time"])
+            now = dt.datetime.now(dt.UTC)
+            soon = now + dt.timedelta(minutes=1)
+            assert self.t0 - dt.timedelta(minutes=1) <= commit_time <= soon, where
         created_h = _iso(h.get("created_at"))
         if created_h.tzinfo is not None:
             assert created_h == row.created_at, (where, h["created_at"], row.created_at)
@@ -1771,6 +1843,17 @@ class Env(SqlAccess):
         for m in msgs:
             self.check_message(m, rows[m.message_id])  # type: ignore[index]
         return dups
+
+    def check_all_delivered(
+        self, quiet: float = 1.5, timeout: float = 60.0
+    ) -> tuple[dict[str, Row], int]:
+        """Every committed row reached the sink as the contract says (duplicates allowed);
+        returns the rows and the number of extra copies."""
+        rows = self.fetch_rows()
+        self.wait_sink_count(len(rows), timeout=timeout)
+        msgs = self.drain(len(rows), quiet=quiet, timeout=timeout)
+        dups = self.check_exactly_once(msgs, rows, allow_duplicates=True)
+        return rows, sum(n - 1 for n in dups.values())
 
     # -- teardown ---------------------------------------------------------------------------
 
@@ -2132,6 +2215,76 @@ def tcp_proxy() -> Iterator[Any]:
         proxy.stop()
 
 
+@pytest.fixture
+def pg_proxy() -> Iterator[Any]:
+    """A TCP proxy to PostgreSQL (127.0.0.1:<free port> -> 5432), stopped at test end.
+
+    ``pg_proxy.db_url(dbname)`` is a libpq URL through it."""
+    from tcp_proxy import TcpProxy
+
+    parts = urlsplit(ADMIN_URL)
+    proxy = TcpProxy(upstream_port=parts.port or 5432, upstream_host=parts.hostname or "127.0.0.1")
+    proxy.start()
+
+    def url(dbname: str) -> str:
+        user = parts.netloc.rpartition("@")[0] or "postgres"
+        netloc = f"{user}@{proxy.listen_host}:{proxy.port}"
+        return urlunsplit((parts.scheme, netloc, f"/{dbname}", parts.query, ""))
+
+    proxy.db_url = url  # type: ignore[attr-defined]
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def _need_rabbitmqctl(what: str) -> None:
+    if not SERVICES.has_rabbitmqctl():
+        pytest.fail(f"rabbitmqctl is needed for {what}")
+
+
+class MemoryAlarm:
+    """Raise RabbitMQ's memory alarm on the session's broker; always restored to the value read
+    before (``rabbitmqctl environment``)."""
+
+    _RE = re.compile(r"\{vm_memory_high_watermark,\s*(\{absolute,\s*([^}]+)\}|[0-9.eE+-]+)\}")
+
+    def __init__(self) -> None:
+        self.raised = False
+        _, out = SERVICES.rabbitmqctl("environment", timeout=60, check=True)
+        m = self._RE.search(out)
+        if m is None:
+            pytest.fail("cannot read vm_memory_high_watermark from `rabbitmqctl environment`")
+        absolute = m.group(2)
+        self.original = (
+            ["absolute", absolute.strip().strip('"')] if absolute else [m.group(1).strip()]
+        )
+
+    @staticmethod
+    def _set(*args: str) -> None:
+        SERVICES.rabbitmqctl("set_vm_memory_high_watermark", *args, timeout=60, check=True)
+
+    def raise_(self) -> None:
+        self.raised = True
+        self._set("0.0000001")
+
+    def restore(self) -> None:
+        self._set(*self.original)
+        self.raised = False
+
+
+@pytest.fixture
+def memory_alarm() -> Iterator[MemoryAlarm]:
+    """A :class:`MemoryAlarm`; the finalizer restores the watermark whatever happened."""
+    _need_rabbitmqctl("the memory alarm test")
+    alarm = MemoryAlarm()
+    try:
+        yield alarm
+    finally:
+        if alarm.raised:
+            alarm.restore()
+
+
 class RabbitApp:
     """``rabbitmqctl stop_app`` / ``start_app`` on the session's broker; always restored."""
 
@@ -2157,8 +2310,7 @@ class RabbitApp:
 @pytest.fixture
 def rabbit_app() -> Iterator[RabbitApp]:
     """Stops/starts the broker application; the finalizer starts it again whatever happened."""
-    if not SERVICES.has_rabbitmqctl():
-        pytest.fail("rabbitmqctl is needed for the broker outage test")
+    _need_rabbitmqctl("the broker outage test")
     app = RabbitApp()
     try:
         yield app

@@ -8,6 +8,9 @@ It runs its own asyncio loop in a daemon thread, so synchronous tests drive it d
   :meth:`TcpProxy.resume`;
 - :meth:`TcpProxy.hold` stops forwarding what the upstream sends (the client hears nothing,
   as behind a stalled network) until :meth:`TcpProxy.release`; the client's bytes still flow;
+- :meth:`TcpProxy.freeze` stops forwarding both ways on every *current* connection without
+  closing it (no FIN, no RST: a silently dead network path or a hung peer); connections
+  opened later flow normally. :meth:`TcpProxy.thaw` lets frozen ones flow again;
 - :meth:`TcpProxy.stop` ends everything; the ``tcp_proxy`` fixture calls it at test end, and
   the proxy is also a context manager.
 
@@ -53,6 +56,8 @@ class TcpProxy:
         self.cuts = 0
         self._mode: _PauseMode | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        # Per connection: set while it may forward (freeze clears it).
+        self._gates: dict[tuple[asyncio.StreamWriter, asyncio.StreamWriter], asyncio.Event] = {}
         self._stalled: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="proxy")
@@ -90,6 +95,14 @@ class TcpProxy:
         """Deliver what was held and forward again."""
         self._call(self._gate(True))
 
+    def freeze(self) -> int:
+        """Stop forwarding, both ways, on every current connection; returns how many."""
+        return self._call(self._freeze(True))
+
+    def thaw(self) -> int:
+        """Forward again on every frozen connection still open; returns how many."""
+        return self._call(self._freeze(False))
+
     @property
     def open_connections(self) -> int:
         return len(self._pairs)
@@ -125,9 +138,12 @@ class TcpProxy:
 
     async def _cut(self) -> int:
         pairs = list(self._pairs)
-        for client, upstream in pairs:
-            _abort(client)
-            _abort(upstream)
+        for pair in pairs:
+            for w in pair:
+                _abort(w)
+            gate = self._gates.get(pair)
+            if gate is not None:
+                gate.set()  # a frozen pipe must wake to see its connection gone
         self._pairs.clear()
         for client in list(self._stalled):
             _abort(client)
@@ -147,6 +163,12 @@ class TcpProxy:
     async def _gate(self, open_: bool) -> None:
         assert self._flowing is not None
         (self._flowing.set if open_ else self._flowing.clear)()
+
+    async def _freeze(self, frozen: bool) -> int:
+        gates = list(self._gates.values())
+        for gate in gates:
+            (gate.clear if frozen else gate.set)()
+        return len(gates)
 
     async def _stop(self) -> None:
         if self._server is not None:
@@ -177,25 +199,32 @@ class TcpProxy:
         self.upstream_connections += 1
         pair = (client, upstream)
         self._pairs.add(pair)
+        gate = self._gates[pair] = asyncio.Event()
+        gate.set()
         try:
             await asyncio.gather(
-                self._pipe(reader, upstream), self._pipe(up_reader, client, self._flowing)
+                self._pipe(reader, upstream, gate),
+                self._pipe(up_reader, client, self._flowing, gate),
             )
         finally:
             self._pairs.discard(pair)
+            self._gates.pop(pair, None)
             for w in pair:
                 if not w.transport.is_closing():
                     _abort(w)
 
     @staticmethod
     async def _pipe(
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        gate: asyncio.Event | None = None,
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *gates: asyncio.Event
     ) -> None:
         try:
-            while data := await reader.read(65536):
-                if gate is not None:
+            while True:
+                for gate in gates:  # a frozen pipe reads nothing: the peer's TCP window fills
+                    await gate.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                for gate in gates:
                     await gate.wait()
                 writer.write(data)
                 await writer.drain()

@@ -45,6 +45,11 @@ def test_exported_slot_splits_table_and_stream_exactly(env):
         assert env.parse_lsn(info["confirmed_flush_lsn"]) == created.consistent_lsn
         assert created.slot_name == env.slot
         assert created.snapshot_name
+        if int(env.sql("SHOW server_version_num")[0][0]) >= 170000:
+            # a failover slot, so standbys that synchronize slots keep a copy
+            assert env.sql(
+                "SELECT failover FROM pg_replication_slots WHERE slot_name = %s", (env.slot,)
+            ) == [(True,)]
         (sysid, timeline), = env.sql(
             "SELECT (SELECT system_identifier::text FROM pg_control_system()),"
             " (SELECT timeline_id FROM pg_control_checkpoint())"

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from cdc.lsn import parse_lsn
-from cdc.outbox import Layout, Malformed, OutboxEvent, route
+from cdc.outbox import Layout, Malformed, OutboxEvent, route, route_snapshot
 from cdc.pgoutput import BinaryValue, Column, Relation
 
 # Type OIDs as pg_type has them.
@@ -518,3 +518,51 @@ def test_created_at_in_other_zone_types():
     event = run(LEGACY, created_at="2026-12-02 18:35:57.1+05:45")
     assert event.timestamp.utcoffset() == timedelta(hours=5, minutes=45)
     assert event.timestamp.tzinfo == timezone(timedelta(hours=5, minutes=45))
+
+
+@LAYOUTS
+def test_snapshot_row_is_the_streamed_message_without_commit_headers(columns):
+    """Backfill/recovery messages: same body, properties and headers, source instead of commit."""
+    rel = relation(columns)
+    row = tuple_for(rel, {**ROW, "headers": '{"trace": "t-1"}'})
+    streamed = route(Layout.of(rel), row, commit_lsn=COMMIT_LSN, commit_time=COMMIT_TIME)
+    read = route_snapshot(Layout.of(rel), row, source="backfill", snapshot="750:760:752")
+    assert isinstance(streamed, OutboxEvent) and isinstance(read, OutboxEvent)
+    assert (read.message_id, read.routing_key, read.body, read.timestamp) == (
+        streamed.message_id, streamed.routing_key, streamed.body, streamed.timestamp,
+    )
+    expected = {k: v for k, v in streamed.headers.items() if k not in ("commit_lsn", "commit_time")}
+    expected.update({"x-cdc-source": "backfill", "x-cdc-snapshot": "750:760:752"})
+    assert read.headers == expected
+
+
+def test_snapshot_headers_win_over_the_rows_and_malformed_rows_stay_malformed():
+    rel = relation(WITH_HEADERS)
+    row = {**ROW, "headers": '{"x-cdc-source": "forged"}'}
+    event = route_snapshot(
+        Layout.of(rel), tuple_for(rel, row), source="recovery", snapshot="1:1:"
+    )
+    assert isinstance(event, OutboxEvent)
+    assert event.headers["x-cdc-source"] == "recovery"
+    empty_type = tuple_for(rel, {**ROW, "event_type": ""})
+    bad = route_snapshot(Layout.of(rel), empty_type, source="backfill", snapshot="1:1:")
+    assert isinstance(bad, Malformed) and bad.reason == "event_type is NULL or empty"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"k" * 129: 1}, {"ok": {"n" * 129: 1}}, {"ok": [{"é" * 65: 1}]}],
+    ids=["top-level", "nested-table", "in-array-multibyte"],
+)
+def test_header_keys_over_the_field_name_limit_are_malformed_not_cut(headers):
+    """AMQP field names hold 128 bytes (pamqp cuts longer ones): park, never cut silently."""
+    result = run(WITH_HEADERS, headers=json.dumps(headers))
+    assert isinstance(result, Malformed), result
+    assert "field-name limit of 128 bytes" in result.reason, result.reason
+
+
+def test_header_key_of_exactly_128_bytes_is_kept_whole():
+    key = "é" * 64  # 128 bytes
+    event = run(WITH_HEADERS, headers=json.dumps({key: "v"}))
+    assert isinstance(event, OutboxEvent)
+    assert event.headers[key] == "v"

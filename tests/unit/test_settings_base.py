@@ -36,7 +36,7 @@ def test_amqp_url_parts_and_defaults():
     assert (url.user, url.password, url.heartbeat, url.cafile) == ("u", "p@ss", 15, "/ca.pem")
     plain = parse_amqp_url("amqp://broker")
     assert (plain.port, plain.vhost, plain.user, plain.password) == (5672, "/", "guest", "guest")
-    assert plain.heartbeat == 60 and plain.cafile is None
+    assert plain.heartbeat == 10 and plain.cafile is None
     assert parse_amqp_url("amqps://broker/").port == 5671
 
 
