@@ -61,7 +61,8 @@ step() {  # NAME ARGS...: run pytest, remember its time and the first failure
 # monitoring ones): what depends on the server version (pgoutput, slots, LSNs, setup).
 RELAY_TESTS=(tests/integration/test_{round_trip,payloads,row_headers,schema_change,idle_outbox}.py
   tests/integration/test_{parking,concurrent_writers,cli,seed_table,slot_create,slot_loss}.py
-  tests/fault/test_{crash,standby,broker_outage}.py)
+  tests/integration/test_{checkpoint,recovery}.py
+  tests/fault/test_{crash,standby,broker_outage,snapshot_interrupted}.py)
 if [ "$only" = all ]; then
   step "suite, ${CDC_TEST_PG_IMAGE:-postgres:15}" tests --ignore=tests/containers
   pg18=${CDC_TEST_PG18_IMAGE:-postgres:18}
