@@ -146,6 +146,7 @@ stop_service() {
   if [ -n "$(podman ps -q --filter label=outbox-cdc.test)" ]; then
     log "another test run still has containers: leaving the API service running"; return 0
   fi
+  podman image prune -f >/dev/null 2>&1 || true  # the project image's earlier builds
   pid=$(cat "$pidfile")
   if kill -0 "$pid" 2>/dev/null; then log "stopping podman system service (pid $pid)"; kill -TERM "$pid"; fi
   rm -f "$pidfile"
