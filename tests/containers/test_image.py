@@ -13,6 +13,7 @@ session by scripts/build-image.sh; the containers share the host's network.
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 import services
-from conftest import SERVICES, free_port, wait_for
+from conftest import REPO, SERVICES, free_port, wait_for
 from psycopg import sql
 
 from consumers.notifications.store import schema_ddl
@@ -73,6 +74,30 @@ def test_image_runs_as_non_root_with_a_healthcheck(image, run):
     assert config["User"] == "10001"
     assert config["Healthcheck"]["Test"] == ["CMD", *HEALTHCHECK]
     assert container.client.api.inspect_image(image)["Config"]["Cmd"] == ["cdc", "relay"]
+
+
+def _locked_versions() -> dict[str, str]:
+    """``name: version`` of deploy/requirements.lock for Linux (not the win32-only pins; not
+    the build backend, which the image uninstalls)."""
+    pins = {}
+    for line in (REPO / "deploy" / "requirements.lock").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==([^ ;\\]+)(.*)$", line)
+        if m and "win32'" not in m.group(3).replace("!= 'win32'", ""):
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    pins.pop("setuptools", None)
+    return pins
+
+
+def test_image_installs_exactly_the_locked_versions(image, run):
+    listing = (
+        "import importlib.metadata as m, json; print(json.dumps("
+        "{d.metadata['Name'].lower().replace('_', '-'): d.version for d in m.distributions()}))"
+    )
+    container = run(image, ["python", "-c", listing], {})
+    assert container.wait(timeout=60)["StatusCode"] == 0, _logs(container)
+    installed = json.loads(container.logs(stderr=False))
+    assert installed.pop("outbox-cdc") == "0.1.0"
+    assert installed == _locked_versions()
 
 
 def test_relay_image_sets_up_relays_and_stops_cleanly(env, image, run):
