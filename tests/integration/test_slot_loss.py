@@ -245,7 +245,9 @@ def test_slot_invalidated_while_down_exits_5(private_env):
 )
 def test_another_system_or_timeline_than_the_checkpoint_is_a_lost_slot(env, column, value, reason):
     """What a restore or a promotion looks like to the relay (the row is edited to match):
-    IDENTIFY_SYSTEM disagrees with the checkpoint; the slot here is no failover slot."""
+    IDENTIFY_SYSTEM disagrees with the checkpoint. Before PostgreSQL 17 the slot is no
+    failover slot, so a new timeline means it is lost; from 17 on the relay creates failover
+    slots, which follow a promotion: the relay streams and records the new timeline."""
     _streamed_then_stopped(env, "identity.before")
     env.sql(
         sql.SQL("UPDATE cdc.relay_checkpoint SET {} = %s WHERE slot_name = %s").format(
@@ -253,6 +255,17 @@ def test_another_system_or_timeline_than_the_checkpoint_is_a_lost_slot(env, colu
         ),
         (value, env.slot),
     )
+    if column == "timeline" and int(env.sql("SHOW server_version_num")[0][0]) >= 170000:
+        relay = env.relay()
+        relay.wait_streaming()
+        query = "SELECT timeline FROM cdc.relay_checkpoint WHERE slot_name = %s"
+        env.wait_for(
+            lambda: env.sql(query, (env.slot,))[0][0] != value,
+            30,
+            lambda: f"the relay to record the slot's new timeline\n{relay.tail()}",
+        )
+        assert relay.sigterm() == 0, relay.tail()
+        return
     res = env.cdc("relay", timeout=60)
     assert res.returncode == EXIT_SLOT_LOST, res.stderr[-2000:]
     _assert_lost(env, res.stdout + res.stderr, reason)
