@@ -20,6 +20,24 @@ LOST = "lost"
 RECOVERING = "recovering"
 
 
+def normalize_snapshot(text: str) -> str:
+    """Return ``pg_snapshot`` text that ``pg_snapshot``'s input accepts, same visibility.
+
+    The snapshot a logical slot exports can have ``xmin`` above ``xmax`` (its builder takes
+    xmin from the oldest running xid and xmax from the latest completed one), and
+    ``pg_current_snapshot()`` prints it so, but the type refuses to read it back. Every xid
+    below xmin counts as finished either way and no xid can sit between them in the xip
+    list, so raising xmax to xmin changes nothing that the snapshot says.
+    """
+    parts = text.split(":")
+    if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+        raise ValueError(f"not a pg_snapshot: {text!r}")
+    xmin, xmax = int(parts[0]), int(parts[1])
+    if xmin <= xmax:
+        return text
+    return f"{xmin}:{xmin}:{parts[2]}"
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """One row of ``cdc.relay_checkpoint``; LSNs as integers, snapshots as their text."""

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from cdc.checkpoint import LOST, READY, Checkpoint, plan_write
+from cdc.checkpoint import LOST, READY, Checkpoint, normalize_snapshot, plan_write
 from cdc.errors import SetupError
 from cdc.lsn import format_lsn, parse_lsn
 
@@ -76,7 +76,7 @@ def insert(conn: Conn, cp: Checkpoint) -> bool:
 def current_snapshot(conn: Conn) -> str:
     """``pg_current_snapshot()`` as text, read now on ``conn``."""
     row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
-    return str(row[0]) if row else ""
+    return normalize_snapshot(str(row[0])) if row else ""
 
 
 def mark_lost(conn: Conn, slot_name: str, reason: str) -> None:

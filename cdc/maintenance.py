@@ -41,6 +41,9 @@ async def run(settings: RelaySettings, metrics: Metrics) -> None:
     older_than = settings.prune_after
     next_prune = time.monotonic() + settings.prune_interval
     while True:
+        # Sleep first: a relay refused at start (bad password, no database) exits at once,
+        # and its one error line must not be preceded by this task's own complaint.
+        await asyncio.sleep(min(settings.status_interval, settings.prune_interval))
         try:
             await asyncio.to_thread(refresh_backfill, settings, metrics)
             if older_than is not None and time.monotonic() >= next_prune:
@@ -51,4 +54,3 @@ async def run(settings: RelaySettings, metrics: Metrics) -> None:
         except (CdcError, OSError, psycopg.Error) as exc:
             # The relay streams on; a database hiccup here is retried next time.
             log.warning("background upkeep failed (tried again later): %s", exc)
-        await asyncio.sleep(min(settings.status_interval, settings.prune_interval))

@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
+from cdc.checkpoint import normalize_snapshot
 from cdc.config import RelaySettings
 from cdc.errors import SourceError
 from cdc.lsn import parse_lsn
@@ -130,7 +131,7 @@ def exported_slot(
                 slot_name=settings.slot_name,
                 consistent_lsn=consistent,
                 snapshot_name=snapshot_name,
-                base_snapshot=str(row[0]) if row else "",
+                base_snapshot=normalize_snapshot(str(row[0])) if row else "",
                 system_identifier=identity.system_identifier,
                 timeline=identity.timeline,
             )

@@ -24,6 +24,7 @@ from cdc.checkpoint import (
     Verdict,
     assess,
     invalidation,
+    normalize_snapshot,
     plan_write,
 )
 
@@ -198,3 +199,20 @@ def test_promoted_snapshots_are_always_covered_by_the_flushed_lsn(steps):
     if held is not None and flushed == wal:
         # caught up at the last tick: the candidate held before it was promoted
         assert promoted and promoted[-1] == held
+
+
+@pytest.mark.parametrize(
+    ("printed", "readable"),
+    [
+        ("509750:509748:", "509750:509750:"),  # a slot's exported snapshot, as printed
+        ("100:105:101,103", "100:105:101,103"),
+        ("7:7:", "7:7:"),
+    ],
+)
+def test_normalize_snapshot_keeps_visibility_and_is_readable(printed: str, readable: str) -> None:
+    assert normalize_snapshot(printed) == readable
+
+
+def test_normalize_snapshot_refuses_what_is_not_a_snapshot() -> None:
+    with pytest.raises(ValueError):
+        normalize_snapshot("not:a")
