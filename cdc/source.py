@@ -84,7 +84,7 @@ class ReplicationStream:
         """Connect with ``replication=database`` and issue START_REPLICATION at the slot."""
         try:
             conn = await psycopg.AsyncConnection.connect(
-                with_keepalives(settings.database_url.get_secret_value()),
+                with_keepalives(settings.dsn()),
                 replication="database",
                 autocommit=True,
                 options=_SESSION_OPTIONS,

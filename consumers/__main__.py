@@ -1,7 +1,7 @@
-"""``python -m consumers``: see :mod:`consumers.cli`."""
+"""``python -m consumers`` is the ``cdc-worker`` console script."""
 
 import sys
 
 from consumers.cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m consumers"))

@@ -67,7 +67,7 @@ async def _outbox(
 
 async def check(settings: ConsumerSettings, spec: WorkerSpec) -> list[Finding]:
     """Every requirement of the worker, checked as its configured roles (nothing changes)."""
-    conn = await open_database(settings.database_url.get_secret_value(), prepare_threshold=None)
+    conn = await open_database(settings.dsn(), prepare_threshold=None)
     try:
         cur = await conn.execute("SELECT current_user")
         row = await cur.fetchone()
@@ -77,7 +77,7 @@ async def check(settings: ConsumerSettings, spec: WorkerSpec) -> list[Finding]:
         found += await _outbox(conn, role, settings, spec)
     finally:
         await conn.close()
-    broker = await open_broker(settings.amqp_url.get_secret_value())
+    broker = await open_broker(settings.broker_url())
     await broker.close()
     found.append(Finding(True, "broker login and vhost"))
     return found

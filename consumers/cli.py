@@ -1,11 +1,9 @@
-"""Command line: ``python -m consumers <worker> [flags]`` and ``python -m consumers dlq ...``.
+"""Command line of the workers: ``cdc-worker WORKER [flags]`` (or ``python -m consumers``)
+and ``cdc-worker dlq ...``.
 
-``<worker>`` is ``billing``, ``notifications`` or a dotted module path (see ``loader``). The
+``WORKER`` is ``billing``, ``notifications`` or a dotted module path (see ``loader``). The
 settings model is the worker's ``SETTINGS``; every field is a ``--flag`` overriding its
-``CDC_*`` variable. Exit codes: 0 stopped by SIGTERM/SIGINT after draining, 1 unexpected
-error, 2 configuration or usage error, 3 a server refuses the configuration (login,
-database, vhost, privilege, TLS certificate: ``cdc/refusals.py``), 4 the shutdown drain
-timed out (what was not acked is redelivered to another replica or on the next start).
+``CDC_*`` variable (``DESCRIPTION`` below is what ``--help`` prints).
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from cdc.cli_flags import add_setting_flags, add_version, settings_flags
 from cdc.errors import ConfigError as SettingsProblem
 from cdc.logs import configure
 from cdc.settings_base import load
@@ -36,36 +35,65 @@ EXIT_DRAIN_TIMEOUT = 4
 
 S = TypeVar("S", bound=ConsumerSettings)
 
+DB, AMQP = "database_url", "amqp_url"
 
-def add_setting_flags(parser: argparse.ArgumentParser, model: type[ConsumerSettings]) -> None:
-    """One ``--name`` flag per settings field (``CDC_NAME`` is the variable it overrides).
+DESCRIPTION = """\
+Run a consumer worker: it takes events from its queues, runs each handler in a
+PostgreSQL transaction with an inbox against duplicates, retries and parks
+what fails. Start several processes of one worker to share the work.
 
-    The runtime's ``worker_*`` fields also answer to the short form (``--prefetch``).
-    """
-    fields = model.model_fields
-    for field, info in fields.items():
-        flags = [f"--{field.replace('_', '-')}"]
-        short = field.removeprefix("worker_")
-        if short != field and short not in fields:
-            flags.append(f"--{short.replace('_', '-')}")  # --prefetch for --worker-prefetch
-        parser.add_argument(
-            *flags,
-            dest=field,
-            default=None,
-            help=f"{info.description} (env CDC_{field.upper()})",
-        )
+Every setting is a CDC_* environment variable that its flag overrides.
+Exit codes: 0 stopped by SIGTERM/SIGINT after draining, 1 unexpected error,
+2 invalid configuration or usage, 3 a server refuses the configuration (login,
+database, vhost, privilege, TLS certificate), 4 the shutdown drain timed out
+(what was not acked is redelivered).
+"""
 
 
-def build_settings(model: type[S], args: argparse.Namespace) -> S:
+def add_worker_flags(
+    parser: argparse.ArgumentParser | Any,
+    model: type[ConsumerSettings],
+    fields: Sequence[str] | None = None,
+    required: Sequence[str] = (DB, AMQP),
+) -> None:
+    """One ``--name`` flag per settings field (``CDC_NAME`` is the variable it overrides);
+    the runtime's ``worker_*`` fields also answer to the short form (``--prefetch``)."""
+    add_setting_flags(parser, model, fields, required, short_prefix="worker_")
+
+
+def build_settings(
+    model: type[S], args: argparse.Namespace, needs: Sequence[str] = (DB, AMQP), user: str = ""
+) -> S:
     """The settings from the environment, with the flags that were given overriding.
 
     Raises ``cdc.errors.ConfigError`` (one line) for anything invalid, a secret in a flag
-    included.
+    or a needed URL that is not set included.
     """
-    return load(model, {k: getattr(args, k, None) for k in model.model_fields})
+    return load(model, settings_flags(args, model), needs=needs, user=user)
 
 
-def _run_worker(argv: Sequence[str]) -> int:
+def _top_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=f"{prog} WORKER [flags]\n       {prog} dlq {{list,show,replay,purge}} ...",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_version(parser)
+    parser.add_argument(
+        "worker",
+        metavar="WORKER",
+        help="billing, notifications, or the dotted path of a module that exposes SETTINGS "
+        "and build(settings); `dlq` manages the parking queues (`dlq --help`)",
+    )
+    flags = parser.add_argument_group(
+        f"flags of every worker (a worker may add its own: {prog} WORKER --help)"
+    )
+    add_worker_flags(flags, ConsumerSettings)
+    return parser
+
+
+def _run_worker(argv: Sequence[str], prog: str) -> int:
     from consumers.loader import build_spec, load
 
     name = argv[0]
@@ -75,18 +103,21 @@ def _run_worker(argv: Sequence[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     parser = argparse.ArgumentParser(
-        prog=f"python -m consumers {name}", description=f"run the {name} worker"
+        prog=f"{prog} {name}",
+        description=f"Run the {name} worker ({worker.module}) until SIGTERM/SIGINT. "
+        "Every flag overrides its CDC_* variable.",
     )
-    add_setting_flags(parser, worker.settings)
+    add_version(parser)
     parser.add_argument(
         "--check",
         action="store_true",
         help="change nothing: check the worker's database role and broker login "
         "(exit 0, or 3 listing what is missing)",
     )
+    add_worker_flags(parser.add_argument_group("settings"), worker.settings)
     args = parser.parse_args(argv[1:])
     try:
-        settings = build_settings(worker.settings, args)
+        settings = build_settings(worker.settings, args, user=f"worker {name}")
     except SettingsProblem as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
@@ -170,22 +201,24 @@ async def _serve(settings: ConsumerSettings, spec: Any) -> int:
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m consumers``; returns the exit code."""
+def main(argv: Sequence[str] | None = None, prog: str = "cdc-worker") -> int:
+    """Entry point of ``cdc-worker`` and ``python -m consumers``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(
-            "usage: python -m consumers {billing,notifications,<module.path>} [--flags]\n"
-            "       python -m consumers dlq {list,show,replay,purge} ...\n\n" + (__doc__ or ""),
-            file=sys.stderr if not argv else sys.stdout,
-        )
-        return EXIT_USAGE if not argv else EXIT_OK
+    if not argv or argv[0].startswith("-"):
+        parser = _top_parser(prog)
+        if not argv:
+            parser.print_usage(sys.stderr)
+            print(f"{prog}: error: name a WORKER (or dlq); see {prog} --help", file=sys.stderr)
+            return EXIT_USAGE
+        if argv[0] in ("-h", "--help", "--version"):
+            parser.parse_args(argv[:1])  # prints and exits 0
+        parser.error(f"name a WORKER before the flags: {prog} WORKER {' '.join(argv)}")
     try:
         if argv[0] == "dlq":
             from consumers.dlq import main as dlq_main
 
-            return dlq_main(argv[1:])
-        return _run_worker(argv)
+            return dlq_main(argv[1:], f"{prog} dlq")
+        return _run_worker(argv, prog)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_USAGE

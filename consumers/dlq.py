@@ -1,4 +1,5 @@
-"""Dead-letter operations: ``python -m consumers dlq list|show|replay|purge``.
+"""Dead-letter operations: ``cdc-worker dlq list|show|replay|purge`` (``DESCRIPTION`` is
+what ``--help`` prints).
 
 - ``list [--worker W ...]``: the parking queue of each worker (default: the built-in ones
   that are installed) with its message count;
@@ -27,14 +28,16 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic_settings import SettingsError
 
+from cdc.cli_flags import add_version
 from cdc.errors import ConfigError as SettingsProblem
 from cdc.logs import redact
 from consumers.cli import (
+    AMQP,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
-    add_setting_flags,
+    add_worker_flags,
     build_settings,
 )
 from consumers.config import ConsumerSettings
@@ -47,23 +50,48 @@ from consumers.runtime.republish import copy_properties, publish_confirmed
 PARKED_SUFFIX = ".parked"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m consumers dlq", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("list", help="parking queues and their message counts")
-    ls.add_argument("--worker", action="append", default=None, help="worker name or module")
-    show = sub.add_parser("show", help="print parked messages without removing them")
-    show.add_argument("queue")
+DESCRIPTION = """\
+Look at, replay or purge the messages workers parked after their last attempt.
+Only queues named *.parked are accepted; only CDC_AMQP_URL is needed.
+Exit codes: 0 done, 1 unexpected error or the broker not reachable, 2 usage
+error or no such queue, 3 the broker refuses the configuration.
+"""
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_version(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str, fields: tuple[str, ...]) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=text, description=text)
+        add_version(cmd)
+        add_worker_flags(cmd.add_argument_group("settings"), ConsumerSettings, fields, (AMQP,))
+        return cmd
+
+    ls = command(
+        "list", "parking queues and their message counts", (AMQP, "worker_queue_prefix")
+    )
+    ls.add_argument(
+        "--worker", action="append", default=None, help="worker name or module (repeatable; "
+        "default: the built-in workers that are installed)"
+    )
+    show = command("show", "print parked messages (JSON lines) without removing them", (AMQP,))
+    show.add_argument("queue", metavar="QUEUE")
     show.add_argument("-n", type=int, default=10, help="how many (default 10)")
-    replay = sub.add_parser("replay", help="send parked messages back to their origin queue")
-    replay.add_argument("queue")
+    replay = command(
+        "replay",
+        "send parked messages back to their origin queue (confirmed, then removed here)",
+        (AMQP, "worker_confirm_timeout"),
+    )
+    replay.add_argument("queue", metavar="QUEUE")
     replay.add_argument("--id", dest="message_id", default=None, help="only this message_id")
     replay.add_argument("--all", action="store_true", help="every parked message")
-    purge = sub.add_parser("purge", help="delete every parked message")
-    purge.add_argument("queue")
+    purge = command("purge", "delete every parked message", (AMQP,))
+    purge.add_argument("queue", metavar="QUEUE")
     purge.add_argument("--yes", action="store_true", help="confirm the deletion")
-    for cmd in (ls, show, replay, purge):
-        add_setting_flags(cmd, ConsumerSettings)
     return parser
 
 
@@ -104,7 +132,7 @@ async def _queue_count(channel: AbstractChannel, queue: str) -> int | None:
 
 
 async def _with_channel(settings: ConsumerSettings, fn: Any) -> int:
-    connection = await open_broker(settings.amqp_url.get_secret_value(), timeout=10)
+    connection = await open_broker(settings.broker_url(), timeout=10)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return int(await fn(connection, channel))
@@ -217,11 +245,11 @@ async def _exists(connection: AbstractConnection, queue: str) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], prog: str = "cdc-worker dlq") -> int:
     """Run one DLQ command; returns the exit code."""
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     try:
-        settings = build_settings(ConsumerSettings, args)
+        settings = build_settings(ConsumerSettings, args, (AMQP,), f"`dlq {args.command}`")
     except SettingsProblem as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE

@@ -14,9 +14,10 @@ name with the session tag, and is removed in teardown even when the test fails:
   run ``python -m cdc``, start :class:`Relay` subprocesses, insert rows, drain the sink;
 - ``tcp_proxy`` (function): a :class:`tcp_proxy.TcpProxy` to the broker, stopped at test end.
 
-Services default to 127.0.0.1 (PostgreSQL 5432 as ``postgres``, RabbitMQ 5672 guest/guest);
-override with ``CDC_TEST_PG_URL`` (an admin URL to the ``postgres`` database) and
-``CDC_TEST_AMQP_URL``. ``pg_clusters`` starts throwaway servers of its own (PostgreSQL 15, or
+The servers come from :mod:`services`: containers started for the session when a Docker API
+answers, else (or with ``CDC_TEST_SERVICES=local``) the local ones on 127.0.0.1, or
+``CDC_TEST_PG_URL`` (an admin URL to the ``postgres`` database) and ``CDC_TEST_AMQP_URL``.
+``pg_clusters`` starts throwaway servers of its own (PostgreSQL 15, or
 ``CDC_TEST_PG_VERSION``), with a physical standby when asked.
 """
 
@@ -56,13 +57,29 @@ import aiormq
 import pgcluster
 import psycopg
 import pytest
+import services
 import yaml
 from psycopg import sql
 from psycopg.rows import dict_row
 
 REPO = Path(__file__).resolve().parent.parent
-ADMIN_URL = os.environ.get("CDC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-AMQP_URL = os.environ.get("CDC_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# --- test services (tests/services.py): containers per session, or the local servers -------
+SERVICES = services.choose()
+ADMIN_URL = SERVICES.admin_url
+AMQP_URL = SERVICES.amqp_url
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(SERVICES.describe())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    SERVICES.close()
+
+
+# --------------------------------------------------------------------------------------------
 #: Session tag: 8 hex digits of the start time (for the stale sweep) + 4 random ones.
 SESSION = f"{int(time.time()):08x}{secrets.token_hex(2)}"
 STALE_AFTER_S = 6 * 3600
@@ -124,15 +141,26 @@ def with_overrides(env: dict[str, str], overrides: dict[str, Any]) -> dict[str, 
     return env
 
 
-def db_url(dbname: str, password: str | None = None) -> str:
-    """The admin URL pointed at ``dbname`` (optionally with a password put in)."""
-    parts = urlsplit(ADMIN_URL)
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0] or "postgres"
-        netloc = f"{user}:{password}@{hostport}"
+def _with_login(url: str, user: str | None, password: str | None) -> tuple[Any, str]:
+    parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    old_user, _, old_password = userinfo.partition(":")
+    user = user if user is not None else old_user
+    password = password if password is not None else old_password
+    return parts, f"{user}:{password}@{hostport}" if password else f"{user}@{hostport}"
+
+
+def db_url(dbname: str, password: str | None = None, user: str | None = None) -> str:
+    """The admin URL pointed at ``dbname`` (optionally as another user, with a password)."""
+    parts, netloc = _with_login(ADMIN_URL, user or urlsplit(ADMIN_URL).username or "postgres",
+                                password)  # fmt: skip
     return urlunsplit((parts.scheme, netloc, f"/{dbname}", parts.query, parts.fragment))
+
+
+def broker_url(password: str | None = None, vhost: str = "/", scheme: str = "amqp") -> str:
+    """The session's broker URL with another password, vhost or scheme (same host and port)."""
+    _, netloc = _with_login(AMQP_URL, None, password)
+    return urlunsplit((scheme, netloc, vhost if vhost == "/" else f"/{vhost}", "", ""))
 
 
 def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -491,32 +519,24 @@ def wait_amqp_ready(url: str = AMQP_URL, timeout: float = 90.0) -> None:
 
 
 def _rabbitmqctl_names(kind: str) -> list[str]:
-    if shutil.which("rabbitmqctl") is None:
+    if not SERVICES.has_rabbitmqctl():
         return []
     try:
-        out = subprocess.run(
-            ["rabbitmqctl", kind, "--quiet", "--no-table-headers", "name"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        ).stdout
+        code, out = SERVICES.rabbitmqctl(kind, "--quiet", "--no-table-headers", "name", timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    return [line.strip() for line in out.splitlines() if line.strip()] if code == 0 else []
 
 
 def unacked_messages(queues: Iterable[str]) -> int:
     """Messages of ``queues`` delivered and not yet acked, as the broker counts them
     (``rabbitmqctl list_queues``; the AMQP passive declare only reports ready ones)."""
-    out = subprocess.run(
-        ["rabbitmqctl", "list_queues", "--quiet", "--no-table-headers",
-         "name", "messages_unacknowledged"],
-        capture_output=True,
-        text=True,
+    code, out = SERVICES.rabbitmqctl(
+        "list_queues", "--quiet", "--no-table-headers", "name", "messages_unacknowledged",
         timeout=60,
-        check=True,
-    ).stdout
+    )
+    if code != 0:
+        raise RuntimeError(f"rabbitmqctl list_queues exited {code}: {out}")
     wanted = set(queues)
     total = 0
     for line in out.splitlines():
@@ -851,13 +871,13 @@ class Domain:
             out[key if key.startswith("CDC_") else f"CDC_{key.upper()}"] = str(value)
         return out
 
-    def start(self, worker: str, **overrides: Any) -> Relay:
-        """``python -m consumers <worker>`` started and consuming (killed at teardown)."""
+    def register(self, worker: str, variables: dict[str, str]) -> None:
+        """Note the queues and exchanges ``worker`` declares with ``variables``, so that
+        ``cleanup()`` deletes them (also for a worker run elsewhere, e.g. in a container)."""
         from consumers.config import ConsumerSettings
         from consumers.loader import build_spec, load
         from consumers.runtime.runner import names_for
 
-        variables = self.worker_env(worker_metrics_port=free_port(), **overrides)
         module = load(worker)
         # Only the runtime's fields decide the names (the worker's own keep their defaults).
         base = {k[4:].lower(): v for k, v in variables.items() if k.startswith("CDC_")}
@@ -865,6 +885,11 @@ class Domain:
             **{k: v for k, v in base.items() if k in ConsumerSettings.model_fields}
         )
         self._names.append(names_for(settings, build_spec(module, settings)))
+
+    def start(self, worker: str, **overrides: Any) -> Relay:
+        """``python -m consumers <worker>`` started and consuming (killed at teardown)."""
+        variables = self.worker_env(worker_metrics_port=free_port(), **overrides)
+        self.register(worker, variables)
         n = len(self.workers)
         proc = Relay(
             variables,
@@ -2057,12 +2082,12 @@ def worker_role(env: Env, pg_schema: str) -> Iterator[str]:
 def amqp_user_without_configure(env: Env) -> Iterator[str]:
     """A broker user ``cdc_test.<S>.<t>`` that may write and read on ``/`` but declare
     nothing (configure ``^$``); its URL. Deleted at teardown."""
-    if shutil.which("rabbitmqctl") is None:
+    if not SERVICES.has_rabbitmqctl():
         pytest.fail("rabbitmqctl is needed to create a broker user")
     user, password = f"cdc_test.{SESSION}.{env.tag}", secrets.token_hex(8)
 
     def ctl(*args: str) -> None:
-        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+        SERVICES.rabbitmqctl(*args, timeout=60, check=True)
 
     ctl("add_user", user, password)
     try:
@@ -2203,21 +2228,19 @@ def pg_proxy() -> Iterator[Any]:
 
 
 def _need_rabbitmqctl(what: str) -> None:
-    if shutil.which("rabbitmqctl") is None:
+    if not SERVICES.has_rabbitmqctl():
         pytest.fail(f"rabbitmqctl is needed for {what}")
 
 
 class MemoryAlarm:
-    """Raise RabbitMQ's memory alarm on the shared broker; always restored to the value read
+    """Raise RabbitMQ's memory alarm on the session's broker; always restored to the value read
     before (``rabbitmqctl environment``)."""
 
     _RE = re.compile(r"\{vm_memory_high_watermark,\s*(\{absolute,\s*([^}]+)\}|[0-9.eE+-]+)\}")
 
     def __init__(self) -> None:
         self.raised = False
-        out = subprocess.run(
-            ["rabbitmqctl", "environment"], check=True, capture_output=True, text=True, timeout=60
-        ).stdout
+        _, out = SERVICES.rabbitmqctl("environment", timeout=60, check=True)
         m = self._RE.search(out)
         if m is None:
             pytest.fail("cannot read vm_memory_high_watermark from `rabbitmqctl environment`")
@@ -2228,10 +2251,7 @@ class MemoryAlarm:
 
     @staticmethod
     def _set(*args: str) -> None:
-        subprocess.run(
-            ["rabbitmqctl", "set_vm_memory_high_watermark", *args],
-            check=True, capture_output=True, timeout=60,
-        )
+        SERVICES.rabbitmqctl("set_vm_memory_high_watermark", *args, timeout=60, check=True)
 
     def raise_(self) -> None:
         self.raised = True
@@ -2255,14 +2275,16 @@ def memory_alarm() -> Iterator[MemoryAlarm]:
 
 
 class RabbitApp:
-    """``rabbitmqctl stop_app`` / ``start_app`` on the shared broker; always restored."""
+    """``rabbitmqctl stop_app`` / ``start_app`` on the session's broker; always restored."""
 
     def __init__(self) -> None:
         self.stopped = False
 
     @staticmethod
     def _ctl(*args: str) -> None:
-        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+        code, out = SERVICES.rabbitmqctl(*args, timeout=120)
+        if code != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} exited {code}: {out}")
 
     def stop(self) -> None:
         self.stopped = True
@@ -2681,9 +2703,6 @@ def ledger(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Ledge
 # --------------------------------------------------------------------------------------------
 # live monitoring: a RabbitMQ vhost of our own, Prometheus and postgres_exporter processes
 
-RABBIT_METRICS_PORT = 15692
-
-
 def tool(name: str) -> str | None:
     """An executable on PATH or in the venv (``make install`` unpacks Debian's Prometheus
     tools there: scripts/fetch-prometheus.sh)."""
@@ -2701,24 +2720,19 @@ def _http_ok(url: str) -> bool:
 def ensure_rabbitmq_prometheus() -> str:
     """The shared broker's per-object metrics URL. Enables the ``rabbitmq_prometheus`` plugin
     if it is not enabled yet, and leaves it enabled (it only adds a metrics listener)."""
-    url = f"http://127.0.0.1:{RABBIT_METRICS_PORT}/metrics/per-object"
+    url = SERVICES.rabbit_metrics_url
     if not _http_ok(url):
-        listed = subprocess.run(
-            ["rabbitmq-plugins", "list", "-e", "-m"], capture_output=True, text=True, timeout=120
-        )
-        if "rabbitmq_prometheus" not in listed.stdout.split():
-            subprocess.run(
-                ["rabbitmq-plugins", "enable", "rabbitmq_prometheus"],
-                capture_output=True,
-                timeout=180,
-                check=True,
+        _, listed = SERVICES.broker_tool("rabbitmq-plugins", "list", "-e", "-m")
+        if "rabbitmq_prometheus" not in listed.split():
+            SERVICES.broker_tool(
+                "rabbitmq-plugins", "enable", "rabbitmq_prometheus", timeout=180, check=True
             )
         wait_for(lambda: _http_ok(url), 90, lambda: f"{url} to answer", interval=1)
     return url
 
 
 def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=120, check=True)
+    SERVICES.rabbitmqctl(*args, timeout=120, check=True)
 
 
 @pytest.fixture
@@ -2726,7 +2740,7 @@ def rabbit_vhost() -> Iterator[tuple[str, str]]:
     """``(name, AMQP URL)`` of a fresh vhost (guest has every permission), deleted with all
     its queues and exchanges at the end. Lets a test use the real queue names
     (``billing-service.device-started``...) without touching anyone else's."""
-    if shutil.which("rabbitmqctl") is None:
+    if not SERVICES.has_rabbitmqctl():
         pytest.skip("rabbitmqctl is not on PATH: cannot create a vhost")
     for stale in _rabbitmqctl_names("list_vhosts"):
         if _is_ours_or_stale(stale, "\0", _STALE_AMQP_RE):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,7 +181,7 @@ class _Session:
     """One autocommit connection used by one statement at a time, opened on first use and
     again after a failure."""
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: Callable[[], str], name: str) -> None:
         self._url = url
         self._name = name
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -190,7 +190,7 @@ class _Session:
     async def connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = await psycopg.AsyncConnection.connect(
-                self._url,
+                self._url(),
                 autocommit=True,
                 connect_timeout=10,
                 prepare_threshold=None,
@@ -218,8 +218,14 @@ class DeliveryLog:
     """
 
     def __init__(
-        self, store: NotificationStore, database_url: str, inbox_table: str, consumer: str
+        self,
+        store: NotificationStore,
+        database_url: Callable[[], str],
+        inbox_table: str,
+        consumer: str,
     ) -> None:
+        # A callable, read on first use: building the worker's spec (which `dlq list` does
+        # for its queue names) needs no database URL.
         self._store = store
         self._reads = _Session(database_url, "cdc-worker:notifications-reads")
         self._writes = _Session(database_url, "cdc-worker:notifications-deliveries")

@@ -171,10 +171,7 @@ class Plan:
 def build(settings: NotificationSettings) -> WorkerSpec:
     """The notifications worker's queues, route and schema for ``settings``."""
     store = NotificationStore(settings.notifications_schema)
-    deliveries = DeliveryLog(
-        store, settings.database_url.get_secret_value(), settings.worker_inbox_table,
-        "notifications",
-    )
+    deliveries = DeliveryLog(store, settings.dsn, settings.worker_inbox_table, "notifications")
     defaults = _defaults(settings)
     secret = (
         settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else None

@@ -191,7 +191,7 @@ class Runner:
         while True:
             try:
                 conn = await open_database(
-                    self._s.database_url.get_secret_value(),
+                    self._s.dsn(),
                     connect_timeout=10,
                     application_name=f"cdc-worker:{self._spec.name}"[:63],
                     # No server-side prepared statements: psycopg may prepare one inside a
@@ -263,7 +263,7 @@ class Runner:
 
     async def _session(self) -> None:
         self._lost = asyncio.get_running_loop().create_future()
-        connection = await open_broker(self._s.amqp_url.get_secret_value(), timeout=10)
+        connection = await open_broker(self._s.broker_url(), timeout=10)
         connection.close_callbacks.add(self._on_close)
         poller: asyncio.Task[None] | None = None
         try:

@@ -16,7 +16,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import ADMIN_URL, db_url
+from conftest import ADMIN_URL, broker_url, db_url
 from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -40,6 +40,8 @@ STATUS_KEYS = {
     "checkpoint",
     "failover",
 }
+#: What the status screen added (tests/integration/test_status_screen.py checks their values).
+SCREEN_KEYS = {"relay", "workers", "lags", "parked"}
 SECRET = "s3cr3t"
 
 
@@ -74,7 +76,7 @@ def _status(env, **overrides) -> dict:
     res = env.cdc("status", "--json", env=env.relay_env(**overrides))
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert set(doc) == STATUS_KEYS, doc
+    assert set(doc) == STATUS_KEYS | SCREEN_KEYS, doc
     return doc
 
 
@@ -168,14 +170,12 @@ def test_bad_slot_name_is_rejected_and_nothing_is_created(env, how):
 @pytest.mark.parametrize("style", ["url", "keyword"])
 def test_setup_against_missing_database_fails_clearly(env, style):
     db = f"cdc_test_missing_{env.tag}"
+    server = urlsplit(ADMIN_URL)
     if style == "url":
         url = db_url(db, password=SECRET)
     else:
-        where = urlsplit(ADMIN_URL)
-        url = (
-            f"host={where.hostname} port={where.port or 5432} dbname={db} user=postgres "
-            f"password={SECRET}"
-        )
+        where = f"host={server.hostname} port={server.port}"
+        url = f"{where} dbname={db} user=postgres password={SECRET}"
     res = env.cdc("setup", env=env.relay_env(database_url=url), timeout=60)
     out = res.stdout + res.stderr
     assert res.returncode in (2, 3), (res.returncode, out)
@@ -255,7 +255,7 @@ def test_no_secret_in_metrics_logs_or_errors(env):
     assert relay.sigterm() == 0
     # a broker password that is refused must not leak through the error line either (a
     # refusal is not retried: one line, exit 3)
-    bad_amqp = env.relay(amqp_url=f"amqp://guest:{SECRET}@127.0.0.1:5672/", log_level="DEBUG")
+    bad_amqp = env.relay(amqp_url=broker_url(password=SECRET), log_level="DEBUG")
     assert bad_amqp.wait_exit(30) == 3, bad_amqp.tail()
     assert _problems(bad_amqp.log()) == 1, bad_amqp.tail()
     for name, text in {

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AMQP_URL, db_url, free_port
+from conftest import AMQP_URL, broker_url, db_url, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -106,13 +106,12 @@ def refused_settings(case: str, env, tls_port: int) -> dict[str, str]:
     """Overrides (relay and worker alike) that a server refuses, by case."""
     missing_db = f"cdc_test_missing_{env.tag}"
     return {
-        "amqp-password": {"amqp_url": f"amqp://guest:{SECRET}@127.0.0.1:5672/"},
-        "amqp-vhost": {"amqp_url": f"amqp://guest:guest@127.0.0.1:5672/cdc_test_no_{env.tag}"},
+        "amqp-password": {"amqp_url": broker_url(password=SECRET)},
+        "amqp-vhost": {"amqp_url": broker_url(vhost=f"cdc_test_no_{env.tag}")},
         "amqp-tls": {"amqp_url": f"amqps://guest:guest@127.0.0.1:{tls_port}/"},
         "pg-database": {"database_url": db_url(missing_db, password=SECRET)},
         "pg-role": {
-            "database_url": f"postgresql://cdc_test_norole_{env.tag}:{SECRET}@127.0.0.1:5432/"
-            f"{env.dbname}"
+            "database_url": db_url(env.dbname, password=SECRET, user=f"cdc_test_norole_{env.tag}")
         },
     }[case]
 
@@ -159,7 +158,7 @@ def test_a_broker_user_that_may_not_declare_exits_3(env, ledger, amqp_user_witho
 
 def test_dlq_list_with_a_bad_password_exits_3(ledger):
     res = ledger.consumers_cli(
-        "dlq", "list", "--worker", LEDGER, amqp_url=f"amqp://guest:{SECRET}@127.0.0.1:5672/"
+        "dlq", "list", "--worker", LEDGER, amqp_url=broker_url(password=SECRET)
     )
     assert res.returncode == 3, (res.stdout, res.stderr)
     assert_one_line(res.stdout + res.stderr, "ACCESS_REFUSED")

@@ -24,11 +24,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from conftest import (
-    RABBIT_METRICS_PORT,
     Daemon,
     Domain,
     Env,
@@ -196,7 +196,7 @@ def stack(
             f"not installed: {sorted(k for k, v in binaries.items() if not v)} "
             "(make install runs scripts/fetch-prometheus.sh)"
         )
-    ensure_rabbitmq_prometheus()
+    rabbit_metrics_port = urlsplit(ensure_rabbitmq_prometheus()).port or 15692
     vhost, amqp_url = rabbit_vhost
     started: list[Relay | Daemon | Prometheus] = []
     try:
@@ -258,7 +258,7 @@ def stack(
                 static("outbox-cdc-workers", [w.metrics_port or 0 for w in workers.values()]),
                 static("postgres-exporter", [exporter_port]),
                 {
-                    **static("rabbitmq-per-object", [RABBIT_METRICS_PORT]),
+                    **static("rabbitmq-per-object", [rabbit_metrics_port]),
                     "metrics_path": "/metrics/per-object",
                     "scrape_interval": "2s",
                     # The shared broker serves every vhost: keep this test's queues (and

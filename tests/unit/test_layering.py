@@ -31,6 +31,7 @@ PURE = [
     "cdc.durations",
     "cdc.progress",
     "cdc.checkpoint",
+    "cdc.status_report",
     "cdc.failover",
     "consumers.billing.metering",
     "consumers.notifications.templates",

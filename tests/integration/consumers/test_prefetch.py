@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import threading
 import time
 
 import pytest
-from conftest import unacked_messages
+from conftest import SERVICES, unacked_messages
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl"),
+    pytest.mark.skipif(not SERVICES.has_rabbitmqctl(), reason="needs rabbitmqctl"),
 ]
 
 PREFETCH = 10

@@ -107,12 +107,12 @@ def test_cli_exit_codes_for_config_errors(environ, capsys):
 def test_flags_override_the_environment(environ):
     import argparse
 
-    from consumers.cli import add_setting_flags, build_settings
+    from consumers.cli import add_worker_flags, build_settings
 
     environ.setenv("CDC_WORKER_PREFETCH", "10")
     environ.setenv("CDC_WORKER_QUEUE_TYPE", "classic")
     parser = argparse.ArgumentParser()
-    add_setting_flags(parser, ConsumerSettings)
+    add_worker_flags(parser, ConsumerSettings)
     args = parser.parse_args(["--prefetch", "77", "--worker-retry-delays", "1,2"])
     s = build_settings(ConsumerSettings, args)
     assert s.worker_prefetch == 77
