@@ -34,10 +34,11 @@ from bench.machine import facts
 from bench.nodetool import ensure_node
 from bench.params import Params
 from bench.scenario_consumers import consumers
+from bench.scenario_pipeline import pipeline
 from bench.scenario_seed import seed
 from bench.scenarios_relay import ceiling, drain, rss, shape, steady
 
-SCENARIOS = ("ceiling", "drain", "steady", "seed", "shape", "rss", "consumers")
+SCENARIOS = ("ceiling", "drain", "steady", "seed", "shape", "rss", "consumers", "pipeline")
 #: What a scenario's ratios are computed against, run first in the same run.
 NEEDS = {"drain": ("ceiling",), "steady": ("ceiling",), "seed": ("ceiling", "drain")}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -73,6 +74,7 @@ async def _scenario(
         "shape": lambda: shape(run, p),
         "rss": lambda: rss(run, p),
         "consumers": lambda: consumers(run, p),
+        "pipeline": lambda: pipeline(run, p),
     }
     if name == "steady" and not ceiling_rate:
         return {"error": "no broker ceiling measured in this run; the load levels need it"}

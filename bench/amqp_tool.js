@@ -6,6 +6,13 @@
 //     most `window` unconfirmed, a JSON body of exactly `size` bytes and the relay's properties and
 //     headers. Prints one JSON line {published, seconds, rate} (first publish -> last confirm).
 //
+//     `routingKeys` (a list) instead of `routingKey`: message i goes with routingKeys[i % length].
+//
+//   node amqp_tool.js ack '{"url":..,"queues":[..],"prefetch":500}'
+//     Trivial consumers: one per queue, manual ack of every delivery (what a worker that does
+//     nothing would cost the broker). Prints "ready" once consuming; on SIGTERM/SIGINT prints
+//     one JSON line {acked} and exits 0.
+//
 //   node amqp_tool.js consume '{"url":..,"queue":..,"out":"/path","prefetch":2000}'
 //     Latency consumer: auto-ack, records per message the arrival time (epoch ms, sub-ms) and the
 //     `commit_time` / `created_at` headers. Prints "ready" once consuming; on SIGTERM/SIGINT writes
@@ -50,11 +57,12 @@ async function publish(opts) {
         if (inFlight >= window) await new Promise((r) => { wake = r; });
         inFlight += 1;
         const now = new Date();
-        const ok = ch.publish(opts.exchange, opts.routingKey, payload, {
+        const key = opts.routingKeys ? opts.routingKeys[i % opts.routingKeys.length] : opts.routingKey;
+        const ok = ch.publish(opts.exchange, key, payload, {
           persistent: true,
           mandatory: true,
           contentType: 'application/json',
-          type: opts.routingKey,
+          type: key,
           messageId: `00000000-0000-4000-8000-${String(i).padStart(12, '0')}`,
           timestamp: Math.floor(now.getTime() / 1000),
           headers: {
@@ -100,11 +108,37 @@ async function consume(opts) {
   process.stdout.write('ready\n');
 }
 
+async function ack(opts) {
+  const conn = await amqp.connect(opts.url);
+  const ch = await conn.createChannel();
+  let acked = 0;
+  for (const queue of opts.queues) {
+    await ch.prefetch(opts.prefetch || 500);
+    await ch.consume(queue, (msg) => {
+      if (msg === null) return;
+      ch.ack(msg);
+      acked += 1;
+    }, { noAck: false });
+  }
+  let finished = false;
+  const finish = async () => {
+    if (finished) return;
+    finished = true;
+    process.stdout.write(JSON.stringify({ acked }) + '\n');
+    try { await conn.close(); } catch (e) { /* closing anyway */ }
+    process.exit(0);
+  };
+  process.on('SIGTERM', finish);
+  process.on('SIGINT', finish);
+  process.stdout.write('ready\n');
+}
+
 const [mode, arg] = process.argv.slice(2);
 const opts = JSON.parse(arg || '{}');
-const run = mode === 'publish' ? publish : mode === 'consume' ? consume : null;
+const modes = { publish, consume, ack };
+const run = modes[mode] || null;
 if (run === null) {
-  process.stderr.write('usage: node amqp_tool.js publish|consume JSON\n');
+  process.stderr.write('usage: node amqp_tool.js publish|consume|ack JSON\n');
   process.exit(2);
 }
 run(opts).catch((err) => {

@@ -90,6 +90,7 @@ class Offered:
 async def paced_writer(
     db_url: str, table: str, *, rate: float, duration: float, rows_per_txn: int,
     payload_size: int, event_type: str = EVENT_TYPE, connections: int = 4,
+    insert: sql.Composed | None = None,
 ) -> Offered:
     """Commit ``rate`` rows/s for ``duration`` s, ``rows_per_txn`` per transaction.
 
@@ -97,10 +98,11 @@ async def paced_writer(
     instead of shifting all later ones (the offered rate does not drift down). The schedule
     is dealt round-robin to ``connections`` sessions, as concurrent writers would commit:
     one session waiting for each commit's WAL flush in turn could not offer the higher
-    rates. The achieved rate is returned for the record.
+    rates. The achieved rate is returned for the record. ``insert`` replaces the statement
+    (one ``%s``: the row count), for a mix of event types.
     """
-    pad = await pad_for(db_url, payload_size)
-    insert = _insert_sql(table, pad, event_type)
+    if insert is None:
+        insert = _insert_sql(table, await pad_for(db_url, payload_size), event_type)
     interval = rows_per_txn / rate
     connections = max(1, min(connections, int(duration / interval) or 1))
     started = time.monotonic() + 0.2  # every session connected before the first tick

@@ -54,11 +54,15 @@ async def ensure_node() -> None:
 
 
 async def ceiling_publish(
-    url: str, exchange: str, routing_key: str, *, count: int, size: int, window: int
+    url: str, exchange: str, routing_key: str, *, count: int, size: int, window: int,
+    routing_keys: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the reference publisher; returns its ``{published, nacked, seconds, rate}``."""
-    options = {"url": url, "exchange": exchange, "routingKey": routing_key, "count": count,
-               "size": size, "window": window}
+    """Run the reference publisher; returns its ``{published, nacked, seconds, rate}``.
+    ``routing_keys``: message i goes with ``routing_keys[i % len]`` (a mix of events)."""
+    options: dict[str, Any] = {"url": url, "exchange": exchange, "routingKey": routing_key,
+                               "count": count, "size": size, "window": window}
+    if routing_keys:
+        options["routingKeys"] = routing_keys
     proc = await asyncio.create_subprocess_exec(
         "node", str(TOOL), "publish", json.dumps(options),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -126,3 +130,45 @@ class NodeConsumer:
                 self.proc.kill()
             await self.proc.wait()
         self.proc = None
+
+
+class AckConsumer:
+    """Trivial consumers (manual ack of every delivery) on ``queues``, in one Node process."""
+
+    def __init__(self, url: str, queues: list[str], prefetch: int = 500) -> None:
+        self.options = {"url": url, "queues": queues, "prefetch": prefetch}
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            "node", str(TOOL), "ack", json.dumps(self.options),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout=30)
+        if line.strip() != b"ready":
+            await self.stop()
+            raise NodeError("ack consumers did not start")
+
+    async def stop(self) -> int:
+        """Stop; how many deliveries were acked."""
+        if self.proc is None:
+            return 0
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return 0
+        with contextlib.suppress(ValueError, IndexError):
+            return int(json.loads(out.decode().strip().splitlines()[-1])["acked"])
+        return 0

@@ -34,6 +34,15 @@ class Params:
     max_drain_seconds: float = 300.0  # a drain (or a consumer run) slower than this is cut
     rss_max_seconds: float = 420.0  # the RSS drain is cut here; RSS is still reported
     consumer_max_seconds: float = 120.0  # per replica count; a slower drain is cut
+    # The whole pipeline (relay + billing + notifications): offered rates tried in turn,
+    # each for a warm-up then a measured window; the catch-up bounds the wait for effects.
+    pipeline_levels: tuple[float, ...] = (250, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000)
+    pipeline_window: float = 60.0
+    pipeline_warmup: float = 5.0
+    pipeline_catch_up: float = 30.0
+    pipeline_webhook_latency: float = 0.02  # seconds the receiver takes to answer
+    pipeline_webhook_events: int = 20_000  # backlog of the webhook throughput drain
+    pipeline_ceiling_events: int = 100_000  # events of the broker round trip ceiling
 
     @classmethod
     def quick(cls) -> Params:
@@ -42,4 +51,7 @@ class Params:
             drain_events=20_000, steady_seconds=8.0, steady_warmup=2.0, shape_events=5_000,
             shape_seconds=4.0, rss_events=100_000, seed_backlog=500, seed_polls=3,
             seed_seconds=12.0, consumer_pairs=1_000, rss_max_seconds=180.0,
+            pipeline_levels=(250, 500, 1000, 1500, 2000, 3000), pipeline_window=10.0,
+            pipeline_warmup=3.0, pipeline_catch_up=15.0, pipeline_webhook_events=5_000,
+            pipeline_ceiling_events=20_000,
         )

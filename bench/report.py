@@ -77,8 +77,33 @@ def targets(results: dict[str, Any]) -> str:
          _verdict(None if rss_mb is None or not rss.get("complete") else rss_mb < 150)],
         ["billing events/s per replica (1 replica)", _n(per_replica, 0), "≥ 2,000, exact",
          _verdict(None if per_replica is None else per_replica >= 2000 and bool(exact))],
+        *_pipeline_targets(_scenario(results, "pipeline")),
     ]
     return _table(["target", "measured", "goal", "met"], rows)
+
+
+def _pipeline_targets(pipe: dict[str, Any]) -> list[list[str]]:
+    if not pipe.get("available"):
+        return []
+    one = pipe.get("one") or {}
+    ratio = one.get("ratio_to_ceiling")
+    half = one.get("at_half") or {}
+    p99_bill = (half.get("billing") or {}).get("p99_ms")
+    p99_hook = (half.get("webhook") or {}).get("p99_ms")
+    hooks = (pipe.get("webhooks_healthy") or {}).get("webhooks_per_s")
+    dead = pipe.get("webhooks_dead_ratio")
+    return [
+        ["pipeline sustained rate / broker round-trip ceiling (1 replica each)",
+         _n(ratio, 2, "x"), "≥ 0.25x", _verdict(None if ratio is None else ratio >= 0.25)],
+        ["p99 commit→usage record at 50% of it", _n(p99_bill, 1, " ms"), "≤ 100 ms",
+         _verdict(None if p99_bill is None else p99_bill <= 100)],
+        ["p99 commit→webhook received at 50% of it", _n(p99_hook, 1, " ms"), "≤ 150 ms",
+         _verdict(None if p99_hook is None else p99_hook <= 150)],
+        ["webhooks/s per replica, 20 ms receiver", _n(hooks, 0), "≥ 2,000",
+         _verdict(None if hooks is None else hooks >= 2000)],
+        ["webhooks/s with 10% of endpoints timing out / all healthy", _n(dead, 2, "x"),
+         "≥ 0.9x", _verdict(None if dead is None else dead >= 0.9)],
+    ]
 
 
 def broker_vs_relay(results: dict[str, Any]) -> str:
@@ -191,6 +216,49 @@ def consumers_table(results: dict[str, Any]) -> str:
                    "seconds", "exact effects"], rows)
 
 
+def pipeline_table(results: dict[str, Any]) -> str:
+    pipe = _scenario(results, "pipeline")
+    if not pipe.get("available", False):
+        return f"Not available in this run: {pipe.get('reason') or pipe.get('error') or 'not run'}."
+    ceiling = pipe.get("ceiling") or {}
+    out = [
+        f"Broker round trip for the same topology (quorum fan-out, trivial consumers): "
+        f"{_n(ceiling.get('rate'), 0)} events/s, RabbitMQ "
+        f"{_n(ceiling.get('broker_cpu_us_per_event'), 0)} µs CPU per event.",
+        "",
+    ]
+    rows = []
+    for key, label in (("one", "1 replica each"), ("two", "2 replicas each")):
+        v = pipe.get(key) or {}
+        half = v.get("at_half") or {}
+        cpu = half.get("cpu_us_per_event") or {}
+
+        def lat(effect: str, half: dict[str, Any] = half) -> str:
+            e = half.get(effect) or {}
+            return f"{_n(e.get('p50_ms'), 0)} / {_n(e.get('p95_ms'), 0)} / {_n(e.get('p99_ms'), 0)}"
+
+        rows.append([
+            label, _n(v.get("sustained_rate"), 0), _n(v.get("ratio_to_ceiling"), 2, "x"),
+            _n(half.get("target_rate"), 0), lat("billing"), lat("webhook"), lat("in_app"),
+            ", ".join(f"{k} {_n(c, 0)}" for k, c in cpu.items()),
+            _n(half.get("cpu_us_per_event_total"), 0),
+        ])
+    out.append(_table(
+        ["workers", "sustained ev/s (p99 < 1 s)", "x ceiling", "at ev/s",
+         "usage record p50/p95/p99 ms", "webhook p50/p95/p99 ms", "in-app p50/p95/p99 ms",
+         "CPU µs/event per process", "pipeline µs/event"], rows))
+    hook_rows = []
+    for key, label in (("webhooks_healthy", "all endpoints healthy"),
+                       ("webhooks_10pct_dead", "10% of endpoints never answer")):
+        v = pipe.get(key) or {}
+        hook_rows.append([label, _n(v.get("webhooks_per_s"), 0),
+                          _n(v.get("worker_cpu_us_per_webhook"), 0),
+                          _n(v.get("delivered")), _n(v.get("posts"))])
+    out += ["", _table(["notifications worker alone", "webhooks/s", "worker µs/webhook",
+                        "delivered", "POSTs"], hook_rows)]
+    return "\n".join(out)
+
+
 #: (title, table, the scenarios it shows)
 SECTIONS = (
     ("Targets", targets, ()),
@@ -200,6 +268,7 @@ SECTIONS = (
     ("Shape: payload size and transaction size", shape_table, ("shape",)),
     ("RSS through a large backlog", rss_table, ("rss",)),
     ("Consumers: billing worker", consumers_table, ("consumers",)),
+    ("Pipeline: relay, billing and notifications together", pipeline_table, ("pipeline",)),
 )
 
 
@@ -376,6 +445,13 @@ def markdown(results: dict[str, Any], notes: str) -> str:
         "the first usage record until `usage_records` holds every session; exact = one "
         f"record per pair and the expected total cost. Cut after "
         f"{_n(p.get('consumer_max_seconds'))} s.",
+        "- **Pipeline**: `bench/scenario_pipeline.py` (its docstring has the whole method): "
+        "the relay and both workers on their quorum topology, a paced mix of the seed's event "
+        f"types at rising rates ({p.get('pipeline_window')} s windows), effects timed from "
+        "the outbox row's `created_at` to billing's inbox row, the webhook's arrival at a "
+        f"receiver answering in {p.get('pipeline_webhook_latency')} s, and the in-app row; "
+        "CPU per event from psutil over each window (PostgreSQL: the backends of the run's "
+        "database, i.e. the relay's walsender and the workers' sessions).",
         "",
         "Each scenario uses its own table, publication, slot, exchange and queues in a "
         "throwaway database and RabbitMQ vhost, removed at the end even on failure or Ctrl-C.",

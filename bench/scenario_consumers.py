@@ -137,7 +137,8 @@ async def _start_workers(env: dict[str, str], count: int, log_path: Path) -> lis
     return procs
 
 
-async def _stop_workers(procs: list[Any]) -> None:
+async def stop_workers(procs: list[Any]) -> None:
+    """SIGTERM each process, wait up to 30 s, then SIGKILL."""
     for proc in procs:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -186,7 +187,7 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
         queues = [f"{prefix}billing-service.device-{kind}" for kind in ("started", "stopped")]
         procs = await _start_workers(env, 1, log_path)
         ready = await _queues_ready(run.amqp_url, queues, timeout=60, procs=procs)
-        await _stop_workers(procs)
+        await stop_workers(procs)
         if not ready:
             code = procs[0].returncode
             return {"error": f"the billing worker declared no queues (exit code {code}); "
@@ -236,7 +237,7 @@ async def _replicas(run: Run, p: Params, replicas: int) -> dict[str, Any]:
             "exact": count == p.consumer_pairs and cost == expected_cost,
         }
     finally:
-        await _stop_workers(procs)
+        await stop_workers(procs)
         with contextlib.suppress(Exception):
             await drop_database(run.admin_url, db_name)
 

@@ -139,9 +139,20 @@ def _publish_method(channel: int, exchange: str, routing_key: str) -> bytes:
     return frame_bytes
 
 
+#: The frames of one publish: one bytes object, or for a body of at least LARGE_BODY bytes
+#: the pieces in order (the body's frames are views of it: a large body is never copied).
+Frames = bytes | tuple[bytes | memoryview, ...]
+LARGE_BODY = 1 << 20
+
+
 def publish_frames(
-    channel: int, exchange: str, routing_key: str, props: bytes, body: bytes, frame_max: int
-) -> bytes:
+    channel: int,
+    exchange: str,
+    routing_key: str,
+    props: bytes,
+    body: bytes | memoryview,
+    frame_max: int,
+) -> Frames:
     """One mandatory ``Basic.Publish`` with its content header and body frames."""
     method = (channel == 1 and _PUBLISH_METHODS.get((exchange, routing_key))) or _publish_method(
         channel, exchange, routing_key
@@ -155,11 +166,12 @@ def publish_frames(
             return b"".join((method, head, content, props, _END))
         body_head = _FRAME_HEAD.pack(BODY, channel, size)
         return b"".join((method, head, content, props, _END, body_head, body, _END))
-    parts = [method, head, content, props, _END]
+    parts: list[bytes | memoryview] = [method, head, content, props, _END]
+    view = memoryview(body)
     for start in range(0, size, chunk):
-        piece = body[start : start + chunk]
+        piece = view[start : start + chunk]
         parts += (_FRAME_HEAD.pack(BODY, channel, len(piece)), piece, _END)
-    return b"".join(parts)
+    return tuple(parts) if size >= LARGE_BODY else b"".join(parts)
 
 
 def method_frame(channel: int, method: base.Frame) -> bytes:

@@ -89,7 +89,7 @@ class _Pending:
                  "sent", "token")  # fmt: skip
 
     def __init__(
-        self, frames: bytes, token: Any, exchange: str, routing_key: str, message_id: str
+        self, frames: wire.Frames, token: Any, exchange: str, routing_key: str, message_id: str
     ) -> None:
         self.frames = frames
         self.token = token
@@ -123,7 +123,8 @@ class ConfirmChannel(asyncio.Protocol):
         self._reader = wire.FrameReader()
         self.frame_max = _FRAME_MAX
         self._heartbeat = 0
-        self._out: list[bytes] = []
+        self._out: list[wire.Frames] = []
+        self._out_pieces = False  # _out holds the pieces of a large body (not to be joined)
         self._flush_handle: asyncio.Handle | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._pending: deque[_Pending | None] = deque()
@@ -248,7 +249,7 @@ class ConfirmChannel(asyncio.Protocol):
         return self._next_tag - self._base_tag
 
     def publish(
-        self, frames: bytes, token: Any, exchange: str, routing_key: str, message_id: str
+        self, frames: wire.Frames, token: Any, exchange: str, routing_key: str, message_id: str
     ) -> None:
         """Queue one publish; it is written at the end of this event-loop turn."""
         if self.closed.done():
@@ -260,13 +261,28 @@ class ConfirmChannel(asyncio.Protocol):
         self._pending.append(entry)
         self._next_tag += 1
         self._out.append(entry.frames)
+        if type(entry.frames) is tuple:
+            self._out_pieces = True
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
         if self._out and self._transport is not None and not self.closed.done():
-            data = b"".join(self._out)
+            if self._out_pieces:
+                self._out_pieces = False
+                # A large body: its pieces go as they are (joining would copy it).
+                pieces: list[bytes | memoryview] = []
+                for f in self._out:
+                    if isinstance(f, tuple):
+                        pieces.extend(f)
+                    else:
+                        pieces.append(f)
+                self._out.clear()
+                self._transport.writelines(pieces)
+                self._last_write = time.monotonic()
+                return
+            data = b"".join(self._out)  # type: ignore[arg-type]  # only bytes on this path
             self._out.clear()
             self._write(data)
 

@@ -37,7 +37,7 @@ class OutboxEvent:
 
     message_id: str
     routing_key: str
-    body: bytes
+    body: bytes | memoryview  # a view of the decoded message for a large payload (pgoutput.LARGE)
     timestamp: datetime | None
     headers: dict[str, Any]
 
@@ -74,11 +74,11 @@ class Layout:
         return cls(relation, {name: names[name] for name in wanted if name in names})
 
 
-def _text(value: bytes | UnchangedToast | BinaryValue | None) -> str | None:
+def _text(value: bytes | memoryview | UnchangedToast | BinaryValue | None) -> str | None:
     if value is None:
         return None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
+    if isinstance(value, bytes | memoryview):
+        return str(value, "utf-8", "replace")
     if isinstance(value, BinaryValue):
         return value.data.hex()
     return None  # unchanged TOAST never occurs in an INSERT
@@ -151,18 +151,18 @@ def route_snapshot(
 def _route(layout: Layout, row: TupleData, own: dict[str, str]) -> OutboxEvent | Malformed:
     idx = layout.index
 
-    def col(name: str) -> bytes | None:
+    def col(name: str) -> bytes | memoryview | None:
         i = idx.get(name)
         if i is None or i >= len(row):
             return None
         value = row[i]
-        return value if isinstance(value, bytes) else None
+        return value if isinstance(value, bytes | memoryview) else None
 
     def bad(reason: str, message_id: str | None = None, key: str | None = None) -> Malformed:
         return Malformed(message_id, key, reason, _row_dict(layout, row))
 
     raw_id, raw_type, payload = col("id"), col("event_type"), col("payload")
-    message_id = raw_id.decode() if raw_id is not None else None
+    message_id = str(raw_id, "utf-8") if raw_id is not None else None
     if layout.missing:
         missing = ", ".join(layout.missing)
         return bad(f"outbox table lacks required columns: {missing}", message_id)
@@ -170,7 +170,7 @@ def _route(layout: Layout, row: TupleData, own: dict[str, str]) -> OutboxEvent |
         return bad("id is NULL")
     if raw_id is not None and len(raw_id) > _MAX_SHORT_STRING:
         return bad("id is longer than 255 bytes (AMQP message_id limit)")
-    event_type = raw_type.decode("utf-8", "replace") if raw_type is not None else ""
+    event_type = str(raw_type, "utf-8", "replace") if raw_type is not None else ""
     if not event_type.strip():
         return bad("event_type is NULL or empty", message_id)
     if len(event_type.encode()) > _MAX_ROUTING_KEY:
@@ -184,7 +184,7 @@ def _route(layout: Layout, row: TupleData, own: dict[str, str]) -> OutboxEvent |
         try:
             # The stdlib keeps big integers exact (orjson turns them into floats), so the
             # int64 check below sees the real value. Headers are small; speed is moot here.
-            parsed = json.loads(raw_headers)
+            parsed = json.loads(bytes(raw_headers))
         except ValueError:
             return bad("headers is not valid JSON", message_id, event_type)
         if not isinstance(parsed, dict):

@@ -12,7 +12,11 @@ Contract:
   are sent only by protocol v4 with ``streaming=parallel``, and nothing else marks them).
 * Tuple values are not interpreted: ``bytes`` of the text form, :class:`BinaryValue` for
   the binary form, ``None`` for SQL NULL, :data:`UNCHANGED_TOAST` for a toasted value the
-  UPDATE did not change. Times are aware UTC datetimes, LSNs and xids plain ints.
+  UPDATE did not change. One exception, for memory: an Insert handed over as a
+  ``memoryview`` of at least :data:`LARGE` bytes is decoded in place, and its text values of
+  at least :data:`LARGE` bytes are ``memoryview`` slices of that buffer (no copy), so a
+  50 MB payload is not held two or three times while it is published. Times are aware UTC
+  datetimes, LSNs and xids plain ints.
 * Malformed input (unknown tag, truncation, missing string terminator, unknown tuple column
   kind, invalid UTF-8, out-of-range timestamp, trailing bytes) raises
   :class:`~cdc.errors.ProtocolError` carrying the byte offset inside the message; no other
@@ -30,6 +34,9 @@ from typing import Any, Final, TypeAlias
 from cdc.errors import ProtocolError
 
 _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
+#: Size from which an Insert message is decoded without copying, and a text value kept as a
+#: view of the message (smaller ones are copied: bytes are cheaper to use downstream).
+LARGE: Final = 1 << 20
 
 
 class UnchangedToast:
@@ -55,7 +62,7 @@ class BinaryValue:
     data: bytes
 
 
-TupleData: TypeAlias = tuple[bytes | UnchangedToast | BinaryValue | None, ...]
+TupleData: TypeAlias = tuple[bytes | memoryview | UnchangedToast | BinaryValue | None, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +293,7 @@ class _Layout:
         self._fields = [(name, at[i], at[i + 1]) for i, (name, _) in enumerate(fields)]
         self._times = [(i, name, at[i]) for i, (name, code) in enumerate(fields) if code == "t"]
 
-    def read(self, buf: bytes, pos: int, lsn: int | None) -> tuple[Any, ...]:
+    def read(self, buf: bytes | memoryview, pos: int, lsn: int | None) -> tuple[Any, ...]:
         """Unpack the fields at ``pos``; raise ProtocolError naming the first missing one."""
         try:
             values: tuple[Any, ...] = self._unpack(buf, pos)
@@ -337,7 +344,9 @@ def _string(buf: bytes, pos: int, what: str, lsn: int | None) -> tuple[str, int]
         raise ProtocolError(f"{what}: invalid UTF-8", offset=pos + exc.start, lsn=lsn) from None
 
 
-def _bad_length(buf: bytes, pos: int, length: int, what: str, lsn: int | None) -> ProtocolError:
+def _bad_length(
+    buf: bytes | memoryview, pos: int, length: int, what: str, lsn: int | None
+) -> ProtocolError:
     """The error for a length-prefixed value at ``pos`` that is negative or overruns ``buf``."""
     if length < 0:
         return ProtocolError(f"{what}: negative length {length}", offset=pos - 4, lsn=lsn)
@@ -353,14 +362,16 @@ _OID: Final = struct.Struct(">I").unpack_from
 _T, _B, _N, _U = b"tbnu"
 
 
-def _tuple(buf: bytes, pos: int, what: str, lsn: int | None) -> tuple[TupleData, int]:
+def _tuple(
+    buf: bytes | memoryview, pos: int, what: str, lsn: int | None
+) -> tuple[TupleData, int]:
     # The hot path: explicit bounds checks and local names instead of a _Layout per column.
     size = len(buf)
     if pos + 2 > size:
         _NCOLS.read(buf, pos, lsn)  # raises the truncation error
     ncols = buf[pos] << 8 | buf[pos + 1]
     pos += 2
-    values: list[bytes | UnchangedToast | BinaryValue | None] = []
+    values: list[bytes | memoryview | UnchangedToast | BinaryValue | None] = []
     append = values.append
     unpack_len = _LEN.unpack_from
     for index in range(ncols):
@@ -381,7 +392,10 @@ def _tuple(buf: bytes, pos: int, what: str, lsn: int | None) -> tuple[TupleData,
             pos = start + length
             if length < 0 or pos > size:
                 raise _bad_length(buf, start, length, f"{what} column {index} value", lsn)
-            append(buf[start:pos] if kind == _T else BinaryValue(buf[start:pos]))
+            value = buf[start:pos]
+            if type(value) is memoryview and (kind != _T or length < LARGE):
+                value = value.tobytes()  # only a large message is a view; copy small values
+            append(value if kind == _T else BinaryValue(bytes(value)))
         elif kind == _N:
             append(None)
             pos += 1
@@ -398,7 +412,7 @@ def _tuple(buf: bytes, pos: int, what: str, lsn: int | None) -> tuple[TupleData,
     return tuple(values), pos
 
 
-def _xid(buf: bytes, in_stream: bool, lsn: int | None) -> tuple[int | None, int]:
+def _xid(buf: bytes | memoryview, in_stream: bool, lsn: int | None) -> tuple[int | None, int]:
     if not in_stream:
         return None, 1
     return _XID.read(buf, 1, lsn)[0], 5
@@ -437,7 +451,7 @@ def _relation(buf: bytes, in_stream: bool, lsn: int | None) -> tuple[Message, in
 
 
 def _change_head(
-    buf: bytes, in_stream: bool, lsn: int | None, layout: _Layout, allowed: bytes
+    buf: bytes | memoryview, in_stream: bool, lsn: int | None, layout: _Layout, allowed: bytes
 ) -> tuple[int | None, int, int, int]:
     """Read ``[xid] relation_oid submessage``; return (xid, oid, submessage, next offset)."""
     xid, pos = _xid(buf, in_stream, lsn)
@@ -451,7 +465,7 @@ def _change_head(
     return xid, oid, kind, pos + 5
 
 
-def _insert(buf: bytes, in_stream: bool, lsn: int | None) -> tuple[Message, int]:
+def _insert(buf: bytes | memoryview, in_stream: bool, lsn: int | None) -> tuple[Message, int]:
     if not in_stream and len(buf) > 5 and buf[5] == 0x4E:  # the common case, without calls
         xid, oid, pos = None, _OID(buf, 1)[0], 6
     else:
@@ -578,6 +592,13 @@ def decode(
     leading xid. ``lsn`` is the message's WAL position, used only to make errors point at
     it. Raises :class:`~cdc.errors.ProtocolError` if ``buf`` is not exactly one message.
     """
+    if type(buf) is memoryview and len(buf) >= LARGE and buf[0] == 0x49:  # a large Insert
+        message, end = _insert(buf, in_stream, lsn)
+        if end != len(buf):
+            raise ProtocolError(
+                f"{len(buf) - end} trailing byte(s) after a complete Insert", offset=end, lsn=lsn
+            )
+        return message
     data = buf if type(buf) is bytes else bytes(buf)
     if not data:
         raise ProtocolError("empty message: expected a Byte1 message tag", offset=0, lsn=lsn)

@@ -138,7 +138,7 @@ class Publisher:
         row: dict[str, str | None] = {
             "id": event.message_id,
             "event_type": event.routing_key,
-            "payload": event.body.decode("utf-8", "replace"),
+            "payload": str(event.body, "utf-8", "replace"),
             "headers": orjson.dumps(event.headers).decode(),
         }
         return Malformed(event.message_id, event.routing_key, reason, row)
@@ -151,7 +151,7 @@ class Publisher:
         message_id: str | None,
         message_type: str | None,
         headers: dict[str, Any],
-        body: bytes,
+        body: bytes | memoryview,
         timestamp: Any = None,
     ) -> None:
         assert self._channel is not None

@@ -272,9 +272,10 @@ class _Session:
         next_status = time.monotonic() + interval
         clock = SilenceClock(self._settings.source_timeout, time.monotonic())
         data: memoryview | None = None
+        heard = False  # the last read got a message (``data`` is dropped once handled)
         while True:
             now = time.monotonic()
-            if data is not None:
+            if heard:
                 clock.heard = now  # the loop's clock: no extra call per message
             moved = self.watermark.flushed > self._reported
             if (moved and now - self._reported_at >= _FLUSH_REPORT_DELAY) or now >= next_status:
@@ -284,14 +285,16 @@ class _Session:
             if self.watermark.in_flight >= self._settings.max_in_flight:
                 await self._wait_progress(min(interval, max(0.0, next_status - now)))
                 clock.reset(time.monotonic())  # not listening meanwhile
-                data = None
+                heard = False
                 continue
-            if data is None:  # only after a read that got nothing: no cost per message
+            if not heard:  # only after a read that got nothing: no cost per message
                 due = clock.due(now)
                 if due is PROBE:
                     data = await self._probe(clock, now)
+                    heard = data is not None
                     if data is not None and self._on_copy_data(data):
                         await self._report()
+                    data = None
                     continue
                 if due is PING:
                     await self._report(reply=True)  # a live walsender answers at once
@@ -301,8 +304,12 @@ class _Session:
             else:
                 timeout = max(0.0, min(next_status, clock.wake()) - now)
             data = await self._stream.read(timeout)
+            heard = data is not None
             if data is not None and self._on_copy_data(data):
                 await self._report()
+            # Not kept while waiting for the next one: a large message's buffer (libpq's
+            # copy) is then held only by the events still waiting for their confirm.
+            data = None
 
     async def _probe(self, clock: SilenceClock, now: float) -> memoryview | None:
         """After CDC_SOURCE_TIMEOUT of silence: None to wait on (the walsender is busy), a

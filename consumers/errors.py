@@ -33,7 +33,16 @@ class PermanentError(ConsumerError):
 
 
 class Retry(ConsumerError):
-    """A transient failure (a dependency is down): try again after the next backoff delay."""
+    """A transient failure (a dependency is down): try again after the next backoff delay.
+
+    ``after``: the dependency is known to stay down for that many seconds (a webhook
+    endpoint whose breaker is open): the retry waits at least that long if a configured
+    delay does, so the attempts are not spent while nothing can succeed.
+    """
+
+    def __init__(self, message: str, *, after: float = 0.0) -> None:
+        super().__init__(message)
+        self.after = after
 
 
 class TopologyConflict(ConfigError):

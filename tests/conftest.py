@@ -1000,27 +1000,45 @@ class HookRequest:
     headers: dict[str, str]
     signature_ok: bool
     status: int
+    at: float = 0.0  # time.monotonic() when it was answered
 
 
 class WebhookReceiver:
-    """A real HTTP server on 127.0.0.1 that verifies the HMAC-SHA256 signature of each POST
-    itself (not with the code under test) and answers 401 to a bad one. ``fail_first``
-    answers 500 to the first request of each idempotency key; ``accepted()`` is what a
-    receiver that dedups by idempotency key would keep."""
+    """A real HTTP/1.1 server (keep-alive) on 127.0.0.1 that verifies the HMAC-SHA256
+    signature of each POST itself (not with the code under test) and answers 401 to a bad
+    one. ``fail_first`` answers 500 to the first request of each idempotency key;
+    ``delay`` seconds pass before each answer (longer than the client's timeout: an
+    endpoint that times out); ``max_in_flight`` is the most requests it held at once;
+    ``accepted()`` is what a receiver that dedups by idempotency key would keep."""
 
     SECRET = "whsec-" + secrets.token_hex(8)
 
-    def __init__(self, fail_first: bool = False) -> None:
+    def __init__(self, fail_first: bool = False, delay: float = 0.0) -> None:
         import http.server
 
         receiver = self
         self.fail_first = fail_first
+        self.delay = delay
         self.requests: list[HookRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
+        self._closing = threading.Event()
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver._lock:
+                    receiver.in_flight += 1
+                    receiver.max_in_flight = max(receiver.max_in_flight, receiver.in_flight)
+                try:
+                    if receiver.delay and receiver._closing.wait(receiver.delay):
+                        return
+                finally:
+                    with receiver._lock:
+                        receiver.in_flight -= 1
                 mac = hmac.new(receiver.SECRET.encode(), body, hashlib.sha256).hexdigest()
                 ok = hmac.compare_digest(
                     f"sha256={mac}", self.headers.get("X-CDC-Signature", "")
@@ -1029,7 +1047,9 @@ class WebhookReceiver:
                 with receiver._lock:
                     seen = any(r.headers.get("Idempotency-Key") == key for r in receiver.requests)
                     status = 401 if not ok else 500 if receiver.fail_first and not seen else 200
-                    receiver.requests.append(HookRequest(body, dict(self.headers), ok, status))
+                    receiver.requests.append(
+                        HookRequest(body, dict(self.headers), ok, status, time.monotonic())
+                    )
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -1038,6 +1058,7 @@ class WebhookReceiver:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
@@ -1052,6 +1073,7 @@ class WebhookReceiver:
         return out
 
     def close(self) -> None:
+        self._closing.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -7,13 +7,17 @@ per-user choices (absent row = the configured defaults). The in-app row and its 
 written in the handler's transaction. A webhook or email record is written by
 :class:`DeliveryLog` on a connection of its own and committed right after the send: it
 stands even when the handler's transaction rolls back (say the email failed after the
-webhook went out), so the retry does not POST the webhook again.
+webhook went out), so the retry does not POST the webhook again. The reads the worker
+needs before its sends (preferences, delivered channels, inbox) are made for a whole chunk of
+events at once on that connection too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -80,116 +84,203 @@ class NotificationStore:
             return render(sql.SQL(text).format(s=s))
 
         self._prefs = q(
-            "SELECT in_app, webhook, webhook_url, email, email_address, email_min_severity,"
-            " muted FROM {s}.notification_preferences WHERE user_id = %s"
+            "SELECT user_id, in_app, webhook, webhook_url, email, email_address,"
+            " email_min_severity, muted FROM {s}.notification_preferences"
+            " WHERE user_id = ANY(%s)"
         )
         self._delivered = q(
-            "SELECT channel FROM {s}.notification_deliveries WHERE message_id = %s"
+            "SELECT message_id, channel FROM {s}.notification_deliveries"
+            " WHERE message_id = ANY(%s)"
         )
-        self._insert_note = q(
-            "INSERT INTO {s}.notifications (message_id, user_id, event_type, title, body,"
-            " severity, template, payload) VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
-            " ON CONFLICT DO NOTHING"
+        # Rows go in as one JSON array (dumped by orjson): cheaper than a text[] per column.
+        # The in-app rows of a batch and their delivery records, in one statement.
+        self._in_app_many = q(
+            "WITH x AS (SELECT * FROM jsonb_to_recordset(%s::jsonb) AS x(m text, u text,"
+            " e text, t text, b text, v text, p text, j jsonb, k text)),"
+            " n AS (INSERT INTO {s}.notifications (message_id, user_id, event_type, title, body,"
+            " severity, template, payload) SELECT m, u, e, t, b, v, p, j FROM x"
+            " ON CONFLICT DO NOTHING)"
+            " INSERT INTO {s}.notification_deliveries (message_id, channel, user_id, target,"
+            " idempotency_key) SELECT m, 'in_app', u, NULL, k FROM x ON CONFLICT DO NOTHING"
         )
-        self._record = q(
+        self._record_many = q(
             "INSERT INTO {s}.notification_deliveries (message_id, channel, user_id, target,"
-            " idempotency_key) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+            " idempotency_key) SELECT m, c, u, t, k FROM jsonb_to_recordset(%s::jsonb)"
+            " AS x(m text, c text, u text, t text, k text) ON CONFLICT DO NOTHING"
         )
 
-    async def lookup(
-        self, conn: psycopg.AsyncConnection[Any], user_id: str | None, message_id: str
-    ) -> tuple[Preferences | None, set[str]]:
-        """The user's stored preferences (None: use the defaults) and the channels already
-        delivered for ``message_id``, in one round trip."""
+    async def lookup_many(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        user_ids: Sequence[str],
+        message_ids: Sequence[str],
+        seen_query: sql.Composed,
+    ) -> Lookup:
+        """For a chunk of events, in one round trip: the stored preferences of ``user_ids``
+        (absent: use the defaults), the channels already delivered per message id, and the
+        ids ``seen_query`` (the worker's inbox) already holds."""
         async with conn.pipeline():
-            prefs_cur = await conn.execute(self._prefs, (user_id,)) if user_id else None
-            done_cur = await conn.execute(self._delivered, (message_id,))
-        done = {str(row[0]) for row in await done_cur.fetchall()}
-        row = await prefs_cur.fetchone() if prefs_cur is not None else None
-        if row is None:
-            return None, done
-        return (
-            Preferences(
-                in_app=row[0],
-                webhook=row[1],
-                webhook_url=row[2],
-                email=row[3],
-                email_address=row[4],
-                email_min_severity=row[5],
-                muted=frozenset(row[6] or ()),
-            ),
-            done,
-        )
+            prefs_cur = await conn.execute(self._prefs, (list(user_ids),))
+            done_cur = await conn.execute(self._delivered, (list(message_ids),))
+            seen_cur = await conn.execute(seen_query, (list(message_ids),))
+        prefs = {
+            str(row[0]): Preferences(
+                in_app=row[1],
+                webhook=row[2],
+                webhook_url=row[3],
+                email=row[4],
+                email_address=row[5],
+                email_min_severity=row[6],
+                muted=frozenset(row[7] or ()),
+            )
+            for row in await prefs_cur.fetchall()
+        }
+        done: dict[str, set[str]] = {}
+        for mid, channel in await done_cur.fetchall():
+            done.setdefault(str(mid), set()).add(str(channel))
+        seen = {str(row[0]) for row in await seen_cur.fetchall()}
+        return Lookup(prefs, done, seen)
 
-    async def store_in_app(
+    async def record_many(
         self,
         conn: psycopg.AsyncConnection[Any],
-        message_id: str,
-        user_id: str | None,
-        note: Notification,
-        payload: Any,
+        rows: Sequence[tuple[str, Channel, str | None, str | None, str]],
     ) -> None:
-        """The in-app notification row (once per event)."""
-        await conn.execute(
-            self._insert_note,
-            (message_id, user_id, note.event_type, note.title, note.body, note.severity,
-             note.template, orjson.dumps(payload).decode()),
-        )
+        """Several delivery records ``(message_id, channel, user_id, target, key)`` in one
+        statement."""
+        doc = [{"m": m, "c": c, "u": u, "t": t, "k": k} for m, c, u, t, k in rows]
+        await conn.execute(self._record_many, (orjson.dumps(doc).decode(),))
 
-    async def record_delivery(
+    async def store_in_app_many(
         self,
         conn: psycopg.AsyncConnection[Any],
-        message_id: str,
-        channel: Channel,
-        user_id: str | None,
-        target: str | None,
-        key: str,
+        rows: Sequence[tuple[str, str | None, Notification, Any, str]],
     ) -> None:
-        """Remember that ``channel`` delivered ``message_id`` (skipped on later attempts)."""
-        await conn.execute(self._record, (message_id, channel, user_id, target, key))
+        """In-app rows ``(message_id, user_id, note, payload, in-app idempotency key)``
+        and their delivery records, in one statement (each once per event)."""
+        if not rows:
+            return
+        doc = [
+            {"m": mid, "u": user, "e": note.event_type, "t": note.title, "b": note.body,
+             "v": note.severity, "p": note.template, "j": payload, "k": key}
+            for mid, user, note, payload, key in rows
+        ]
+        await conn.execute(self._in_app_many, (orjson.dumps(doc).decode(),))
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What :meth:`NotificationStore.lookup_many` found for a chunk of events."""
+
+    prefs: dict[str, Preferences]
+    done: dict[str, set[str]]
+    seen: set[str]
+
+
+class _Session:
+    """One autocommit connection used by one statement at a time, opened on first use and
+    again after a failure."""
+
+    def __init__(self, url: Callable[[], str], name: str) -> None:
+        self._url = url
+        self._name = name
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.lock = asyncio.Lock()
+
+    async def connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._url(),
+                autocommit=True,
+                connect_timeout=10,
+                prepare_threshold=None,
+                application_name=self._name,
+            )
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self._conn.close()
+            self._conn = None
 
 
 class DeliveryLog:
-    """Records external deliveries at once, outside the handler's transaction (module doc).
+    """Reads before the sends and records right after them, outside the handler's
+    transaction (module doc).
 
-    One autocommit connection, opened on first use and again after a failure. A record that
-    cannot be written is a :class:`~consumers.errors.Retry`: the send is then repeated with
-    the same idempotency key, which the receiver uses to drop the copy.
+    Two autocommit connections, so reads of new chunks never wait behind record writes:
+    one for the reads, one for the records. Records that arrive while one is being written
+    go together in the next statement, so many sends in flight cost one round trip, and
+    each :meth:`record` returns once its row is committed. A record that cannot be written
+    is a :class:`~consumers.errors.Retry`: the send is then repeated with the same
+    idempotency key, which the receiver uses to drop the copy.
     """
 
-    def __init__(self, store: NotificationStore, database_url: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        store: NotificationStore,
+        database_url: Callable[[], str],
+        inbox_table: str,
+        consumer: str,
+    ) -> None:
         # A callable, read on first use: building the worker's spec (which `dlq list` does
         # for its queue names) needs no database URL.
         self._store = store
-        self._url = database_url
-        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._reads = _Session(database_url, "cdc-worker:notifications-reads")
+        self._writes = _Session(database_url, "cdc-worker:notifications-deliveries")
+        schema, table = inbox_table.split(".")
+        self._seen = sql.SQL(
+            "SELECT message_id FROM {}.{} WHERE consumer = {} AND message_id = ANY(%s)"
+        ).format(sql.Identifier(schema), sql.Identifier(table), sql.Literal(consumer))
+        self._pending: list[
+            tuple[tuple[str, Channel, str | None, str | None, str], asyncio.Future[None]]
+        ] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def lookup(self, user_ids: Sequence[str], message_ids: Sequence[str]) -> Lookup:
+        """Preferences, delivered channels and inbox state of a chunk (a failure: Retry)."""
+        try:
+            async with self._reads.lock:
+                return await self._store.lookup_many(
+                    await self._reads.connection(), user_ids, message_ids, self._seen
+                )
+        except psycopg.Error as exc:
+            await self._reads.close()
+            raise Retry(f"reading preferences failed ({type(exc).__name__}): {exc}") from exc
 
     async def record(
         self, message_id: str, channel: Channel, user_id: str | None, target: str, key: str
     ) -> None:
         """Commit the record of ``channel`` having delivered ``message_id``."""
-        try:
-            if self._conn is None or self._conn.closed or self._conn.broken:
-                self._conn = await psycopg.AsyncConnection.connect(
-                    self._url(),
-                    autocommit=True,
-                    connect_timeout=10,
-                    prepare_threshold=None,
-                    application_name="cdc-worker:notifications-deliveries",
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(((message_id, channel, user_id, target, key), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        await done
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            error: BaseException | None = None
+            try:
+                async with self._writes.lock:
+                    conn = await self._writes.connection()
+                    await self._store.record_many(conn, [r for r, _ in batch])
+            except psycopg.Error as exc:
+                await self._writes.close()
+                error = Retry(
+                    f"delivered but its record failed ({type(exc).__name__}); the next "
+                    "attempt sends it again with the same idempotency key"
                 )
-            await self._store.record_delivery(
-                self._conn, message_id, channel, user_id, target, key
-            )
-        except psycopg.Error as exc:
-            await self.close()
-            raise Retry(
-                f"{channel} delivered but its record failed ({type(exc).__name__}); the "
-                "next attempt sends it again with the same idempotency key"
-            ) from exc
+            for _, done in batch:
+                if not done.done():
+                    if error is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(error)
 
     async def close(self) -> None:
-        """Close the connection (the worker's ``on_close``)."""
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                await self._conn.close()
-            self._conn = None
+        """Close the connections (the worker's ``on_close``)."""
+        await self._reads.close()
+        await self._writes.close()

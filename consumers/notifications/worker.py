@@ -2,21 +2,30 @@
 
 One durable queue per event family of the seed (``notification-service.user``, bound
 ``user.#``, ... ``system.#``). For each event: render its template, pick the user's channels
-(stored preferences, else ``CDC_NOTIFICATIONS_DEFAULT_CHANNELS``), write the in-app row,
-then POST the signed webhook and send the email, recording each ``(message_id, channel)``
-delivery: the in-app one in the handler's transaction, a webhook or email one committed at
-once on its own connection (``store.DeliveryLog``). A failing send raises ``Retry``: the
-transaction (and the in-app row) rolls back and the runtime tries the event again later,
-skipping the channels whose record was committed; the idempotency key (from the message id)
-is the same on every attempt, so the receiver can drop a resend.
+(stored preferences, else ``CDC_NOTIFICATIONS_DEFAULT_CHANNELS``), POST the signed webhook
+and send the email, then write the in-app row. The external sends are the worker's
+``outside`` effects: they run concurrently for every message in hand (a chunk's
+preferences, delivered channels and inbox state read in one round trip), outside any
+database transaction, at most ``CDC_WEBHOOK_CONCURRENCY`` requests per endpoint, each
+recorded as ``(message_id, channel)`` and committed right after the send on the
+``store.DeliveryLog`` connection. A message whose sends all succeeded joins a database batch
+that writes its in-app row, its in-app record and its inbox row in one transaction. A
+failing send raises ``Retry``: nothing of that attempt is written but the records of the
+sends that did succeed, and the runtime tries the event again later, skipping those
+channels; the idempotency key (from the message id) is the same on every attempt, so the
+receiver can drop a resend.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
+import psycopg
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -31,6 +40,7 @@ from pydantic_settings import NoDecode
 from consumers.config import ConsumerSettings
 from consumers.errors import ConfigError, PermanentError
 from consumers.notifications import channels, targets
+from consumers.notifications.breaker import Breaker
 from consumers.notifications.signing import idempotency_key
 from consumers.notifications.store import DeliveryLog, NotificationStore, schema_ddl
 from consumers.notifications.templates import (
@@ -41,7 +51,7 @@ from consumers.notifications.templates import (
     render,
     select_channels,
 )
-from consumers.runtime.spec import HandlerContext, QueueSpec, Route, WorkerSpec
+from consumers.runtime.spec import Delivery, HandlerContext, QueueSpec, Route, WorkerSpec
 
 log = logging.getLogger("consumers.notifications")
 
@@ -50,6 +60,12 @@ FAMILIES = ("user", "device", "app", "billing", "scheduler", "media", "system")
 
 class NotificationSettings(ConsumerSettings):
     """The notifications worker's settings on top of the runtime's."""
+
+    # Each message holds its prefetch slot while its webhook is in flight (the receiver's
+    # latency, tens of ms): the share of the busiest queue (device) must cover rate x that.
+    worker_prefetch: int = Field(
+        2048, ge=1, le=65535, description="unacked messages the broker may push to this replica"
+    )
 
     notifications_schema: str = Field("public", description="schema of the tables")
     notifications_default_channels: list[str] = Field(
@@ -60,7 +76,21 @@ class NotificationSettings(ConsumerSettings):
         None, description="webhook endpoint of users without their own (default channels)"
     )
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of webhooks")
-    webhook_timeout: float = Field(5.0, gt=0, description="seconds per webhook POST")
+    webhook_timeout: float = Field(
+        5.0, gt=0, description="seconds per webhook POST, waiting for a connection included"
+    )
+    webhook_concurrency: int = Field(
+        32, ge=1, le=1024, description="webhook requests in flight per endpoint (scheme://host:port)"
+    )
+    webhook_breaker_failures: int = Field(
+        5,
+        ge=0,
+        description="failures in a row after which an endpoint's webhooks fail at once for "
+        "CDC_WEBHOOK_BREAKER_SECONDS (0: never)",
+    )
+    webhook_breaker_seconds: float = Field(
+        30.0, gt=0, description="seconds a failing endpoint is not tried before one probe"
+    )
     webhook_allow_http: bool = Field(
         False, description="allow plain http:// webhook URLs (https only otherwise)"
     )
@@ -76,6 +106,9 @@ class NotificationSettings(ConsumerSettings):
     smtp_password: SecretStr | None = None
     smtp_starttls: bool = False
     smtp_timeout: float = Field(10.0, gt=0, description="seconds per SMTP exchange")
+    smtp_connections: int = Field(
+        4, ge=1, le=64, description="SMTP connections kept open and used at once"
+    )
 
     @field_validator("webhook_allowed_networks", mode="before")
     @classmethod
@@ -125,10 +158,20 @@ def _defaults(settings: NotificationSettings) -> Preferences:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one event needs in the database once its external sends are done."""
+
+    note: Notification
+    user: str | None
+    payload: Any
+    in_app: bool  # write the in-app row and its record
+
+
 def build(settings: NotificationSettings) -> WorkerSpec:
     """The notifications worker's queues, route and schema for ``settings``."""
     store = NotificationStore(settings.notifications_schema)
-    deliveries = DeliveryLog(store, settings.dsn)
+    deliveries = DeliveryLog(store, settings.dsn, settings.worker_inbox_table, "notifications")
     defaults = _defaults(settings)
     secret = (
         settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else None
@@ -144,21 +187,33 @@ def build(settings: NotificationSettings) -> WorkerSpec:
             targets.webhook_target(settings.webhook_url, policy)
         except PermanentError as exc:
             raise ConfigError(f"CDC_WEBHOOK_URL: {exc}") from exc
-    smtp = channels.SmtpConfig(
-        host=settings.smtp_host,
-        port=settings.smtp_port,
-        sender=settings.smtp_from,
-        timeout=settings.smtp_timeout,
-        starttls=settings.smtp_starttls,
-        username=settings.smtp_username,
-        password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+    webhooks = channels.WebhookClient(
+        secret or b"",
+        settings.webhook_timeout,
+        policy,
+        per_endpoint=settings.webhook_concurrency,
+        breaker=Breaker(settings.webhook_breaker_failures, settings.webhook_breaker_seconds),
+    )
+    smtp = channels.SmtpPool(
+        channels.SmtpConfig(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            sender=settings.smtp_from,
+            timeout=settings.smtp_timeout,
+            starttls=settings.smtp_starttls,
+            username=settings.smtp_username,
+            password=(
+                settings.smtp_password.get_secret_value() if settings.smtp_password else None
+            ),
+        ),
+        settings.smtp_connections,
     )
 
     async def send(
-        channel: Channel, ctx: HandlerContext, note: Notification, user: str | None,
+        channel: Channel, delivery: Delivery, note: Notification, user: str | None,
         target: str, payload: Any,
     ) -> None:
-        key = idempotency_key(ctx.delivery.message_id, channel)
+        key = idempotency_key(delivery.message_id, channel)
         if channel == "webhook":
             if secret is None:
                 raise PermanentError(
@@ -167,7 +222,7 @@ def build(settings: NotificationSettings) -> WorkerSpec:
             body = orjson.dumps(
                 {
                     "id": key,
-                    "messageId": ctx.delivery.message_id,
+                    "messageId": delivery.message_id,
                     "eventType": note.event_type,
                     "userId": user,
                     "title": note.title,
@@ -177,50 +232,114 @@ def build(settings: NotificationSettings) -> WorkerSpec:
                 },
                 option=orjson.OPT_SORT_KEYS,
             )
-            hook = channels.Webhook(target, body, key, note.event_type, ctx.delivery.message_id)
-            await channels.post_webhook(hook, secret, settings.webhook_timeout, policy)
+            await webhooks.post(
+                channels.Webhook(target, body, key, note.event_type, delivery.message_id)
+            )
         else:
             mail = channels.Email(
                 to=targets.email_recipient(target),
                 subject=note.title,
                 text=note.body,
                 idempotency_key=key,
-                message_id=ctx.delivery.message_id,
+                message_id=delivery.message_id,
                 event_type=note.event_type,
             )
-            await channels.send_email(mail, smtp)
-        # Committed now, whatever happens to this attempt's transaction afterwards.
-        await deliveries.record(ctx.delivery.message_id, channel, user, target, key)
+            await smtp.send(mail)
+        # Committed now, whatever happens to the rest of this attempt.
+        await deliveries.record(delivery.message_id, channel, user, target, key)
+
+    async def effects(plan: Plan, sends: list[Awaitable[None]]) -> Plan:
+        if len(sends) == 1:  # the common case: no task of its own needed
+            await sends[0]
+            return plan
+        # Every channel is tried even when another fails: what succeeded is recorded and
+        # skipped next time; the first failure (a permanent one first) decides the retry.
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            permanent = [e for e in errors if isinstance(e, PermanentError)]
+            raise (permanent or errors)[0]
+        return plan
+
+    async def outside(
+        chunk: Sequence[tuple[Delivery, EventPayload]],
+    ) -> list[Awaitable[Plan]]:
+        users = sorted({model.user_id for _, model in chunk if model.user_id})
+        found = await deliveries.lookup(users, [d.message_id for d, _ in chunk])
+        out: list[Awaitable[Plan]] = []
+        for delivery, model in chunk:
+            payload = orjson.loads(delivery.body)
+            note = render(delivery.routing_key, payload)
+            user = model.user_id
+            if delivery.message_id in found.seen:
+                # Already handled: the runtime's inbox claim will count it as a duplicate.
+                out.append(effects(Plan(note, user, payload, False), []))
+                continue
+            prefs = found.prefs.get(user, defaults) if user else defaults
+            done = found.done.get(delivery.message_id, set())
+            chosen = [c for c in select_channels(prefs, note) if c not in done]
+            sends: list[Awaitable[None]] = []
+            for channel in chosen:
+                if channel == "webhook":
+                    assert prefs.webhook_url is not None
+                    sends.append(send(channel, delivery, note, user, prefs.webhook_url, payload))
+                elif channel == "email":
+                    # Only the stored address: the event's payload never picks a recipient.
+                    assert prefs.email_address is not None
+                    sends.append(
+                        send(channel, delivery, note, user, prefs.email_address, payload)
+                    )
+            out.append(effects(Plan(note, user, payload, "in_app" in chosen), sends))
+        return out
+
+    def plan_of(delivery: Delivery) -> Plan:
+        if not isinstance(delivery.prepared, Plan):
+            raise RuntimeError("the notifications handler runs only after its outside effects")
+        return delivery.prepared
+
+    def in_app_row(
+        delivery: Delivery, plan: Plan
+    ) -> tuple[str, str | None, Notification, Any, str]:
+        mid = delivery.message_id
+        return (mid, plan.user, plan.note, plan.payload, idempotency_key(mid, "in_app"))
 
     async def handle(ctx: HandlerContext, model: EventPayload) -> None:
-        payload = orjson.loads(ctx.delivery.body)
-        note = render(ctx.delivery.routing_key, payload)
-        user = model.user_id
-        prefs, done = await store.lookup(ctx.conn, user, ctx.delivery.message_id)
-        prefs = prefs or defaults
-        for channel in select_channels(prefs, note):
-            if channel in done:
-                continue  # delivered by an earlier attempt that committed
-            if channel == "in_app":
-                await store.store_in_app(ctx.conn, ctx.delivery.message_id, user, note, payload)
-                await store.record_delivery(
-                    ctx.conn, ctx.delivery.message_id, "in_app", user, None,
-                    idempotency_key(ctx.delivery.message_id, "in_app"),
-                )
-            elif channel == "webhook":
-                assert prefs.webhook_url is not None
-                await send(channel, ctx, note, user, prefs.webhook_url, payload)
-            else:
-                # Only the stored address: the event's payload never picks a recipient.
-                assert prefs.email_address is not None
-                await send(channel, ctx, note, user, prefs.email_address, payload)
+        # One message (the fallback when its batch failed): the same statement, one row.
+        plan = plan_of(ctx.delivery)
+        if plan.in_app:
+            await store.store_in_app_many(ctx.conn, [in_app_row(ctx.delivery, plan)])
+
+    async def handle_batch(
+        conn: psycopg.AsyncConnection[Any], batch: Sequence[tuple[Delivery, EventPayload]]
+    ) -> None:
+        rows = []
+        for delivery, _ in batch:
+            plan = plan_of(delivery)
+            if plan.in_app:
+                rows.append(in_app_row(delivery, plan))
+        await store.store_in_app_many(conn, rows)
+
+    def drain() -> None:
+        webhooks.drain()
+        smtp.drain()
+
+    async def close() -> None:
+        await webhooks.close()
+        await smtp.close()
+        await deliveries.close()
 
     service = SERVICE
     return WorkerSpec(
         name="notifications",
         service=service,
         queues=tuple(QueueSpec(f"{service}.{family}", (f"{family}.#",)) for family in FAMILIES),
-        routes=tuple(Route(f"{family}.#", EventPayload, handle) for family in FAMILIES),
+        routes=tuple(
+            Route(f"{family}.#", EventPayload, handle, batch=handle_batch) for family in FAMILIES
+        ),
         schema=schema_ddl(settings.notifications_schema),
-        on_close=deliveries.close,
+        on_close=close,
+        # The handler only writes rows: the sends happen before, in ``outside``.
+        db_only=True,
+        outside=outside,
+        on_drain=drain,
     )

@@ -159,7 +159,8 @@ async def _run_new(
         batch = item.route.batch
         if batch is None:
             started = clock()
-            await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
+            ctx = HandlerContext(conn, item.delivery)
+            await item.route.handler(ctx, item.payload)
             item.seconds = clock() - started
             item.outcome = DONE
         elif batch in groups:
@@ -190,7 +191,8 @@ async def _with_savepoints(
         opened = True
         started = clock()
         try:
-            await item.route.handler(HandlerContext(conn, item.delivery), item.payload)
+            ctx = HandlerContext(conn, item.delivery)
+            await item.route.handler(ctx, item.payload)
         except Exception as exc:
             item.seconds = clock() - started
             if conn.broken:

@@ -63,12 +63,25 @@ class Park:
 
 
 def after_failure(
-    attempt: int, max_attempts: int, delays: Sequence[float], permanent: bool = False
+    attempt: int,
+    max_attempts: int,
+    delays: Sequence[float],
+    permanent: bool = False,
+    at_least: float = 0.0,
 ) -> RetryLater | Park:
-    """What to do with a message whose attempt number ``attempt`` just failed."""
+    """What to do with a message whose attempt number ``attempt`` just failed.
+
+    ``at_least``: the failure says nothing can succeed for that long; the retry then waits
+    the shortest delay in use that is at least as long (the longest one if none is), never
+    less than its own step's delay."""
     if permanent or attempt >= max_attempts or not delays:
         return Park(attempt)
-    return RetryLater(delays[min(attempt, len(delays)) - 1], attempt)
+    delay = delays[min(attempt, len(delays)) - 1]
+    if at_least > delay:
+        usable = delays_used(max_attempts, delays)
+        longer = [d for d in usable if d >= at_least]
+        delay = min(longer) if longer else max(usable)
+    return RetryLater(delay, attempt)
 
 
 def delays_used(max_attempts: int, delays: Sequence[float]) -> tuple[float, ...]:

@@ -10,15 +10,22 @@ time and, in order:
    per handler, one commit;
 3. publishes the copies of the failed ones (retry TTL queue, or parking queue after the last
    attempt) and waits for every confirm;
-4. acks the whole batch with one ``basic.ack(multiple=True)`` on its last delivery tag (the
-   buffer is in delivery order, so every earlier tag of the channel is settled).
+4. acks the batch (``acks.AckTracker``): one ``basic.ack(multiple=True)`` on its last
+   delivery tag when every earlier tag of the channel is settled, which is always the case
+   for a plain worker (the buffer is in delivery order).
+
+A worker with ``outside`` effects (HTTP, SMTP; see ``spec``) is pipelined instead: every
+delivery is routed and its effects started as it arrives (the prefetch bounds how many),
+and whatever finished its effects is run in the next batch, copied if failed and acked,
+out of delivery order when a slow effect holds an earlier message (that one is acked on its
+own later). Two copies of one message id are never in hand at once.
 
 Nothing is acked before its effects are committed or its copy is confirmed. A broker failure
 ends the session: the buffer is dropped (those messages are redelivered, the inbox absorbs
 what already committed) and a new session starts after a backoff with jitter. A database
 failure keeps the batch in hand and runs it again once PostgreSQL is back.
 
-Shutdown (:meth:`Runner.stop`): cancel the consumers, finish and ack what is buffered, exit.
+Shutdown (:meth:`Runner.stop`): cancel the consumers, finish and ack what is in hand, exit.
 The CLI bounds that with ``CDC_WORKER_SHUTDOWN_TIMEOUT`` and then cancels.
 """
 
@@ -26,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable
 from typing import Any
 
 import aiormq
@@ -39,9 +48,17 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from cdc.backoff import Backoff
 from consumers.config import ConsumerSettings
 from consumers.connect import open_broker, open_database, refused_by_broker
-from consumers.errors import BatchAborted, BrokerLost, PermanentError, Refused, Unroutable
+from consumers.errors import (
+    BatchAborted,
+    BrokerLost,
+    PermanentError,
+    Refused,
+    Retry,
+    Unroutable,
+)
 from consumers.runtime import headers as hdr
 from consumers.runtime import inbox, topology
+from consumers.runtime.acks import AckTracker
 from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item, run_batch
 from consumers.runtime.dispatch import Rejected, resolve
 from consumers.runtime.metrics import WorkerMetrics
@@ -53,7 +70,13 @@ from consumers.runtime.spec import Delivery, WorkerSpec
 
 log = logging.getLogger(__name__)
 
+#: A message to copy to a retry or parking queue: queue, message, delivery, kind, reason,
+#: and the least retry delay its failure asked for (``Retry.after``).
+_Copy = tuple[str, DeliveredMessage, Delivery, str, str, float]
+
 _HEALTHY_SESSION = 30.0
+#: How long a batch shorter than CDC_WORKER_BATCH_SIZE waits for more messages (seconds).
+_LINGER = 0.005
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, OSError, RuntimeError, TimeoutError)
 
 
@@ -85,6 +108,19 @@ class Runner:
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
+        self._acks = AckTracker()
+        # Workers with effects outside the database: messages whose effects are running,
+        # and those done with them, waiting for a database batch.
+        self._running: set[asyncio.Task[None]] = set()
+        self._ready: deque[Item] = deque()
+        # Message ids in hand (effects running, or waiting for their batch), and copies of
+        # those ids that wait until the first one is settled: two copies of one event never
+        # send at the same time, and the later one then finds the first one's records.
+        self._in_hand: set[str] = set()
+        self._deferred: list[Item] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._committing = False
+        self._readied = asyncio.Event()
         self._lost: asyncio.Future[BaseException] | None = None
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._publisher: AbstractChannel | None = None
@@ -99,7 +135,12 @@ class Runner:
 
     def health(self) -> dict[str, Any]:
         """What ``/healthz`` reports."""
-        return {"state": self.state, "worker": self._spec.name, "buffered": len(self._buffer)}
+        return {
+            "state": self.state,
+            "worker": self._spec.name,
+            "buffered": len(self._buffer),
+            "unacked": len(self._acks),
+        }
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -118,7 +159,7 @@ class Runner:
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 raise refused_by_broker(exc) from exc  # a permission: no retry can help
             except (BrokerLost, Unroutable, *_AMQP_ERRORS) as exc:
-                self._buffer.clear()
+                self._drop_session_work()
                 if self._stop.is_set():
                     break
                 self._metrics.reconnects.labels(worker=self._spec.name, side="broker").inc()
@@ -202,8 +243,23 @@ class Runner:
         self._wakeup.set()
 
     def _on_message(self, queue: str, message: DeliveredMessage) -> None:
+        self._acks.delivered(message.delivery_tag or 0)
         self._buffer.append((queue, message))
         self._wakeup.set()
+
+    def _drop_session_work(self) -> None:
+        """The channel is gone: what it delivered and we did not ack is redelivered."""
+        if self._committer is not None:
+            self._committer.cancel()
+            self._committer = None
+        for task in self._running:
+            task.cancel()
+        self._running.clear()
+        self._ready.clear()
+        self._in_hand.clear()
+        self._deferred.clear()
+        self._buffer.clear()
+        self._acks.clear()
 
     async def _session(self) -> None:
         self._lost = asyncio.get_running_loop().create_future()
@@ -238,31 +294,97 @@ class Runner:
         finally:
             if poller is not None:
                 poller.cancel()
+            if self._committer is not None:
+                self._committer.cancel()
+                self._committer = None
             self._publisher = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=2)
 
     async def _consume(self, channel: AbstractChannel, tags: list[str]) -> None:
         stopping = False
+        waited = False  # the current short batch already had its moment to fill
         while True:
+            self._wakeup.clear()
             if self._lost is not None and self._lost.done():
                 raise BrokerLost(repr(self._lost.result()))
             if self._stop.is_set() and not stopping:
                 stopping = True
                 self._set_state("draining")
+                if self._spec.on_drain is not None:
+                    self._spec.on_drain()
                 # Deliveries sent before cancel-ok still land in the buffer; none after.
                 for tag in tags:
                     await channel.basic_cancel(tag)
-                log.info("consumers cancelled; finishing %d buffered messages", len(self._buffer))
-            if not self._buffer:
-                if stopping:
+                log.info(
+                    "consumers cancelled; finishing %d messages in hand",
+                    len(self._buffer) + len(self._running) + len(self._ready),
+                )
+            if self._spec.outside is not None:
+                # Start the effects of everything delivered (the prefetch bounds it); the
+                # committer task commits and acks whatever finished them, meanwhile.
+                if self._committer is None:
+                    self._committer = asyncio.create_task(self._commit_loop())
+                elif self._committer.done():
+                    self._committer.result()  # its BrokerLost ends the session
+                while self._buffer:
+                    await self._start_outside(self._take(self._buffer))
+                if stopping and not (
+                    self._running or self._ready or self._deferred or self._committing
+                ):
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            elif self._buffer:
+                if len(self._buffer) < self._s.worker_batch_size and not stopping and not waited:
+                    # A steady trickle would otherwise make a transaction of a message or
+                    # two each (PostgreSQL then spends several times more per event than
+                    # in a full batch): give the batch a moment to fill.
+                    waited = True
+                    await asyncio.sleep(_LINGER)
+                    continue
+                waited = False
+                await self._handle(self._take(self._buffer))
                 continue
-            size = min(len(self._buffer), self._s.worker_batch_size)
-            batch = [self._buffer.popleft() for _ in range(size)]
-            await self._handle(batch)
+            elif stopping:
+                return
+            await self._wakeup.wait()
+
+    async def _commit_loop(self) -> None:
+        """Commit and ack the messages whose outside effects are done, a batch at a time.
+
+        A batch waits up to ``_LINGER`` for more messages while effects are still running,
+        so a steady flow makes batches of several messages rather than one transaction each.
+        """
+        while True:
+            if not self._ready:
+                self._readied.clear()
+                await self._readied.wait()
+                continue
+            deadline = time.monotonic() + _LINGER
+            while (
+                len(self._ready) < self._s.worker_batch_size
+                and self._running
+                and not self._stop.is_set()
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                self._readied.clear()
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancel
+                # that ends the session when it coincides with the event being set.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self._readied.wait()
+            self._committing = True
+            try:
+                await self._settle(self._take(self._ready), [])
+                if self._deferred:
+                    deferred, self._deferred = self._deferred, []
+                    await self._launch(deferred)  # those still in hand wait again
+            finally:
+                self._committing = False
+                self._wakeup.set()  # the consume loop decides whether a stop is done
+
+    def _take(self, queue: deque[Any]) -> list[Any]:
+        """Up to ``CDC_WORKER_BATCH_SIZE`` entries from the front of ``queue``."""
+        return [queue.popleft() for _ in range(min(len(queue), self._s.worker_batch_size))]
 
     async def _poll_parked(self, connection: Any) -> None:
         """Keep the parked-messages gauge current (a passive declare reads the depth)."""
@@ -279,9 +401,12 @@ class Runner:
 
     # -- one batch --------------------------------------------------------------------------
 
-    async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
+    def _intake(
+        self, batch: list[tuple[str, DeliveredMessage]]
+    ) -> tuple[list[Item], list[_Copy]]:
+        """Route and validate ``batch``: the valid items, and copies of the rejected ones."""
         items: list[Item] = []
-        copies: list[tuple[str, DeliveredMessage, Delivery, str, str]] = []
+        copies: list[_Copy] = []
         for queue, message in batch:
             props = message.header.properties
             # Our own retry headers count only on our own copies (see headers.came_back).
@@ -292,30 +417,97 @@ class Runner:
             delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
             found = resolve(self._spec.routes, key, props.message_id, message.body)
             if isinstance(found, Rejected):
-                copies.append((queue, message, delivery, found.kind, found.reason))
+                copies.append((queue, message, delivery, found.kind, found.reason, 0.0))
                 continue
             items.append(Item(delivery, found.route, found.payload, queue, message=message))
-        if items:
-            await self._run_in_database(items)
+        return items, copies
+
+    async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
+        items, copies = self._intake(batch)
+        await self._settle(items, copies)
+
+    async def _start_outside(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
+        """Start the worker's outside effects for ``batch``; rejected messages settle now."""
+        assert self._spec.outside is not None
+        items, copies = self._intake(batch)
+        if copies:
+            await self._settle([], copies)
+        await self._launch(items)
+
+    async def _launch(self, items: list[Item]) -> None:
+        """Start the outside effects of ``items``, deferring a second copy of an id in hand."""
+        go: list[Item] = []
+        for item in items:
+            if item.delivery.message_id in self._in_hand:
+                self._deferred.append(item)
+            else:
+                self._in_hand.add(item.delivery.message_id)
+                go.append(item)
+        if not go:
+            return
+        assert self._spec.outside is not None
+        items = go
+        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
+        while True:
+            try:
+                waits = await self._spec.outside([(i.delivery, i.payload) for i in items])
+                break
+            except Exception as exc:  # a read the effects need: wait it out, like a batch
+                if self._stop.is_set():
+                    # Not started: left unacked, they go back to the queue with the channel.
+                    log.warning("stopping: %d messages not started (%r)", len(items), exc)
+                    self._in_hand.difference_update(i.delivery.message_id for i in items)
+                    return
+                delay = backoff.next_delay()
+                log.warning("preparing a chunk failed: %r; again in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+        for item, wait in zip(items, waits, strict=True):
+            task = asyncio.create_task(self._outside_one(item, wait))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _outside_one(self, item: Item, wait: Awaitable[Any]) -> None:
+        started = time.perf_counter()
+        try:
+            item.delivery = dataclasses.replace(item.delivery, prepared=await wait)
+        except Exception as exc:
+            item.outcome, item.error = FAILED, exc
+        item.seconds = time.perf_counter() - started
+        self._ready.append(item)
+        self._readied.set()
+        self._wakeup.set()
+
+    async def _settle(self, items: list[Item], copies: list[_Copy]) -> None:
+        """Commit ``items`` (those whose outside effects failed are not run), publish the
+        copies of the failed and rejected ones, then ack all of them."""
+        failed_outside = [i for i in items if i.outcome == FAILED]
+        if len(failed_outside) < len(items):
+            await self._run_in_database([i for i in items if i.outcome != FAILED])
         self._record(items)
         for item in items:
             if item.outcome == FAILED:
                 assert item.error is not None
                 kind = hdr.KIND_PERMANENT if isinstance(item.error, PermanentError) else ""
-                copies.append(
-                    (item.queue, item.message, item.delivery, kind, hdr.describe(item.error))
-                )
+                after = item.error.after if isinstance(item.error, Retry) else 0.0
+                copies.append((
+                    item.queue, item.message, item.delivery, kind, hdr.describe(item.error), after
+                ))
         if copies:
             await asyncio.gather(*(self._copy(*c) for c in copies))
+        settled = [(i.queue, i.message) for i in items] + [(c[0], c[1]) for c in copies]
+        if not settled:
+            return
+        self._in_hand.difference_update(i.delivery.message_id for i in items)
+        last = max(settled, key=lambda qm: qm[1].delivery_tag or 0)
         try:
-            last = batch[-1][1]
-            await last.channel.basic_ack(last.delivery_tag or 0, multiple=True)
+            for tag, multiple in self._acks.settle(m.delivery_tag or 0 for _, m in settled):
+                await last[1].channel.basic_ack(tag, multiple=multiple)
         except _AMQP_ERRORS as exc:
             raise BrokerLost(f"ack failed: {exc!r}") from exc
-        props = last.header.properties
+        props = last[1].header.properties
         committed = hdr.committed_at(props.headers, props.timestamp)
         if committed is not None:
-            self._metrics.event_age.labels(worker=self._spec.name, queue=batch[-1][0]).set(
+            self._metrics.event_age.labels(worker=self._spec.name, queue=last[0]).set(
                 max(0.0, time.time() - committed)
             )
 
@@ -341,6 +533,7 @@ class Runner:
         delivery: Delivery,
         kind: str,
         reason: str,
+        after: float = 0.0,
     ) -> None:
         """Publish the retry or parked copy of a failed/rejected message, confirmed."""
         key, attempt = delivery.routing_key, delivery.attempt
@@ -355,6 +548,7 @@ class Runner:
                 self._s.worker_max_attempts,
                 self._s.worker_retry_delays,
                 permanent=kind == hdr.KIND_PERMANENT,
+                at_least=after,
             )
         )
         worker = self._spec.name

@@ -15,6 +15,16 @@ instead of once per message. The per-message ``handler`` stays the reference: if
 the optimistic pass fails, the batch is rolled back and runs again message by message with a
 savepoint each, so a bad event costs only itself. A batch handler must therefore leave the
 same tables as the per-message handlers would, for any order of the messages.
+
+A worker with effects outside the database (HTTP, SMTP) declares them as ``outside``: the
+runtime hands it each chunk of new deliveries as they arrive, and it returns one awaitable
+per delivery that performs those effects (concurrently, not inside any transaction). A
+delivery joins a database batch only once its awaitable is done: its result reaches the
+handler (or batch handler) as ``Delivery.prepared``; an exception fails the message
+(retried or parked as usual) without running its handler, so neither its inbox row nor its
+database effects are written. Messages then finish and are acked in the order their
+effects finish, so one slow target holds only its own messages. The handlers of such a
+worker touch only the database and may set ``db_only``.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ class Delivery:
     headers: Mapping[str, Any]
     attempt: int  # 1-based, counted before the handler runs (a crash counts as an attempt)
     body: bytes
+    prepared: Any = None  # what the worker's ``outside`` effects returned for this message
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +63,12 @@ Handler = Callable[[HandlerContext, Any], Awaitable[None]]
 BatchHandler = Callable[
     [psycopg.AsyncConnection[Any], Sequence[tuple[Delivery, Any]]], Awaitable[None]
 ]
+
+
+#: A worker's effects outside the database for a chunk of new deliveries, in delivery order:
+#: one awaitable per delivery (see the module doc). The call itself may raise (a read it
+#: needs failed): the runtime then tries the chunk again after a backoff delay.
+Outside = Callable[[Sequence[tuple[Delivery, Any]]], Awaitable[Sequence[Awaitable[Any]]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,3 +107,7 @@ class WorkerSpec:
     # only if something fails, roll it back and run it again with a savepoint per message.
     # A handler may thus run twice for one delivery (only the second run commits).
     db_only: bool = False
+    outside: Outside | None = None
+    # Called once when the worker starts to stop: outside effects not yet begun should fail
+    # at once (the messages are retried later) so that the stop waits only for those begun.
+    on_drain: Callable[[], None] | None = None

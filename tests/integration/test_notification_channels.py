@@ -1,5 +1,6 @@
 """The external channels against real local sockets: what is a delivery, what is retried,
-what is permanent. (No broker or database: the channel functions alone.)"""
+what is permanent, and that webhooks run concurrently over reused connections. (No broker
+or database: the channel clients alone.)"""
 
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ from consumers.errors import PermanentError, Retry
 from consumers.notifications.channels import (
     Email,
     SmtpConfig,
+    SmtpPool,
     Webhook,
-    pinned_connection,
-    post_webhook,
-    send_email,
+    WebhookClient,
 )
-from consumers.notifications.targets import TargetPolicy, parse_networks, webhook_target
+from consumers.notifications.targets import TargetPolicy, parse_networks
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +32,23 @@ LOCAL = TargetPolicy(allow_http=True, allowed_networks=parse_networks(["127.0.0.
 
 def _hook(url: str) -> Webhook:
     return Webhook(url, b'{"a":1}', "key-1", "device.error", "m-1")
+
+
+async def post_webhook(hook: Webhook, secret: bytes, timeout: float, policy, **kw) -> None:
+    """One POST through a client of its own (closed after)."""
+    client = WebhookClient(secret, timeout, policy, **kw)
+    try:
+        await client.post(hook)
+    finally:
+        await client.close()
+
+
+async def send_email(mail: Email, config: SmtpConfig) -> None:
+    pool = SmtpPool(config)
+    try:
+        await pool.send(mail)
+    finally:
+        await pool.close()
 
 
 def _serve_once(response: bytes | None) -> tuple[str, threading.Event]:
@@ -122,24 +139,42 @@ async def test_a_loopback_receiver_is_refused_unless_allowed_and_then_gets_the_p
         receiver.close()
 
 
-def test_the_connection_goes_to_the_checked_address_not_a_new_lookup():
-    """DNS rebinding: the host name is never looked up again after the check. Here it
-    cannot be resolved at all (.invalid), yet the request reaches the checked address and
-    names the host in ``Host``."""
+async def test_the_connection_goes_to_the_checked_address_not_a_new_lookup():
+    """DNS rebinding: the host name is looked up once per connection, every answer checked,
+    and the connection goes to the checked address. Here the name cannot be resolved by the
+    system at all (.invalid): the one lookup is the client's, and its second answer (an
+    address that is not allowed) is never used while the connection stays open."""
     receiver = WebhookReceiver()
+    answers = [["127.0.0.1"], ["10.9.9.9"]]
+    looked_up: list[str] = []
+
+    async def lookup(host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        return answers[min(len(looked_up), len(answers)) - 1]
+
+    client = WebhookClient(receiver.SECRET.encode(), 2, LOCAL, lookup=lookup)
     try:
         port = receiver.server.server_address[1]
-        target = webhook_target(f"http://rebind.invalid:{port}/hooks", LOCAL)
-        conn = pinned_connection(target, "127.0.0.1", 2)
-        try:
-            conn.request("POST", target.path, body=b"{}")
-            assert conn.getresponse().status == 401  # reached; unsigned, so refused there
-        finally:
-            conn.close()
-        [request] = receiver.requests
-        assert request.headers["Host"] == f"rebind.invalid:{port}"
+        for n in range(3):
+            await client.post(
+                Webhook(f"http://rebind.invalid:{port}/hooks", b"{}", f"k{n}", "t", "m")
+            )
+        assert looked_up == ["rebind.invalid"]  # one connection, reused
+        assert [r.headers["Host"] for r in receiver.requests] == [f"rebind.invalid:{port}"] * 3
+        assert all(r.signature_ok and r.status == 200 for r in receiver.requests)
     finally:
+        await client.close()
         receiver.close()
+    refused = WebhookClient(b"s", 2, LOCAL, lookup=lambda h, p: _const(["10.9.9.9"]))
+    try:
+        with pytest.raises(PermanentError, match=r"resolves to 10\.9\.9\.9, private"):
+            await refused.post(_hook("http://rebind.invalid:1/hooks"))
+    finally:
+        await refused.close()
+
+
+async def _const(value: list[str]) -> list[str]:
+    return value
 
 
 @pytest.fixture
@@ -183,11 +218,56 @@ async def test_https_verifies_the_certificate_for_the_url_host_on_the_checked_ad
     try:
         with pytest.raises(Retry, match="CERTIFICATE_VERIFY_FAILED"):
             await post_webhook(_hook(f"https://127.0.0.1:{port}/x"), b"s", timeout=5, policy=LOCAL)
-        target = webhook_target(f"https://hooks.test:{port}/x", LOCAL)
-        conn = pinned_connection(target, "127.0.0.1", 5)
-        with pytest.raises(ssl.SSLCertVerificationError):
-            conn.request("POST", target.path, body=b"{}")
-        conn.close()
+        with pytest.raises(Retry, match="CERTIFICATE_VERIFY_FAILED"):
+            await post_webhook(
+                _hook(f"https://hooks.test:{port}/x"), b"s", timeout=5, policy=LOCAL,
+                lookup=lambda h, p: _const(["127.0.0.1"]),
+            )
         assert names == [None, "hooks.test"]  # an IP URL sends no SNI; a host name does
     finally:
         srv.close()
+
+
+async def test_a_dead_endpoint_is_given_up_on_after_its_failures_then_fails_at_once():
+    import time
+
+    from consumers.notifications.breaker import Breaker
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)  # accepts connections, never answers
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/hook"
+    client = WebhookClient(b"s", 0.3, LOCAL, breaker=Breaker(2, 30))
+    try:
+        for _ in range(2):
+            with pytest.raises(Retry, match="unreachable"):
+                await client.post(_hook(url))
+        started = time.monotonic()
+        with pytest.raises(Retry, match="keeps failing"):
+            await client.post(_hook(url))
+        assert time.monotonic() - started < 0.1  # no timeout waited
+    finally:
+        await client.close()
+        srv.close()
+
+
+async def test_on_drain_a_post_waiting_for_a_slot_is_not_sent_and_one_in_flight_finishes():
+    import asyncio
+
+    receiver = WebhookReceiver(delay=0.5)
+    client = WebhookClient(receiver.SECRET.encode(), 5, LOCAL, per_endpoint=1)
+    try:
+        first = asyncio.create_task(client.post(_hook(receiver.url)))
+        await asyncio.sleep(0.1)  # in flight, holding the endpoint's only slot
+        second = asyncio.create_task(
+            client.post(Webhook(receiver.url, b'{"a":1}', "key-2", "t", "m-2"))
+        )
+        await asyncio.sleep(0.1)
+        client.drain()
+        with pytest.raises(Retry, match="stopping"):
+            await second
+        await first  # delivered
+        assert [r.headers["Idempotency-Key"] for r in receiver.requests] == ["key-1"]
+    finally:
+        await client.close()
+        receiver.close()

@@ -54,7 +54,8 @@ def encode(
             message_type=message_type,
             timestamp=timestamp,
         )
-        return wire.publish_frames(channel, exchange, key, block, body, frame_max)
+        frames = wire.publish_frames(channel, exchange, key, block, body, frame_max)
+        return frames if isinstance(frames, bytes) else b"".join(frames)
     props = commands.Basic.Properties(
         message_id=message_id,
         message_type=message_type,
@@ -262,3 +263,19 @@ def test_confirm_and_method_parsers_reject_short_payloads():
         wire.method_id(b"\x00")
     with pytest.raises(SinkError, match="undecodable method"):
         wire.decode_method(1, b"\x00\x3c\x00\x32\x01")
+
+
+def test_a_large_body_is_framed_as_views_of_it_and_matches_pamqp():
+    """From LARGE_BODY on, the frames are pieces (the body's frames are views of the body,
+    never copies) that, written in order, are byte for byte what pamqp encodes."""
+    body = bytes(range(256)) * (wire.LARGE_BODY // 256 + 3)
+    frames = wire.publish_frames(1, "ex", "k", b"\x00\x00", body, FRAME_MAX)
+    assert isinstance(frames, tuple)
+    views = [f for f in frames if isinstance(f, memoryview)]
+    assert views and all(v.obj is body for v in views)
+    assert sum(len(v) for v in views) == len(body)
+    small = wire.publish_frames(1, "ex", "k", b"\x00\x00", body[:1000], FRAME_MAX)
+    assert isinstance(small, bytes)
+    kw = {"headers": {"a": 1}, "message_id": "m-1", "message_type": "t",
+          "timestamp": datetime(2024, 1, 1, tzinfo=UTC)}
+    assert ours("ex", "k", body, **kw) == encode("ex", "k", body, reference=True, **kw)

@@ -529,3 +529,34 @@ def test_corrupted_fixtures_decode_or_raise_protocol_error(name, data):
         decode(raw, in_stream=data.draw(st.booleans()))
     except ProtocolError as exc:
         assert 0 <= exc.offset <= len(raw)
+
+
+def _insert_message(values: list[bytes | None]) -> bytes:
+    cols = b""
+    for v in values:
+        cols += b"n" if v is None else b"t" + struct.pack(">i", len(v)) + v
+    return b"I" + struct.pack(">I", 16384) + b"N" + struct.pack(">H", len(values)) + cols
+
+
+def test_a_large_insert_given_as_a_view_is_decoded_in_place():
+    """Its large text values are views of the message (no copy), small ones bytes; the
+    result equals the copying decoder's."""
+    big = b'{"blob": "' + b"x" * pg.LARGE + b'"}'
+    raw = _insert_message([b"id-1", b"device.started", big, None])
+    view = memoryview(raw)
+    msg = decode(view)
+    assert isinstance(msg, pg.Insert)
+    small_id, key, payload, null = msg.new
+    assert type(small_id) is bytes and type(key) is bytes and null is None
+    assert type(payload) is memoryview and payload.obj is raw  # a view, not a copy
+    assert bytes(payload) == big
+    assert decode(raw) == pg.Insert(None, 16384, (b"id-1", b"device.started", big, None))
+    with pytest.raises(ProtocolError, match="trailing"):
+        decode(memoryview(raw + b"\x00"))
+
+
+def test_a_small_insert_given_as_a_view_has_bytes_values():
+    raw = _insert_message([b"id-1", b"x" * 100])
+    msg = decode(memoryview(raw))
+    assert isinstance(msg, pg.Insert)
+    assert all(type(v) is bytes for v in msg.new)

@@ -16,8 +16,10 @@ PURE = [
     "consumers.runtime.names",
     "consumers.runtime.dispatch",
     "consumers.runtime.prefetch",
+    "consumers.runtime.acks",
+    "consumers.notifications.breaker",
 ]
-FORBIDDEN = ["asyncio", "psycopg", "aiormq", "aio_pika", "pamqp"]
+FORBIDDEN = ["asyncio", "psycopg", "aiormq", "aio_pika", "pamqp", "aiohttp"]
 
 
 def test_importing_the_pure_modules_loads_no_io_library():

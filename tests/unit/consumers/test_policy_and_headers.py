@@ -47,6 +47,18 @@ def test_default_ladder_is_three_growing_retries_then_park():
     assert steps == [RetryLater(5.0, 1), RetryLater(10.0, 2), RetryLater(20.0, 3), Park(4)]
 
 
+def test_a_failure_that_names_its_duration_waits_a_long_enough_delay_in_use():
+    """A dependency known to be down for 8 s (an open breaker): attempt 1 waits 10 s, not 5;
+    for 25 s the longest delay in use (20 s); never shorter than the step's own delay, and
+    the attempts still end in parking."""
+    assert after_failure(1, 4, DELAYS, at_least=8) == RetryLater(10.0, 1)
+    assert after_failure(1, 4, DELAYS, at_least=25) == RetryLater(20.0, 1)
+    assert after_failure(2, 4, DELAYS, at_least=3) == RetryLater(10.0, 2)
+    assert after_failure(4, 4, DELAYS, at_least=25) == Park(4)
+    # only delays that have a queue: with 2 attempts only 5 s is in use
+    assert after_failure(1, 2, DELAYS, at_least=25) == RetryLater(5.0, 1)
+
+
 def test_permanent_failure_parks_at_once():
     assert after_failure(1, 4, DELAYS, permanent=True) == Park(1)
 

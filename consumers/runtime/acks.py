@@ -1,0 +1,63 @@
+"""Which ``basic.ack`` frames settle a set of finished deliveries (pure).
+
+Deliveries of one channel carry increasing tags. Messages may finish out of order (a
+webhook to a slow endpoint finishes after later ones), and an ack with ``multiple`` would
+also settle every earlier tag, finished or not. :class:`AckTracker` therefore acks the
+finished run at the front of the channel with one ``multiple`` ack on its last tag, and
+each finished tag behind an unfinished one on its own, at once, so its prefetch slot is
+free again. A tag is acked exactly once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+
+class AckTracker:
+    """The unacked deliveries of one channel, in delivery order."""
+
+    def __init__(self) -> None:
+        self._order: deque[int] = deque()
+        self._outstanding: set[int] = set()
+        self._finished: set[int] = set()
+
+    def delivered(self, tag: int) -> None:
+        """A delivery arrived (tags arrive in increasing order)."""
+        self._order.append(tag)
+        self._outstanding.add(tag)
+
+    def settle(self, tags: Iterable[int]) -> list[tuple[int, bool]]:
+        """Mark ``tags`` finished; the ``(tag, multiple)`` acks to send now, in order."""
+        tags = [t for t in tags if t in self._outstanding]
+        self._finished.update(tags)
+        acks: list[tuple[int, bool]] = []
+        last = None
+        order = self._order
+        while order:
+            tag = order[0]
+            if tag not in self._outstanding:
+                order.popleft()  # acked on its own earlier
+            elif tag in self._finished:
+                last = order.popleft()
+                self._outstanding.discard(tag)
+                self._finished.discard(tag)
+            else:
+                break
+        if last is not None:
+            acks.append((last, True))
+        for tag in tags:
+            if tag in self._finished:
+                self._finished.discard(tag)
+                self._outstanding.discard(tag)
+                acks.append((tag, False))
+        return acks
+
+    def clear(self) -> None:
+        """The channel is gone: its unacked deliveries go back to the queue."""
+        self._order.clear()
+        self._outstanding.clear()
+        self._finished.clear()
+
+    def __len__(self) -> int:
+        return len(self._outstanding)

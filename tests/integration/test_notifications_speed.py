@@ -1,0 +1,151 @@
+"""Webhooks at speed (real broker, PostgreSQL and HTTP receivers): the sends of the messages
+in hand run concurrently outside the database transaction, a dead endpoint holds only its
+own messages, a retry never POSTs again what was delivered, and a stop is quick.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from conftest import WebhookReceiver, wait_for
+from psycopg import sql
+
+from consumers.notifications.signing import idempotency_key
+from consumers.notifications.store import schema_ddl
+
+pytestmark = pytest.mark.integration
+
+
+def _setup(env, domain, users: list[tuple[str, str]]) -> None:
+    """Tables, and a webhook preference ``(user, url)`` each (in-app on)."""
+    for stmt in schema_ddl(domain.schema):
+        env.sql(stmt.encode())
+    for user, url in users:
+        env.sql(
+            sql.SQL(
+                "INSERT INTO {} (user_id, in_app, webhook, webhook_url) VALUES (%s, true, true, %s)"
+            ).format(domain.table("notification_preferences")),
+            (user, url),
+        )
+
+
+def _start(domain, secret: str, **extra):
+    return domain.start(
+        "notifications",
+        webhook_secret=secret,
+        webhook_allow_http="true",
+        webhook_allowed_networks="127.0.0.0/8",
+        **extra,
+    )
+
+
+def _events(user: str, n: int) -> list[tuple[str, str, dict]]:
+    return [
+        ("device.started", str(uuid.uuid4()), {"userId": user, "deviceId": f"d{i}"})
+        for i in range(n)
+    ]
+
+
+def test_webhooks_run_concurrently_over_reused_connections(env, domain):
+    """60 events to an endpoint answering in 1 s: one at a time would take a minute."""
+    receiver = WebhookReceiver(delay=1.0)
+    try:
+        _setup(env, domain, [("u1", receiver.url)])
+        _start(domain, receiver.SECRET, webhook_timeout=10, webhook_concurrency=16)
+        events = _events("u1", 60)
+        started = time.monotonic()
+        domain.publish(events)
+        wait_for(lambda: len(receiver.accepted()) >= 60, 60, "60 webhooks")
+        elapsed = time.monotonic() - started
+        domain.wait_inbox("notifications", 60, timeout=30)
+        assert set(receiver.accepted()) == {idempotency_key(m, "webhook") for _, m, _ in events}
+        assert all(r.signature_ok for r in receiver.requests)
+        assert len(receiver.requests) == 60  # each POSTed once
+        # Bounded per endpoint, and actually concurrent up to that bound.
+        assert 8 <= receiver.max_in_flight <= 16, receiver.max_in_flight
+        assert elapsed < 20, f"{elapsed:.1f}s for 60 webhooks of 1 s each"
+        notes = env.sql(sql.SQL("SELECT count(*) FROM {}").format(domain.table("notifications")))
+        assert notes[0][0] == 60
+    finally:
+        receiver.close()
+
+
+def test_a_timing_out_endpoint_does_not_delay_a_healthy_one(env, domain):
+    """Ten events to an endpoint that never answers in time, interleaved with forty to a
+    healthy one: the healthy ones arrive long before the dead ones time out, and the dead
+    ones are retried (never written as done)."""
+    healthy, dead = WebhookReceiver(), WebhookReceiver(delay=60)
+    try:
+        _setup(env, domain, [("good", healthy.url), ("bad", dead.url)])
+        timeout = 8.0
+        _start(domain, healthy.SECRET, webhook_timeout=timeout, worker_max_attempts=2)
+        good, bad = _events("good", 40), _events("bad", 10)
+        mixed = [e for pair in zip(bad, good[:10], strict=True) for e in pair] + good[10:]
+        started = time.monotonic()
+        domain.publish(mixed)
+        wait_for(lambda: len(healthy.accepted()) >= 40, 60, "40 healthy webhooks")
+        elapsed = time.monotonic() - started
+        assert elapsed < timeout - 2, f"healthy webhooks took {elapsed:.1f}s"
+        domain.wait_inbox("notifications", 40, timeout=30)
+        assert domain.inbox_count("notifications") == 40  # the dead ones are not done
+        assert {idempotency_key(m, "webhook") for _, m, _ in good} == set(healthy.accepted())
+        # The dead endpoint's events fail after the timeout, are retried, then parked.
+        wait_for(lambda: sum(n or 0 for n in domain.parked().values()) == 10, 90, "10 parked")
+        assert domain.inbox_count("notifications") == 40
+    finally:
+        healthy.close()
+        dead.close()
+
+
+def test_a_failed_post_is_retried_alone_and_nothing_delivered_is_sent_again(env, domain):
+    """Every first POST answers 500: each event is retried, and the retry POSTs once more
+    (same key); the in-app row is written once, after the webhook went through."""
+    receiver = WebhookReceiver(fail_first=True)
+    try:
+        _setup(env, domain, [("u1", receiver.url)])
+        _start(domain, receiver.SECRET, webhook_timeout=5)
+        events = _events("u1", 30)
+        domain.publish(events)
+        domain.wait_inbox("notifications", 30, timeout=60)
+        keys = [r.headers["Idempotency-Key"] for r in receiver.requests]
+        assert sorted(keys) == sorted(
+            idempotency_key(m, "webhook") for _, m, _ in events for _ in range(2)
+        )
+        assert sorted(r.status for r in receiver.requests) == [200] * 30 + [500] * 30
+        rows = env.sql(
+            sql.SQL("SELECT channel, count(*) FROM {} GROUP BY 1 ORDER BY 1").format(
+                domain.table("notification_deliveries")
+            )
+        )
+        assert rows == [("in_app", 30), ("webhook", 30)]
+    finally:
+        receiver.close()
+
+
+def test_a_stop_finishes_what_is_in_hand_quickly_and_loses_nothing(env, domain):
+    """SIGTERM with a backlog and webhooks of 0.5 s in flight: the worker stops taking
+    work, finishes and acks what it holds, and exits 0 in about one webhook's time (it used
+    to work through the whole prefetch). A new worker then does the rest."""
+    receiver = WebhookReceiver(delay=0.5)
+    try:
+        _setup(env, domain, [("u1", receiver.url)])
+        worker = _start(domain, receiver.SECRET, webhook_timeout=10, webhook_concurrency=8)
+        events = _events("u1", 300)
+        domain.publish(events)
+        wait_for(lambda: len(receiver.accepted()) >= 10, 60, "the first webhooks")
+        asked = time.monotonic()
+        code = worker.sigterm(timeout=30)
+        took = time.monotonic() - asked
+        assert code == 0, worker.tail()
+        assert took < 4, f"the stop took {took:.1f}s"
+        done = domain.inbox_count("notifications")
+        assert done < 300  # stopped before the end
+        _start(domain, receiver.SECRET, webhook_timeout=10, webhook_concurrency=32)
+        domain.wait_inbox("notifications", 300, timeout=120)
+        assert set(receiver.accepted()) == {idempotency_key(m, "webhook") for _, m, _ in events}
+        posts = [r.headers["Idempotency-Key"] for r in receiver.requests]
+        assert len(posts) == len(set(posts)), "a delivered webhook was POSTed again"
+    finally:
+        receiver.close()

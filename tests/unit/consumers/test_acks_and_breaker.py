@@ -1,0 +1,110 @@
+"""Acks of messages that finish out of order, and the per-endpoint webhook breaker."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consumers.notifications.breaker import Breaker
+from consumers.runtime.acks import AckTracker
+
+
+def _tracker(n: int) -> AckTracker:
+    t = AckTracker()
+    for tag in range(1, n + 1):
+        t.delivered(tag)
+    return t
+
+
+def test_in_order_batches_are_one_multiple_ack_each():
+    t = _tracker(6)
+    assert t.settle([1, 2, 3]) == [(3, True)]
+    assert t.settle([4, 5, 6]) == [(6, True)]
+    assert len(t) == 0
+
+
+def test_a_finished_tag_behind_an_unfinished_one_is_acked_alone_at_once():
+    t = _tracker(5)
+    assert t.settle([3, 4]) == [(3, False), (4, False)]  # 1 and 2 still running
+    assert t.settle([1]) == [(1, True)]
+    # 2 and 5 finish: one multiple ack on 5 covers 2 (3 and 4 were acked already)
+    assert t.settle([2, 5]) == [(5, True)]
+    assert len(t) == 0
+
+
+def test_every_tag_is_acked_exactly_once_and_multiple_never_covers_an_unfinished_one():
+    t = _tracker(5)
+    acks = t.settle([2, 5]) + t.settle([1]) + t.settle([3, 4])
+    covered: list[int] = []
+    for tag, multiple in acks:
+        covered += [x for x in range(1, tag + 1) if x not in covered] if multiple else [tag]
+    assert sorted(covered) == [1, 2, 3, 4, 5]
+
+
+@given(st.integers(min_value=1, max_value=60), st.randoms(use_true_random=False))
+def test_any_finishing_order_acks_each_tag_once_and_only_when_finished(n, rnd: random.Random):
+    t = _tracker(n)
+    order = list(range(1, n + 1))
+    rnd.shuffle(order)
+    finished: set[int] = set()
+    acked: set[int] = set()
+    while order:
+        k = rnd.randint(1, len(order))
+        chunk, order = order[:k], order[k:]
+        finished.update(chunk)
+        for tag, multiple in t.settle(chunk):
+            # the broker settles every still-unacked tag up to ``tag`` on a multiple ack
+            newly = {x for x in range(1, tag + 1) if x not in acked} if multiple else {tag}
+            assert tag not in acked  # the tag named is never one acked before
+            assert newly <= finished  # nothing unfinished is acked
+            acked |= newly
+    assert acked == set(range(1, n + 1))
+    assert len(t) == 0
+
+
+def test_clear_forgets_the_channel():
+    t = _tracker(3)
+    t.clear()
+    assert t.settle([1, 2]) == [] and len(t) == 0
+
+
+def test_breaker_opens_after_failures_in_a_row_then_lets_one_probe_through():
+    b = Breaker(failures=3, cooldown=10)
+    e = "http://dead:80"
+    for now in (0, 1):
+        assert b.admit(e, now) is None
+        b.failed(e, now)
+    assert b.admit(e, 2) is None
+    b.failed(e, 2)  # third failure in a row: open until 12
+    assert b.is_open(e, 3)
+    assert b.admit(e, 3) == 9
+    assert b.admit("http://other:80", 3) is None  # per endpoint
+    assert b.admit(e, 12) is None  # the probe
+    assert b.admit(e, 12.5) is not None  # others wait for the probe's outcome
+    b.failed(e, 13)  # probe failed: open again for the whole cooldown
+    assert b.admit(e, 22) is not None
+    assert b.admit(e, 23) is None
+    b.succeeded(e)
+    assert b.admit(e, 23.1) is None and not b.is_open(e, 23.1)
+
+
+def test_a_success_resets_the_count_and_an_abandoned_probe_frees_the_next_one():
+    b = Breaker(failures=2, cooldown=5)
+    e = "https://x:443"
+    b.failed(e, 0)
+    b.succeeded(e)
+    b.failed(e, 1)
+    assert b.admit(e, 1) is None  # one failure since the success: still closed
+    b.failed(e, 1)
+    assert b.admit(e, 6) is None  # probe
+    b.abandoned(e)  # cancelled before an outcome
+    assert b.admit(e, 6.1) is None  # another probe may go
+
+
+def test_a_disabled_breaker_admits_everything():
+    b = Breaker(failures=0, cooldown=5)
+    for now in range(10):
+        b.failed("e", now)
+    assert b.admit("e", 10) is None
