@@ -2,8 +2,8 @@
 
 Pure: takes pgoutput :class:`Relation`/:class:`Insert` values plus the transaction's commit
 LSN and time (or, for a row read from a snapshot, where it was read), and returns either an
-:class:`OutboxEvent` (what to publish, per BRIEF §2) or a :class:`Malformed` (what to park,
-with the reason). No row is ever dropped here.
+:class:`OutboxEvent` (what to publish, in the documented message format) or a
+:class:`Malformed` (what to park, with the reason). No row is ever dropped here.
 
 The column layout is looked up by *name* once per Relation message, so columns added by
 ``ALTER TABLE ... ADD COLUMN`` mid-stream, or legacy columns like ``status``, do not matter.
@@ -131,7 +131,7 @@ def _commit_headers(commit_lsn: int, commit_time: datetime) -> tuple[str, str]:
 def route(
     layout: Layout, row: TupleData, *, commit_lsn: int, commit_time: datetime
 ) -> OutboxEvent | Malformed:
-    """Turn one inserted outbox row into the message of BRIEF §2, or say why it cannot be."""
+    """Turn one inserted outbox row into the documented outbox message, or say why it cannot be."""
     lsn_text, time_text = _commit_headers(commit_lsn, commit_time)
     return _route(layout, row, {"commit_lsn": lsn_text, "commit_time": time_text})
 

@@ -1,4 +1,4 @@
-"""The ack watermark: the one rule that decides how far the slot may move (BRIEF §3).
+"""The ack watermark: the one rule that decides how far the slot may move.
 
 The flush LSN reported to PostgreSQL is the largest Commit ``end_lsn`` such that every
 event of every transaction up to it has been confirmed by the broker. Confirms may come in

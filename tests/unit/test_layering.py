@@ -1,4 +1,4 @@
-"""Imports point one way (STYLE.md §3): the pure modules import no I/O library.
+"""Imports point one way: the pure modules import no I/O library.
 
 Checked on the source with ``ast``, following imports of other ``cdc`` modules
 transitively, so a pure module cannot pull asyncio in through a helper either.

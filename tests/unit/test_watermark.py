@@ -1,4 +1,4 @@
-"""The ack watermark (cdc/watermark.py) against BRIEF §3.
+"""The ack watermark (cdc/watermark.py) against its delivery rules.
 
 The flush LSN is the largest Commit end_lsn such that every event of every transaction up
 to it has been confirmed by the broker; a keepalive's wal_end is taken only when idle.
