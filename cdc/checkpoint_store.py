@@ -14,6 +14,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from cdc.checkpoint import LOST, READY, Checkpoint, normalize_snapshot, plan_write
+from cdc.config import RelaySettings
 from cdc.errors import SetupError
 from cdc.lsn import format_lsn, parse_lsn
 
@@ -71,6 +72,23 @@ def insert(conn: Conn, cp: Checkpoint) -> bool:
         ),
     )
     return cur.rowcount == 1
+
+
+def first_row(
+    settings: RelaySettings, sysid: str, timeline: int, lsn: int, snapshot: str
+) -> Checkpoint:
+    """The row of a slot just made or adopted: proven and base snapshot are the same one
+    (no stream row lies below its xmin yet)."""
+    return Checkpoint(
+        slot_name=settings.slot_name,
+        outbox_table=settings.outbox_table,
+        publication_name=settings.publication_name,
+        system_identifier=sysid,
+        timeline=timeline,
+        confirmed_lsn=lsn,
+        proven_snapshot=snapshot,
+        base_snapshot=snapshot,
+    )
 
 
 def current_snapshot(conn: Conn) -> str:

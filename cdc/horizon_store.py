@@ -8,6 +8,7 @@ keyed by the slot name, bound as a parameter.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -75,15 +76,10 @@ def insert_backfill(
 
     The proven snapshot starts as the base one: no stream row lies below its xmin.
     """
-    row = Checkpoint(
-        slot_name=settings.slot_name,
-        outbox_table=settings.outbox_table,
-        publication_name=settings.publication_name,
-        system_identifier=system_identifier,
-        timeline=timeline,
-        confirmed_lsn=confirmed_lsn,
-        proven_snapshot=base_snapshot,
-        base_snapshot=base_snapshot,
+    row = replace(
+        checkpoint_store.first_row(
+            settings, system_identifier, timeline, confirmed_lsn, base_snapshot
+        ),
         backfill_mode=mode,
         backfill_since=since,
         backfill_done=False,

@@ -59,21 +59,6 @@ def _slot_lsn(conn: slots.Conn, settings: RelaySettings) -> int:
     return parse_lsn(row[0]) if row and row[0] else 0
 
 
-def _first_row(
-    settings: RelaySettings, sysid: str, timeline: int, lsn: int, snapshot: str
-) -> Checkpoint:
-    return Checkpoint(
-        slot_name=settings.slot_name,
-        outbox_table=settings.outbox_table,
-        publication_name=settings.publication_name,
-        system_identifier=sysid,
-        timeline=timeline,
-        confirmed_lsn=lsn,
-        proven_snapshot=snapshot,
-        base_snapshot=snapshot,
-    )
-
-
 def open_slot(settings: RelaySettings) -> Opened:
     """Check the slot against the checkpoint and make it ready to stream, or refuse.
 
@@ -92,7 +77,7 @@ def open_slot(settings: RelaySettings) -> Opened:
             created = create_slot(settings)
             store.insert(
                 conn,
-                _first_row(
+                store.first_row(
                     settings, created.system_identifier, created.timeline,
                     created.consistent_lsn, created.base_snapshot,
                 ),
@@ -104,7 +89,7 @@ def open_slot(settings: RelaySettings) -> Opened:
             snapshot = store.current_snapshot(conn)
             store.insert(
                 conn,
-                _first_row(
+                store.first_row(
                     settings, identity.system_identifier, identity.timeline, start, snapshot
                 ),
             )
