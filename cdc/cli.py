@@ -22,7 +22,6 @@ import orjson
 
 from cdc import __version__
 from cdc import slot as slots
-from cdc.cli_flags import add_setting_flags, add_version, settings_flags
 from cdc.config import RelaySettings
 from cdc.errors import (
     CdcError,
@@ -32,8 +31,9 @@ from cdc.errors import (
     SlotLostError,
     SourceError,
 )
-from cdc.logs import configure
-from cdc.settings_base import load
+from cdc.service.cli import add_setting_flags, add_version, settings_flags
+from cdc.service.logs import configure
+from cdc.service.settings import load
 
 log = logging.getLogger("cdc")
 
@@ -199,8 +199,9 @@ def _settings(args: argparse.Namespace) -> RelaySettings:
 
 def _run_relay(settings: RelaySettings) -> int:
     from cdc import maintenance
-    from cdc.metrics import Metrics, serve
+    from cdc.metrics import Metrics
     from cdc.relay import Relay
+    from cdc.service.metrics_server import serve
 
     async def main() -> int:
         metrics = Metrics()

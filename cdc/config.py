@@ -1,7 +1,7 @@
 """The relay's settings: one pydantic-settings model, built once in the CLI and passed down.
 
 Every field reads ``CDC_<NAME>`` from the environment (secrets also ``CDC_<NAME>_FILE``,
-see ``cdc/settings_base.py``); the CLI turns each into a ``--name`` flag that overrides
+see ``cdc/service/settings.py``); the CLI turns each into a ``--name`` flag that overrides
 it. Identifiers are validated here so nothing later pastes an unchecked name into SQL, and
 values that can never work (a bad URL, a backoff whose minimum exceeds its maximum) stop
 the process at start.
@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from cdc.durations import parse_duration
-from cdc.settings_base import CdcSettings, check_backoff
+from cdc.service.settings import CdcSettings, check_backoff
 from cdc.urls import check_host
 
 #: Defaults that name the broker topology live in one place.

@@ -19,7 +19,7 @@ class RefusedError(CdcError):
     """A server refuses this configuration: login, database, vhost, privilege, TLS certificate.
 
     Retrying cannot help, so it is not retried: the process exits 3 and the message says
-    what to fix (``cdc/refusals.py`` tells refusals from outages).
+    what to fix (``cdc/service/refusals.py`` tells refusals from outages).
     """
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 from cdc import slot as slots
 from cdc import slot_guard
-from cdc.backoff import Backoff
 from cdc.checkpoint import Action
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SinkError, SlotBusyError, SlotLostError, SourceError
@@ -31,6 +30,7 @@ from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.publisher import Publisher
 from cdc.replication import Keepalive, parse_copy_data
+from cdc.service.backoff import Backoff
 from cdc.source import ReplicationStream
 from cdc.watermark import Txn, Watermark
 

@@ -20,7 +20,7 @@ from cdc.config import RelaySettings
 from cdc.errors import RefusedError, SetupError, SourceError
 from cdc.lsn import format_lsn
 from cdc.outbox import REQUIRED_COLUMNS
-from cdc.refusals import refused_by_postgres
+from cdc.service.refusals import refused_by_postgres
 from cdc.slot_create import SystemIdentity
 from cdc.source import with_keepalives
 

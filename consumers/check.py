@@ -19,7 +19,7 @@ from __future__ import annotations
 import psycopg
 
 from cdc.privileges import Finding
-from cdc.refusals import first_line
+from cdc.service.refusals import first_line
 from consumers.config import ConsumerSettings
 from consumers.connect import open_broker, open_database
 from consumers.runtime import inbox

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from cdc.cli_flags import add_setting_flags, add_version, settings_flags
 from cdc.errors import ConfigError as SettingsProblem
-from cdc.logs import configure
-from cdc.settings_base import load
+from cdc.service.cli import add_setting_flags, add_version, settings_flags
+from cdc.service.logs import configure
+from cdc.service.settings import load
 from consumers.config import ConsumerSettings
 from consumers.errors import ConfigError, ConsumerError, Refused
 
@@ -145,7 +145,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _serve(settings: ConsumerSettings, spec: Any) -> int:
-    from cdc.metrics import serve
+    from cdc.service.metrics_server import serve
     from consumers.runtime.metrics import WorkerMetrics
     from consumers.runtime.runner import Runner
 

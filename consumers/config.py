@@ -1,7 +1,7 @@
 """Settings of one worker process: a pydantic-settings model, built once and passed down.
 
 Connection variables are the relay's (``CDC_DATABASE_URL``, ``CDC_AMQP_URL``,
-``CDC_EXCHANGE``, ``CDC_OUTBOX_TABLE``; the base ``cdc.settings_base.CdcSettings`` checks
+``CDC_EXCHANGE``, ``CDC_OUTBOX_TABLE``; the base ``cdc.service.settings.CdcSettings`` checks
 the URLs and reads ``*_FILE`` secrets) so one environment serves the relay and its workers;
 the runtime's own knobs are ``CDC_WORKER_*``. A worker subclasses this model to add its own
 fields (``consumers.billing.worker.SETTINGS``, ...). Every field becomes a ``--flag`` of
@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from cdc.settings_base import CdcSettings, check_backoff
+from cdc.service.settings import CdcSettings, check_backoff
 from cdc.urls import check_host
 
 DEFAULT_EXCHANGE = "cloudphone.events"

@@ -28,9 +28,9 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic_settings import SettingsError
 
-from cdc.cli_flags import add_version
 from cdc.errors import ConfigError as SettingsProblem
-from cdc.logs import redact
+from cdc.service.cli import add_version
+from cdc.service.logs import redact
 from consumers.cli import (
     AMQP,
     EXIT_ERROR,

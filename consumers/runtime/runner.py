@@ -45,7 +45,7 @@ import aiormq
 import psycopg
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from cdc.backoff import Backoff
+from cdc.service.backoff import Backoff
 from consumers.config import ConsumerSettings
 from consumers.connect import open_broker, open_database, refused_by_broker
 from consumers.errors import (

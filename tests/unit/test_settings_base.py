@@ -1,6 +1,7 @@
-"""The settings both processes share (cdc/settings_base.py, cdc/urls.py) and the refusal rules
-(cdc/refusals.py): URL checks, ``*_FILE`` secrets, secrets refused as flags, one-line errors,
-which connection failures are refusals (exit 3) and which are outages (retried)."""
+"""The settings both processes share (cdc/service/settings.py, cdc/urls.py) and the refusal
+rules (cdc/service/refusals.py): URL checks, ``*_FILE`` secrets, secrets refused as flags,
+one-line errors, which connection failures are refusals (exit 3) and which are outages
+(retried)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 
 from cdc.config import RelaySettings
 from cdc.errors import ConfigError
-from cdc.refusals import amqp_refusal, postgres_refusal
-from cdc.settings_base import load
+from cdc.service.refusals import amqp_refusal, postgres_refusal
+from cdc.service.settings import load
 from cdc.urls import check_host, parse_amqp_url, parse_dsn, url_has_password
 from consumers.config import ConsumerSettings
 from consumers.notifications.worker import NotificationSettings

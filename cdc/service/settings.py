@@ -30,7 +30,7 @@ from pydantic_settings import (
 )
 
 from cdc.errors import ConfigError
-from cdc.logs import redact
+from cdc.service.logs import redact
 from cdc.urls import parse_amqp_url, parse_dsn, url_has_password
 
 PREFIX = "CDC_"

@@ -15,7 +15,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from cdc import __version__
-from cdc.settings_base import FILE_SUFFIX, is_secret, variable
+from cdc.service.settings import FILE_SUFFIX, is_secret, variable
 
 
 def _shown(value: Any) -> str:
