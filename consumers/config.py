@@ -10,20 +10,22 @@ fields (``consumers.billing.worker.SETTINGS``, ...). Every field becomes a ``--f
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from cdc.service.settings import CdcSettings, check_backoff
+from cdc.service.settings import (
+    DEFAULT_EXCHANGE,
+    CdcSettings,
+    check_amqp_name,
+    check_backoff,
+    check_table,
+)
 from cdc.urls import check_host
 
-DEFAULT_EXCHANGE = "cloudphone.events"
 DEFAULT_INBOX_TABLE = "public.consumer_inbox"
 
-_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
-_AMQP_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
 
 
 def parse_delays(value: object) -> object:
@@ -32,14 +34,6 @@ def parse_delays(value: object) -> object:
         text = value.strip().strip("[]()")
         return tuple(float(part) for part in text.split(",") if part.strip())
     return value
-
-
-def check_table(value: str) -> str:
-    """``table`` or ``schema.table`` of plain identifiers -> ``schema.table``."""
-    parts = value.split(".")
-    if len(parts) > 2 or not all(_IDENT_RE.fullmatch(p) for p in parts):
-        raise ValueError("must be 'table' or 'schema.table' made of plain SQL identifiers")
-    return value if len(parts) == 2 else f"public.{value}"
 
 
 class ConsumerSettings(CdcSettings):
@@ -120,16 +114,12 @@ class ConsumerSettings(CdcSettings):
     @field_validator("exchange")
     @classmethod
     def _check_exchange(cls, value: str) -> str:
-        if not _AMQP_NAME_RE.fullmatch(value):
-            raise ValueError("AMQP names may use letters, digits and . _ - : only (1-255)")
-        return value
+        return check_amqp_name(value)
 
     @field_validator("worker_queue_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
-        if value and not _AMQP_NAME_RE.fullmatch(value):
-            raise ValueError("AMQP names may use letters, digits and . _ - : only")
-        return value
+        return check_amqp_name(value) if value else value
 
     @field_validator("worker_metrics_host")
     @classmethod
