@@ -20,14 +20,13 @@ Identifiers are composed with ``psycopg.sql.Identifier``, never pasted in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from psycopg import sql
 
 from cdc import slot as slots
 from cdc.config import RelaySettings
 from cdc.errors import ConfigError, SetupError
 from cdc.outbox import REQUIRED_COLUMNS
+from cdc.service.cli import Finding
 from cdc.service.settings import IDENTIFIER_RULE, is_identifier
 
 CHECKPOINT_SCHEMA = "cdc"
@@ -92,18 +91,6 @@ def grant_lines(settings: RelaySettings, role: str, apply: bool) -> list[str]:
                 conn.execute(statement)
             lines.append(f"-- applied the grants to {role}")
     return lines
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One requirement of ``cdc setup --check``: met or not, and what to do."""
-
-    ok: bool
-    text: str
-
-    def line(self) -> str:
-        """``ok: ...`` or ``missing: ...``."""
-        return f"{'ok' if self.ok else 'missing'}: {self.text}"
 
 
 def _need(ok: bool, what: str, fix: str) -> Finding:

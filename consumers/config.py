@@ -10,11 +10,14 @@ fields (``consumers.billing.worker.SETTINGS``, ...). Every field becomes a ``--f
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import argparse
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from cdc.service.cli import add_setting_flags
 from cdc.service.settings import (
     DEFAULT_EXCHANGE,
     CdcSettings,
@@ -25,6 +28,9 @@ from cdc.service.settings import (
 from cdc.urls import check_host
 
 DEFAULT_INBOX_TABLE = "public.consumer_inbox"
+
+#: The connection strings: a worker needs both, ``dlq`` only the broker.
+DB, AMQP = "database_url", "amqp_url"
 
 
 
@@ -132,3 +138,14 @@ class ConsumerSettings(CdcSettings):
             self.worker_reconnect_min_delay, self.worker_reconnect_max_delay, "worker_reconnect"
         )
         return self
+
+
+def add_worker_flags(
+    parser: argparse.ArgumentParser | Any,
+    model: type[ConsumerSettings],
+    fields: Sequence[str] | None = None,
+    required: Sequence[str] = (DB, AMQP),
+) -> None:
+    """One ``--name`` flag per settings field (``CDC_NAME`` is the variable it overrides);
+    the runtime's ``worker_*`` fields also answer to the short form (``--prefetch``)."""
+    add_setting_flags(parser, model, fields, required, short_prefix="worker_")
