@@ -19,8 +19,7 @@ from typing import Any
 
 import orjson
 
-from cdc import __version__
-from cdc import slot as slots
+from cdc import __version__, slot_guard
 from cdc.config import RelaySettings
 from cdc.errors import (
     CdcError,
@@ -280,7 +279,7 @@ def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
 
 def _setup_lines(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
     if args.backfill is None:
-        return slots.setup(settings)
+        return slot_guard.setup(settings)
     from cdc import backfill
     from cdc.horizon import parse_backfill
 
