@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from cdc.metrics import process_registry
+from cdc.service.metrics_server import process_registry
 
 STATES = ("starting", "consuming", "reconnecting", "draining", "stopped")
 
