@@ -65,13 +65,15 @@ run-clean:
 
 # Benchmarks (docs/benchmarks.md): not part of `make test`. Installs the bench extra and the
 # locked npm packages of bench/, then runs every scenario; BENCH_ARGS='--quick' for small sizes.
+# PostgreSQL is the run's own throwaway server (wal_level=logical) unless BENCH_PG_URL is set;
+# RabbitMQ is the local one on 127.0.0.1:5672.
 BENCH_ARGS ?=
 $(BIN)/.bench-installed: $(BIN)/.installed pyproject.toml bench/package-lock.json
 	$(BIN)/pip install -q -e '.[test,bench]'
 	cd bench && npm ci --no-audit --no-fund
 	touch $@
 
-bench: $(BIN)/.bench-installed services
+bench: $(BIN)/.bench-installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

@@ -13,6 +13,7 @@ import urllib.request
 
 import aiormq
 import psutil
+import psycopg
 
 
 class DepthSampler:
@@ -127,6 +128,60 @@ class CpuWindow:
     def share(self) -> float:
         wall = time.monotonic() - self.started
         return (self.sampler.cpu_seconds() - self.cpu_start) / wall if wall > 0 else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 once it is gone)."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
+
+
+def broker_pids(port: int = 5672) -> list[int]:
+    """The RabbitMQ node listening on ``port`` in this network namespace.
+
+    Found by the listening socket, not by scanning nodes' own sockets: a broker in a
+    container also listens on 5672 inside its namespace, and it is not the one measured.
+    """
+    pids = sorted({
+        c.pid for c in psutil.net_connections(kind="tcp")
+        if c.pid and c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    })
+    return pids or [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+
+
+async def walsender_pids(admin_url: str, db_name: str) -> list[int]:
+    """The walsenders streaming the slots of ``db_name`` now: their process titles do not
+    name the database, so they are found through the slots."""
+    async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as db:
+        cur = await db.execute(
+            "SELECT active_pid FROM pg_replication_slots"
+            " WHERE database = %s AND active_pid IS NOT NULL", (db_name,),
+        )
+        return [int(pid) for (pid,) in await cur.fetchall()]
+
+
+def postgres_cpu(db_name: str, walsenders: list[int]) -> float:
+    """CPU seconds of the PostgreSQL backends serving ``db_name`` now: ``walsenders`` (see
+    :func:`walsender_pids`) and the sessions whose title names the database (the workers';
+    the server's other databases are not counted, nor the writers' sessions, which end with
+    their level: the business transactions)."""
+    total = sum(cpu_seconds(pid) for pid in walsenders)
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "postgres" and db_name in " ".join(proc.info["cmdline"] or ()):
+            total += cpu_seconds(proc.pid)
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy so far (not idle, not iowait):
+    on a shared machine, what everyone else ran beside the measured processes shows here."""
+    t = psutil.cpu_times()
+    # guest time is already inside user on Linux, so it is not added again.
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0)
+                 + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0))
 
 
 def mib(values: list[int]) -> float | None:
