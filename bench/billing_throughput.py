@@ -26,6 +26,7 @@ import random
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from decimal import Decimal
@@ -112,7 +113,7 @@ def _cpu(db: psycopg.Connection[Any], procs: list[subprocess.Popen[bytes]]) -> t
 
 
 def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_type: str,
-         batch: int, prefetch: int) -> dict[str, float]:
+         batch: int, prefetch: int, lock_timeout: float | None) -> dict[str, float]:
     tag = f"{int(time.time()):08x}{secrets.token_hex(2)}"
     ns, dbname = f"cdc_bench.{tag}", f"cdc_bench_{tag}"
     with psycopg.connect(PG, autocommit=True) as admin:
@@ -122,8 +123,13 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
         CDC_DATABASE_URL=_db_url(dbname), CDC_AMQP_URL=AMQP, CDC_EXCHANGE=f"{ns}.events",
         CDC_WORKER_QUEUE_PREFIX=f"{ns}.", CDC_WORKER_METRICS_PORT="0",
         CDC_WORKER_QUEUE_TYPE=queue_type, CDC_WORKER_BATCH_SIZE=str(batch),
-        CDC_WORKER_PREFETCH=str(prefetch), CDC_WORKER_LOG_LEVEL="WARNING",
+        CDC_WORKER_PREFETCH=str(prefetch), CDC_WORKER_LOG_LEVEL="INFO",
     )
+    if lock_timeout is not None:
+        env["CDC_BILLING_LOCK_TIMEOUT"] = str(lock_timeout)
+    # The replicas' log (INFO): each "retrying message" line is a message that failed in its
+    # batch (a lock wait given up, in the per-message fallback) and comes back after a delay.
+    log_path = Path(tempfile.mkstemp(prefix="billing_bench_", suffix=".log")[1])
     settings = BillingSettings(**{k[4:].lower(): v for k, v in env.items()
                                   if k.startswith("CDC_")})
     names = names_for(settings, build(settings))
@@ -142,7 +148,9 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
         asyncio.run(_publish(f"{ns}.events", events))
         profile = os.environ.get("CDC_BENCH_PROFILE")  # cProfile output of the replicas
         run = cmd if not profile else [sys.executable, "-m", "cProfile", "-o", profile, *cmd[1:]]
-        procs = [subprocess.Popen(run, cwd=REPO, env=env) for _ in range(replicas)]
+        with log_path.open("ab") as log:
+            procs = [subprocess.Popen(run, cwd=REPO, env=env, stdout=log, stderr=log)
+                     for _ in range(replicas)]
         count, cpu0, load = 0, None, []
         samples = [0, 0]  # backends seen waiting for a lock, backends seen
         while count < len(events):
@@ -178,7 +186,8 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
                 "worker_us": (cpu1[0] - cpu0[0]) / done * 1e6,
                 "pg_us": (cpu1[1] - cpu0[1]) / done * 1e6,
                 "load": sum(load) / len(load), "batch": len(events) / batches,
-                "lock_wait": 100 * samples[0] / max(1, samples[1])}
+                "lock_wait": 100 * samples[0] / max(1, samples[1]),
+                "retried": log_path.read_text(errors="replace").count("retrying message")}
     finally:
         for p in procs:
             p.terminate()
@@ -191,6 +200,7 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
             )
+        log_path.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -201,20 +211,22 @@ def main() -> None:
     parser.add_argument("--queue-type", default="quorum", choices=["quorum", "classic"])
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--prefetch", type=int, default=256)
+    parser.add_argument("--lock-timeout", type=float, default=None,
+                        help="CDC_BILLING_LOCK_TIMEOUT of the replicas (default: the worker's)")
     args = parser.parse_args()
     events = _events(args.events, args.devices)
     print(f"{len(events)} events, {args.devices} devices, batch {args.batch}, prefetch "
           f"{args.prefetch}, {args.queue_type} queues, {os.cpu_count()} CPUs", flush=True)
     print(f"{'replicas':>8} {'events/s':>9} {'per replica':>11} {'seconds':>8}"
           f" {'worker us/ev':>12} {'pg us/ev':>9} {'mean batch':>10} {'lock wait':>9}"
-          f" {'load avg':>8}", flush=True)
+          f" {'retried':>7} {'load avg':>8}", flush=True)
     rates = {}
     for n in args.replicas:
-        r = _run(events, n, args.queue_type, args.batch, args.prefetch)
+        r = _run(events, n, args.queue_type, args.batch, args.prefetch, args.lock_timeout)
         rates[n] = r["events/s"]
         print(f"{n:>8} {r['events/s']:>9.0f} {r['events/s'] / n:>11.0f} {r['seconds']:>8.1f}"
               f" {r['worker_us']:>12.0f} {r['pg_us']:>9.0f} {r['batch']:>10.1f}"
-              f" {r['lock_wait']:>8.0f}% {r['load']:>8.2f}"
+              f" {r['lock_wait']:>8.0f}% {r['retried']:>7} {r['load']:>8.2f}"
               f"  ({r['records']} usage records, exact)", flush=True)
     if len(rates) > 1:
         base = min(rates)
