@@ -90,6 +90,9 @@ async def _main(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
     p = Params.quick() if args.quick else Params()
     if args.window:
         p = dataclasses.replace(p, window=args.window)
+    if args.relay_windows:
+        p = dataclasses.replace(
+            p, relay_windows=tuple(int(w) for w in args.relay_windows.split(",")))
     # The relay's unconfirmed-publish window is the reference publisher's: like with like.
     os.environ["CDC_MAX_IN_FLIGHT"] = str(p.window)
     run = Run(
@@ -163,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=0,
                         help="confirm window of the reference publisher and of the relay "
                              "(CDC_MAX_IN_FLIGHT); default 1000, the relay's default")
+    parser.add_argument("--relay-windows", metavar="N,M",
+                        help="relay windows the drains take in turn (the reference publisher "
+                             "keeps --window), e.g. 1000,3000: paired ratios per window")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     docs = parser.add_mutually_exclusive_group()
     docs.add_argument("--docs", dest="docs", action="store_true", default=None,

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import signal
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import aiormq
 import psutil
@@ -182,6 +187,41 @@ def machine_busy_seconds() -> float:
     # guest time is already inside user on Linux, so it is not added again.
     return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0)
                  + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0))
+
+
+class Profiler:
+    """``py-spy record`` of one process (raw collapsed stacks), when ``BENCH_PROFILE`` is set.
+
+    Used to see where the relay's time goes during a drain; py-spy samples from outside
+    (``--nonblocking``: the process is never paused), so the figures measured beside it
+    barely move. Without ``BENCH_PROFILE`` or py-spy this does nothing.
+    """
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid, self.out = pid, out
+        self.proc: asyncio.subprocess.Process | None = None
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.spy = spy if os.environ.get("BENCH_PROFILE") and Path(spy).exists() else None
+
+    async def start(self) -> None:
+        if self.spy is None:
+            return
+        self.proc = await asyncio.create_subprocess_exec(
+            self.spy, "record", "--pid", str(self.pid), "--rate", "200", "--format", "raw",
+            "--nonblocking", "-o", str(self.out),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+
+    async def stop(self) -> None:
+        """Stop sampling; py-spy writes its file on SIGINT."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
 
 
 def mib(values: list[int]) -> float | None:

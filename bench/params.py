@@ -14,6 +14,9 @@ class Params:
     backlog_rows_per_txn: int = 100
     drain_events: int = 200_000  # also the ceiling's message count: same queue growth
     drain_pairs: int = 3  # relay drains, each followed by a ceiling (C D C D C D C)
+    # Relay windows (CDC_MAX_IN_FLIGHT) the drains take in turn; empty = ``window``. With
+    # several, each gets ``drain_pairs`` drains and its own median of paired ratios.
+    relay_windows: tuple[int, ...] = ()
     steady_levels: tuple[float, ...] = (0.25, 0.50, 0.75)
     steady_seconds: float = 20.0
     steady_warmup: float = 3.0  # per level, excluded from the figures

@@ -118,12 +118,14 @@ def broker_vs_relay(results: dict[str, Any]) -> str:
         return _n((step.get("load_average") or [None])[0], 1)
 
     rows = [["broker ceiling (Node amqplib), warmed up", _n(ceiling.get("rate"), 0), "—",
-             "—", cpu(ceiling, "rabbitmq"), "—", "—", cpu(ceiling, "machine"),
+             "—", cpu(ceiling, "rabbitmq"), cpu(ceiling, "publisher"), "—",
+             cpu(ceiling, "machine"),
              _n(ceiling.get("machine_busy_cores"), 2), load(ceiling)]]
     for i, pair in enumerate(drain.get("pairs") or []):
         after = {"cpu_us_per_event": pair.get("ceiling_after_cpu_us_per_event")}
         rows.append([
-            f"relay backlog drain {i + 1} ({_n(pair.get('events'))} events)",
+            f"relay backlog drain {i + 1} ({_n(pair.get('events'))} events, window "
+            f"{_n(pair.get('relay_window'))})",
             _n(pair.get("rate"), 0), _n(pair.get("ratio_to_ceiling"), 2, "x"),
             _n(pair.get("relay_cpu_cores"), 2), cpu(pair, "rabbitmq"), cpu(pair, "relay"),
             cpu(pair, "postgres"), cpu(pair, "machine"), _n(pair.get("machine_busy_cores"), 2),
@@ -131,13 +133,20 @@ def broker_vs_relay(results: dict[str, Any]) -> str:
         ])
         rows.append([f"broker ceiling again, after drain {i + 1}",
                      _n(pair.get("ceiling_after"), 0), "—", "—", cpu(after, "rabbitmq"),
-                     "—", "—", cpu(after, "machine"), "—", "—"])
+                     cpu(after, "publisher"), "—", cpu(after, "machine"), "—", "—"])
     rows.append(["**relay / ceiling, median of the paired ratios**", _n(drain.get("rate"), 0),
                  _n(drain.get("ratio_to_ceiling"), 2, "x") + " (range "
                  + " to ".join(_n(r, 2, "x") for r in drain.get("ratio_range") or []) + ")",
                  _n(drain.get("relay_cpu_cores"), 2), "", "", "", "", "", ""])
+    for window, paired in (drain.get("by_relay_window") or {}).items():
+        if len(drain.get("by_relay_window") or {}) > 1:
+            rows.append([f"relay window {window}: median of paired ratios", "",
+                         _n(paired.get("median"), 2, "x") + " ("
+                         + ", ".join(_n(r, 2, "x") for r in paired.get("ratios") or []) + ")",
+                         "", "", "", "", "", "", ""])
     return _table(["step (in order)", "events/s", "x ceilings before/after",
-                   "relay CPU (cores)", "RabbitMQ µs/ev", "relay µs/ev", "PostgreSQL µs/ev",
+                   "relay CPU (cores)", "RabbitMQ µs/ev", "relay (or Node publisher) µs/ev",
+                   "PostgreSQL µs/ev",
                    "machine µs/ev (everyone)", "machine busy cores", "load (1 min)"], rows)
 
 

@@ -25,6 +25,7 @@ from bench.observe import (
     CpuWindow,
     DepthSampler,
     ProcessSampler,
+    Profiler,
     broker_pids,
     cpu_seconds,
     machine_busy_seconds,
@@ -101,13 +102,18 @@ async def ceiling(
     sampler = DepthSampler(run.amqp_url, names.queue)
     await sampler.start()
     try:
-        cpu_before = _cpu_now(run.db_name)
+        cpu_before, children = _cpu_now(run.db_name), os.times()
         node = await ceiling_publish(
             run.amqp_url, names.exchange, ROUTING_KEY,
             count=p.drain_events, size=p.payload_size, window=p.window,
         )
+        # The publisher is a child that has been waited for: its CPU is in the children's.
+        done = os.times()
+        publisher = (done.children_user + done.children_system
+                     - children.children_user - children.children_system)
         await sampler.wait_for(p.drain_events, timeout=60)
         cpu = _cpu_per_event(cpu_before, _cpu_now(run.db_name), p.drain_events)
+        cpu["cpu_us_per_event"]["publisher"] = round(publisher / p.drain_events * 1e6, 1)
         measured = drain_rate(sampler.samples, p.drain_events)
     finally:
         await sampler.stop()
@@ -143,6 +149,8 @@ async def _drain(
         proc.start()
         cpu = CpuWindow(proc)
         # CPU per event from here on: the events still to come at this moment.
+        profiler = Profiler(relay.pid, run.results_dir / f"profile-{relay.names.table}.txt")
+        await profiler.start()
         walsenders = await walsender_pids(run.admin_url, run.db_name)
         cpu_before = _cpu_now(run.db_name, relay.pid, walsenders)
         remaining = events - sampler.depth
@@ -151,6 +159,7 @@ async def _drain(
             cpu_before, _cpu_now(run.db_name, relay.pid, walsenders), remaining
         )
         share = cpu.share()
+        await profiler.stop()
         metrics = await relay.metrics()
         await proc.stop()
     finally:
@@ -185,8 +194,10 @@ async def drain(run: Run, p: Params, ceiling_rate: float | None) -> dict[str, An
     """
     ceilings: list[float | None] = [ceiling_rate]
     runs: list[dict[str, Any]] = []
-    for i in range(p.drain_pairs):
-        async with relay_scenario(run, f"drain{i}") as relay:
+    windows = p.relay_windows or (p.window,)
+    for i in range(p.drain_pairs * len(windows)):
+        window = windows[i % len(windows)]
+        async with relay_scenario(run, f"drain{i}", CDC_MAX_IN_FLIGHT=str(window)) as relay:
             result = await _drain(
                 run, relay, events=p.drain_events, rows_per_txn=p.backlog_rows_per_txn,
                 payload=p.payload_size, max_seconds=p.max_drain_seconds,
@@ -199,12 +210,24 @@ async def drain(run: Run, p: Params, ceiling_rate: float | None) -> dict[str, An
         rates = [r for r in ceilings[-2:] if r]
         bracket = sum(rates) / len(rates) if rates else None
         result["ratio_to_ceiling"] = ratio(result["rate"], bracket)
+        result["relay_window"] = window
         runs.append(result)
-    ratios = [r["ratio_to_ceiling"] for r in runs if r["ratio_to_ceiling"]]
-    drained = [r["rate"] for r in runs if r["rate"]]
-    shares = [r["relay_cpu_cores"] for r in runs]
+    by_window: dict[str, dict[str, Any]] = {}
+    for window in windows:
+        paired = [r["ratio_to_ceiling"] for r in runs
+                  if r["relay_window"] == window and r["ratio_to_ceiling"]]
+        by_window[str(window)] = {
+            "median": round(statistics.median(paired), 3) if paired else None,
+            "ratios": paired,
+        }
+    # The headline is the relay at the reference publisher's window (its default).
+    runs_at = [r for r in runs if r["relay_window"] == p.window] or runs
+    ratios = [r["ratio_to_ceiling"] for r in runs_at if r["ratio_to_ceiling"]]
+    drained = [r["rate"] for r in runs_at if r["rate"]]
+    shares = [r["relay_cpu_cores"] for r in runs_at]
     return {
         "pairs": runs,
+        "by_relay_window": by_window,
         "ceilings": ceilings,
         "ratio_to_ceiling": round(statistics.median(ratios), 3) if ratios else None,
         "ratio_range": [min(ratios), max(ratios)] if ratios else None,
