@@ -28,6 +28,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from decimal import Decimal
@@ -166,10 +167,15 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
         with log_path.open("ab") as log:
             procs = [subprocess.Popen(run, cwd=REPO, env=env, stdout=log, stderr=log)
                      for _ in range(replicas)]
-        if rate:  # paced: the replicas consume as the events come
-            time.sleep(3.0)
-            sent = asyncio.run(_publish(f"{ns}.events", events, rate))
         count, cpu0, load = 0, None, []
+        if rate:  # paced: the replicas consume as the events come, sampled meanwhile
+            time.sleep(3.0)
+            sent = {}
+            cpu0, counted0 = _cpu(db, procs), 0
+            publisher = threading.Thread(
+                target=lambda: sent.update(asyncio.run(_publish(f"{ns}.events", events, rate)))
+            )
+            publisher.start()
         samples = [0, 0]  # backends seen waiting for a lock, backends seen
         while count < len(events):
             time.sleep(0.2)
@@ -185,6 +191,8 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
             samples[0] += waiting
             samples[1] += backends
         cpu1 = _cpu(db, procs)
+        if rate:
+            publisher.join()
         # processed_at is now(): the start of the transaction, so one value per batch
         first_at, last_at, batches = db.execute(
             "SELECT min(processed_at), max(processed_at), count(DISTINCT processed_at)"

@@ -42,7 +42,7 @@ from bench.stats import (
     histogram_buckets,
     histogram_quantile,
     latency_summary,
-    ratio,
+    paired_ratio,
 )
 
 HISTOGRAM = "cdc_confirm_latency_seconds"
@@ -207,9 +207,7 @@ async def drain(run: Run, p: Params, ceiling_rate: float | None) -> dict[str, An
         result["ceiling_before"] = ceilings[-2]
         result["ceiling_after"] = ceilings[-1]
         result["ceiling_after_cpu_us_per_event"] = after.get("cpu_us_per_event")
-        rates = [r for r in ceilings[-2:] if r]
-        bracket = sum(rates) / len(rates) if rates else None
-        result["ratio_to_ceiling"] = ratio(result["rate"], bracket)
+        result["ratio_to_ceiling"] = paired_ratio(result["rate"], ceilings[-2], ceilings[-1])
         result["relay_window"] = window
         runs.append(result)
     by_window: dict[str, dict[str, Any]] = {}
