@@ -27,7 +27,7 @@ $(BIN)/.prometheus-tools: $(BIN)/.installed scripts/fetch-prometheus.sh
 
 install: $(BIN)/.installed $(BIN)/.prometheus-tools
 
-# Checks (never changes) the local PostgreSQL and RabbitMQ: for CDC_TEST_SERVICES=local and bench.
+# Checks (never changes) the local PostgreSQL and RabbitMQ that CDC_TEST_SERVICES=local uses.
 services:
 	bash scripts/ensure-services.sh
 
