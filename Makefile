@@ -27,7 +27,7 @@ $(BIN)/.prometheus-tools: $(BIN)/.installed scripts/fetch-prometheus.sh
 
 install: $(BIN)/.installed $(BIN)/.prometheus-tools
 
-# Checks (never changes) the local PostgreSQL and RabbitMQ: for CDC_TEST_SERVICES=local and bench.
+# Checks (never changes) the local PostgreSQL and RabbitMQ that CDC_TEST_SERVICES=local uses.
 services:
 	bash scripts/ensure-services.sh
 
@@ -65,13 +65,15 @@ run-clean:
 
 # Benchmarks (docs/benchmarks.md): not part of `make test`. Installs the bench extra and the
 # locked npm packages of bench/, then runs every scenario; BENCH_ARGS='--quick' for small sizes.
+# PostgreSQL is the run's own throwaway server (wal_level=logical) unless BENCH_PG_URL is set;
+# RabbitMQ is the local one on 127.0.0.1:5672.
 BENCH_ARGS ?=
 $(BIN)/.bench-installed: $(BIN)/.installed pyproject.toml bench/package-lock.json
 	$(BIN)/pip install -q -e '.[test,bench]'
 	cd bench && npm ci --no-audit --no-fund
 	touch $@
 
-bench: $(BIN)/.bench-installed services
+bench: $(BIN)/.bench-installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

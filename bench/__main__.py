@@ -9,6 +9,10 @@ logs and raw arrival times in ``bench/results/runs/<start>-<tag>/``); a full run
 regenerates ``docs/benchmarks.md`` and ``docs/bench-load.png`` (``--docs`` forces it,
 ``--no-docs`` skips it). Every scenario's resources are removed at the end, also on failure,
 SIGTERM or Ctrl-C; a failed scenario is recorded as an error and the run goes on.
+
+PostgreSQL: ``BENCH_PG_URL`` (an admin URL of a server with ``wal_level=logical``), else a
+throwaway server of the local binaries started for the run (``bench/pgserver.py``).
+RabbitMQ: ``BENCH_AMQP_URL``, else the local broker on 127.0.0.1:5672.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from bench.env import Run
 from bench.machine import facts
 from bench.nodetool import ensure_node
 from bench.params import Params
+from bench.pgserver import own_server
 from bench.scenario_consumers import consumers
 from bench.scenario_pipeline import pipeline
 from bench.scenario_seed import seed
@@ -67,7 +72,7 @@ async def _scenario(
 ) -> dict[str, Any]:
     ceiling_rate = _rate(results, "ceiling")
     jobs: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
-        "ceiling": lambda: ceiling(run, p),
+        "ceiling": lambda: ceiling(run, p, warm_up=True),
         "drain": lambda: drain(run, p, ceiling_rate),
         "steady": lambda: steady(run, p, ceiling_rate or 0.0),
         "seed": lambda: seed(run, p, _rate(results, "drain")),
@@ -81,14 +86,17 @@ async def _scenario(
     return await jobs[name]()
 
 
-async def _main(args: argparse.Namespace) -> dict[str, Any]:
+async def _main(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
     p = Params.quick() if args.quick else Params()
     if args.window:
         p = dataclasses.replace(p, window=args.window)
+    if args.relay_windows:
+        p = dataclasses.replace(
+            p, relay_windows=tuple(int(w) for w in args.relay_windows.split(",")))
     # The relay's unconfirmed-publish window is the reference publisher's: like with like.
     os.environ["CDC_MAX_IN_FLIGHT"] = str(p.window)
     run = Run(
-        admin_url=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        admin_url=admin_url,
         amqp_root_url=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
         results_dir=RESULTS_DIR / "runs",
     )
@@ -126,7 +134,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _run_with_signals(args: argparse.Namespace) -> dict[str, Any]:
+def _run_with_signals(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
     """Run ``_main``; SIGINT/SIGTERM cancel it once (cleanup still runs), later ones wait."""
 
     async def guarded() -> dict[str, Any]:
@@ -146,7 +154,7 @@ def _run_with_signals(args: argparse.Namespace) -> dict[str, Any]:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
-        return await _main(args)
+        return await _main(args, admin_url)
 
     return asyncio.run(guarded())
 
@@ -158,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=0,
                         help="confirm window of the reference publisher and of the relay "
                              "(CDC_MAX_IN_FLIGHT); default 1000, the relay's default")
+    parser.add_argument("--relay-windows", metavar="N,M",
+                        help="relay windows the drains take in turn (the reference publisher "
+                             "keeps --window), e.g. 1000,3000: paired ratios per window")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     docs = parser.add_mutually_exclusive_group()
     docs.add_argument("--docs", dest="docs", action="store_true", default=None,
@@ -165,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     docs.add_argument("--no-docs", dest="docs", action="store_false")
     args = parser.parse_args(argv)
     try:
-        results = _run_with_signals(args)
+        given = os.environ.get("BENCH_PG_URL")
+        with contextlib.nullcontext(given) if given else own_server() as admin_url:
+            results = _run_with_signals(args, admin_url)
     except asyncio.CancelledError:
         print("[bench] interrupted; resources removed", file=sys.stderr)
         return 130

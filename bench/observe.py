@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import signal
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import aiormq
 import psutil
+import psycopg
 
 
 class DepthSampler:
@@ -127,6 +133,95 @@ class CpuWindow:
     def share(self) -> float:
         wall = time.monotonic() - self.started
         return (self.sampler.cpu_seconds() - self.cpu_start) / wall if wall > 0 else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 once it is gone)."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
+
+
+def broker_pids(port: int = 5672) -> list[int]:
+    """The RabbitMQ node listening on ``port`` in this network namespace.
+
+    Found by the listening socket, not by scanning nodes' own sockets: a broker in a
+    container also listens on 5672 inside its namespace, and it is not the one measured.
+    """
+    pids = sorted({
+        c.pid for c in psutil.net_connections(kind="tcp")
+        if c.pid and c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    })
+    return pids or [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+
+
+async def walsender_pids(admin_url: str, db_name: str) -> list[int]:
+    """The walsenders streaming the slots of ``db_name`` now: their process titles do not
+    name the database, so they are found through the slots."""
+    async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as db:
+        cur = await db.execute(
+            "SELECT active_pid FROM pg_replication_slots"
+            " WHERE database = %s AND active_pid IS NOT NULL", (db_name,),
+        )
+        return [int(pid) for (pid,) in await cur.fetchall()]
+
+
+def postgres_cpu(db_name: str, walsenders: list[int]) -> float:
+    """CPU seconds of the PostgreSQL backends serving ``db_name`` now: ``walsenders`` (see
+    :func:`walsender_pids`) and the sessions whose title names the database (the workers';
+    the server's other databases are not counted, nor the writers' sessions, which end with
+    their level: the business transactions)."""
+    total = sum(cpu_seconds(pid) for pid in walsenders)
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "postgres" and db_name in " ".join(proc.info["cmdline"] or ()):
+            total += cpu_seconds(proc.pid)
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy so far (not idle, not iowait):
+    on a shared machine, what everyone else ran beside the measured processes shows here."""
+    t = psutil.cpu_times()
+    # guest time is already inside user on Linux, so it is not added again.
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0)
+                 + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0))
+
+
+class Profiler:
+    """``py-spy record`` of one process (raw collapsed stacks), when ``BENCH_PROFILE`` is set.
+
+    Used to see where the relay's time goes during a drain; py-spy samples from outside
+    (``--nonblocking``: the process is never paused), so the figures measured beside it
+    barely move. Without ``BENCH_PROFILE`` or py-spy this does nothing.
+    """
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid, self.out = pid, out
+        self.proc: asyncio.subprocess.Process | None = None
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.spy = spy if os.environ.get("BENCH_PROFILE") and Path(spy).exists() else None
+
+    async def start(self) -> None:
+        if self.spy is None:
+            return
+        self.proc = await asyncio.create_subprocess_exec(
+            self.spy, "record", "--pid", str(self.pid), "--rate", "200", "--format", "raw",
+            "--nonblocking", "-o", str(self.out),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+
+    async def stop(self) -> None:
+        """Stop sampling; py-spy writes its file on SIGINT."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
 
 
 def mib(values: list[int]) -> float | None:

@@ -13,6 +13,10 @@ class Params:
     window: int = 1000  # confirm window of the reference publisher (the relay's default)
     backlog_rows_per_txn: int = 100
     drain_events: int = 200_000  # also the ceiling's message count: same queue growth
+    drain_pairs: int = 3  # relay drains, each followed by a ceiling (C D C D C D C)
+    # Relay windows (CDC_MAX_IN_FLIGHT) the drains take in turn; empty = ``window``. With
+    # several, each gets ``drain_pairs`` drains and its own median of paired ratios.
+    relay_windows: tuple[int, ...] = ()
     steady_levels: tuple[float, ...] = (0.25, 0.50, 0.75)
     steady_seconds: float = 20.0
     steady_warmup: float = 3.0  # per level, excluded from the figures
@@ -48,8 +52,9 @@ class Params:
     def quick(cls) -> Params:
         """Small counts for development: every scenario in a few minutes, noisy figures."""
         return cls(
-            drain_events=20_000, steady_seconds=8.0, steady_warmup=2.0, shape_events=5_000,
-            shape_seconds=4.0, rss_events=100_000, seed_backlog=500, seed_polls=3,
+            drain_events=20_000, drain_pairs=2, steady_seconds=8.0, steady_warmup=2.0,
+            shape_events=5_000, shape_seconds=4.0, rss_events=100_000, seed_backlog=500,
+            seed_polls=3,
             seed_seconds=12.0, consumer_pairs=1_000, rss_max_seconds=180.0,
             pipeline_levels=(250, 500, 1000, 1500, 2000, 3000), pipeline_window=10.0,
             pipeline_warmup=3.0, pipeline_catch_up=15.0, pipeline_webhook_events=5_000,

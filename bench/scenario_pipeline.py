@@ -47,14 +47,21 @@ from typing import Any
 
 import aiormq
 import orjson
-import psutil
 import psycopg
 from psycopg import sql
 
 from bench.env import Run
 from bench.load import paced_writer
 from bench.nodetool import AckConsumer, ceiling_publish
-from bench.observe import ProcessSampler, fetch_text, mib
+from bench.observe import (
+    ProcessSampler,
+    broker_pids,
+    cpu_seconds,
+    fetch_text,
+    mib,
+    postgres_cpu,
+    walsender_pids,
+)
 from bench.params import Params
 from bench.relay_process import RelayProcess, free_port
 from bench.scenario_consumers import stop_workers
@@ -203,56 +210,23 @@ async def _depths(run: Run, queues: list[str]) -> int:
         return total
 
 
-def _cpu(pid: int) -> float:
-    try:
-        t = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(t.user + t.system)
-
-
-def _named(name: str) -> list[int]:
-    return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == name]
-
-
-def _broker_pids(port: int = 5672) -> list[int]:
-    """The RabbitMQ node serving ``port`` (other nodes on the machine are not ours)."""
-    pids = []
-    for pid in _named("beam.smp"):
-        try:
-            conns = psutil.Process(pid).net_connections(kind="tcp")
-        except psutil.Error:
-            continue
-        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
-            pids.append(pid)
-    return pids or _named("beam.smp")
-
-
-def _postgres_cpu(db_name: str) -> float:
-    """CPU seconds of the PostgreSQL backends serving ``db_name`` now (the relay's walsender
-    and the workers' sessions; the shared server's other databases are not counted, nor
-    the writers' sessions, which end with their level: the business transactions)."""
-    total = 0.0
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        if proc.info["name"] == "postgres" and db_name in " ".join(proc.info["cmdline"] or ()):
-            total += _cpu(proc.pid)
-    return total
-
-
 class Meter:
     """CPU seconds and RSS of the pipeline's processes over a window."""
 
-    def __init__(self, groups: dict[str, list[int]], db_name: str) -> None:
+    def __init__(
+        self, groups: dict[str, list[int]], db_name: str, walsenders: list[int]
+    ) -> None:
         self.groups = groups
         self.db_name = db_name
+        self.walsenders = walsenders
         self.samplers = {
             pid: ProcessSampler(pid, interval=1.0) for pids in groups.values() for pid in pids
         }
         self.start_cpu: dict[str, float] = {}
 
     def _now(self) -> dict[str, float]:
-        out = {name: sum(_cpu(pid) for pid in pids) for name, pids in self.groups.items()}
-        out["postgres"] = _postgres_cpu(self.db_name)
+        out = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in self.groups.items()}
+        out["postgres"] = postgres_cpu(self.db_name, self.walsenders)
         return out
 
     def begin(self) -> None:
@@ -341,8 +315,9 @@ class Pipeline:
             await self.run.delete_sink(self.names)
         self.log.close()
 
-    def meter(self) -> Meter:
-        beam = _broker_pids()
+    async def meter(self) -> Meter:
+        beam = broker_pids()
+        walsenders = await walsender_pids(self.run.admin_url, self.run.db_name)
         assert self.relay.proc is not None and self.receiver.proc is not None
         return Meter({
             "relay": [self.relay.pid],
@@ -350,7 +325,7 @@ class Pipeline:
             "notifications": [p.pid for p in self.notifications.procs],
             "rabbitmq": beam,
             "receiver": [self.receiver.proc.pid],
-        }, self.run.db_name)
+        }, self.run.db_name, walsenders)
 
     async def level(self, rate: float) -> dict[str, Any]:
         """Offer ``rate`` events/s for warm-up + window; latencies of the window's events."""
@@ -364,7 +339,7 @@ class Pipeline:
         try:
             await asyncio.sleep(p.pipeline_warmup)
             start = time.time()
-            meter = self.meter()
+            meter = await self.meter()
             meter.begin()
             offered = await writer
             end = time.time()
@@ -474,8 +449,8 @@ async def broker_ceiling(run: Run, p: Params, exchange: str) -> dict[str, Any]:
     queues = list(BILLING_QUEUES + NOTIFICATION_QUEUES)
     consumer = AckConsumer(run.amqp_url, queues)
     await consumer.start()
-    beam = _broker_pids()
-    cpu_before = sum(_cpu(pid) for pid in beam)
+    beam = broker_pids()
+    cpu_before = sum(cpu_seconds(pid) for pid in beam)
     try:
         started = time.monotonic()
         result = await ceiling_publish(
@@ -484,7 +459,7 @@ async def broker_ceiling(run: Run, p: Params, exchange: str) -> dict[str, Any]:
         )
         await _wait_empty(run, queues, 120, 0.05)
         seconds = time.monotonic() - started
-        broker_cpu = sum(_cpu(pid) for pid in beam) - cpu_before
+        broker_cpu = sum(cpu_seconds(pid) for pid in beam) - cpu_before
     finally:
         acked = await consumer.stop()
     events = int(result["published"])
@@ -568,7 +543,7 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
         _, before = await receiver.records()
         pid = workers.procs[0].pid
         assert receiver.proc is not None
-        cpu0, rcpu0 = _cpu(pid), _cpu(receiver.proc.pid)
+        cpu0, rcpu0 = cpu_seconds(pid), cpu_seconds(receiver.proc.pid)
         started = time.monotonic()
         ids = await _publish_devices(run, names.exchange, events)
         healthy = {mid for mid, user in ids if int(user[2:]) % endpoints >= dead_count}
@@ -581,8 +556,8 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
                 break
             await asyncio.sleep(0.5)
         seconds = time.monotonic() - started
-        cpu = _cpu(pid) - cpu0
-        receiver_cpu = _cpu(receiver.proc.pid) - rcpu0
+        cpu = cpu_seconds(pid) - cpu0
+        receiver_cpu = cpu_seconds(receiver.proc.pid) - rcpu0
         records, total = await receiver.records()
         arrivals = sorted(records[mid] for mid in healthy if mid in records)
         span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else None

@@ -11,6 +11,8 @@ Latencies are measured at an auto-ack consumer of the bound queue: arrival minus
 from __future__ import annotations
 
 import asyncio
+import os
+import statistics
 import time
 from typing import Any
 
@@ -19,7 +21,18 @@ import psycopg
 from bench.env import Run
 from bench.load import insert_backlog, paced_writer
 from bench.nodetool import NodeConsumer, ceiling_publish
-from bench.observe import CpuWindow, DepthSampler, ProcessSampler, mib
+from bench.observe import (
+    CpuWindow,
+    DepthSampler,
+    ProcessSampler,
+    Profiler,
+    broker_pids,
+    cpu_seconds,
+    machine_busy_seconds,
+    mib,
+    postgres_cpu,
+    walsender_pids,
+)
 from bench.params import Params
 from bench.relay_process import RelayProcess, relay_scenario
 from bench.stats import (
@@ -29,6 +42,7 @@ from bench.stats import (
     histogram_buckets,
     histogram_quantile,
     latency_summary,
+    paired_ratio,
 )
 
 HISTOGRAM = "cdc_confirm_latency_seconds"
@@ -36,23 +50,76 @@ PUBLISHED = "cdc_events_published_total"
 ROUTING_KEY = "device.started"
 
 
-async def ceiling(run: Run, p: Params, label: str = "ceiling") -> dict[str, Any]:
-    """The broker's ceiling: Node amqplib publishing as the relay does, nothing else."""
+def _cpu_now(
+    db_name: str, relay_pid: int | None = None, walsenders: list[int] | None = None
+) -> dict[str, float]:
+    """CPU seconds so far of the broker, the run's PostgreSQL backends (``walsenders``
+    included), the relay (if any) and the whole machine, with the wall clock."""
+    now = {
+        "rabbitmq": sum(cpu_seconds(pid) for pid in broker_pids()),
+        "postgres": postgres_cpu(db_name, walsenders or []),
+        "machine": machine_busy_seconds(),
+        "wall": time.monotonic(),
+    }
+    if relay_pid is not None:
+        now["relay"] = cpu_seconds(relay_pid)
+    return now
+
+
+def _cpu_per_event(
+    before: dict[str, float], after: dict[str, float], events: int
+) -> dict[str, Any]:
+    """µs of CPU per event of each process group between two ``_cpu_now`` readings, the
+    machine's busy cores over that span (everyone's), and the load average at its end."""
+    wall = after["wall"] - before["wall"]
+    return {
+        "cpu_us_per_event": {
+            name: round((after[name] - before[name]) / events * 1e6, 1) if events else None
+            for name in after if name != "wall"
+        },
+        "machine_busy_cores": round((after["machine"] - before["machine"]) / wall, 2)
+        if wall > 0 else None,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+async def ceiling(
+    run: Run, p: Params, label: str = "ceiling", *, warm_up: bool = False
+) -> dict[str, Any]:
+    """The broker's ceiling: Node amqplib publishing as the relay does, nothing else.
+
+    ``warm_up`` first publishes a tenth of the events into the same queue and purges them,
+    so the first figure of a run does not carry the broker's and Node's start-up.
+    """
     names = run.names(label)
     await run.declare_sink(names)
+    if warm_up:
+        await ceiling_publish(
+            run.amqp_url, names.exchange, ROUTING_KEY,
+            count=p.drain_events // 10, size=p.payload_size, window=p.window,
+        )
+        await run.purge(names.queue)
     sampler = DepthSampler(run.amqp_url, names.queue)
     await sampler.start()
     try:
+        cpu_before, children = _cpu_now(run.db_name), os.times()
         node = await ceiling_publish(
             run.amqp_url, names.exchange, ROUTING_KEY,
             count=p.drain_events, size=p.payload_size, window=p.window,
         )
+        # The publisher is a child that has been waited for: its CPU is in the children's.
+        done = os.times()
+        publisher = (done.children_user + done.children_system
+                     - children.children_user - children.children_system)
         await sampler.wait_for(p.drain_events, timeout=60)
+        cpu = _cpu_per_event(cpu_before, _cpu_now(run.db_name), p.drain_events)
+        cpu["cpu_us_per_event"]["publisher"] = round(publisher / p.drain_events * 1e6, 1)
         measured = drain_rate(sampler.samples, p.drain_events)
     finally:
         await sampler.stop()
         await run.delete_sink(names)
     return {
+        **cpu,
         "events": p.drain_events,
         "payload_bytes": p.payload_size,
         "window": p.window,
@@ -81,14 +148,25 @@ async def _drain(
         proc = ProcessSampler(relay.pid)
         proc.start()
         cpu = CpuWindow(proc)
+        # CPU per event from here on: the events still to come at this moment.
+        profiler = Profiler(relay.pid, run.results_dir / f"profile-{relay.names.table}.txt")
+        await profiler.start()
+        walsenders = await walsender_pids(run.admin_url, run.db_name)
+        cpu_before = _cpu_now(run.db_name, relay.pid, walsenders)
+        remaining = events - sampler.depth
         reached = await sampler.wait_for(events, timeout=max_seconds)
+        per_event = _cpu_per_event(
+            cpu_before, _cpu_now(run.db_name, relay.pid, walsenders), remaining
+        )
         share = cpu.share()
+        await profiler.stop()
         metrics = await relay.metrics()
         await proc.stop()
     finally:
         await sampler.stop()
     measured = drain_rate(sampler.samples, events) if reached else None
     return {
+        **per_event,
         "events": events,
         "rows_per_txn": rows_per_txn,
         "payload_bytes": payload,
@@ -106,25 +184,60 @@ async def _drain(
 
 
 async def drain(run: Run, p: Params, ceiling_rate: float | None) -> dict[str, Any]:
-    """Relay backlog drain: N events committed first (100 rows/txn, 500 B), then the relay.
+    """Relay backlog drains (100 rows/txn, 500 B) interleaved with broker ceilings.
 
-    The ceiling is measured again right after, so the ratio is taken against the mean of
-    the two and a shared machine's drift during the drain shows.
+    The order is C D C D C ..: the run's first ceiling, then ``drain_pairs`` times a relay
+    drain followed by a ceiling. The broker's rate on a shared machine moves by more than
+    10% within minutes, so each drain is compared with the ceilings measured right before
+    and right after it (paired ratio, to their mean), and the figure reported is the median
+    of the paired ratios, with their range.
     """
-    async with relay_scenario(run, "drain") as relay:
-        result = await _drain(
-            run, relay, events=p.drain_events, rows_per_txn=p.backlog_rows_per_txn,
-            payload=p.payload_size, max_seconds=p.max_drain_seconds,
-        )
-    after = (await ceiling(run, p, "ceiling_after")).get("rate")
-    rates = [r for r in (ceiling_rate, after) if r]
-    bracket = sum(rates) / len(rates) if rates else None
-    result["ceiling_before"] = ceiling_rate
-    result["ceiling_after"] = after
-    result["ratio_to_ceiling"] = (
-        round(result["rate"] / bracket, 3) if result["rate"] and bracket else None
-    )
-    return result
+    ceilings: list[float | None] = [ceiling_rate]
+    runs: list[dict[str, Any]] = []
+    windows = p.relay_windows or (p.window,)
+    for i in range(p.drain_pairs * len(windows)):
+        window = windows[i % len(windows)]
+        async with relay_scenario(run, f"drain{i}", CDC_MAX_IN_FLIGHT=str(window)) as relay:
+            result = await _drain(
+                run, relay, events=p.drain_events, rows_per_txn=p.backlog_rows_per_txn,
+                payload=p.payload_size, max_seconds=p.max_drain_seconds,
+            )
+        after = await ceiling(run, p, f"ceiling_after{i}")
+        ceilings.append(after.get("rate"))
+        result["ceiling_before"] = ceilings[-2]
+        result["ceiling_after"] = ceilings[-1]
+        result["ceiling_after_cpu_us_per_event"] = after.get("cpu_us_per_event")
+        result["ratio_to_ceiling"] = paired_ratio(result["rate"], ceilings[-2], ceilings[-1])
+        result["relay_window"] = window
+        runs.append(result)
+    by_window: dict[str, dict[str, Any]] = {}
+    for window in windows:
+        paired = [r["ratio_to_ceiling"] for r in runs
+                  if r["relay_window"] == window and r["ratio_to_ceiling"]]
+        by_window[str(window)] = {
+            "median": round(statistics.median(paired), 3) if paired else None,
+            "ratios": paired,
+        }
+    # The headline is the relay at the reference publisher's window (its default).
+    runs_at = [r for r in runs if r["relay_window"] == p.window] or runs
+    ratios = [r["ratio_to_ceiling"] for r in runs_at if r["ratio_to_ceiling"]]
+    drained = [r["rate"] for r in runs_at if r["rate"]]
+    shares = [r["relay_cpu_cores"] for r in runs_at]
+    return {
+        "pairs": runs,
+        "by_relay_window": by_window,
+        "ceilings": ceilings,
+        "ratio_to_ceiling": round(statistics.median(ratios), 3) if ratios else None,
+        "ratio_range": [min(ratios), max(ratios)] if ratios else None,
+        "rate": round(statistics.median(drained), 1) if drained else None,
+        "rate_range": [min(drained), max(drained)] if drained else None,
+        "relay_cpu_cores": round(statistics.median(shares), 2) if shares else None,
+        "relay_rss_max_mib": max((r["relay_rss_max_mib"] or 0 for r in runs), default=None),
+        "complete": all(r["complete"] for r in runs),
+        "events": p.drain_events,
+        "method": "C D C D ..: each drain's rate over the mean of the ceilings right before "
+                  "and after it; median and range of those paired ratios",
+    }
 
 
 def _window_latencies(

@@ -122,3 +122,16 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if not numerator or not denominator:
         return None
     return round(numerator / denominator, 3)
+
+
+def paired_ratio(
+    rate: float | None, before: float | None, after: float | None
+) -> float | None:
+    """``rate`` over the mean of the reference rates measured right before and right after
+    it (either alone if the other is missing), rounded to 3 digits; ``None`` without them.
+
+    On a shared machine the reference moves by more than 10% within minutes; a ratio to the
+    references that bracket a measurement cancels the drift common to the three.
+    """
+    bracket = [r for r in (before, after) if r]
+    return ratio(rate, sum(bracket) / len(bracket)) if bracket else None

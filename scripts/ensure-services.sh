@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Check (never change) the local services that `make test` uses with CDC_TEST_SERVICES=local
-# and `make bench` uses: PostgreSQL on $PGHOST (127.0.0.1) with logical replication and
-# prepared transactions, and RabbitMQ on 127.0.0.1:5672. A server that is not ready is
-# reported with what to change; this script never reconfigures or restarts it.
+# (`make bench` starts its own PostgreSQL): PostgreSQL on $PGHOST (127.0.0.1) with logical
+# replication and prepared transactions, and RabbitMQ on 127.0.0.1:5672. A server that is
+# not ready is reported with what to change; this script never reconfigures or restarts it.
 set -euo pipefail
 
 PGHOST=${PGHOST:-127.0.0.1}

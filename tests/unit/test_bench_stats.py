@@ -14,6 +14,7 @@ from bench.stats import (
     histogram_buckets,
     histogram_quantile,
     latency_summary,
+    paired_ratio,
     percentile,
     ratio,
 )
@@ -91,3 +92,12 @@ def test_ratio() -> None:
     assert ratio(9.0, 3.0) == 3.0
     assert ratio(None, 3.0) is None
     assert ratio(1.0, 0.0) is None
+
+
+def test_paired_ratio_is_to_the_mean_of_the_bracketing_references() -> None:
+    # A drain of 9,000/s between ceilings of 8,000 and 10,000 is 1.0x, not 1.125x or 0.9x.
+    assert paired_ratio(9_000, 8_000, 10_000) == 1.0
+    assert paired_ratio(9_000, None, 10_000) == 0.9  # one reference missing: the other
+    assert paired_ratio(9_000, 10_000, 0) == 0.9  # a failed measurement reads as 0
+    assert paired_ratio(9_000, None, None) is None
+    assert paired_ratio(None, 8_000, 10_000) is None
