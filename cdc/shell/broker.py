@@ -1,12 +1,11 @@
 """The broker connection: a confirm-mode AMQP channel as a thin ``asyncio.Protocol``.
 
-Why not aiormq's ``basic_publish``: it builds pamqp objects, a future, a lock round and a
-socket write per message, about 200 µs of CPU each, which caps a client at half of what
-the broker takes. Here a publish is a few bytes appended to an outgoing buffer that is
-written once per event-loop turn. This module does the connection, the handshake, the
-frame reading, the write batching and the liveness clock; which publish a confirm, a nack
-or a return is about, and what to re-send when, is decided by the pure
-:class:`~cdc.core.confirms.ConfirmTracker`.
+A publish is a few pre-encoded bytes appended to a buffer written once per event-loop turn
+(aiormq's ``basic_publish`` costs about 200 µs of CPU per message: pamqp objects, a future,
+a lock round and a write each). This shell does the connection, the handshake, the frame
+reading, the write batching and the liveness clock; which publish a confirm, a nack or a
+return is about, and what to re-send when, the pure :class:`~cdc.core.confirms.ConfirmTracker`
+decides.
 
 Contract:
 
@@ -63,15 +62,6 @@ _FRAME_MAX = 131072
 _CONNECT_TIMEOUT = 10.0
 # TCP keepalive: first probe after 10 s idle, then every 5 s, dead after 3 unanswered.
 _KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
-_CLIENT_PROPERTIES: dict[str, Any] = {
-    "product": "outbox-cdc",
-    "capabilities": {
-        "publisher_confirms": True,
-        "basic.nack": True,
-        "connection.blocked": True,
-        "authentication_failure_close": True,
-    },
-}
 
 
 def _set_keepalive(sock: Any) -> None:
@@ -114,7 +104,7 @@ class ConfirmChannel(asyncio.Protocol):
         # Replies to synchronous methods (and Connection.Start), in arrival order.
         self._replies: deque[base.Frame] = deque()
         self._reply_ready: asyncio.Future[None] = self._loop.create_future()
-        self._returning: tuple[commands.Basic.Return, int] | None = None
+        self._returns = wire.ReturnReader()
         self._writable = asyncio.Event()
         self._writable.set()
         self._paused = False
@@ -148,12 +138,8 @@ class ConfirmChannel(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT):
-                await loop.create_connection(
-                    lambda: channel, address.host, address.port, ssl=tls
-                )
-                await channel._open(
-                    address.user, address.password, address.vhost, address.heartbeat
-                )
+                await loop.create_connection(lambda: channel, address.host, address.port, ssl=tls)
+                await channel._open(address)
         except ssl.SSLCertVerificationError as exc:
             refused = RefusedError(f"cannot connect to the broker: {exc}: {tls_hint()}")
             channel._fail(refused)
@@ -170,26 +156,16 @@ class ConfirmChannel(asyncio.Protocol):
             raise
         return channel
 
-    async def _open(self, user: str, password: str, vhost: str, heartbeat: int) -> None:
+    async def _open(self, address: AmqpUrl) -> None:
         start = await self._call(None, commands.Connection.Start, channel=0)
-        assert isinstance(start, commands.Connection.Start)
-        if b"PLAIN" not in (start.mechanisms or "").encode().split():
-            raise SinkError(f"the broker offers no PLAIN login ({start.mechanisms})")
-        ok = commands.Connection.StartOk(
-            client_properties=_CLIENT_PROPERTIES,
-            mechanism="PLAIN",
-            response=f"\0{user}\0{password}",
-        )
+        ok = wire.start_ok(start, address.user, address.password)
         tune = await self._call(ok, commands.Connection.Tune, channel=0)
-        assert isinstance(tune, commands.Connection.Tune)
-        self.frame_max = min(tune.frame_max or _FRAME_MAX, _FRAME_MAX)
+        tune_ok = wire.tune_ok(tune, _FRAME_MAX, address.heartbeat)
+        self.frame_max = tune_ok.frame_max
         self._reader.set_frame_max(self.frame_max)
-        self._heartbeat = heartbeat
-        tune_ok = commands.Connection.TuneOk(
-            channel_max=tune.channel_max, frame_max=self.frame_max, heartbeat=heartbeat
-        )
+        self._heartbeat = address.heartbeat
         self._write(wire.method_frame(0, tune_ok))
-        open_vhost = commands.Connection.Open(virtual_host=vhost)
+        open_vhost = commands.Connection.Open(virtual_host=address.vhost)
         await self._call(open_vhost, commands.Connection.OpenOk, channel=0)
         await self._call(commands.Channel.Open(), commands.Channel.OpenOk)
         await self._call(commands.Confirm.Select(), commands.Confirm.SelectOk)
@@ -371,7 +347,7 @@ class ConfirmChannel(asyncio.Protocol):
             error = SinkError(text) if hint is None else RefusedError(f"{text}: {hint}")
             self._fail(error, graceful=True)
         elif isinstance(method, commands.Basic.Return):
-            self._returning = (method, -1)
+            self._returns.start(method)
         elif isinstance(method, commands.Connection.Blocked | commands.Connection.Unblocked):
             self._set_blocked(method)
         else:
@@ -393,21 +369,11 @@ class ConfirmChannel(asyncio.Protocol):
             self._on_blocked(blocked)
 
     def _on_content(self, kind: int, payload: bytes) -> None:
-        if self._returning is None:
-            raise SinkError("content frame outside a returned message")
-        method, left = self._returning
-        if kind == wire.CONTENT_HEADER:
-            content = wire.decode_header(payload)
-            # Returns come in publish order, each before its message's confirm.
-            key = method.routing_key or ""
-            mid = content.properties.message_id or ""
-            code, text = method.reply_code or 0, method.reply_text or ""
-            if not self._tracker.returned(method.exchange or "", key, mid, code, text):
-                log.warning("basic.return for no pending publish", extra={"key": key})
-            left = content.body_size
-        else:
-            left -= len(payload)
-        self._returning = (method, left) if left > 0 else None
+        back = self._returns.content(kind, payload)
+        if back is not None and not self._tracker.returned(
+            back.exchange, back.routing_key, back.message_id, back.reply_code, back.reply_text
+        ):
+            log.warning("basic.return for no pending publish", extra={"key": back.routing_key})
 
     def pause_writing(self) -> None:
         self._paused = True

@@ -104,10 +104,12 @@ def test_expiry_on_a_live_connection_hands_back_only_the_overdue():
     t = tracker()
     send(t, "a", "b", now=0.0)
     send(t, "c", now=3.0)
+    assert t.returned(EX, "k", "id-a", 312, "NO_ROUTE")
     assert t.expire(now=TIMEOUT - 0.1, last_read=4.0).resend == ()
     expired = t.expire(now=TIMEOUT + 1, last_read=4.0)
     assert expired.silent_for is None
     assert [p.token for p in expired.resend] == ["a", "b"]
+    assert expired.resend[0].returned is None  # the new copy may well be routed
     assert t.first_open_tag == 3  # only "c" is still out under its first tag
     for publish in expired.resend:
         t.again(publish, now=TIMEOUT + 1)
