@@ -212,7 +212,11 @@ class ConfirmChannel(asyncio.Protocol):
         if self.closed.done():
             raise self._error()
         self._tracker.publish(frames, token, exchange, routing_key, message_id, time.monotonic())
-        self._queue(frames)
+        self._out.append(frames)  # what _queue does, inline: once per event, it shows
+        if type(frames) is tuple:
+            self._out_pieces = True
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def _queue(self, frames: wire.Frames) -> None:
         self._out.append(frames)
