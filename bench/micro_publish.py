@@ -28,11 +28,7 @@ from typing import Any
 from pamqp import body, commands, frame, header
 
 from cdc import amqp_frames as wire
-
-try:  # the confirm channel's module, before and after it became the broker shell
-    from cdc.shell.broker import ConfirmChannel
-except ImportError:  # pragma: no cover - the layout before the move
-    from cdc.amqp_publish import ConfirmChannel  # type: ignore[no-redef]
+from cdc.shell.broker import ConfirmChannel
 
 EXCHANGE, KEY = "cdc.events", "device.started"
 BODY = b'{"device": "d-0001", "state": "started", "seq": 123456}'
