@@ -12,6 +12,9 @@ Contract:
   frames, whatever the chunking. :func:`parse_confirm` reads ``Basic.Ack``/``Basic.Nack``
   payloads by hand (the frequent frames); everything else is decoded with pamqp by
   :func:`decode_method`, and :func:`method_frame` encodes the rare methods with pamqp.
+* :func:`start_ok` and :func:`tune_ok` answer the broker's side of the handshake;
+  :class:`ReturnReader` puts a returned message (``Basic.Return``, its content header,
+  its body frames) together into one :class:`Returned`.
 * Malformed input raises :class:`~cdc.errors.SinkError` (the broker connection is then
   dropped and the relay starts a new session); nothing here does I/O.
 """
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from pamqp import base, encode, frame, header
+from pamqp import base, commands, encode, frame, header
 
 from cdc.errors import SinkError
 
@@ -254,3 +258,85 @@ class FrameReader:
             del buf[:pos]
         return out
 
+
+
+#: What the relay tells the broker it is and understands (Connection.StartOk).
+CLIENT_PROPERTIES: Final[dict[str, Any]] = {
+    "product": "outbox-cdc",
+    "capabilities": {
+        "publisher_confirms": True,
+        "basic.nack": True,
+        "connection.blocked": True,
+        "authentication_failure_close": True,
+    },
+}
+
+
+def start_ok(start: base.Frame, user: str, password: str) -> commands.Connection.StartOk:
+    """The PLAIN login answering ``Connection.Start``; SinkError if the broker has no PLAIN."""
+    if not isinstance(start, commands.Connection.Start):
+        raise SinkError(f"expected Connection.Start from the broker, got {start.name}")
+    if b"PLAIN" not in (start.mechanisms or "").encode().split():
+        raise SinkError(f"the broker offers no PLAIN login ({start.mechanisms})")
+    return commands.Connection.StartOk(
+        client_properties=CLIENT_PROPERTIES,
+        mechanism="PLAIN",
+        response=f"\0{user}\0{password}",
+    )
+
+
+def tune_ok(tune: base.Frame, frame_max: int, heartbeat: int) -> commands.Connection.TuneOk:
+    """The answer to ``Connection.Tune``: the broker's frame_max, at most ``frame_max``."""
+    if not isinstance(tune, commands.Connection.Tune):
+        raise SinkError(f"expected Connection.Tune from the broker, got {tune.name}")
+    size = min(tune.frame_max or frame_max, frame_max)
+    return commands.Connection.TuneOk(
+        channel_max=tune.channel_max, frame_max=size, heartbeat=heartbeat
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Returned:
+    """A message the broker returned: where it was published, its id, and why."""
+
+    exchange: str
+    routing_key: str
+    message_id: str
+    reply_code: int
+    reply_text: str
+
+
+class ReturnReader:
+    """A returned message from its frames: ``Basic.Return``, content header, body frames."""
+
+    __slots__ = ("_left", "_method")
+
+    def __init__(self) -> None:
+        self._method: commands.Basic.Return | None = None
+        self._left = 0
+
+    def start(self, method: commands.Basic.Return) -> None:
+        """A ``Basic.Return`` arrived: its content frames follow."""
+        self._method, self._left = method, -1
+
+    def content(self, kind: int, payload: bytes) -> Returned | None:
+        """Take a content frame; the :class:`Returned` once its header is in, else None."""
+        method = self._method
+        if method is None:
+            raise SinkError("content frame outside a returned message")
+        returned = None
+        if kind == CONTENT_HEADER:
+            content = decode_header(payload)
+            returned = Returned(
+                method.exchange or "",
+                method.routing_key or "",
+                content.properties.message_id or "",
+                method.reply_code or 0,
+                method.reply_text or "",
+            )
+            self._left = content.body_size
+        else:
+            self._left -= len(payload)
+        if self._left <= 0:
+            self._method = None
+        return returned

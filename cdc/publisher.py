@@ -1,13 +1,14 @@
 """The broker side: outbox items become confirmed, mandatory, persistent AMQP messages.
 
 :meth:`Publisher.publish` encodes one item and hands it to the confirm channel
-(``cdc/amqp_publish.py``) without waiting; ``on_confirm`` is called with the transactions
-of every item the broker has confirmed, in batches. An event the broker returns as
-unroutable is published again, confirmed, to the parking queue with the reason, and counts
-as confirmed only then; a row that cannot become a message is parked the same way. A nack
-or a missing confirm means publishing again (inside the channel). Losing the connection
-completes :attr:`Publisher.closed` with a :class:`SinkError`: the relay then restarts its
-session, and everything not yet confirmed is streamed again from the slot.
+(:mod:`cdc.shell.broker`) with a :class:`~cdc.core.confirms.ConfirmToken`, without
+waiting; ``on_confirm`` is called with the transactions of every item the broker has
+confirmed, in batches. An event the broker returns as unroutable is published again,
+confirmed, to the parking queue with the reason, and counts as confirmed only then; a row
+that cannot become a message is parked the same way. A nack or a missing confirm means
+publishing again (inside the channel). Losing the connection completes
+:attr:`Publisher.closed` with a :class:`SinkError`: the relay then restarts its session,
+and everything not yet confirmed is streamed again from the slot.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any
 import orjson
 
 from cdc import amqp_frames as wire
-from cdc.amqp_publish import ConfirmChannel
 from cdc.config import RelaySettings
+from cdc.core.confirms import ConfirmToken, Kind
 from cdc.errors import SinkError
 from cdc.metrics import Metrics
 from cdc.outbox import Malformed, OutboxEvent
+from cdc.shell.broker import ConfirmChannel
 from cdc.watermark import Txn
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,6 @@ _PERSISTENT = 2
 # A content header frame is its property block plus 7 bytes of frame header, 12 of class,
 # weight and body size, and the end byte; the whole frame must fit the negotiated frame_max.
 _HEADER_FRAME_OVERHEAD = 20
-# What a confirmed token was: the event itself, or a parked copy of one kind or the other.
-_EVENT, _UNROUTABLE, _MALFORMED = "event", "unroutable", "malformed"
 
 
 class Publisher:
@@ -61,7 +61,7 @@ class Publisher:
         """Connect, open a confirm channel and declare the exchange and the parking queue."""
         s = self._settings
         self._channel = await ConfirmChannel.connect(
-            s.broker_url(),
+            s.broker_address(),
             confirm_timeout=s.confirm_timeout,
             on_ack=self._acked,
             on_returned=self._returned,
@@ -118,16 +118,17 @@ class Publisher:
                 frames = wire.publish_frames(
                     1, self._exchange, key, props, item.body, self._frame_max
                 )
-                channel.publish(frames, (txn, item, _EVENT), self._exchange, key, message_id)
+                token = ConfirmToken(txn, item, Kind.EVENT)
+                channel.publish(frames, token, self._exchange, key, message_id)
                 return
         assert isinstance(item, Malformed)
         self._park_malformed(txn, item)
 
     def _park_malformed(self, txn: Txn, item: Malformed) -> None:
         log.warning("parking malformed row", extra={"id": item.message_id, "why": item.reason})
-        headers = self._parking_headers(_MALFORMED, item.reason, item.routing_key)
+        headers = self._parking_headers(Kind.MALFORMED, item.reason, item.routing_key)
         body = orjson.dumps(item.row)
-        self._park(txn, item, _MALFORMED, item.message_id, item.routing_key, headers, body)
+        self._park(txn, item, Kind.MALFORMED, item.message_id, item.routing_key, headers, body)
 
     def _oversized(self, event: OutboxEvent, size: int) -> Malformed:
         """The malformed form of an event whose content header cannot fit one frame."""
@@ -147,7 +148,7 @@ class Publisher:
         self,
         txn: Txn,
         item: OutboxEvent | Malformed,
-        kind: str,
+        kind: Kind,
         message_id: str | None,
         message_type: str | None,
         headers: dict[str, Any],
@@ -171,32 +172,32 @@ class Publisher:
             self._park_malformed(txn, self._oversized(item, size))
             return
         frames = wire.publish_frames(1, "", queue, props, body, self._frame_max)
-        self._channel.publish(frames, (txn, item, kind), "", queue, message_id)
+        self._channel.publish(frames, ConfirmToken(txn, item, kind), "", queue, message_id)
 
-    def _parking_headers(self, kind: str, reason: str, key: str | None) -> dict[str, Any]:
+    def _parking_headers(self, kind: Kind, reason: str, key: str | None) -> dict[str, Any]:
         return {
-            "x-parked-kind": kind,
+            "x-parked-kind": kind.value,
             "x-parked-reason": reason,
             "x-original-exchange": self._exchange,
             "x-original-routing-key": key,
         }
 
-    def _acked(self, tokens: list[tuple[Txn, Any, str]]) -> None:
+    def _acked(self, tokens: list[ConfirmToken]) -> None:
         txns = []
         published = 0
         for txn, _, kind in tokens:
             txns.append(txn)
-            if kind is _EVENT:
+            if kind is Kind.EVENT:
                 published += 1
             else:
-                self._metrics.parked.labels(kind=kind).inc()
+                self._metrics.parked.labels(kind=kind.value).inc()
         if published:
             self._metrics.published.inc(published)
         self._on_confirm(txns)
 
-    def _returned(self, token: tuple[Txn, Any, str], reason: str) -> None:
+    def _returned(self, token: ConfirmToken, reason: str) -> None:
         txn, item, kind = token
-        if kind is not _EVENT:
+        if kind is not Kind.EVENT or not isinstance(item, OutboxEvent):
             assert self._channel is not None
             self._channel.fail(
                 SinkError(
@@ -207,5 +208,7 @@ class Publisher:
             return
         key = item.routing_key
         log.warning("parking unroutable event", extra={"id": item.message_id, "key": key})
-        headers = {**item.headers, **self._parking_headers(_UNROUTABLE, reason, key)}
-        self._park(txn, item, _UNROUTABLE, item.message_id, key, headers, item.body, item.timestamp)
+        headers = {**item.headers, **self._parking_headers(Kind.UNROUTABLE, reason, key)}
+        self._park(
+            txn, item, Kind.UNROUTABLE, item.message_id, key, headers, item.body, item.timestamp
+        )

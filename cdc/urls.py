@@ -2,16 +2,17 @@
 
 Both are checked when the settings are built, so a value that can never connect stops the
 process at start (exit 2) with the reason, instead of failing on every reconnect. The
-relay's AMQP client reads the broker URL with :func:`parse_amqp_url` too, so the rules of
-what a URL means live here only. Error messages never repeat the value: it may hold a
-password.
+settings hand the relay's AMQP client the broker address :func:`amqp_address` parsed and
+checked, so the rules of what a URL means live here only. Error messages never repeat the
+value: it may hold a password.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from psycopg import ProgrammingError
@@ -36,7 +37,7 @@ class AmqpUrl:
     port: int
     vhost: str
     user: str
-    password: str
+    password: str = field(repr=False)  # never in a log line or a traceback
     heartbeat: int
     cafile: str | None
 
@@ -73,6 +74,14 @@ def parse_amqp_url(url: str) -> AmqpUrl:
         heartbeat=int(text),
         cafile=cafile,
     )
+
+
+def amqp_address(url: str) -> AmqpUrl:
+    """A broker URL parsed, with its ``?cafile=`` readable; ValueError says what is wrong."""
+    address = parse_amqp_url(url)
+    if address.cafile is not None and not os.access(address.cafile, os.R_OK):
+        raise ValueError(f"?cafile={address.cafile} is not a readable file")
+    return address
 
 
 def parse_dsn(dsn: str) -> dict[str, str]:

@@ -34,7 +34,7 @@ from pydantic_settings import (
 
 from cdc.errors import ConfigError
 from cdc.service.logs import redact
-from cdc.urls import parse_amqp_url, parse_dsn, url_has_password
+from cdc.urls import AmqpUrl, amqp_address, parse_dsn, url_has_password
 
 PREFIX = "CDC_"
 FILE_SUFFIX = "_FILE"
@@ -174,11 +174,8 @@ class CdcSettings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None:
-            return None
-        url = parse_amqp_url(value.get_secret_value())
-        if url.cafile is not None and not os.access(url.cafile, os.R_OK):
-            raise ValueError(f"?cafile={url.cafile} is not a readable file")
+        if value is not None:
+            amqp_address(value.get_secret_value())
         return value
 
     def dsn(self) -> str:
@@ -188,6 +185,14 @@ class CdcSettings(BaseSettings):
     def broker_url(self) -> str:
         """The broker URL; ConfigError naming ``CDC_AMQP_URL`` if it is not set."""
         return self._required("amqp_url")
+
+    def broker_address(self) -> AmqpUrl:
+        """The broker URL's parts, as checked at start; ConfigError if not set (or no longer
+        valid: a ``?cafile=`` removed since)."""
+        try:
+            return amqp_address(self.broker_url())
+        except ValueError as exc:
+            raise ConfigError(f"invalid configuration: {variable('amqp_url')}: {exc}") from None
 
     def _required(self, field: str) -> str:
         value = getattr(self, field)

@@ -1,4 +1,4 @@
-"""The confirm-mode publisher (cdc/amqp_publish.py) against the real broker.
+"""The confirm-mode publisher (cdc/shell/broker.py) against the real broker.
 
 Every publish is settled exactly once: confirmed (``on_ack``, also when the broker confirms
 ranges with ``multiple``) or returned as unroutable and then confirmed (``on_returned``,
@@ -23,8 +23,9 @@ import pytest
 from conftest import AMQP_URL
 
 from cdc import amqp_frames as wire
-from cdc.amqp_publish import ConfirmChannel
 from cdc.errors import RefusedError, SinkError
+from cdc.shell.broker import ConfirmChannel
+from cdc.urls import parse_amqp_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -39,7 +40,7 @@ class Recorder:
 
     async def connect(self, url: str = AMQP_URL, confirm_timeout: float = 30.0) -> ConfirmChannel:
         return await ConfirmChannel.connect(
-            url,
+            parse_amqp_url(url),
             confirm_timeout=confirm_timeout,
             on_ack=self.acked.extend,
             on_returned=lambda token, reason: self.returned.append((token, reason)),

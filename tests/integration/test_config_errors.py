@@ -62,6 +62,7 @@ def assert_one_line(output: str, *expected: str) -> str:
 INVALID = [
     ("scheme", "amqp_url", "amqp_url", "http://127.0.0.1:5672/", "CDC_AMQP_URL"),
     ("port", "amqp_url", "amqp_url", "amqp://guest@127.0.0.1:99999/", "1 to 65535"),
+    ("no-host", "amqp_url", "amqp_url", "amqp://guest@:5672/", "names no host"),
     ("heartbeat", "amqp_url", "amqp_url", "amqp://127.0.0.1/?heartbeat=abc", "heartbeat"),
     ("cafile", "amqp_url", "amqp_url", "amqps://127.0.0.1/?cafile=/nonexistent.pem", "cafile"),
     ("dsn", "database_url", "database_url", f"localhost password={SECRET}", "CDC_DATABASE_URL"),

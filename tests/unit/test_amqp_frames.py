@@ -279,3 +279,31 @@ def test_a_large_body_is_framed_as_views_of_it_and_matches_pamqp():
     kw = {"headers": {"a": 1}, "message_id": "m-1", "message_type": "t",
           "timestamp": datetime(2024, 1, 1, tzinfo=UTC)}
     assert ours("ex", "k", body, **kw) == encode("ex", "k", body, reference=True, **kw)
+
+
+def test_a_returned_message_is_read_from_its_frames():
+    reader = wire.ReturnReader()
+    with pytest.raises(SinkError, match="outside a returned message"):
+        reader.content(wire.CONTENT_HEADER, b"")
+    reader.start(commands.Basic.Return(312, "NO_ROUTE", "events", "nobody.1"))
+    props = commands.Basic.Properties(message_id="m-1")
+    head = frame.marshal(header.ContentHeader(0, 5, props), 1)[7:-1]
+    back = reader.content(wire.CONTENT_HEADER, head)
+    assert back == wire.Returned("events", "nobody.1", "m-1", 312, "NO_ROUTE")
+    assert reader.content(wire.BODY, b"abc") is None
+    assert reader.content(wire.BODY, b"de") is None  # the last body frame ends it
+    with pytest.raises(SinkError, match="outside a returned message"):
+        reader.content(wire.BODY, b"x")
+
+
+def test_the_handshake_answers_take_plain_and_the_smaller_frame_max():
+    start = commands.Connection.Start(mechanisms="AMQPLAIN PLAIN")
+    ok = wire.start_ok(start, "u", "p")
+    assert ok.mechanism == "PLAIN" and ok.response == "\0u\0p"
+    with pytest.raises(SinkError, match="no PLAIN login"):
+        wire.start_ok(commands.Connection.Start(mechanisms="EXTERNAL"), "u", "p")
+    tune = commands.Connection.Tune(channel_max=2047, frame_max=1 << 20, heartbeat=60)
+    assert wire.tune_ok(tune, FRAME_MAX, 10).frame_max == FRAME_MAX
+    small = commands.Connection.Tune(channel_max=2047, frame_max=4096, heartbeat=60)
+    assert wire.tune_ok(small, FRAME_MAX, 10).heartbeat == 10
+    assert wire.tune_ok(small, FRAME_MAX, 10).frame_max == 4096

@@ -1,4 +1,4 @@
-"""The confirm channel's liveness rules (cdc/amqp_publish.py), without a socket.
+"""The confirm channel's liveness rules (cdc/shell/broker.py), without a socket.
 
 A publish that waits past ``confirm_timeout`` on a connection from which nothing arrived
 since it was sent ends the connection (nothing is re-sent into a dead socket); on a
@@ -14,8 +14,8 @@ import pytest
 from pamqp import commands
 
 from cdc.amqp_frames import method_frame
-from cdc.amqp_publish import ConfirmChannel
 from cdc.errors import SinkError
+from cdc.shell.broker import ConfirmChannel
 
 TIMEOUT = 5.0
 

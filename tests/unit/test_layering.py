@@ -33,6 +33,7 @@ PURE = [
     "cdc.checkpoint",
     "cdc.status_report",
     "cdc.failover",
+    "cdc.core.confirms",
     "consumers.billing.metering",
     "consumers.notifications.templates",
     "consumers.notifications.signing",

@@ -262,6 +262,21 @@ def test_a_readable_cafile_is_accepted(urls, tmp_path):
     assert parse_amqp_url(s.amqp_url.get_secret_value()).cafile == str(ca)
 
 
+def test_the_broker_client_gets_the_address_parsed_and_checked(urls, tmp_path, monkeypatch):
+    """The relay's AMQP client parses nothing: the settings hand it the checked parts, and
+    never show the password in a repr."""
+    monkeypatch.setenv("CDC_AMQP_URL", f"amqp://cdc:{SECRET}@rabbit:5673/v")
+    address = load(RelaySettings, {}).broker_address()
+    assert (address.host, address.port, address.vhost, address.user) == ("rabbit", 5673, "v", "cdc")
+    assert address.password == SECRET and SECRET not in repr(address)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    s = load(RelaySettings, {"amqp_url": f"amqps://h/?cafile={ca}"})
+    ca.unlink()  # gone after start: the next connect says so as a configuration error
+    with pytest.raises(ConfigError, match=r"CDC_AMQP_URL: \?cafile=.* is not a readable file"):
+        s.broker_address()
+
+
 # -- refusals (exit 3) and outages (retried) --------------------------------------------------
 
 FATAL = 'connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  '

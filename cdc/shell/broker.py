@@ -1,15 +1,18 @@
-"""A small confirm-mode AMQP publisher: one connection, one channel, pipelined confirms.
+"""The broker connection: a confirm-mode AMQP channel as a thin ``asyncio.Protocol``.
 
-Why not aiormq's ``basic_publish``: it builds pamqp objects, a future, a lock round and a
-socket write per message, about 200 µs of CPU each, which caps a client at half of what
-the broker takes. Here a publish is a few bytes appended to an outgoing buffer that is
-written once per event-loop turn, and confirms are tracked by delivery tag in a deque.
+A publish is a few pre-encoded bytes appended to a buffer written once per event-loop turn
+(aiormq's ``basic_publish`` costs about 200 µs of CPU per message: pamqp objects, a future,
+a lock round and a write each). This shell does the connection, the handshake, the frame
+reading, the write batching and the liveness clock; which publish a confirm, a nack or a
+return is about, and what to re-send when, the pure :class:`~cdc.core.confirms.ConfirmTracker`
+decides.
 
 Contract:
 
-* :meth:`ConfirmChannel.connect` opens the connection (PLAIN auth, heartbeats, ``amqps``
-  with the default TLS checks), opens channel 1 and puts it in confirm mode. Any failure
-  raises :class:`~cdc.errors.SinkError`.
+* :meth:`ConfirmChannel.connect` opens the connection to an already parsed and checked
+  broker address (:class:`~cdc.urls.AmqpUrl`; PLAIN auth, heartbeats, ``amqps`` with the
+  default TLS checks), opens channel 1 and puts it in confirm mode. Any failure raises
+  :class:`~cdc.errors.SinkError`.
 * :meth:`ConfirmChannel.publish` takes the encoded frames of one mandatory publish
   (:func:`cdc.amqp_frames.publish_frames`) and an opaque ``token``. Frames go out in call
   order on the one channel. For every publish exactly one of two callbacks runs once:
@@ -37,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import ssl
 import time
@@ -48,9 +50,10 @@ from typing import Any, cast
 from pamqp import base, commands
 
 from cdc import amqp_frames as wire
-from cdc.errors import CdcError, ConfigError, RefusedError, SinkError
+from cdc.core.confirms import ConfirmTracker, Publish
+from cdc.errors import CdcError, RefusedError, SinkError
 from cdc.service.refusals import amqp_refusal, tls_hint
-from cdc.urls import parse_amqp_url
+from cdc.urls import AmqpUrl
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +62,6 @@ _FRAME_MAX = 131072
 _CONNECT_TIMEOUT = 10.0
 # TCP keepalive: first probe after 10 s idle, then every 5 s, dead after 3 unanswered.
 _KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
-_RETRY_FIRST, _RETRY_MAX = 0.05, 5.0
-_CLIENT_PROPERTIES: dict[str, Any] = {
-    "product": "outbox-cdc",
-    "capabilities": {
-        "publisher_confirms": True,
-        "basic.nack": True,
-        "connection.blocked": True,
-        "authentication_failure_close": True,
-    },
-}
 
 
 def _set_keepalive(sock: Any) -> None:
@@ -80,25 +73,6 @@ def _set_keepalive(sock: Any) -> None:
         for name, value in _KEEPALIVE:
             if hasattr(socket, name):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
-class _Pending:
-    """One publish awaiting its confirm."""
-
-    __slots__ = ("attempts", "exchange", "frames", "message_id", "returned", "routing_key",
-                 "sent", "token")  # fmt: skip
-
-    def __init__(
-        self, frames: wire.Frames, token: Any, exchange: str, routing_key: str, message_id: str
-    ) -> None:
-        self.frames = frames
-        self.token = token
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.message_id = message_id
-        self.sent = 0.0
-        self.attempts = 0
-        self.returned: str | None = None
 
 
 class ConfirmChannel(asyncio.Protocol):
@@ -114,7 +88,7 @@ class ConfirmChannel(asyncio.Protocol):
         on_blocked: Callable[[bool], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._confirm_timeout = confirm_timeout
+        self._tracker: ConfirmTracker[wire.Frames, Any] = ConfirmTracker(confirm_timeout)
         self._on_ack = on_ack
         self._on_returned = on_returned
         self._on_republish = on_republish
@@ -127,16 +101,13 @@ class ConfirmChannel(asyncio.Protocol):
         self._out_pieces = False  # _out holds the pieces of a large body (not to be joined)
         self._flush_handle: asyncio.Handle | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
-        self._pending: deque[_Pending | None] = deque()
-        self._base_tag = 1  # delivery tag of _pending[0]
-        self._next_tag = 1
         # Replies to synchronous methods (and Connection.Start), in arrival order.
         self._replies: deque[base.Frame] = deque()
         self._reply_ready: asyncio.Future[None] = self._loop.create_future()
-        self._returning: tuple[commands.Basic.Return, int] | None = None
+        self._returns = wire.ReturnReader()
         self._writable = asyncio.Event()
         self._writable.set()
-        self._paused = self._blocked = False
+        self._paused = False
         self._last_read = self._last_write = time.monotonic()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         # A session that ends for another reason must not log "exception never retrieved".
@@ -147,7 +118,7 @@ class ConfirmChannel(asyncio.Protocol):
     @classmethod
     async def connect(
         cls,
-        url: str,
+        address: AmqpUrl,
         *,
         confirm_timeout: float,
         on_ack: Callable[[list[Any]], None],
@@ -155,12 +126,8 @@ class ConfirmChannel(asyncio.Protocol):
         on_republish: Callable[[str], None],
         on_blocked: Callable[[bool], None] | None = None,
     ) -> ConfirmChannel:
-        """Connect to ``url`` and return a channel in confirm mode (SinkError on failure)."""
-        try:
-            parts = parse_amqp_url(url)
-        except ValueError as exc:
-            raise ConfigError(f"CDC_AMQP_URL {exc}") from None
-        tls = ssl.create_default_context(cafile=parts.cafile) if parts.tls else None
+        """Connect to ``address`` and return a channel in confirm mode (SinkError on failure)."""
+        tls = ssl.create_default_context(cafile=address.cafile) if address.tls else None
         channel = cls(
             confirm_timeout=confirm_timeout,
             on_ack=on_ack,
@@ -171,8 +138,8 @@ class ConfirmChannel(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT):
-                await loop.create_connection(lambda: channel, parts.host, parts.port, ssl=tls)
-                await channel._open(parts.user, parts.password, parts.vhost, parts.heartbeat)
+                await loop.create_connection(lambda: channel, address.host, address.port, ssl=tls)
+                await channel._open(address)
         except ssl.SSLCertVerificationError as exc:
             refused = RefusedError(f"cannot connect to the broker: {exc}: {tls_hint()}")
             channel._fail(refused)
@@ -189,26 +156,16 @@ class ConfirmChannel(asyncio.Protocol):
             raise
         return channel
 
-    async def _open(self, user: str, password: str, vhost: str, heartbeat: int) -> None:
+    async def _open(self, address: AmqpUrl) -> None:
         start = await self._call(None, commands.Connection.Start, channel=0)
-        assert isinstance(start, commands.Connection.Start)
-        if b"PLAIN" not in (start.mechanisms or "").encode().split():
-            raise SinkError(f"the broker offers no PLAIN login ({start.mechanisms})")
-        ok = commands.Connection.StartOk(
-            client_properties=_CLIENT_PROPERTIES,
-            mechanism="PLAIN",
-            response=f"\0{user}\0{password}",
-        )
+        ok = wire.start_ok(start, address.user, address.password)
         tune = await self._call(ok, commands.Connection.Tune, channel=0)
-        assert isinstance(tune, commands.Connection.Tune)
-        self.frame_max = min(tune.frame_max or _FRAME_MAX, _FRAME_MAX)
+        tune_ok = wire.tune_ok(tune, _FRAME_MAX, address.heartbeat)
+        self.frame_max = tune_ok.frame_max
         self._reader.set_frame_max(self.frame_max)
-        self._heartbeat = heartbeat
-        tune_ok = commands.Connection.TuneOk(
-            channel_max=tune.channel_max, frame_max=self.frame_max, heartbeat=heartbeat
-        )
+        self._heartbeat = address.heartbeat
         self._write(wire.method_frame(0, tune_ok))
-        open_vhost = commands.Connection.Open(virtual_host=vhost)
+        open_vhost = commands.Connection.Open(virtual_host=address.vhost)
         await self._call(open_vhost, commands.Connection.OpenOk, channel=0)
         await self._call(commands.Channel.Open(), commands.Channel.OpenOk)
         await self._call(commands.Confirm.Select(), commands.Confirm.SelectOk)
@@ -246,7 +203,7 @@ class ConfirmChannel(asyncio.Protocol):
     @property
     def in_flight(self) -> int:
         """Publishes not yet settled (confirmed, returned or given up with the connection)."""
-        return self._next_tag - self._base_tag
+        return self._tracker.in_flight
 
     def publish(
         self, frames: wire.Frames, token: Any, exchange: str, routing_key: str, message_id: str
@@ -254,14 +211,16 @@ class ConfirmChannel(asyncio.Protocol):
         """Queue one publish; it is written at the end of this event-loop turn."""
         if self.closed.done():
             raise self._error()
-        self._send(_Pending(frames, token, exchange, routing_key, message_id))
+        self._tracker.publish(frames, token, exchange, routing_key, message_id, time.monotonic())
+        self._out.append(frames)  # what _queue does, inline: once per event, it shows
+        if type(frames) is tuple:
+            self._out_pieces = True
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
-    def _send(self, entry: _Pending) -> None:
-        entry.sent = time.monotonic()
-        self._pending.append(entry)
-        self._next_tag += 1
-        self._out.append(entry.frames)
-        if type(entry.frames) is tuple:
+    def _queue(self, frames: wire.Frames) -> None:
+        self._out.append(frames)
+        if type(frames) is tuple:
             self._out_pieces = True
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
@@ -304,110 +263,55 @@ class ConfirmChannel(asyncio.Protocol):
             raise self._error()
 
     def _update_writable(self) -> None:
-        if self._paused or self._blocked:
+        if self._paused or self._tracker.blocked:
             self._writable.clear()
         else:
             self._writable.set()
 
-    # -- confirms ------------------------------------------------------------------------------
-
-    def _settle(self, tag: int, multiple: bool) -> list[_Pending]:
-        """Take the entries a confirm with ``tag`` covers out of the pending deque."""
-        pending = self._pending
-        settled: list[_Pending] = []
-        if multiple:
-            for _ in range(min(tag - self._base_tag + 1, len(pending))):
-                entry = pending.popleft()
-                self._base_tag += 1
-                if entry is not None:
-                    settled.append(entry)
-        else:
-            index = tag - self._base_tag
-            if 0 <= index < len(pending):
-                entry = pending[index]
-                pending[index] = None
-                if entry is not None:
-                    settled.append(entry)
-        while pending and pending[0] is None:
-            pending.popleft()
-            self._base_tag += 1
-        return settled
+    # -- confirms: the tracker decides, this carries it out ------------------------------------
 
     def _acked(self, tag: int, multiple: bool) -> None:
-        settled = self._settle(tag, multiple)
-        tokens = [e.token for e in settled if e.returned is None]
-        if tokens:
-            self._on_ack(tokens)
-        for entry in settled:
-            if entry.returned is not None:
-                self._on_returned(entry.token, entry.returned)
+        acked, returned = self._tracker.ack(tag, multiple)
+        if acked:
+            self._on_ack(acked)
+        for token, reason in returned:
+            self._on_returned(token, reason)
 
     def _nacked(self, tag: int, multiple: bool) -> None:
-        settled = self._settle(tag, multiple)
-        if settled:
-            log.warning("broker nacked %d publish(es); publishing again", len(settled))
-        for entry in settled:
+        resends = self._tracker.nack(tag, multiple)
+        if resends:
+            log.warning("broker nacked %d publish(es); publishing again", len(resends))
+        for publish, delay in resends:
             self._on_republish("nack")
-            entry.attempts += 1
-            entry.returned = None
-            delay = min(_RETRY_FIRST * 2 ** (entry.attempts - 1), _RETRY_MAX)
-            self._loop.call_later(delay * (0.5 + random.random()), self._resend, entry)
+            self._loop.call_later(delay, self._resend, publish)
 
-    def _resend(self, entry: _Pending) -> None:
+    def _resend(self, publish: Publish[wire.Frames, Any]) -> None:
         if not self.closed.done():
-            self._send(entry)
-
-    def _returned(self, method: commands.Basic.Return, message_id: str | None) -> None:
-        # Returns come in publish order, each before its message's confirm: the oldest
-        # unreturned pending publish with the same exchange, key and id is the one.
-        reason = f"unroutable: {method.reply_code} {method.reply_text}".rstrip()
-        for entry in self._pending:
-            if (
-                entry is not None
-                and entry.returned is None
-                and entry.routing_key == method.routing_key
-                and entry.exchange == method.exchange
-                and entry.message_id == (message_id or "")
-            ):
-                entry.returned = reason
-                return
-        log.warning("basic.return for no pending publish", extra={"key": method.routing_key})
+            self._tracker.again(publish, time.monotonic())
+            self._queue(publish.frames)
 
     def _expire(self, now: float) -> None:
-        """Handle publishes that waited longer than ``confirm_timeout`` for their confirm.
+        """Carry out the tracker's decision about publishes past ``confirm_timeout``.
 
-        If nothing at all came from the broker since the oldest of them was sent, the
-        connection is dead: end it (re-sending into it would only grow the buffer and the
-        duplicates). Otherwise the broker is alive and lost track of them: publish again.
+        A dead connection (nothing read since the oldest of them was sent) is ended:
+        re-sending into it would only grow the buffer and the duplicates.
         """
-        if self._blocked:
-            return  # a blocked broker reads nothing we send; the clock restarts on unblock
-        limit = now - self._confirm_timeout
-        pending = self._pending
-        expired = 0
-        for index, entry in enumerate(pending):
-            if entry is None:
-                continue
-            if entry.sent > limit:
-                break
-            if self._last_read < entry.sent:
-                self._fail(
-                    SinkError(
-                        f"no confirm and no frame at all from the broker in "
-                        f"{now - entry.sent:.0f}s; the connection is presumed dead"
-                    )
+        expired = self._tracker.expire(now, self._last_read)
+        if expired.silent_for is not None:
+            self._fail(
+                SinkError(
+                    f"no confirm and no frame at all from the broker in "
+                    f"{expired.silent_for:.0f}s; the connection is presumed dead"
                 )
-                return
-            pending[index] = None
+            )
+            return
+        if expired.resend:
+            log.warning(
+                "%d publish(es) got no confirm in time; publishing again", len(expired.resend)
+            )
+        for publish in expired.resend:
             self._on_republish("timeout")
-            entry.returned = None
-            self._loop.call_soon(self._resend, entry)
-            expired += 1
-        if expired:
-            log.warning("%d publish(es) got no confirm in time; publishing again", expired)
-        while pending and pending[0] is None:
-            pending.popleft()
-            self._base_tag += 1
+            self._loop.call_soon(self._resend, publish)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -447,7 +351,7 @@ class ConfirmChannel(asyncio.Protocol):
             error = SinkError(text) if hint is None else RefusedError(f"{text}: {hint}")
             self._fail(error, graceful=True)
         elif isinstance(method, commands.Basic.Return):
-            self._returning = (method, -1)
+            self._returns.start(method)
         elif isinstance(method, commands.Connection.Blocked | commands.Connection.Unblocked):
             self._set_blocked(method)
         else:
@@ -457,34 +361,23 @@ class ConfirmChannel(asyncio.Protocol):
 
     def _set_blocked(self, method: base.Frame) -> None:
         blocked = isinstance(method, commands.Connection.Blocked)
-        if blocked == self._blocked:
+        if not self._tracker.block(blocked, time.monotonic()):
             return
-        self._blocked = blocked
         if blocked:
             reason = getattr(method, "reason", "") or "no reason given"
             log.warning("broker blocks publishers (%s)", reason)
         else:
             log.warning("broker unblocks publishers")
-            # Whatever waited did so because of the block: restart its confirm clock.
-            now = time.monotonic()
-            for entry in self._pending:
-                if entry is not None:
-                    entry.sent = now
         self._update_writable()
         if self._on_blocked is not None:
             self._on_blocked(blocked)
 
     def _on_content(self, kind: int, payload: bytes) -> None:
-        if self._returning is None:
-            raise SinkError("content frame outside a returned message")
-        method, left = self._returning
-        if kind == wire.CONTENT_HEADER:
-            content = wire.decode_header(payload)
-            self._returned(method, content.properties.message_id)
-            left = content.body_size
-        else:
-            left -= len(payload)
-        self._returning = (method, left) if left > 0 else None
+        back = self._returns.content(kind, payload)
+        if back is not None and not self._tracker.returned(
+            back.exchange, back.routing_key, back.message_id, back.reply_code, back.reply_text
+        ):
+            log.warning("basic.return for no pending publish", extra={"key": back.routing_key})
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -501,7 +394,7 @@ class ConfirmChannel(asyncio.Protocol):
     # -- liveness and closing --------------------------------------------------------------------
 
     def _schedule_tick(self) -> None:
-        period = min(1.0, self._confirm_timeout / 4)
+        period = min(1.0, self._tracker.confirm_timeout / 4)
         if self._heartbeat:
             period = min(period, self._heartbeat / 2)
         self._tick_handle = self._loop.call_later(period, self._tick)
