@@ -18,6 +18,7 @@ import cdc
 PACKAGE = Path(cdc.__file__).resolve().parent
 PURE = [
     "cdc.pgoutput",
+    "cdc.pgoutput_messages",
     "cdc.replication",
     "cdc.lsn",
     "cdc.watermark",
