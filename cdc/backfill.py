@@ -23,8 +23,8 @@ from typing import Any, TextIO
 import psycopg
 
 from cdc import horizon_store as store
+from cdc import schema, slot_guard
 from cdc import slot as slots
-from cdc import slot_guard
 from cdc.config import RelaySettings
 from cdc.errors import ConfigError, SetupError
 from cdc.horizon import BackfillMode, backfill_rows
@@ -50,8 +50,8 @@ def run(
     """Set up (or resume) a backfill and publish it; returns what it did."""
     with slots.connect(settings) as conn:
         slots.check_server(conn)
-        slots.ensure_table(conn, settings)
-        slots.ensure_publication(conn, settings)
+        schema.ensure_table(conn, settings)
+        schema.ensure_publication(conn, settings)
         if mode == "pending" and not store.has_status_column(conn, settings):
             raise ConfigError(
                 f"{settings.outbox_table} has no status column, so no row is marked "

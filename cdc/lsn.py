@@ -12,8 +12,6 @@ from cdc.errors import ConfigError
 
 _LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 
-#: The invalid LSN; START_REPLICATION with it means "resume at the slot's confirmed_flush_lsn".
-INVALID_LSN = 0
 MAX_LSN = (1 << 64) - 1
 
 

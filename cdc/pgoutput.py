@@ -27,11 +27,45 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeAlias
 
 from cdc.errors import ProtocolError
+from cdc.pgoutput_messages import (
+    UNCHANGED_TOAST,
+    Begin,
+    BeginPrepare,
+    BinaryValue,
+    Column,
+    Commit,
+    CommitPrepared,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Message,
+    Origin,
+    Prepare,
+    Relation,
+    RollbackPrepared,
+    StreamAbort,
+    StreamCommit,
+    StreamPrepare,
+    StreamStart,
+    StreamStop,
+    Truncate,
+    TupleData,
+    TypeMessage,
+    UnchangedToast,
+    Update,
+)
+
+#: The messages are part of this module's interface: callers write ``pgoutput.Insert``.
+__all__ = [
+    "LARGE", "UNCHANGED_TOAST", "Begin", "BeginPrepare", "BinaryValue", "Column", "Commit",
+    "CommitPrepared", "Delete", "Insert", "LogicalMessage", "Message", "Origin", "Prepare",
+    "Relation", "RollbackPrepared", "StreamAbort", "StreamCommit", "StreamPrepare", "StreamStart",
+    "StreamStop", "Truncate", "TupleData", "TypeMessage", "UnchangedToast", "Update", "decode",
+]
 
 _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 #: Size from which an Insert message is decoded without copying, and a text value kept as a
@@ -39,237 +73,9 @@ _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 LARGE: Final = 1 << 20
 
 
-class UnchangedToast:
-    """Marker for a toasted value the server did not send because the UPDATE left it alone."""
 
-    __slots__ = ()
 
-    def __reduce__(self) -> str:
-        # Pickle and copy hand back the module's singleton, so ``is UNCHANGED_TOAST`` holds.
-        return "UNCHANGED_TOAST"
-
-    def __repr__(self) -> str:
-        return "UNCHANGED_TOAST"
-
-
-UNCHANGED_TOAST: Final = UnchangedToast()
-
-
-@dataclass(frozen=True, slots=True)
-class BinaryValue:
-    """A column value in its type's binary send format (``binary 'true'`` option)."""
-
-    data: bytes
-
-
-TupleData: TypeAlias = tuple[bytes | memoryview | UnchangedToast | BinaryValue | None, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Begin:
-    """'B': a transaction starts; ``final_lsn`` is the LSN of its commit record."""
-
-    final_lsn: int
-    commit_time: datetime
-    xid: int
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    flags: int
-    commit_lsn: int
-    end_lsn: int
-    commit_time: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    commit_lsn: int
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    flags: int
-    name: str
-    type_oid: int
-    type_modifier: int
-
-    @property
-    def is_key(self) -> bool:
-        """Whether the column is part of the replica identity."""
-        return bool(self.flags & 1)
-
-
-@dataclass(frozen=True, slots=True)
-class Relation:
-    """'R': the shape of a table, sent before its first change in a session or stream."""
-
-    xid: int | None
-    oid: int
-    namespace: str
-    name: str
-    replica_identity: str
-    columns: tuple[Column, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class TypeMessage:
-    """'Y': the name of a user-defined type used by a following Relation."""
-
-    xid: int | None
-    oid: int
-    namespace: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Insert:
-    xid: int | None
-    relation_oid: int
-    new: TupleData
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    """'U': a row was updated; ``old`` (REPLICA IDENTITY FULL) or ``key`` (key changed)."""
-
-    xid: int | None
-    relation_oid: int
-    old: TupleData | None
-    key: TupleData | None
-    new: TupleData
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    """'D': a row was deleted; exactly one of ``old`` and ``key`` is set."""
-
-    xid: int | None
-    relation_oid: int
-    old: TupleData | None
-    key: TupleData | None
-
-
-@dataclass(frozen=True, slots=True)
-class Truncate:
-    xid: int | None
-    options: int
-    relation_oids: tuple[int, ...]
-
-    @property
-    def cascade(self) -> bool:
-        """TRUNCATE ... CASCADE."""
-        return bool(self.options & 1)
-
-    @property
-    def restart_identity(self) -> bool:
-        """TRUNCATE ... RESTART IDENTITY."""
-        return bool(self.options & 2)
-
-
-@dataclass(frozen=True, slots=True)
-class LogicalMessage:
-    xid: int | None
-    flags: int
-    lsn: int
-    prefix: str
-    content: bytes
-
-    @property
-    def transactional(self) -> bool:
-        """Whether the message belongs to its transaction (else it was sent immediately)."""
-        return bool(self.flags & 1)
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStart:
-    xid: int
-    first_segment: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStop:
-    """'E': the current block of an in-progress transaction ended."""
-
-
-@dataclass(frozen=True, slots=True)
-class StreamCommit:
-    xid: int
-    flags: int
-    commit_lsn: int
-    end_lsn: int
-    commit_time: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class StreamAbort:
-    """'A': a streamed (sub)transaction aborted; abort_lsn/time only from v4 parallel."""
-
-    xid: int
-    subxid: int
-    abort_lsn: int | None
-    abort_time: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class BeginPrepare:
-    prepare_lsn: int
-    end_lsn: int
-    prepare_time: datetime
-    xid: int
-    gid: str
-
-
-@dataclass(frozen=True, slots=True)
-class Prepare:
-    flags: int
-    prepare_lsn: int
-    end_lsn: int
-    prepare_time: datetime
-    xid: int
-    gid: str
-
-
-@dataclass(frozen=True, slots=True)
-class CommitPrepared:
-    flags: int
-    commit_lsn: int
-    end_lsn: int
-    commit_time: datetime
-    xid: int
-    gid: str
-
-
-@dataclass(frozen=True, slots=True)
-class RollbackPrepared:
-    flags: int
-    prepare_end_lsn: int
-    rollback_end_lsn: int
-    prepare_time: datetime
-    rollback_time: datetime
-    xid: int
-    gid: str
-
-
-@dataclass(frozen=True, slots=True)
-class StreamPrepare:
-    flags: int
-    prepare_lsn: int
-    end_lsn: int
-    prepare_time: datetime
-    xid: int
-    gid: str
-
-
-Message: TypeAlias = (
-    Begin | Commit | Origin | Relation | TypeMessage | Insert | Update | Delete | Truncate
-    | LogicalMessage | StreamStart | StreamStop | StreamCommit | StreamAbort | BeginPrepare
-    | Prepare | CommitPrepared | RollbackPrepared | StreamPrepare
-)  # fmt: skip
-
-
-class _Layout:
+class _Struct:
     """A fixed run of big-endian fields read with one precompiled ``struct.Struct``.
 
     ``spec`` is ``"name:code ..."`` in struct codes, plus ``t`` for a TimestampTz (Int64
@@ -355,8 +161,8 @@ def _bad_length(
     )
 
 
-_XID: Final = _Layout("streamed change", "xid:I")
-_NCOLS: Final = _Layout("tuple data", "column_count:H")
+_XID: Final = _Struct("streamed change", "xid:I")
+_NCOLS: Final = _Struct("tuple data", "column_count:H")
 _LEN: Final = struct.Struct(">i")
 _OID: Final = struct.Struct(">I").unpack_from
 _T, _B, _N, _U = b"tbnu"
@@ -365,7 +171,7 @@ _T, _B, _N, _U = b"tbnu"
 def _tuple(
     buf: bytes | memoryview, pos: int, what: str, lsn: int | None
 ) -> tuple[TupleData, int]:
-    # The hot path: explicit bounds checks and local names instead of a _Layout per column.
+    # The hot path: explicit bounds checks and local names instead of a _Struct per column.
     size = len(buf)
     if pos + 2 > size:
         _NCOLS.read(buf, pos, lsn)  # raises the truncation error
@@ -423,7 +229,7 @@ _Decoder: TypeAlias = Callable[[bytes, bool, int | None], tuple[Message, int]]
 
 def _fixed(cls: Callable[..., Message], what: str, spec: str, xid: bool = False) -> _Decoder:
     """Build the decoder of a message that is one layout, after the xid if ``xid`` is set."""
-    layout = _Layout(what, spec)
+    layout = _Struct(what, spec)
 
     def decoder(buf: bytes, in_stream: bool, lsn: int | None) -> tuple[Message, int]:
         if not xid:
@@ -451,7 +257,7 @@ def _relation(buf: bytes, in_stream: bool, lsn: int | None) -> tuple[Message, in
 
 
 def _change_head(
-    buf: bytes | memoryview, in_stream: bool, lsn: int | None, layout: _Layout, allowed: bytes
+    buf: bytes | memoryview, in_stream: bool, lsn: int | None, layout: _Struct, allowed: bytes
 ) -> tuple[int | None, int, int, int]:
     """Read ``[xid] relation_oid submessage``; return (xid, oid, submessage, next offset)."""
     xid, pos = _xid(buf, in_stream, lsn)
@@ -532,19 +338,19 @@ def _stream_abort(buf: bytes, in_stream: bool, lsn: int | None) -> tuple[Message
     return StreamAbort(xid, subxid, abort_lsn, abort_time), 1 + _ABORT_V4.size
 
 
-_REL_HEAD: Final = _Layout("Relation", "oid:I namespace:z name:z")
-_REL_TAIL: Final = _Layout("Relation", "replica_identity:B column_count:H")
-_COL_HEAD: Final = _Layout("Relation column", "flags:B name:z")
-_COL_TYPE: Final = _Layout("Relation column", "type_oid:I type_modifier:i")
-_INSERT_HEAD: Final = _Layout("Insert", "relation_oid:I submessage:B")
-_UPDATE_HEAD: Final = _Layout("Update", "relation_oid:I submessage:B")
-_UPDATE_NEW: Final = _Layout("Update", "new_tuple_marker:B")
-_DELETE_HEAD: Final = _Layout("Delete", "relation_oid:I submessage:B")
-_TRUNCATE_HEAD: Final = _Layout("Truncate", "relation_count:I options:B")
-_MESSAGE_HEAD: Final = _Layout("Message", "flags:B lsn:Q prefix:z")
-_MESSAGE_LENGTH: Final = _Layout("Message", "content_length:i")
-_ABORT: Final = _Layout("Stream Abort", "xid:I subxid:I")
-_ABORT_V4: Final = _Layout("Stream Abort", "xid:I subxid:I abort_lsn:Q abort_time:t")
+_REL_HEAD: Final = _Struct("Relation", "oid:I namespace:z name:z")
+_REL_TAIL: Final = _Struct("Relation", "replica_identity:B column_count:H")
+_COL_HEAD: Final = _Struct("Relation column", "flags:B name:z")
+_COL_TYPE: Final = _Struct("Relation column", "type_oid:I type_modifier:i")
+_INSERT_HEAD: Final = _Struct("Insert", "relation_oid:I submessage:B")
+_UPDATE_HEAD: Final = _Struct("Update", "relation_oid:I submessage:B")
+_UPDATE_NEW: Final = _Struct("Update", "new_tuple_marker:B")
+_DELETE_HEAD: Final = _Struct("Delete", "relation_oid:I submessage:B")
+_TRUNCATE_HEAD: Final = _Struct("Truncate", "relation_count:I options:B")
+_MESSAGE_HEAD: Final = _Struct("Message", "flags:B lsn:Q prefix:z")
+_MESSAGE_LENGTH: Final = _Struct("Message", "content_length:i")
+_ABORT: Final = _Struct("Stream Abort", "xid:I subxid:I")
+_ABORT_V4: Final = _Struct("Stream Abort", "xid:I subxid:I abort_lsn:Q abort_time:t")
 _PREPARE: Final = "flags:B prepare_lsn:Q end_lsn:Q prepare_time:t xid:I gid:z"
 
 _DECODERS: Final[dict[int, _Decoder]] = {

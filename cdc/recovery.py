@@ -29,6 +29,7 @@ from typing import Any
 import psycopg
 
 from cdc import horizon_store as store
+from cdc import schema
 from cdc import slot as slots
 from cdc.checkpoint import Action, Checkpoint, assess
 from cdc.config import RelaySettings
@@ -87,7 +88,7 @@ def recover(settings: RelaySettings) -> list[str]:
             return [f"slot {settings.slot_name} is healthy: nothing to recover"]
         started = time.monotonic()
         store.mark_recovering(conn, settings)
-        slots.ensure_publication(conn, settings)
+        schema.ensure_publication(conn, settings)
         _drop_old_slot(conn, settings)
         with exported_slot(settings) as (created, reader):
             pin_session(reader)

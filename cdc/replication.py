@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from cdc.errors import ProtocolError
 
@@ -76,11 +76,6 @@ def standby_status(lsn: int, now_us: int, *, reply: bool = False) -> bytes:
 def unix_us_to_pg(unix_us: int) -> int:
     """Convert microseconds since the Unix epoch to PostgreSQL's epoch."""
     return unix_us - _PG_EPOCH_UNIX_US
-
-
-def pg_us_to_datetime(pg_us: int) -> datetime:
-    """Convert a PostgreSQL-epoch microsecond timestamp to an aware UTC datetime."""
-    return PG_EPOCH + timedelta(microseconds=pg_us)
 
 
 def pgoutput_version(server_version: int) -> int:

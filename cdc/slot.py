@@ -1,15 +1,14 @@
-"""Database-side set-up and inspection: outbox table, publication, slot health, status.
+"""The slot seen over an ordinary connection: connect, `cdc setup`, health, status, walsenders.
 
-Runs over an ordinary (non-replication) connection with bound parameters; identifiers are
-composed with ``psycopg.sql.Identifier``, never pasted in. Every refusal is a
-:class:`SetupError` whose message says what the operator should run.
+The outbox table and the publication are :mod:`cdc.schema`'s. Queries use bound
+parameters; identifiers are composed with ``psycopg.sql.Identifier``, never pasted in.
+Every refusal is a :class:`SetupError` whose message says what the operator should run.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from typing import Any
 
 import psycopg
@@ -19,7 +18,7 @@ from cdc.checkpoint import Action, Checkpoint, Observed, SlotSeen, assess
 from cdc.config import RelaySettings
 from cdc.errors import RefusedError, SetupError, SourceError
 from cdc.lsn import format_lsn
-from cdc.outbox import REQUIRED_COLUMNS
+from cdc.schema import ensure_publication, ensure_table, table_exists, table_published
 from cdc.service.refusals import refused_by_postgres
 from cdc.slot_create import SystemIdentity
 from cdc.source import with_keepalives
@@ -54,68 +53,6 @@ def check_server(conn: Conn) -> None:
     if not can:
         user = _one(conn, "SELECT current_user")
         raise SetupError(f"role {user!r} may not replicate: run ALTER ROLE {user} REPLICATION")
-
-
-def _table_exists(conn: Conn, settings: RelaySettings) -> bool:
-    return bool(
-        _one(
-            conn,
-            "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = %s",
-            (settings.table_schema, settings.table_name),
-        )
-    )
-
-
-def ensure_table(conn: Conn, settings: RelaySettings) -> None:
-    """Create the outbox table from ``sql/`` if absent, then check its required columns."""
-    table = sql.Identifier(settings.table_schema, settings.table_name)
-    for script in sorted(resources.files("cdc.sql").iterdir(), key=lambda p: p.name):
-        if script.name.endswith(".sql"):
-            conn.execute(sql.SQL(script.read_text()).format(table=table))
-    rows = conn.execute(
-        "SELECT column_name FROM information_schema.columns "
-        "WHERE table_schema = %s AND table_name = %s",
-        (settings.table_schema, settings.table_name),
-    ).fetchall()
-    missing = set(REQUIRED_COLUMNS) - {r[0] for r in rows}
-    if missing:
-        raise SetupError(
-            f"{settings.outbox_table} lacks columns {sorted(missing)}; the outbox needs "
-            f"{', '.join(REQUIRED_COLUMNS)}"
-        )
-
-
-def ensure_publication(conn: Conn, settings: RelaySettings) -> None:
-    """Create the publication for the outbox table (INSERTs only), or add the table to it."""
-    pub = sql.Identifier(settings.publication_name)
-    table = sql.Identifier(settings.table_schema, settings.table_name)
-    exists = _one(conn, "SELECT count(*) FROM pg_publication WHERE pubname = %s",
-                  (settings.publication_name,))
-    if not exists:
-        conn.execute(
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')").format(
-                pub, table
-            )
-        )
-        return
-    if not table_published(conn, settings):
-        conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, table))
-
-
-def table_published(conn: Conn, settings: RelaySettings) -> bool:
-    """Whether the publication carries the configured table, by schema and name.
-
-    A table renamed away (and perhaps recreated under the old name) drops out here even
-    though the publication still holds the renamed one.
-    """
-    return bool(
-        _one(
-            conn,
-            "SELECT count(*) FROM pg_publication_tables "
-            "WHERE pubname = %s AND schemaname = %s AND tablename = %s",
-            (settings.publication_name, settings.table_schema, settings.table_name),
-        )
-    )
 
 
 def _slot_columns(conn: Conn) -> str:
@@ -234,7 +171,7 @@ def prepare(settings: RelaySettings) -> list[str]:
     with connect(settings) as conn:
         check_server(conn)
         done = []
-        if not _table_exists(conn, settings):
+        if not table_exists(conn, settings):
             done.append(f"created table {settings.outbox_table}")
         try:
             ensure_table(conn, settings)

@@ -38,11 +38,6 @@ class Watermark:
         """Events registered but not yet confirmed by the broker."""
         return self._in_flight
 
-    @property
-    def idle(self) -> bool:
-        """True when no transaction is open and no event awaits a confirm."""
-        return not self._txns
-
     def oldest_pending_commit(self) -> float | None:
         """Unix commit time of the oldest transaction not yet flushable (lag in seconds)."""
         return self._txns[0].commit_time if self._txns else None

@@ -62,11 +62,6 @@ _POSTGRES: tuple[tuple[re.Pattern[str], str, str], ...] = tuple(
     )
 )
 
-#: Reply codes of a broker close that no retry can fix: ACCESS_REFUSED (login or
-#: permissions), NOT_ALLOWED (unknown vhost, or no access to it), INVALID_PATH.
-AMQP_REFUSED = {403: "ACCESS_REFUSED", 530: "NOT_ALLOWED", 402: "INVALID_PATH"}
-
-
 def postgres_refusal(message: str, var: str = "CDC_DATABASE_URL") -> str | None:
     """``"<SQLSTATE>: <what to do>"`` if PostgreSQL's ``message`` is a refusal, else None."""
     for pattern, state, hint in _POSTGRES:

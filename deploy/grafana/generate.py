@@ -1,8 +1,9 @@
 """Writes ``outbox-cdc.json``, the Grafana dashboard, from the panel list below.
 
-Run ``python deploy/grafana/generate.py`` after editing; ``tests/unit/test_deploy.py``
-fails when the committed JSON differs from what this produces. The dashboard has one
-Prometheus datasource variable, so it imports into any Grafana (10+) as is.
+Run ``python deploy/grafana/generate.py`` after editing:
+``tests/unit/test_deploy_monitoring.py`` fails when the committed JSON differs from what this
+produces. The dashboard has one Prometheus datasource variable, so it imports into any
+Grafana (10+) as is.
 """
 
 from __future__ import annotations

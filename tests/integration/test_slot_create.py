@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 from psycopg import sql
 
+from cdc import schema
 from cdc import slot as slots
 from cdc.errors import SourceError
 from cdc.slot_create import create_slot, current_identity, exported_slot
@@ -24,8 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 def _prepare_table(env) -> None:
     settings = env.settings()
     with slots.connect(settings) as conn:
-        slots.ensure_table(conn, settings)
-        slots.ensure_publication(conn, settings)
+        schema.ensure_table(conn, settings)
+        schema.ensure_publication(conn, settings)
 
 
 def _xid_of(env, row_id: str) -> int:

@@ -18,6 +18,7 @@ import time
 import pytest
 from psycopg import sql
 
+from cdc import schema
 from cdc import slot as slots
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -29,8 +30,8 @@ def _table_and_publication_only(env) -> None:
     """What `cdc setup` does, minus the slot (a relay's very first start then makes it)."""
     settings = env.settings()
     with slots.connect(settings) as conn:
-        slots.ensure_table(conn, settings)
-        slots.ensure_publication(conn, settings)
+        schema.ensure_table(conn, settings)
+        schema.ensure_publication(conn, settings)
 
 
 def _proven(env, ids: list[str]) -> bool:

@@ -206,7 +206,7 @@ def test_in_transaction_tracks_begin_and_commit():
     assert not scene.feed.in_transaction
     scene.send(begin(TX1[0], WHEN, 735))
     assert scene.feed.in_transaction
-    assert not scene.watermark.idle
+    assert scene.watermark.oldest_pending_commit() is not None
     scene.send(commit(*TX1, WHEN))
     assert not scene.feed.in_transaction
     assert scene.watermark.flushed == TX1[1]
@@ -470,7 +470,7 @@ def test_stream_and_two_phase_messages_are_protocol_errors(kind, message):
         scene.feed.handle(memoryview(message), lsn)
     assert info.value.lsn == lsn
     assert scene.ignored == []
-    assert scene.watermark.idle
+    assert scene.watermark.oldest_pending_commit() is None
 
 
 @pytest.mark.parametrize("cut", [1, 5, 10, 20])

@@ -39,7 +39,7 @@ def test_fresh_watermark_starts_where_told_and_is_idle():
     wm = Watermark(flushed=T1[1])
     assert wm.flushed == T1[1]
     assert wm.in_flight == 0
-    assert wm.idle
+    assert wm.oldest_pending_commit() is None
     assert wm.oldest_pending_commit() is None
 
 
@@ -54,7 +54,7 @@ def test_nothing_flushes_on_receipt_or_commit_while_events_are_unconfirmed():
     wm.confirm(txn)
     assert wm.flushed == T1[1]
     assert wm.in_flight == 0
-    assert wm.idle
+    assert wm.oldest_pending_commit() is None
 
 
 def test_confirms_before_commit_flush_at_commit():
@@ -63,7 +63,7 @@ def test_confirms_before_commit_flush_at_commit():
     wm.confirm(txn)
     wm.confirm(txn)
     assert wm.flushed == 0, "an open transaction may still get events"
-    assert not wm.idle
+    assert wm.oldest_pending_commit() is not None
     wm.commit(txn, T1[1])
     assert wm.flushed == T1[1]
 
@@ -105,7 +105,7 @@ def test_empty_transaction_flushes_at_commit():
     wm = Watermark()
     _txn(wm, T1, 0)
     assert wm.flushed == T1[1]
-    assert wm.idle
+    assert wm.oldest_pending_commit() is None
 
 
 def test_empty_transaction_behind_a_pending_one_waits_then_flushes_with_it():
@@ -183,7 +183,7 @@ def test_keepalive_while_open_even_with_all_events_confirmed_is_ignored():
     txn = _txn(wm, T1, 1, commit=False)
     wm.confirm(txn)
     assert wm.in_flight == 0
-    assert not wm.idle
+    assert wm.oldest_pending_commit() is not None
     wm.keepalive(T3[1])
     assert wm.flushed == 0
 
@@ -296,10 +296,10 @@ def test_random_streams_flush_monotonically_up_to_the_first_blocking_txn(script)
             assert wm.flushed < txns[blocking][1]
             if blocking > 0:
                 assert wm.flushed >= txns[blocking - 1][1]
-            assert not wm.idle
+            assert wm.oldest_pending_commit() is not None
         elif handles:
             assert wm.flushed >= txns[max(handles)][1]
-            assert wm.idle
+            assert wm.oldest_pending_commit() is None
     assert wm.in_flight == 0
     assert wm.flushed == txns[-1][1]
 
@@ -389,7 +389,7 @@ class WatermarkMachine(RuleBasedStateMachine):
         blocking = self._blocking()
         if blocking is not None:
             assert self.wm.flushed < blocking["end"]
-        assert self.wm.idle == (blocking is None)
+        assert (self.wm.oldest_pending_commit() is None) == (blocking is None)
 
     @invariant()
     def in_flight_matches(self):
