@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
+from typing import cast
 
 from consumers.errors import PermanentError, Retry
 from consumers.notifications import http1, targets
@@ -97,8 +98,8 @@ class _Connection(asyncio.Protocol):
         self._answer: asyncio.Future[http1.Response] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         reader, answer = self._reader, self._answer
