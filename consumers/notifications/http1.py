@@ -10,8 +10,9 @@ carry the next request. The body is read and discarded. Anything malformed is a
 Rules:
 
 - the request line and headers that do not change for a URL are rendered once
-  (:func:`request_head`); values that come from events (event type, message id) must be
-  one line of visible ASCII (:func:`header_value`), so no event can add a header;
+  (:func:`request_head`; an internationalised host name in its IDNA form); values that come
+  from events (event type, message id) must be one line without control characters
+  (:func:`header_value`), so no event can add a header;
 - ``1xx`` answers before the final one are skipped; ``204``, ``304`` have no body;
 - the connection is reused only after an HTTP/1.1 answer without ``Connection: close``
   (or an HTTP/1.0 one with ``Connection: keep-alive``) whose end was known from its
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 #: The status line and headers of an answer may not exceed this (bytes).
 MAX_HEAD = 65536
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?")
-_VISIBLE = re.compile(r"[\x20-\x7e]*")
+_NO_CONTROL = re.compile(r"[^\x00-\x1f\x7f]*")
 _CHUNK_SIZE = re.compile(rb"([0-9a-fA-F]{1,16})(?:;[^\r\n]*)?")
 # What a path and query may keep as they are; the rest (spaces, non-ASCII) is %-escaped.
 _PATH_SAFE = "!#$%&'()*+,/:;=?@[]~"
@@ -38,8 +39,9 @@ class ProtocolError(ValueError):
 
 
 def header_value(value: str) -> str:
-    """``value`` if it may be sent as a header value (one line of visible ASCII)."""
-    if not _VISIBLE.fullmatch(value):
+    """``value`` if it may be sent as a header value: one line, no control character
+    (sent as UTF-8)."""
+    if not _NO_CONTROL.fullmatch(value):
         raise ValueError(f"not a valid header value: {value[:80]!r}")
     return value
 
@@ -47,6 +49,8 @@ def header_value(value: str) -> str:
 def request_head(host: str, port: int, default_port: int, path: str, user_agent: str) -> bytes:
     """The part of a POST to ``host:port`` + ``path`` that is the same for every request:
     the request line, ``Host``, ``Content-Type`` and ``User-Agent`` (no final blank line)."""
+    if not host.isascii():  # an internationalised name: its ASCII form
+        host = host.encode("idna").decode("ascii")
     authority = f"[{host}]" if ":" in host else host
     if port != default_port:
         authority += f":{port}"
@@ -61,7 +65,7 @@ def request(head: bytes, headers: list[tuple[str, str]], body: bytes) -> bytes:
     """The whole request: ``head``, then ``headers`` (values checked), the length, ``body``."""
     lines = "".join(f"{name}: {header_value(value)}\r\n" for name, value in headers)
     return b"".join(
-        (head, lines.encode("ascii"), b"Content-Length: %d\r\n\r\n" % len(body), body)
+        (head, lines.encode(), b"Content-Length: %d\r\n\r\n" % len(body), body)
     )
 
 

@@ -133,7 +133,15 @@ def test_the_request_is_one_post_with_its_length_and_checked_headers():
     assert request_head("::1", 443, 443, "/", "a").startswith(b"POST / HTTP/1.1\r\nHost: [::1]\r\n")
 
 
-@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "caf\u00e9", "tab\there"])
+def test_an_internationalised_host_goes_in_its_ascii_form_and_utf8_values_pass():
+    head = request_head("b\u00fccher.example", 443, 443, "/", "a")
+    assert b"Host: xn--bcher-kva.example\r\n" in head
+    assert request(b"", [("X-CDC-Event-Type", "caf\u00e9")], b"").startswith(
+        "X-CDC-Event-Type: caf\u00e9\r\n".encode()
+    )
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "nul\x00", "tab\there", "d\x7f"])
 def test_an_event_field_cannot_add_a_header(value):
     with pytest.raises(ValueError, match="not a valid header value"):
         header_value(value)
