@@ -307,7 +307,7 @@ class WebhookClient:
 
     async def _exchange(self, known: _Target, data: bytes) -> int:
         """The answer's status to ``data``, on an idle connection or a new one."""
-        idle = self._idle.setdefault(known.endpoint, [])
+        idle = self._idle.get(known.endpoint, [])
         conn = None
         while idle:
             candidate = idle.pop()
@@ -328,7 +328,8 @@ class WebhookClient:
         if response.reusable and not conn.closed and not self._closed:
             conn.idle_since = self._clock()
             conn.reused = True
-            idle.append(conn)
+            # Looked up again: a sweep during the exchange may have dropped the list.
+            self._idle.setdefault(known.endpoint, []).append(conn)
         else:
             conn.abort()
         return response.status
