@@ -273,7 +273,9 @@ async def test_on_drain_a_post_waiting_for_a_slot_is_not_sent_and_one_in_flight_
         receiver.close()
 
 
-def _serve_script(script: list[list[bytes | None]]) -> tuple[str, list[list[bytes]], threading.Event]:
+def _serve_script(
+    script: list[list[bytes | None]],
+) -> tuple[str, list[list[bytes]], threading.Event]:
     """A socket server: connection ``n`` answers its requests with ``script[n]`` in turn
     (None: close without answering). Returns the URL, the requests seen per connection, and
     an event that ends it."""
@@ -353,3 +355,33 @@ async def test_an_event_field_that_would_add_a_header_is_permanent():
             Webhook("http://127.0.0.1:1/", b"{}", "k", "device.error\r\nX-Evil: 1", "m"),
             b"s", timeout=1, policy=LOCAL,
         )
+
+
+async def test_a_connection_idle_longer_than_the_keepalive_is_closed_not_reused():
+    """Each new connection looks the host up once: counting lookups counts connections."""
+    from consumers.notifications.channels import KEEPALIVE
+
+    receiver = WebhookReceiver()
+    now = [1000.0]
+    looked_up: list[str] = []
+
+    async def lookup(host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        return ["127.0.0.1"]
+
+    client = WebhookClient(
+        receiver.SECRET.encode(), 2, LOCAL, lookup=lookup, clock=lambda: now[0]
+    )
+    try:
+        url = f"http://idle.invalid:{receiver.server.server_address[1]}/hooks"
+        await client.post(Webhook(url, b"{}", "k0", "t", "m0"))
+        now[0] += 1.0
+        await client.post(Webhook(url, b"{}", "k1", "t", "m1"))
+        assert len(looked_up) == 1  # reused
+        now[0] += KEEPALIVE + 1.0
+        await client.post(Webhook(url, b"{}", "k2", "t", "m2"))
+        assert len(looked_up) == 2  # the idle one was closed, a new one opened
+        assert [r.status for r in receiver.requests] == [200, 200, 200]
+    finally:
+        await client.close()
+        receiver.close()
