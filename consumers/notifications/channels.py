@@ -10,15 +10,18 @@ Both carry the delivery's idempotency key (``Idempotency-Key`` header; ``Message
 ``X-Idempotency-Key`` in the email), the same on every attempt. Redirects are not followed:
 a POST must not turn into a GET.
 
-Webhooks: one HTTP client per worker keeps connections open per endpoint
-(``scheme://host:port``) and runs at most ``CDC_WEBHOOK_CONCURRENCY`` requests per endpoint
-at once (the rest wait for a slot, within their timeout), so a slow endpoint holds only its
-own slots. When the worker stops (:meth:`WebhookClient.drain`), requests still waiting for a
-slot are not sent (``Retry``) and those in flight finish. A host name is resolved by
-:class:`_CheckedResolver` when a connection opens: every address is checked (``targets``)
-and the connection goes to the checked one, the only lookup (no second resolution, no HTTP
-proxy); an IP literal is checked before the request. ``breaker`` stops waiting on an
-endpoint that keeps failing.
+Webhooks: one HTTP/1.1 client per worker (``http1`` for the bytes, an ``asyncio.Protocol``
+per connection: the request is a small POST and the answer needs only its status and end)
+keeps connections open per endpoint (``scheme://host:port``, idle ones for
+:data:`KEEPALIVE` s) and runs at most ``CDC_WEBHOOK_CONCURRENCY`` requests per endpoint at
+once (the rest wait for a slot, within their timeout), so a slow endpoint holds only its own
+slots. When the worker stops (:meth:`WebhookClient.drain`), requests still waiting for a
+slot are not sent (``Retry``) and those in flight finish. A host name is looked up when a
+connection opens: every address is checked (``targets``) and the connection goes to the
+checked one, the only lookup (no second resolution, no HTTP proxy); an IP literal is checked
+before the request. TLS verifies the certificate for the URL's host. A request on a reused
+connection that the server had closed while idle goes once more on a new connection (the
+same idempotency key). ``breaker`` stops waiting on an endpoint that keeps failing.
 """
 
 from __future__ import annotations
@@ -35,12 +38,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
-
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
+from typing import cast
 
 from consumers.errors import PermanentError, Retry
-from consumers.notifications import targets
+from consumers.notifications import http1, targets
 from consumers.notifications.breaker import Breaker
 from consumers.notifications.signing import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, sign
 
@@ -62,37 +63,6 @@ async def _system_lookup(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-class _CheckedResolver(AbstractResolver):
-    """aiohttp's resolver for webhook hosts: look up once, check every address, hand back
-    only the checked one (``targets.checked_address``). A refused host raises
-    :class:`PermanentError`, which aiohttp passes through unchanged."""
-
-    def __init__(self, policy: targets.TargetPolicy, lookup: Lookup) -> None:
-        self._policy = policy
-        self._lookup = lookup
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        target = targets.WebhookTarget("http", host, port, "/")
-        address = targets.checked_address(target, await self._lookup(host, port), self._policy)
-        bare = address.split("%", 1)[0]
-        v6 = isinstance(ipaddress.ip_address(bare), ipaddress.IPv6Address)
-        return [
-            {
-                "hostname": host,
-                "host": bare,
-                "port": port,
-                "family": socket.AF_INET6 if v6 else socket.AF_INET,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-        ]
-
-    async def close(self) -> None:
-        """Nothing to release."""
-
-
 def _where(url: str) -> str:
     # Webhook URLs often carry a token in the path or query: errors (which end up in logs
     # and parking headers) name the scheme and host only.
@@ -105,17 +75,100 @@ def _where(url: str) -> str:
 
 def _is_ip(host: str) -> bool:
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
     return True
 
 
-class WebhookClient:
-    """Signed POSTs over pooled connections, bounded per endpoint (module doc).
+class _Stale(ConnectionError):
+    """A reused connection closed before any byte of the answer: the server had closed it
+    while idle, so the request can go again on a new connection."""
 
-    Created in the worker's event loop (the first :meth:`post` opens the session);
-    :meth:`close` releases the connections.
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an endpoint, one request at a time (``http1``)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._reader: http1.ResponseReader | None = None
+        self._answer: asyncio.Future[http1.Response] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        reader, answer = self._reader, self._answer
+        if reader is None or answer is None or answer.done():
+            self.abort()  # bytes no request of ours asked for
+            return
+        try:
+            response = reader.feed(data)
+        except http1.ProtocolError as exc:
+            answer.set_exception(exc)
+            self.abort()
+            return
+        if response is not None:
+            self._reader = None
+            answer.set_result(response)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reader, answer = self._reader, self._answer
+        self._reader = None
+        if reader is None or answer is None or answer.done():
+            return
+        response = reader.eof()
+        if response is not None:
+            answer.set_result(response)
+        elif self.reused and not reader.started:
+            answer.set_exception(_Stale("the server closed the idle connection"))
+        else:
+            answer.set_exception(
+                exc or ConnectionResetError("the server closed the connection mid-answer")
+            )
+
+    async def exchange(self, data: bytes) -> http1.Response:
+        """Send one request and read its answer."""
+        assert self.transport is not None
+        self._reader = http1.ResponseReader()
+        self._answer = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return await self._answer
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A webhook URL once checked: where to connect, its endpoint, its request head."""
+
+    target: targets.WebhookTarget
+    endpoint: str
+    head: bytes
+    ip: bool
+
+
+#: Seconds an idle connection is kept for the next request (servers close theirs after
+#: 5-75 s; reusing one that the server is closing costs a stale retry).
+KEEPALIVE = 15.0
+_USER_AGENT = "outbox-cdc-notifications"
+
+
+class WebhookClient:
+    """Signed POSTs over pooled keep-alive connections, bounded per endpoint (module doc).
+
+    Created in the worker's event loop; :meth:`close` releases the connections.
     """
 
     def __init__(
@@ -130,48 +183,40 @@ class WebhookClient:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._secret = secret
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._policy = policy
         self._per_endpoint = per_endpoint
         self._breaker = breaker or Breaker(0, 0.0)
         self._lookup = lookup
         self._clock = clock
-        self._session: aiohttp.ClientSession | None = None
         self._slots: dict[str, asyncio.Semaphore] = {}
-        self._targets: dict[str, tuple[targets.WebhookTarget, str]] = {}
+        self._targets: dict[str, _Target] = {}
+        self._idle: dict[str, list[_Connection]] = {}
+        self._swept = 0.0
+        self._closed = False
         self._draining = asyncio.Event()
 
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                resolver=_CheckedResolver(self._policy, self._lookup),
-                # Every new connection looks up and checks again; open ones are reused.
-                use_dns_cache=False,
-                limit=0,  # the worker's prefetch bounds the total, _slot each endpoint
-
-                ssl=_TLS,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                trust_env=False,  # no HTTP proxy: the connection goes to the checked address
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
-
-    def _endpoint(self, url: str) -> str:
-        """``url``'s endpoint, once its form (and an IP literal's address) is allowed; the
-        answer for a URL is kept (the policy does not change while the worker runs)."""
+    def _target(self, url: str) -> _Target:
+        """``url`` checked (its form, an IP literal's address) and split; the answer for a
+        URL is kept (the policy does not change while the worker runs)."""
         known = self._targets.get(url)
         if known is None:
             target = targets.webhook_target(url, self._policy)
-            if _is_ip(target.host):
-                # aiohttp does not ask the resolver about an IP literal: check it here.
+            ip = _is_ip(target.host)
+            if ip:
+                # No lookup will check an IP literal: check it here.
                 targets.checked_address(target, [target.host], self._policy)
+            default = 443 if target.scheme == "https" else 80
+            try:
+                head = http1.request_head(
+                    target.host, target.port, default, target.path, _USER_AGENT
+                )
+            except ValueError as exc:
+                raise PermanentError(f"webhook {target.where()} refused: {exc}") from exc
             if len(self._targets) > 100_000:
                 self._targets.clear()
-            known = self._targets[url] = (target, target.where())
-        return known[1]
+            known = self._targets[url] = _Target(target, target.where(), head, ip)
+        return known
 
     def drain(self) -> None:
         """The worker is stopping: POSTs still waiting for a slot are not sent (``Retry``);
@@ -216,38 +261,41 @@ class WebhookClient:
     async def post(self, hook: Webhook) -> None:
         """POST the signed body to the checked target; a 2xx answer is a delivery, a refused
         target a :class:`PermanentError`, anything else a :class:`Retry`."""
-        endpoint = self._endpoint(hook.url)
-        wait = self._breaker.admit(endpoint, self._clock())
+        known = self._target(hook.url)
+        endpoint = known.endpoint
+        now = self._clock()
+        wait = self._breaker.admit(endpoint, now)
         if wait is not None:
             raise Retry(
                 f"webhook {endpoint} keeps failing: not tried for another {wait:.0f}s "
                 "(CDC_WEBHOOK_BREAKER_FAILURES, CDC_WEBHOOK_BREAKER_SECONDS)",
                 after=wait,
             )
-        started = self._clock()
-        slots = await self._slot(endpoint, self._timeout.total or 0.0)
-        status = 0
         try:
-            left = max((self._timeout.total or 0.0) - (self._clock() - started), 0.001)
-            async with self._open().post(
-                hook.url,
-                data=hook.body,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=left),
-                headers={
-                    "Content-Type": "application/json",
-                    SIGNATURE_HEADER: sign(self._secret, hook.body),
-                    IDEMPOTENCY_HEADER: hook.idempotency_key,
-                    "X-CDC-Event-Type": hook.event_type,
-                    "X-CDC-Message-Id": hook.message_id,
-                    "User-Agent": "outbox-cdc-notifications",
-                },
-            ) as response:
-                await response.read()
-                status = response.status
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            data = http1.request(
+                known.head,
+                [
+                    (SIGNATURE_HEADER, sign(self._secret, hook.body)),
+                    (IDEMPOTENCY_HEADER, hook.idempotency_key),
+                    ("X-CDC-Event-Type", hook.event_type),
+                    ("X-CDC-Message-Id", hook.message_id),
+                ],
+                hook.body,
+            )
+        except ValueError as exc:  # no resend can change the event's own fields
+            raise PermanentError(f"webhook {endpoint} not sent: {exc}") from exc
+        if now - self._swept > 5.0:
+            self._sweep(now)
+        slots = await self._slot(endpoint, self._timeout)
+        try:
+            left = max(self._timeout - (self._clock() - now), 0.001)
+            async with asyncio.timeout(left):
+                status = await self._exchange(known, data)
+        except (OSError, TimeoutError, http1.ProtocolError) as exc:
             self._breaker.failed(endpoint, self._clock())
-            raise Retry(f"webhook {_where(hook.url)} unreachable: {_describe(exc)}") from exc
+            raise Retry(
+                f"webhook {_where(hook.url)} unreachable: {_describe(exc, left)}"
+            ) from exc
         except BaseException:
             self._breaker.abandoned(endpoint)
             raise
@@ -257,21 +305,83 @@ class WebhookClient:
         if not 200 <= status < 300:
             raise Retry(f"webhook {_where(hook.url)} answered {status}")
 
+    async def _exchange(self, known: _Target, data: bytes) -> int:
+        """The answer's status to ``data``, on an idle connection or a new one."""
+        idle = self._idle.get(known.endpoint, [])
+        conn = None
+        while idle:
+            candidate = idle.pop()
+            if not candidate.closed:
+                conn = candidate
+                break
+        if conn is None:
+            conn = await self._connect(known)
+        try:
+            try:
+                response = await conn.exchange(data)
+            except _Stale:
+                conn = await self._connect(known)
+                response = await conn.exchange(data)
+        except BaseException:
+            conn.abort()
+            raise
+        if response.reusable and not conn.closed and not self._closed:
+            conn.idle_since = self._clock()
+            conn.reused = True
+            # Looked up again: a sweep during the exchange may have dropped the list.
+            self._idle.setdefault(known.endpoint, []).append(conn)
+        else:
+            conn.abort()
+        return response.status
+
+    async def _connect(self, known: _Target) -> _Connection:
+        """A new connection to the checked address of ``known``'s host (one lookup, every
+        answer checked; an IP literal was checked already)."""
+        target = known.target
+        if known.ip:
+            address = target.host
+        else:
+            found = await self._lookup(target.host, target.port)
+            address = targets.checked_address(target, found, self._policy)
+        tls = target.scheme == "https"
+        _, conn = await asyncio.get_running_loop().create_connection(
+            _Connection,
+            address,
+            target.port,
+            ssl=_TLS if tls else None,
+            # The certificate is verified for the URL's host (SNI too, unless an IP).
+            server_hostname=target.host if tls else None,
+        )
+        return conn
+
+    def _sweep(self, now: float) -> None:
+        """Close connections idle longer than :data:`KEEPALIVE`."""
+        self._swept = now
+        for endpoint, idle in list(self._idle.items()):
+            keep = [c for c in idle if not c.closed and now - c.idle_since < KEEPALIVE]
+            for conn in idle:
+                if conn not in keep:
+                    conn.abort()
+            if keep:
+                self._idle[endpoint] = keep
+            else:
+                del self._idle[endpoint]
+
     async def close(self) -> None:
         """Close the pooled connections."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._closed = True
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                if conn.transport is not None and not conn.closed:
+                    conn.closed = True
+                    conn.transport.close()
 
 
-def _describe(exc: BaseException) -> str:
-    # aiohttp's connection errors name the host and port (not the path); the underlying
-    # OSError/SSL error says what went wrong.
-    cause = getattr(exc, "os_error", None) or exc.__cause__
-    text = f"{type(exc).__name__}: {exc}"
-    if cause is not None and str(cause) not in text:
-        text += f" ({cause!r})"
-    return text or "timeout"
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"TimeoutError: no answer within {timeout:.3g}s"
+    return f"{type(exc).__name__}: {exc}"
 
 
 _TLS = ssl.create_default_context()

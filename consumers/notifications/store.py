@@ -210,11 +210,12 @@ class DeliveryLog:
     transaction (module doc).
 
     Two autocommit connections, so reads of new chunks never wait behind record writes:
-    one for the reads, one for the records. Records that arrive while one is being written
-    go together in the next statement, so many sends in flight cost one round trip, and
-    each :meth:`record` returns once its row is committed. A record that cannot be written
-    is a :class:`~consumers.errors.Retry`: the send is then repeated with the same
-    idempotency key, which the receiver uses to drop the copy.
+    one for the reads, one for the records. Reads asked while one is in flight go together
+    in the next (one round trip for many chunks); likewise records that arrive while one is
+    being written go together in the next statement, so many sends in flight cost one
+    round trip, and each :meth:`record` returns once its row is committed. A record that
+    cannot be written is a :class:`~consumers.errors.Retry`: the send is then repeated
+    with the same idempotency key, which the receiver uses to drop the copy.
     """
 
     def __init__(
@@ -237,17 +238,44 @@ class DeliveryLog:
             tuple[tuple[str, Channel, str | None, str | None, str], asyncio.Future[None]]
         ] = []
         self._writer: asyncio.Task[None] | None = None
+        self._asks: list[tuple[Sequence[str], Sequence[str], asyncio.Future[Lookup]]] = []
+        self._reader: asyncio.Task[None] | None = None
 
     async def lookup(self, user_ids: Sequence[str], message_ids: Sequence[str]) -> Lookup:
-        """Preferences, delivered channels and inbox state of a chunk (a failure: Retry)."""
-        try:
-            async with self._reads.lock:
-                return await self._store.lookup_many(
-                    await self._reads.connection(), user_ids, message_ids, self._seen
+        """Preferences, delivered channels and inbox state of a chunk (a failure: Retry).
+
+        Chunks that ask while a read is in flight are read together in the next one (the
+        answer covers them all; each caller looks up its own ids in it), so many small
+        chunks cost one round trip, not one each."""
+        done: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
+        self._asks.append((user_ids, message_ids, done))
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read())
+        return await done
+
+    async def _read(self) -> None:
+        while self._asks:
+            asks, self._asks = self._asks, []
+            users = sorted({user for ask in asks for user in ask[0]})
+            mids = [mid for ask in asks for mid in ask[1]]
+            found: Lookup | None = None
+            error: BaseException | None = None
+            try:
+                found = await self._store.lookup_many(
+                    await self._reads.connection(), users, mids, self._seen
                 )
-        except psycopg.Error as exc:
-            await self._reads.close()
-            raise Retry(f"reading preferences failed ({type(exc).__name__}): {exc}") from exc
+            except psycopg.Error as exc:
+                await self._reads.close()
+                error = Retry(f"reading preferences failed ({type(exc).__name__}): {exc}")
+                error.__cause__ = exc
+            for _, _, done in asks:
+                if done.done():
+                    continue
+                if found is not None:
+                    done.set_result(found)
+                else:
+                    assert error is not None
+                    done.set_exception(error)
 
     async def record(
         self, message_id: str, channel: Channel, user_id: str | None, target: str, key: str

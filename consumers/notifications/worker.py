@@ -264,7 +264,7 @@ def build(settings: NotificationSettings) -> WorkerSpec:
     async def outside(
         chunk: Sequence[tuple[Delivery, EventPayload]],
     ) -> list[Awaitable[Plan]]:
-        users = sorted({model.user_id for _, model in chunk if model.user_id})
+        users = list({model.user_id for _, model in chunk if model.user_id})
         found = await deliveries.lookup(users, [d.message_id for d, _ in chunk])
         out: list[Awaitable[Plan]] = []
         for delivery, model in chunk:

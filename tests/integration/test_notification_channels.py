@@ -271,3 +271,117 @@ async def test_on_drain_a_post_waiting_for_a_slot_is_not_sent_and_one_in_flight_
     finally:
         await client.close()
         receiver.close()
+
+
+def _serve_script(
+    script: list[list[bytes | None]],
+) -> tuple[str, list[list[bytes]], threading.Event]:
+    """A socket server: connection ``n`` answers its requests with ``script[n]`` in turn
+    (None: close without answering). Returns the URL, the requests seen per connection, and
+    an event that ends it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    seen: list[list[bytes]] = []
+    done = threading.Event()
+
+    def run() -> None:
+        for answers in script:
+            conn, _ = srv.accept()
+            got: list[bytes] = []
+            seen.append(got)
+            for answer in answers:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(body) < length:
+                    body += conn.recv(65536)
+                got.append(data)
+                if answer is None:
+                    break
+                conn.sendall(answer)
+            conn.close()
+        done.wait(5)
+        srv.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}/hook", seen, done
+
+
+async def test_a_connection_is_reused_and_one_closed_while_idle_is_replaced_once():
+    """The server answers two POSTs on one connection (one chunked), then drops the third
+    unanswered as a server closing an idle connection would: the client sends it again on
+    a new connection, with the same idempotency key."""
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    ok = b"HTTP/1.1 204 No Content\r\n\r\n"
+    url, seen, done = _serve_script([[ok, chunked, None], [ok]])
+    client = WebhookClient(b"s", 2, LOCAL)
+    try:
+        for n in range(3):
+            await client.post(Webhook(url, b"{}", f"key-{n}", "t", f"m-{n}"))
+        assert [len(c) for c in seen] == [3, 1]  # 2 answered + 1 dropped, then the resend
+        assert b"Idempotency-Key: key-2" in seen[0][2] and seen[0][2] == seen[1][0]
+    finally:
+        await client.close()
+        done.set()
+
+
+async def test_a_new_connection_closed_without_an_answer_is_a_retry_not_a_resend():
+    url, seen, done = _serve_script([[None]])
+    client = WebhookClient(b"s", 2, LOCAL)
+    try:
+        with pytest.raises(Retry, match="unreachable"):
+            await client.post(_hook(url))
+        assert [len(c) for c in seen] == [1]
+    finally:
+        await client.close()
+        done.set()
+
+
+async def test_an_answer_that_is_not_http_is_a_retry():
+    url, done = _serve_once(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    try:
+        with pytest.raises(Retry, match="ProtocolError"):
+            await post_webhook(_hook(url), b"s", timeout=2, policy=LOCAL)
+    finally:
+        done.set()
+
+
+async def test_an_event_field_that_would_add_a_header_is_permanent():
+    with pytest.raises(PermanentError, match="not a valid header value"):
+        await post_webhook(
+            Webhook("http://127.0.0.1:1/", b"{}", "k", "device.error\r\nX-Evil: 1", "m"),
+            b"s", timeout=1, policy=LOCAL,
+        )
+
+
+async def test_a_connection_idle_longer_than_the_keepalive_is_closed_not_reused():
+    """Each new connection looks the host up once: counting lookups counts connections."""
+    from consumers.notifications.channels import KEEPALIVE
+
+    receiver = WebhookReceiver()
+    now = [1000.0]
+    looked_up: list[str] = []
+
+    async def lookup(host: str, port: int) -> list[str]:
+        looked_up.append(host)
+        return ["127.0.0.1"]
+
+    client = WebhookClient(
+        receiver.SECRET.encode(), 2, LOCAL, lookup=lookup, clock=lambda: now[0]
+    )
+    try:
+        url = f"http://idle.invalid:{receiver.server.server_address[1]}/hooks"
+        await client.post(Webhook(url, b"{}", "k0", "t", "m0"))
+        now[0] += 1.0
+        await client.post(Webhook(url, b"{}", "k1", "t", "m1"))
+        assert len(looked_up) == 1  # reused
+        now[0] += KEEPALIVE + 1.0
+        await client.post(Webhook(url, b"{}", "k2", "t", "m2"))
+        assert len(looked_up) == 2  # the idle one was closed, a new one opened
+        assert [r.status for r in receiver.requests] == [200, 200, 200]
+    finally:
+        await client.close()
+        receiver.close()

@@ -106,3 +106,15 @@ def test_idempotency_keys_are_stable_per_message_and_channel():
     assert key == idempotency_key("7f0c7c1e-0000-4000-8000-000000000001", "webhook")
     assert key != idempotency_key("7f0c7c1e-0000-4000-8000-000000000001", "email")
     assert key != idempotency_key("7f0c7c1e-0000-4000-8000-000000000002", "webhook")
+
+
+def test_idempotency_keys_are_the_uuid5_of_channel_and_message_id():
+    """Keys must not change across versions: they are the RFC 4122 UUIDv5 text."""
+    import uuid
+
+    from consumers.notifications.signing import DELIVERY_NAMESPACE
+
+    for mid in ("7f0c7c1e-0000-4000-8000-000000000001", "m", "", "caf\u00e9-\U0001f600"):
+        for channel in ("webhook", "email", "in_app"):
+            expected = str(uuid.uuid5(DELIVERY_NAMESPACE, f"{channel}\x00{mid}"))
+            assert idempotency_key(mid, channel) == expected

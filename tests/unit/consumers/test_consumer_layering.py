@@ -18,6 +18,7 @@ PURE = [
     "consumers.runtime.prefetch",
     "consumers.runtime.acks",
     "consumers.notifications.breaker",
+    "consumers.notifications.http1",
 ]
 FORBIDDEN = ["asyncio", "psycopg", "aiormq", "aio_pika", "pamqp", "aiohttp"]
 
