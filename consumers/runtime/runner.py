@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import logging
 import time
 from collections import Counter, deque
@@ -48,31 +47,20 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from cdc.backoff import Backoff
 from consumers.config import ConsumerSettings
 from consumers.connect import open_broker, open_database, refused_by_broker
-from consumers.errors import (
-    BatchAborted,
-    BrokerLost,
-    PermanentError,
-    Refused,
-    Retry,
-    Unroutable,
-)
+from consumers.errors import BatchAborted, BrokerLost, Refused, Unroutable
 from consumers.runtime import headers as hdr
 from consumers.runtime import inbox, topology
 from consumers.runtime.acks import AckTracker
 from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item, run_batch
+from consumers.runtime.copies import Copier, Handled
 from consumers.runtime.dispatch import Rejected, resolve
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
-from consumers.runtime.policy import Park, after_failure, attempt_of
+from consumers.runtime.policy import Ack, RetryRules, attempt_of, decide
 from consumers.runtime.prefetch import split_prefetch
-from consumers.runtime.republish import copy_properties, publish_confirmed
 from consumers.runtime.spec import Delivery, WorkerSpec
 
 log = logging.getLogger(__name__)
-
-#: A message to copy to a retry or parking queue: queue, message, delivery, kind, reason,
-#: and the least retry delay its failure asked for (``Retry.after``).
-_Copy = tuple[str, DeliveredMessage, Delivery, str, str, float]
 
 _HEALTHY_SESSION = 30.0
 #: How long a batch shorter than CDC_WORKER_BATCH_SIZE waits for more messages (seconds).
@@ -101,6 +89,8 @@ class Runner:
         self._spec = spec
         self._metrics = metrics
         self.names = names_for(settings, spec)
+        self._rules = RetryRules(settings.worker_max_attempts, settings.worker_retry_delays)
+        self._copier = Copier(spec.name, self.names, metrics, settings.worker_confirm_timeout)
         self._prefetch = split_prefetch(settings.worker_prefetch, len(self.names.queues))
         metrics.start_at_zero(
             [name for name, _ in self.names.queues], self.names.parking_queue, list(hdr.KINDS)
@@ -403,10 +393,10 @@ class Runner:
 
     def _intake(
         self, batch: list[tuple[str, DeliveredMessage]]
-    ) -> tuple[list[Item], list[_Copy]]:
-        """Route and validate ``batch``: the valid items, and copies of the rejected ones."""
+    ) -> tuple[list[Item], list[Handled]]:
+        """Route and validate ``batch``: the valid items, and the rejected ones (parked)."""
         items: list[Item] = []
-        copies: list[_Copy] = []
+        rejected: list[Handled] = []
         for queue, message in batch:
             props = message.header.properties
             # Our own retry headers count only on our own copies (see headers.came_back).
@@ -417,21 +407,22 @@ class Runner:
             delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
             found = resolve(self._spec.routes, key, props.message_id, message.body)
             if isinstance(found, Rejected):
-                copies.append((queue, message, delivery, found.kind, found.reason, 0.0))
+                step = decide(attempt, found, self._rules)
+                rejected.append(Handled(queue, message, delivery, step))
                 continue
             items.append(Item(delivery, found.route, found.payload, queue, message=message))
-        return items, copies
+        return items, rejected
 
     async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
-        items, copies = self._intake(batch)
-        await self._settle(items, copies)
+        items, rejected = self._intake(batch)
+        await self._settle(items, rejected)
 
     async def _start_outside(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
         """Start the worker's outside effects for ``batch``; rejected messages settle now."""
         assert self._spec.outside is not None
-        items, copies = self._intake(batch)
-        if copies:
-            await self._settle([], copies)
+        items, rejected = self._intake(batch)
+        if rejected:
+            await self._settle([], rejected)
         await self._launch(items)
 
     async def _launch(self, items: list[Item]) -> None:
@@ -477,37 +468,39 @@ class Runner:
         self._readied.set()
         self._wakeup.set()
 
-    async def _settle(self, items: list[Item], copies: list[_Copy]) -> None:
-        """Commit ``items`` (those whose outside effects failed are not run), publish the
-        copies of the failed and rejected ones, then ack all of them."""
-        failed_outside = [i for i in items if i.outcome == FAILED]
-        if len(failed_outside) < len(items):
+    async def _settle(self, items: list[Item], handled: list[Handled]) -> None:
+        """Commit ``items`` (those whose outside effects failed are not run), carry out the
+        disposition of each of them and of the ``handled`` ones (copies confirmed), then
+        ack all of them."""
+        if any(i.outcome != FAILED for i in items):
             await self._run_in_database([i for i in items if i.outcome != FAILED])
         self._record(items)
-        for item in items:
-            if item.outcome == FAILED:
-                assert item.error is not None
-                kind = hdr.KIND_PERMANENT if isinstance(item.error, PermanentError) else ""
-                after = item.error.after if isinstance(item.error, Retry) else 0.0
-                copies.append((
-                    item.queue, item.message, item.delivery, kind, hdr.describe(item.error), after
-                ))
+        rules = self._rules
+        handled += [
+            Handled(
+                i.queue,
+                i.message,
+                i.delivery,
+                decide(i.delivery.attempt, i.error if i.outcome == FAILED else None, rules),
+            )
+            for i in items
+        ]
+        copies = [h for h in handled if not isinstance(h.disposition, Ack)]
         if copies:
-            await asyncio.gather(*(self._copy(*c) for c in copies))
-        settled = [(i.queue, i.message) for i in items] + [(c[0], c[1]) for c in copies]
-        if not settled:
+            await asyncio.gather(*(self._copier.send(self._publisher, h) for h in copies))
+        if not handled:
             return
         self._in_hand.difference_update(i.delivery.message_id for i in items)
-        last = max(settled, key=lambda qm: qm[1].delivery_tag or 0)
+        last = max(handled, key=lambda h: h.message.delivery_tag or 0)
         try:
-            for tag, multiple in self._acks.settle(m.delivery_tag or 0 for _, m in settled):
-                await last[1].channel.basic_ack(tag, multiple=multiple)
+            for tag, multiple in self._acks.settle(h.message.delivery_tag or 0 for h in handled):
+                await last.message.channel.basic_ack(tag, multiple=multiple)
         except _AMQP_ERRORS as exc:
             raise BrokerLost(f"ack failed: {exc!r}") from exc
-        props = last[1].header.properties
+        props = last.message.header.properties
         committed = hdr.committed_at(props.headers, props.timestamp)
         if committed is not None:
-            self._metrics.event_age.labels(worker=self._spec.name, queue=last[0]).set(
+            self._metrics.event_age.labels(worker=self._spec.name, queue=last.queue).set(
                 max(0.0, time.time() - committed)
             )
 
@@ -525,75 +518,3 @@ class Runner:
                 m.duplicates.labels(worker=worker, queue=queue).inc(n)
         if items:
             m.batch_size.labels(worker=worker).observe(len(items))
-
-    async def _copy(
-        self,
-        queue: str,
-        message: DeliveredMessage,
-        delivery: Delivery,
-        kind: str,
-        reason: str,
-        after: float = 0.0,
-    ) -> None:
-        """Publish the retry or parked copy of a failed/rejected message, confirmed."""
-        key, attempt = delivery.routing_key, delivery.attempt
-        channel = self._publisher
-        if channel is None:
-            raise BrokerLost("publishing channel is closed")
-        step = (
-            Park(attempt)
-            if kind and kind != hdr.KIND_PERMANENT
-            else after_failure(
-                attempt,
-                self._s.worker_max_attempts,
-                self._s.worker_retry_delays,
-                permanent=kind == hdr.KIND_PERMANENT,
-                at_least=after,
-            )
-        )
-        worker = self._spec.name
-        props = message.header.properties
-        if isinstance(step, Park):
-            kind = kind or hdr.KIND_EXHAUSTED
-            headers = hdr.parking_headers(
-                delivery.headers,
-                attempts=attempt,
-                routing_key=key,
-                origin_queue=queue,
-                kind=kind,
-                error=reason,
-                consumer=worker,
-                parked_at=dt.datetime.now(dt.UTC).isoformat(),
-            )
-            exchange, routing_key = "", self.names.parking_queue
-            counter = self._metrics.parked.labels(worker=worker, queue=queue, reason=kind)
-            log.warning(
-                "parking message",
-                extra={"id": props.message_id, "kind": kind, "attempt": attempt, "why": reason},
-            )
-        else:
-            retry = self.names.retry_queue_for(step.delay)
-            headers = hdr.retry_headers(
-                delivery.headers,
-                attempts=attempt,
-                routing_key=key,
-                origin_queue=queue,
-                retry_queue=retry.name,
-            )
-            exchange, routing_key = self.names.retry_exchange, queue
-            log.info(
-                "retrying message in %gs",
-                step.delay,
-                extra={"id": props.message_id, "attempt": attempt, "why": reason},
-            )
-            counter = self._metrics.retried.labels(worker=worker, queue=queue)
-        await publish_confirmed(
-            channel,
-            message.body,
-            exchange,
-            routing_key,
-            copy_properties(props, headers),
-            self._s.worker_confirm_timeout,
-        )
-        counter.inc()
-
