@@ -36,7 +36,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable
 from typing import Any
 
@@ -46,19 +46,20 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from cdc.backoff import Backoff
 from consumers.config import ConsumerSettings
-from consumers.connect import open_broker, open_database, refused_by_broker
-from consumers.errors import BatchAborted, BrokerLost, Refused, Unroutable
+from consumers.connect import open_broker, refused_by_broker
+from consumers.errors import BrokerLost, Unroutable
 from consumers.runtime import headers as hdr
-from consumers.runtime import inbox, topology
+from consumers.runtime import topology
 from consumers.runtime.acks import AckTracker
-from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item, run_batch
+from consumers.runtime.batch import FAILED, Item
 from consumers.runtime.copies import Copier, Handled
-from consumers.runtime.dispatch import Rejected, resolve
+from consumers.runtime.database import WorkerDatabase
+from consumers.runtime.intake import intake
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
-from consumers.runtime.policy import Ack, RetryRules, attempt_of, decide
+from consumers.runtime.policy import Ack, RetryRules, decide
 from consumers.runtime.prefetch import split_prefetch
-from consumers.runtime.spec import Delivery, WorkerSpec
+from consumers.runtime.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Runner:
         self._committing = False
         self._readied = asyncio.Event()
         self._lost: asyncio.Future[BaseException] | None = None
-        self._db: psycopg.AsyncConnection[Any] | None = None
+        self._db = WorkerDatabase(settings, spec, metrics)
         self._publisher: AbstractChannel | None = None
         self.state = "starting"
 
@@ -164,66 +165,15 @@ class Runner:
 
     async def close(self) -> None:
         """Release the database connection and the worker's own resources."""
-        if self._db is not None:
-            with contextlib.suppress(Exception):
-                await self._db.close()
-            self._db = None
+        await self._db.close()
         if self._spec.on_close is not None:
             await self._spec.on_close()
 
     # -- database ---------------------------------------------------------------------------
 
     async def _database(self) -> psycopg.AsyncConnection[Any]:
-        """The open connection, or a new one (schema applied), retrying with backoff."""
-        if self._db is not None and not self._db.closed and not self._db.broken:
-            return self._db
-        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
-        while True:
-            try:
-                conn = await open_database(
-                    self._s.dsn(),
-                    connect_timeout=10,
-                    application_name=f"cdc-worker:{self._spec.name}"[:63],
-                    # No server-side prepared statements: psycopg may prepare one inside a
-                    # pipelined batch that then fails, and later believe it exists ("prepared
-                    # statement _pg3_N does not exist"). Batches make planning a small cost.
-                    prepare_threshold=None,
-                )
-                await inbox.apply_schema(conn, self._s.worker_inbox_table, self._spec.schema)
-            except psycopg.errors.InsufficientPrivilege as exc:
-                raise Refused(f"the worker's database role lacks a privilege: {exc}") from exc
-            except psycopg.OperationalError as exc:
-                delay = backoff.next_delay()
-                self._metrics.reconnects.labels(worker=self._spec.name, side="database").inc()
-                log.warning("database unavailable: %s; retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            self._db = conn
-            return conn
-
-    async def _run_in_database(self, items: list[Item]) -> None:
-        """Run ``items`` as one batch until it commits (a database outage waits it out)."""
-        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
-        while True:
-            conn = await self._database()
-            try:
-                await run_batch(
-                    conn,
-                    self._s.worker_inbox_table,
-                    self._spec.name,
-                    items,
-                    optimistic=self._spec.db_only,
-                )
-                return
-            except BatchAborted as exc:
-                if conn.broken or conn.closed:
-                    self._metrics.reconnects.labels(worker=self._spec.name, side="database").inc()
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                    self._db = None
-                delay = backoff.next_delay()
-                log.warning("%s; running the batch again in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
+        """The open database connection, or a new one once PostgreSQL answers."""
+        return await self._db.connection()
 
     # -- broker -----------------------------------------------------------------------------
 
@@ -391,36 +341,14 @@ class Runner:
 
     # -- one batch --------------------------------------------------------------------------
 
-    def _intake(
-        self, batch: list[tuple[str, DeliveredMessage]]
-    ) -> tuple[list[Item], list[Handled]]:
-        """Route and validate ``batch``: the valid items, and the rejected ones (parked)."""
-        items: list[Item] = []
-        rejected: list[Handled] = []
-        for queue, message in batch:
-            props = message.header.properties
-            # Our own retry headers count only on our own copies (see headers.came_back).
-            trusted = hdr.came_back(message.exchange, queue, props.headers)
-            headers = hdr.own_headers(props.headers, trusted=trusted)
-            key = hdr.original_routing_key(headers, message.routing_key or "")
-            attempt = attempt_of(headers, redelivered=bool(message.redelivered))
-            delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
-            found = resolve(self._spec.routes, key, props.message_id, message.body)
-            if isinstance(found, Rejected):
-                step = decide(attempt, found, self._rules)
-                rejected.append(Handled(queue, message, delivery, step))
-                continue
-            items.append(Item(delivery, found.route, found.payload, queue, message=message))
-        return items, rejected
-
     async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
-        items, rejected = self._intake(batch)
+        items, rejected = intake(self._spec.routes, self._rules, batch)
         await self._settle(items, rejected)
 
     async def _start_outside(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
         """Start the worker's outside effects for ``batch``; rejected messages settle now."""
         assert self._spec.outside is not None
-        items, rejected = self._intake(batch)
+        items, rejected = intake(self._spec.routes, self._rules, batch)
         if rejected:
             await self._settle([], rejected)
         await self._launch(items)
@@ -473,8 +401,8 @@ class Runner:
         disposition of each of them and of the ``handled`` ones (copies confirmed), then
         ack all of them."""
         if any(i.outcome != FAILED for i in items):
-            await self._run_in_database([i for i in items if i.outcome != FAILED])
-        self._record(items)
+            await self._db.run([i for i in items if i.outcome != FAILED])
+        self._metrics.count_batch(items)
         rules = self._rules
         handled += [
             Handled(
@@ -503,18 +431,3 @@ class Runner:
             self._metrics.event_age.labels(worker=self._spec.name, queue=last.queue).set(
                 max(0.0, time.time() - committed)
             )
-
-    def _record(self, items: list[Item]) -> None:
-        m, worker = self._metrics, self._spec.name
-        counts: Counter[tuple[str, str]] = Counter()
-        for item in items:
-            counts[(item.queue, item.outcome or "")] += 1
-            if item.outcome in (DONE, FAILED):
-                m.handler_seconds.labels(worker=worker, queue=item.queue).observe(item.seconds)
-        for (queue, outcome), n in counts.items():
-            if outcome == DONE:
-                m.processed.labels(worker=worker, queue=queue).inc(n)
-            elif outcome == DUPLICATE:
-                m.duplicates.labels(worker=worker, queue=queue).inc(n)
-        if items:
-            m.batch_size.labels(worker=worker).observe(len(items))
