@@ -5,16 +5,17 @@ split across the queues' consumers, see ``prefetch``) and a confirm-mode publish
 Deliveries land in a local buffer; one loop takes up to ``CDC_WORKER_BATCH_SIZE`` of them at a
 time and, in order:
 
-1. routes and validates each (``dispatch``): a rejected message is parked at once;
-2. runs the valid ones in one PostgreSQL transaction (``batch``): inbox claim, a savepoint
-   per handler, one commit;
-3. publishes the copies of the failed ones (retry TTL queue, or parking queue after the last
-   attempt) and waits for every confirm;
+1. routes and validates each (``intake``, ``dispatch``): a rejected message is parked at once;
+2. runs the valid ones in one PostgreSQL transaction (``batch``, on ``database``'s
+   connection): inbox claim, a savepoint per handler, one commit;
+3. decides each message's disposition (``policy.decide``: ack, retry later, park) and
+   publishes the copies it asks for (``copies``: retry TTL queue, or parking queue) and
+   waits for every confirm;
 4. acks the batch (``acks.AckTracker``): one ``basic.ack(multiple=True)`` on its last
    delivery tag when every earlier tag of the channel is settled, which is always the case
    for a plain worker (the buffer is in delivery order).
 
-A worker with ``outside`` effects (HTTP, SMTP; see ``spec``) is pipelined instead: every
+A worker with ``outside`` effects (HTTP, SMTP; see ``spec``) is pipelined (``outside``): every
 delivery is routed and its effects started as it arrives (the prefetch bounds how many),
 and whatever finished its effects is run in the next batch, copied if failed and acked,
 out of delivery order when a slow effect holds an earlier message (that one is acked on its
@@ -33,11 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
 from typing import Any
 
 import aiormq
@@ -57,6 +56,7 @@ from consumers.runtime.database import WorkerDatabase
 from consumers.runtime.intake import intake
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
+from consumers.runtime.outside import OutsideEffects
 from consumers.runtime.policy import Ack, RetryRules, decide
 from consumers.runtime.prefetch import split_prefetch
 from consumers.runtime.spec import WorkerSpec
@@ -100,18 +100,22 @@ class Runner:
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
         self._acks = AckTracker()
-        # Workers with effects outside the database: messages whose effects are running,
-        # and those done with them, waiting for a database batch.
-        self._running: set[asyncio.Task[None]] = set()
-        self._ready: deque[Item] = deque()
-        # Message ids in hand (effects running, or waiting for their batch), and copies of
-        # those ids that wait until the first one is settled: two copies of one event never
-        # send at the same time, and the later one then finds the first one's records.
-        self._in_hand: set[str] = set()
-        self._deferred: list[Item] = []
+        # Workers with effects outside the database: the messages between their delivery
+        # and their batch, and the task that commits and acks those done with their effects.
+        self._effects = (
+            None
+            if spec.outside is None
+            else OutsideEffects(
+                spec.outside,
+                lambda: Backoff(
+                    settings.worker_reconnect_min_delay, settings.worker_reconnect_max_delay
+                ),
+                self._stop,
+                self._wakeup,
+            )
+        )
         self._committer: asyncio.Task[None] | None = None
         self._committing = False
-        self._readied = asyncio.Event()
         self._lost: asyncio.Future[BaseException] | None = None
         self._db = WorkerDatabase(settings, spec, metrics)
         self._publisher: AbstractChannel | None = None
@@ -192,12 +196,8 @@ class Runner:
         if self._committer is not None:
             self._committer.cancel()
             self._committer = None
-        for task in self._running:
-            task.cancel()
-        self._running.clear()
-        self._ready.clear()
-        self._in_hand.clear()
-        self._deferred.clear()
+        if self._effects is not None:
+            self._effects.clear()
         self._buffer.clear()
         self._acks.clear()
 
@@ -258,9 +258,9 @@ class Runner:
                     await channel.basic_cancel(tag)
                 log.info(
                     "consumers cancelled; finishing %d messages in hand",
-                    len(self._buffer) + len(self._running) + len(self._ready),
+                    len(self._buffer) + self._effects_in_hand(),
                 )
-            if self._spec.outside is not None:
+            if self._effects is not None:
                 # Start the effects of everything delivered (the prefetch bounds it); the
                 # committer task commits and acks whatever finished them, meanwhile.
                 if self._committer is None:
@@ -269,9 +269,7 @@ class Runner:
                     self._committer.result()  # its BrokerLost ends the session
                 while self._buffer:
                     await self._start_outside(self._take(self._buffer))
-                if stopping and not (
-                    self._running or self._ready or self._deferred or self._committing
-                ):
+                if stopping and not (self._effects.busy() or self._committing):
                     return
             elif self._buffer:
                 if len(self._buffer) < self._s.worker_batch_size and not stopping and not waited:
@@ -288,36 +286,19 @@ class Runner:
                 return
             await self._wakeup.wait()
 
-    async def _commit_loop(self) -> None:
-        """Commit and ack the messages whose outside effects are done, a batch at a time.
+    def _effects_in_hand(self) -> int:
+        effects = self._effects
+        return 0 if effects is None else len(effects.running) + len(effects.ready)
 
-        A batch waits up to ``_LINGER`` for more messages while effects are still running,
-        so a steady flow makes batches of several messages rather than one transaction each.
-        """
+    async def _commit_loop(self) -> None:
+        """Commit and ack the messages whose outside effects are done, a batch at a time."""
+        assert self._effects is not None
         while True:
-            if not self._ready:
-                self._readied.clear()
-                await self._readied.wait()
-                continue
-            deadline = time.monotonic() + _LINGER
-            while (
-                len(self._ready) < self._s.worker_batch_size
-                and self._running
-                and not self._stop.is_set()
-                and (left := deadline - time.monotonic()) > 0
-            ):
-                self._readied.clear()
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancel
-                # that ends the session when it coincides with the event being set.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(left):
-                        await self._readied.wait()
+            batch = await self._effects.next_batch(self._s.worker_batch_size, _LINGER)
             self._committing = True
             try:
-                await self._settle(self._take(self._ready), [])
-                if self._deferred:
-                    deferred, self._deferred = self._deferred, []
-                    await self._launch(deferred)  # those still in hand wait again
+                await self._settle(batch, [])
+                await self._effects.relaunch_deferred()
             finally:
                 self._committing = False
                 self._wakeup.set()  # the consume loop decides whether a stop is done
@@ -347,54 +328,11 @@ class Runner:
 
     async def _start_outside(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
         """Start the worker's outside effects for ``batch``; rejected messages settle now."""
-        assert self._spec.outside is not None
+        assert self._effects is not None
         items, rejected = intake(self._spec.routes, self._rules, batch)
         if rejected:
             await self._settle([], rejected)
-        await self._launch(items)
-
-    async def _launch(self, items: list[Item]) -> None:
-        """Start the outside effects of ``items``, deferring a second copy of an id in hand."""
-        go: list[Item] = []
-        for item in items:
-            if item.delivery.message_id in self._in_hand:
-                self._deferred.append(item)
-            else:
-                self._in_hand.add(item.delivery.message_id)
-                go.append(item)
-        if not go:
-            return
-        assert self._spec.outside is not None
-        items = go
-        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
-        while True:
-            try:
-                waits = await self._spec.outside([(i.delivery, i.payload) for i in items])
-                break
-            except Exception as exc:  # a read the effects need: wait it out, like a batch
-                if self._stop.is_set():
-                    # Not started: left unacked, they go back to the queue with the channel.
-                    log.warning("stopping: %d messages not started (%r)", len(items), exc)
-                    self._in_hand.difference_update(i.delivery.message_id for i in items)
-                    return
-                delay = backoff.next_delay()
-                log.warning("preparing a chunk failed: %r; again in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-        for item, wait in zip(items, waits, strict=True):
-            task = asyncio.create_task(self._outside_one(item, wait))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
-    async def _outside_one(self, item: Item, wait: Awaitable[Any]) -> None:
-        started = time.perf_counter()
-        try:
-            item.delivery = dataclasses.replace(item.delivery, prepared=await wait)
-        except Exception as exc:
-            item.outcome, item.error = FAILED, exc
-        item.seconds = time.perf_counter() - started
-        self._ready.append(item)
-        self._readied.set()
-        self._wakeup.set()
+        await self._effects.launch(items)
 
     async def _settle(self, items: list[Item], handled: list[Handled]) -> None:
         """Commit ``items`` (those whose outside effects failed are not run), carry out the
@@ -418,7 +356,8 @@ class Runner:
             await asyncio.gather(*(self._copier.send(self._publisher, h) for h in copies))
         if not handled:
             return
-        self._in_hand.difference_update(i.delivery.message_id for i in items)
+        if self._effects is not None:
+            self._effects.settled(items)
         last = max(handled, key=lambda h: h.message.delivery_tag or 0)
         try:
             for tag, multiple in self._acks.settle(h.message.delivery_tag or 0 for h in handled):
