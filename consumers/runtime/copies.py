@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
@@ -27,9 +28,11 @@ from consumers.runtime.spec import Delivery
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Handled:
-    """A message the runner is done with, and its disposition (to carry out, then ack)."""
+class Handled(NamedTuple):
+    """A message the runner is done with, and its disposition (to carry out, then ack).
+
+    A named tuple rather than a frozen dataclass: one is made for every message, and a
+    frozen dataclass costs about twenty times as much to build."""
 
     queue: str  # the origin queue it was consumed from
     message: DeliveredMessage
