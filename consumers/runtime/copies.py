@@ -32,7 +32,7 @@ class Handled(NamedTuple):
     """A message the runner is done with, and its disposition (to carry out, then ack).
 
     A named tuple rather than a frozen dataclass: one is made for every message, and a
-    frozen dataclass costs about twenty times as much to build."""
+    frozen dataclass costs several times as much to build."""
 
     queue: str  # the origin queue it was consumed from
     message: DeliveredMessage
