@@ -49,7 +49,7 @@ from pamqp import base, commands
 
 from cdc import amqp_frames as wire
 from cdc.errors import CdcError, ConfigError, RefusedError, SinkError
-from cdc.refusals import amqp_refusal, tls_hint
+from cdc.service.refusals import amqp_refusal, tls_hint
 from cdc.urls import parse_amqp_url
 
 log = logging.getLogger(__name__)

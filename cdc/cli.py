@@ -10,19 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from cdc import __version__
-from cdc import slot as slots
-from cdc.cli_flags import add_setting_flags, add_version, settings_flags
+from cdc import __version__, slot_guard
 from cdc.config import RelaySettings
 from cdc.errors import (
     CdcError,
@@ -32,14 +29,24 @@ from cdc.errors import (
     SlotLostError,
     SourceError,
 )
-from cdc.logs import configure
-from cdc.settings_base import load
+from cdc.service.cli import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    add_setting_flags,
+    add_version,
+    on_stop_signals,
+    print_findings,
+    read_settings,
+    run_fast,
+)
+from cdc.service.logs import configure
 
 log = logging.getLogger("cdc")
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_SETUP = 3
+#: A server refuses, or the database is not set up (the shared EXIT_REFUSED).
+EXIT_SETUP = EXIT_REFUSED
 EXIT_SLOT_LOST = 5
 
 DB, AMQP = "database_url", "amqp_url"
@@ -191,23 +198,22 @@ def _needs(args: argparse.Namespace) -> tuple[str, ...]:
     return needs
 
 
-def _settings(args: argparse.Namespace) -> RelaySettings:
+def _settings(args: argparse.Namespace) -> RelaySettings | None:
     backfill = args.command == "setup" and args.backfill is not None
     user = "`cdc setup --backfill`" if backfill else f"`cdc {args.command}`"
-    return load(RelaySettings, settings_flags(args, RelaySettings), _needs(args), user)
+    return read_settings(RelaySettings, args, _needs(args), user)
 
 
 def _run_relay(settings: RelaySettings) -> int:
     from cdc import maintenance
-    from cdc.metrics import Metrics, serve
+    from cdc.metrics import Metrics
     from cdc.relay import Relay
+    from cdc.service.metrics_server import serve
 
     async def main() -> int:
         metrics = Metrics()
         relay = Relay(settings, metrics)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, relay.stop)
+        on_stop_signals(relay.stop)
         upkeep = asyncio.create_task(maintenance.run(settings, metrics), name="cdc-upkeep")
         server = None
         if settings.metrics_port:
@@ -221,17 +227,7 @@ def _run_relay(settings: RelaySettings) -> int:
             if server is not None:
                 server.close()
 
-    return _run_fast(main)
-
-
-def _run_fast(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run ``main`` on uvloop when it is installed (the relay's hot loop), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        return asyncio.run(main())
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main())
+    return run_fast(main)
 
 
 def _status(settings: RelaySettings, args: argparse.Namespace) -> int:
@@ -272,10 +268,7 @@ def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
     from cdc import privileges
 
     if args.check:
-        findings = privileges.check(settings)
-        for finding in findings:
-            print(finding.line())
-        return 0 if all(f.ok for f in findings) else EXIT_SETUP
+        return print_findings(privileges.check(settings))
     role = privileges.check_role_name(args.relay_role or privileges.DEFAULT_ROLE)
     for line in _setup_lines(args, settings):
         log.info(line)
@@ -286,7 +279,7 @@ def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
 
 def _setup_lines(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
     if args.backfill is None:
-        return slots.setup(settings)
+        return slot_guard.setup(settings)
     from cdc import backfill
     from cdc.horizon import parse_backfill
 
@@ -336,10 +329,8 @@ def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cdc`` console script; returns the process exit code."""
     args = _parser().parse_args(argv)
-    try:
-        settings = _settings(args)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return EXIT_USAGE
     configure(settings.log_format, settings.log_level)
     try:
@@ -363,4 +354,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK

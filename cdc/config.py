@@ -1,7 +1,7 @@
 """The relay's settings: one pydantic-settings model, built once in the CLI and passed down.
 
 Every field reads ``CDC_<NAME>`` from the environment (secrets also ``CDC_<NAME>_FILE``,
-see ``cdc/settings_base.py``); the CLI turns each into a ``--name`` flag that overrides
+see ``cdc/service/settings.py``); the CLI turns each into a ``--name`` flag that overrides
 it. Identifiers are validated here so nothing later pastes an unchecked name into SQL, and
 values that can never work (a bad URL, a backoff whose minimum exceeds its maximum) stop
 the process at start.
@@ -15,16 +15,20 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from cdc.durations import parse_duration
-from cdc.settings_base import CdcSettings, check_backoff
+from cdc.service.settings import (
+    DEFAULT_EXCHANGE,
+    CdcSettings,
+    check_amqp_name,
+    check_backoff,
+    check_identifier,
+    check_table,
+)
 from cdc.urls import check_host
 
-#: Defaults that name the broker topology live in one place.
-DEFAULT_EXCHANGE = "cloudphone.events"
+#: The relay's parking queue (the exchange is ``cdc.service.settings.DEFAULT_EXCHANGE``).
 DEFAULT_PARKING_QUEUE = "cdc.outbox.parked"
 
 _SLOT_RE = re.compile(r"[a-z0-9_]{1,63}")
-_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
-_AMQP_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
 
 
 class RelaySettings(CdcSettings):
@@ -67,24 +71,17 @@ class RelaySettings(CdcSettings):
     @field_validator("publication_name")
     @classmethod
     def _check_publication(cls, value: str) -> str:
-        if not _IDENT_RE.fullmatch(value):
-            raise ValueError("must be a plain SQL identifier (letters, digits, _), max 63")
-        return value
+        return check_identifier(value)
 
     @field_validator("outbox_table")
     @classmethod
     def _check_table(cls, value: str) -> str:
-        parts = value.split(".")
-        if len(parts) > 2 or not all(_IDENT_RE.fullmatch(p) for p in parts):
-            raise ValueError("must be 'table' or 'schema.table' made of plain SQL identifiers")
-        return value if len(parts) == 2 else f"public.{value}"
+        return check_table(value)
 
     @field_validator("exchange", "parking_queue")
     @classmethod
     def _check_amqp_name(cls, value: str) -> str:
-        if not _AMQP_NAME_RE.fullmatch(value):
-            raise ValueError("AMQP names may use letters, digits and . _ - : only")
-        return value
+        return check_amqp_name(value)
 
     @field_validator("prune_older_than")
     @classmethod

@@ -19,7 +19,7 @@ class RefusedError(CdcError):
     """A server refuses this configuration: login, database, vhost, privilege, TLS certificate.
 
     Retrying cannot help, so it is not retried: the process exits 3 and the message says
-    what to fix (``cdc/refusals.py`` tells refusals from outages).
+    what to fix (``cdc/service/refusals.py`` tells refusals from outages).
     """
 
 
@@ -33,9 +33,9 @@ class ProtocolError(CdcError):
     def __init__(self, message: str, *, offset: int, lsn: int | None = None) -> None:
         where = f"at byte offset {offset}"
         if lsn is not None:
-            from cdc.lsn import format_lsn
-
-            where += f" of the message at LSN {format_lsn(lsn)}"
+            # PostgreSQL's X/Y form, as cdc.lsn.format_lsn writes it: written out here
+            # because cdc.lsn imports this module (its parse errors are ConfigErrors).
+            where += f" of the message at LSN {lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
         super().__init__(f"{message} ({where})")
         self.offset = offset
         self.lsn = lsn

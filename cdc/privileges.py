@@ -20,30 +20,28 @@ Identifiers are composed with ``psycopg.sql.Identifier``, never pasted in.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 from psycopg import sql
 
 from cdc import slot as slots
 from cdc.config import RelaySettings
 from cdc.errors import ConfigError, SetupError
 from cdc.outbox import REQUIRED_COLUMNS
+from cdc.service.cli import Finding
+from cdc.service.settings import IDENTIFIER_RULE, is_identifier
 
 CHECKPOINT_SCHEMA = "cdc"
 CHECKPOINT_TABLE = "relay_checkpoint"
 CHECKPOINT_PRIVILEGES = ("SELECT", "INSERT", "UPDATE")
 #: The example role name `cdc setup` prints the grants for when none is given.
 DEFAULT_ROLE = "cdc_relay"
-_ROLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 
 def check_role_name(role: str) -> str:
     """A plain identifier, or ConfigError (exit 2)."""
-    if not _ROLE_RE.fullmatch(role):
+    if not is_identifier(role):
         raise ConfigError(
             f"invalid configuration: --relay-role {role!r} must be a plain SQL identifier "
-            "(letters, digits, _; at most 63)"
+            f"({IDENTIFIER_RULE})"
         )
     return role
 
@@ -93,18 +91,6 @@ def grant_lines(settings: RelaySettings, role: str, apply: bool) -> list[str]:
                 conn.execute(statement)
             lines.append(f"-- applied the grants to {role}")
     return lines
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One requirement of ``cdc setup --check``: met or not, and what to do."""
-
-    ok: bool
-    text: str
-
-    def line(self) -> str:
-        """``ok: ...`` or ``missing: ...``."""
-        return f"{'ok' if self.ok else 'missing'}: {self.text}"
 
 
 def _need(ok: bool, what: str, fix: str) -> Finding:

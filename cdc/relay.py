@@ -12,7 +12,6 @@ this relay a hot standby that keeps trying to take over.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -21,7 +20,6 @@ from typing import Any
 
 from cdc import slot as slots
 from cdc import slot_guard
-from cdc.backoff import Backoff
 from cdc.checkpoint import Action
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SinkError, SlotBusyError, SlotLostError, SourceError
@@ -31,6 +29,8 @@ from cdc.lsn import format_lsn
 from cdc.metrics import Metrics
 from cdc.publisher import Publisher
 from cdc.replication import Keepalive, parse_copy_data
+from cdc.service.backoff import Backoff
+from cdc.service.session import AGAIN, Again, pause, run_sessions
 from cdc.source import ReplicationStream
 from cdc.watermark import Txn, Watermark
 
@@ -44,7 +44,6 @@ EXIT_SLOT_LOST = 5
 # Send a status update this soon after the watermark moves; it bounds the duplicates that a
 # crash can cause without writing one message per confirm.
 _FLUSH_REPORT_DELAY = 0.02
-_HEALTHY_SESSION = 30.0
 # After CDC_SOURCE_TIMEOUT of silence: how long the look at the walsender may take, and the
 # last short read before the connection is declared dead.
 _PROBE_TIMEOUT = 10.0
@@ -92,41 +91,49 @@ class Relay:
     async def run(self) -> int:
         """Stream until stopped; return the exit code. SetupError propagates (not retried);
         a lost slot returns :data:`EXIT_SLOT_LOST` after a short linger."""
-        backoff = Backoff(self._settings.reconnect_min_delay, self._settings.reconnect_max_delay)
-        while not self._stop.is_set():
-            started = time.monotonic()
+        code = await run_sessions(
+            self._attempt,
+            stop=self._stop,
+            backoff=Backoff(
+                self._settings.reconnect_min_delay, self._settings.reconnect_max_delay
+            ),
+            outages=(SourceError, SinkError),
+            ended=self._ended,
+            refusals=(SetupError,),
+        )
+        return EXIT_STOPPED if code is None else code
+
+    async def _attempt(self) -> int | Again:
+        """One session; the relay's own outcomes of it: a busy slot (wait as a standby,
+        then again), a lost slot (exit 5), a refusal by the walsender."""
+        try:
+            return await self._session()
+        except SlotBusyError:
+            self._set_state("standby")
+            await self._sleep(self._settings.standby_poll_interval)
+            return AGAIN
+        except SlotLostError as exc:
+            return await self._slot_lost(exc)
+        except SetupError as refusal:
+            # The walsender refused mid-stream (e.g. "publication ... does not exist"):
+            # with a checkpoint row that is a lost slot, not "run cdc setup".
             try:
-                return await self._session()
-            except SlotBusyError:
-                self._set_state("standby")
-                await self._sleep(self._settings.standby_poll_interval)
-                continue
+                await asyncio.to_thread(slot_guard.recheck, self._settings)
             except SlotLostError as exc:
                 return await self._slot_lost(exc)
-            except SetupError as refusal:
-                # The walsender refused mid-stream (e.g. "publication ... does not exist"):
-                # with a checkpoint row that is a lost slot, not "run cdc setup".
-                try:
-                    await asyncio.to_thread(slot_guard.recheck, self._settings)
-                except SlotLostError as exc:
-                    return await self._slot_lost(exc)
-                except SourceError as exc:  # cannot tell: report the walsender's refusal
-                    log.warning("slot check after the refusal failed: %s", exc)
-                raise refusal
-            except (SourceError, SinkError) as exc:
-                side = "broker" if isinstance(exc, SinkError) else "database"
-                self._metrics.reconnects.labels(side=side).inc()
-                self._set_state("reconnecting")
-                if time.monotonic() - started > _HEALTHY_SESSION:
-                    backoff.reset()
-                delay = backoff.next_delay()
-                log.warning("session ended (%s): %s; retrying in %.2fs", side, exc, delay)
-                await self._sleep(delay)
-        return EXIT_STOPPED
+            except SourceError as exc:  # cannot tell: report the walsender's refusal
+                log.warning("slot check after the refusal failed: %s", exc)
+            raise refusal
+
+    def _ended(self, exc: BaseException, delay: float) -> None:
+        """A session failed with an outage; the next starts in ``delay`` seconds."""
+        side = "broker" if isinstance(exc, SinkError) else "database"
+        self._metrics.reconnects.labels(side=side).inc()
+        self._set_state("reconnecting")
+        log.warning("session ended (%s): %s; retrying in %.2fs", side, exc, delay)
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+        await pause(self._stop, seconds)
 
     async def _slot_lost(self, exc: SlotLostError) -> int:
         """Say so everywhere (log, /healthz, metrics), linger for a scrape, exit 5."""

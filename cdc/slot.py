@@ -20,7 +20,7 @@ from cdc.config import RelaySettings
 from cdc.errors import RefusedError, SetupError, SourceError
 from cdc.lsn import format_lsn
 from cdc.outbox import REQUIRED_COLUMNS
-from cdc.refusals import refused_by_postgres
+from cdc.service.refusals import refused_by_postgres
 from cdc.slot_create import SystemIdentity
 from cdc.source import with_keepalives
 
@@ -229,8 +229,8 @@ def end_stale_walsender(conn: Conn, settings: RelaySettings, pid: int, wait: flo
     return True
 
 
-def setup(settings: RelaySettings) -> list[str]:
-    """Idempotent `cdc setup`: checks, table, publication, slot. Returns what it did."""
+def prepare(settings: RelaySettings) -> list[str]:
+    """`cdc setup` up to the slot: checks, table, publication. Returns what it did."""
     with connect(settings) as conn:
         check_server(conn)
         done = []
@@ -244,21 +244,11 @@ def setup(settings: RelaySettings) -> list[str]:
                 f"{exc}: grant CREATE on the schema and ownership of the table"
             ) from exc
         done.append(f"publication {settings.publication_name} covers {settings.outbox_table}")
-    # Imported here: the guard builds on this module's connect/observe.
-    from cdc.slot_guard import open_slot
-
-    opened = open_slot(settings)
-    verb = {Action.CREATE: "created", Action.ADOPT: "adopted"}.get(opened.action, "kept")
-    done.append(f"{verb} slot {settings.slot_name}")
-    if opened.action is Action.CREATE and _has_rows(settings):
-        done.append(
-            f"{settings.outbox_table} already had rows: they are not published "
-            "(the slot starts after them)"
-        )
     return done
 
 
-def _has_rows(settings: RelaySettings) -> bool:
+def has_rows(settings: RelaySettings) -> bool:
+    """True if the outbox table holds any row."""
     table = sql.Identifier(settings.table_schema, settings.table_name)
     with connect(settings) as conn:
         return bool(_one(conn, sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(table)))

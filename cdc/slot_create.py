@@ -28,8 +28,8 @@ from cdc.config import RelaySettings
 from cdc.errors import SourceError
 from cdc.failover import supported as failover_slots_supported
 from cdc.lsn import parse_lsn
-from cdc.refusals import refused_by_postgres
 from cdc.replication import IDENTIFY_SYSTEM, create_slot_command
+from cdc.service.refusals import refused_by_postgres
 from cdc.source import translate_error
 
 Conn = psycopg.Connection[tuple[Any, ...]]

@@ -59,6 +59,20 @@ def _slot_lsn(conn: slots.Conn, settings: RelaySettings) -> int:
     return parse_lsn(row[0]) if row and row[0] else 0
 
 
+def setup(settings: RelaySettings) -> list[str]:
+    """Idempotent `cdc setup`: checks, table, publication, slot. Returns what it did."""
+    done = slots.prepare(settings)
+    opened = open_slot(settings)
+    verb = {Action.CREATE: "created", Action.ADOPT: "adopted"}.get(opened.action, "kept")
+    done.append(f"{verb} slot {settings.slot_name}")
+    if opened.action is Action.CREATE and slots.has_rows(settings):
+        done.append(
+            f"{settings.outbox_table} already had rows: they are not published "
+            "(the slot starts after them)"
+        )
+    return done
+
+
 def open_slot(settings: RelaySettings) -> Opened:
     """Check the slot against the checkpoint and make it ready to stream, or refuse.
 

@@ -17,13 +17,13 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SlotBusyError, SourceError
-from cdc.refusals import refused_by_postgres
 from cdc.replication import (
     pgoutput_version,
     standby_status,
     start_replication_command,
     unix_us_to_pg,
 )
+from cdc.service.refusals import refused_by_postgres
 
 # Output functions run with the walsender's settings: pin them so timestamps parse.
 _SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3"

@@ -23,7 +23,7 @@ import orjson
 from cdc import slot as slots
 from cdc import status_report as report
 from cdc.config import RelaySettings
-from cdc.logs import redact
+from cdc.service.logs import redact
 
 #: Seconds each endpoint may take; a status screen must not hang on one dead process.
 TIMEOUT = 2.0

@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import psycopg
 
-from cdc.privileges import Finding
-from cdc.refusals import first_line
+from cdc.service.cli import Finding, print_findings
+from cdc.service.refusals import first_line
 from consumers.config import ConsumerSettings
 from consumers.connect import open_broker, open_database
 from consumers.runtime import inbox
 from consumers.runtime.spec import WorkerSpec
-
-EXIT_OK = 0
-EXIT_MISSING = 3
-
 
 Conn = psycopg.AsyncConnection[tuple[object, ...]]
 
@@ -84,8 +80,5 @@ async def check(settings: ConsumerSettings, spec: WorkerSpec) -> list[Finding]:
 
 
 async def run(settings: ConsumerSettings, spec: WorkerSpec) -> int:
-    """Print the findings; the exit code."""
-    findings = await check(settings, spec)
-    for finding in findings:
-        print(finding.line())
-    return EXIT_OK if all(f.ok for f in findings) else EXIT_MISSING
+    """Print the findings; the exit code (0, or 3 if anything is missing)."""
+    return print_findings(await check(settings, spec))

@@ -11,31 +11,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
-from cdc.cli_flags import add_setting_flags, add_version, settings_flags
-from cdc.errors import ConfigError as SettingsProblem
-from cdc.logs import configure
-from cdc.settings_base import load
-from consumers.config import ConsumerSettings
+from cdc.service.cli import (
+    EXIT_DRAIN_TIMEOUT,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    add_version,
+    on_stop_signals,
+    read_settings,
+    run_fast,
+)
+from cdc.service.logs import configure
+from consumers.config import AMQP, DB, ConsumerSettings, add_worker_flags
 from consumers.errors import ConfigError, ConsumerError, Refused
 
 log = logging.getLogger("consumers")
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_REFUSED = 3
-EXIT_DRAIN_TIMEOUT = 4
-
-S = TypeVar("S", bound=ConsumerSettings)
-
-DB, AMQP = "database_url", "amqp_url"
 
 DESCRIPTION = """\
 Run a consumer worker: it takes events from its queues, runs each handler in a
@@ -48,28 +45,6 @@ Exit codes: 0 stopped by SIGTERM/SIGINT after draining, 1 unexpected error,
 database, vhost, privilege, TLS certificate), 4 the shutdown drain timed out
 (what was not acked is redelivered).
 """
-
-
-def add_worker_flags(
-    parser: argparse.ArgumentParser | Any,
-    model: type[ConsumerSettings],
-    fields: Sequence[str] | None = None,
-    required: Sequence[str] = (DB, AMQP),
-) -> None:
-    """One ``--name`` flag per settings field (``CDC_NAME`` is the variable it overrides);
-    the runtime's ``worker_*`` fields also answer to the short form (``--prefetch``)."""
-    add_setting_flags(parser, model, fields, required, short_prefix="worker_")
-
-
-def build_settings(
-    model: type[S], args: argparse.Namespace, needs: Sequence[str] = (DB, AMQP), user: str = ""
-) -> S:
-    """The settings from the environment, with the flags that were given overriding.
-
-    Raises ``cdc.errors.ConfigError`` (one line) for anything invalid, a secret in a flag
-    or a needed URL that is not set included.
-    """
-    return load(model, settings_flags(args, model), needs=needs, user=user)
 
 
 def _top_parser(prog: str) -> argparse.ArgumentParser:
@@ -116,10 +91,8 @@ def _run_worker(argv: Sequence[str], prog: str) -> int:
     )
     add_worker_flags(parser.add_argument_group("settings"), worker.settings)
     args = parser.parse_args(argv[1:])
-    try:
-        settings = build_settings(worker.settings, args, user=f"worker {name}")
-    except SettingsProblem as exc:
-        print(exc, file=sys.stderr)
+    settings = read_settings(worker.settings, args, (DB, AMQP), f"worker {name}")
+    if settings is None:
         return EXIT_USAGE
     configure(settings.worker_log_format, settings.worker_log_level)
     try:
@@ -131,27 +104,16 @@ def _run_worker(argv: Sequence[str], prog: str) -> int:
         from consumers import check
 
         return asyncio.run(check.run(settings, spec))
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_serve(settings, spec))
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where installed: less event-loop CPU per message than asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - a platform without uvloop
-        return None
-    return uvloop.new_event_loop
+    return run_fast(lambda: _serve(settings, spec))
 
 
 async def _serve(settings: ConsumerSettings, spec: Any) -> int:
-    from cdc.metrics import serve
+    from cdc.service.metrics_server import serve
     from consumers.runtime.metrics import WorkerMetrics
     from consumers.runtime.runner import Runner
 
     metrics = WorkerMetrics(spec.name)
     runner = Runner(settings, spec, metrics)
-    loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
 
     def on_signal() -> None:
@@ -160,8 +122,7 @@ async def _serve(settings: ConsumerSettings, spec: Any) -> int:
         stopped.set()
         runner.stop()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    on_stop_signals(on_signal)
     server = None
     if settings.worker_metrics_port:
         try:

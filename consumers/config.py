@@ -1,7 +1,7 @@
 """Settings of one worker process: a pydantic-settings model, built once and passed down.
 
 Connection variables are the relay's (``CDC_DATABASE_URL``, ``CDC_AMQP_URL``,
-``CDC_EXCHANGE``, ``CDC_OUTBOX_TABLE``; the base ``cdc.settings_base.CdcSettings`` checks
+``CDC_EXCHANGE``, ``CDC_OUTBOX_TABLE``; the base ``cdc.service.settings.CdcSettings`` checks
 the URLs and reads ``*_FILE`` secrets) so one environment serves the relay and its workers;
 the runtime's own knobs are ``CDC_WORKER_*``. A worker subclasses this model to add its own
 fields (``consumers.billing.worker.SETTINGS``, ...). Every field becomes a ``--flag`` of
@@ -10,20 +10,28 @@ fields (``consumers.billing.worker.SETTINGS``, ...). Every field becomes a ``--f
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
+import argparse
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from cdc.settings_base import CdcSettings, check_backoff
+from cdc.service.cli import add_setting_flags
+from cdc.service.settings import (
+    DEFAULT_EXCHANGE,
+    CdcSettings,
+    check_amqp_name,
+    check_backoff,
+    check_table,
+)
 from cdc.urls import check_host
 
-DEFAULT_EXCHANGE = "cloudphone.events"
 DEFAULT_INBOX_TABLE = "public.consumer_inbox"
 
-_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
-_AMQP_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
+#: The connection strings: a worker needs both, ``dlq`` only the broker.
+DB, AMQP = "database_url", "amqp_url"
+
 
 
 def parse_delays(value: object) -> object:
@@ -32,14 +40,6 @@ def parse_delays(value: object) -> object:
         text = value.strip().strip("[]()")
         return tuple(float(part) for part in text.split(",") if part.strip())
     return value
-
-
-def check_table(value: str) -> str:
-    """``table`` or ``schema.table`` of plain identifiers -> ``schema.table``."""
-    parts = value.split(".")
-    if len(parts) > 2 or not all(_IDENT_RE.fullmatch(p) for p in parts):
-        raise ValueError("must be 'table' or 'schema.table' made of plain SQL identifiers")
-    return value if len(parts) == 2 else f"public.{value}"
 
 
 class ConsumerSettings(CdcSettings):
@@ -120,16 +120,12 @@ class ConsumerSettings(CdcSettings):
     @field_validator("exchange")
     @classmethod
     def _check_exchange(cls, value: str) -> str:
-        if not _AMQP_NAME_RE.fullmatch(value):
-            raise ValueError("AMQP names may use letters, digits and . _ - : only (1-255)")
-        return value
+        return check_amqp_name(value)
 
     @field_validator("worker_queue_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
-        if value and not _AMQP_NAME_RE.fullmatch(value):
-            raise ValueError("AMQP names may use letters, digits and . _ - : only")
-        return value
+        return check_amqp_name(value) if value else value
 
     @field_validator("worker_metrics_host")
     @classmethod
@@ -142,3 +138,14 @@ class ConsumerSettings(CdcSettings):
             self.worker_reconnect_min_delay, self.worker_reconnect_max_delay, "worker_reconnect"
         )
         return self
+
+
+def add_worker_flags(
+    parser: argparse.ArgumentParser | Any,
+    model: type[ConsumerSettings],
+    fields: Sequence[str] | None = None,
+    required: Sequence[str] = (DB, AMQP),
+) -> None:
+    """One ``--name`` flag per settings field (``CDC_NAME`` is the variable it overrides);
+    the runtime's ``worker_*`` fields also answer to the short form (``--prefetch``)."""
+    add_setting_flags(parser, model, fields, required, short_prefix="worker_")

@@ -4,7 +4,7 @@ A broker or database that refuses the configuration (wrong password, unknown vho
 database, missing privilege, TLS certificate that does not verify) raises
 :class:`~consumers.errors.Refused`, which nothing retries (exit 3); every other failure is
 raised as the library raised it, for the caller's reconnect loop. The rules are
-``cdc/refusals.py``'s, shared with the relay.
+``cdc/service/refusals.py``'s, shared with the relay.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import aiormq
 import psycopg
 from aio_pika.abc import AbstractConnection
 
-from cdc.logs import redact
-from cdc.refusals import amqp_refusal, first_line, postgres_refusal, tls_hint
+from cdc.service.logs import redact
+from cdc.service.refusals import amqp_refusal, first_line, postgres_refusal, tls_hint
 from consumers.errors import Refused
 
 

@@ -28,19 +28,16 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic_settings import SettingsError
 
-from cdc.cli_flags import add_version
-from cdc.errors import ConfigError as SettingsProblem
-from cdc.logs import redact
-from consumers.cli import (
-    AMQP,
+from cdc.service.cli import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
-    add_worker_flags,
-    build_settings,
+    add_version,
+    read_settings,
 )
-from consumers.config import ConsumerSettings
+from cdc.service.logs import redact
+from consumers.config import AMQP, ConsumerSettings, add_worker_flags
 from consumers.connect import open_broker
 from consumers.errors import ConfigError, DlqError, Refused
 from consumers.runtime import headers as hdr
@@ -247,10 +244,8 @@ async def _exists(connection: AbstractConnection, queue: str) -> int:
 def main(argv: Sequence[str], prog: str = "cdc-worker dlq") -> int:
     """Run one DLQ command; returns the exit code."""
     args = _parser(prog).parse_args(argv)
-    try:
-        settings = build_settings(ConsumerSettings, args, (AMQP,), f"`dlq {args.command}`")
-    except SettingsProblem as exc:
-        print(exc, file=sys.stderr)
+    settings = read_settings(ConsumerSettings, args, (AMQP,), f"`dlq {args.command}`")
+    if settings is None:
         return EXIT_USAGE
     try:
         return asyncio.run(_dispatch(args, settings))

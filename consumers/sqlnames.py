@@ -6,32 +6,27 @@ outbox is ``CDC_OUTBOX_TABLE`` (``schema.table`` or ``table``). Both go through 
 
 from __future__ import annotations
 
-import re
-
 from psycopg import sql
 
+from cdc.service.settings import IDENTIFIER_RULE, check_table, is_identifier
 from consumers.errors import ConfigError
-
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
 def check_name(value: str, setting: str) -> str:
-    """``value`` if it is a plain SQL identifier, else a :class:`ConfigError` naming ``setting``."""
-    if not _NAME.fullmatch(value):
-        raise ConfigError(
-            f"{setting}={value!r} is not a valid name: use letters, digits and '_' "
-            "(63 at most, not starting with a digit)"
-        )
+    """``value`` if it is a plain SQL identifier (the settings' one rule), else a
+    :class:`ConfigError` naming ``setting``."""
+    if not is_identifier(value):
+        raise ConfigError(f"{setting}={value!r} is not a valid name: {IDENTIFIER_RULE}")
     return value
 
 
 def qualified_table(value: str, setting: str) -> sql.Composed:
     """``schema.table`` or ``table`` (schema ``public``) as a quoted SQL name."""
-    schema, _, table = value.rpartition(".")
-    return sql.SQL("{}.{}").format(
-        sql.Identifier(check_name(schema or "public", setting)),
-        sql.Identifier(check_name(table, setting)),
-    )
+    try:
+        schema, table = check_table(value).split(".")
+    except ValueError as exc:
+        raise ConfigError(f"{setting}={value!r} is not a valid table: {exc}") from None
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
 
 
 #: A worker's ``CREATE SCHEMA IF NOT EXISTS {s}`` that a role owning an existing schema may

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from cdc.backoff import Backoff
+from cdc.service.backoff import Backoff
 from consumers.config import ConsumerSettings
 from consumers.connect import open_database
 from consumers.errors import BatchAborted, Refused

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from cdc.metrics import process_registry
+from cdc.service.metrics_server import process_registry
 from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item
 
 STATES = ("starting", "consuming", "reconnecting", "draining", "stopped")

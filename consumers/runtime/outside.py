@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from cdc.backoff import Backoff
+from cdc.service.backoff import Backoff
 from consumers.runtime.batch import FAILED, Item
 from consumers.runtime.spec import Outside
 

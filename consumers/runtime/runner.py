@@ -43,7 +43,8 @@ import aiormq
 import psycopg
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from cdc.backoff import Backoff
+from cdc.service.backoff import Backoff
+from cdc.service.session import run_sessions
 from consumers.config import ConsumerSettings
 from consumers.connect import open_broker, refused_by_broker
 from consumers.errors import BrokerLost, Unroutable
@@ -63,7 +64,6 @@ from consumers.runtime.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-_HEALTHY_SESSION = 30.0
 #: How long a batch shorter than CDC_WORKER_BATCH_SIZE waits for more messages (seconds).
 _LINGER = 0.005
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, OSError, RuntimeError, TimeoutError)
@@ -145,27 +145,33 @@ class Runner:
 
     async def run(self) -> None:
         """Prepare the database, then run sessions until stopped."""
-        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
         await self._database()
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                await self._session()
-            except aiormq.exceptions.ChannelAccessRefused as exc:
-                raise refused_by_broker(exc) from exc  # a permission: no retry can help
-            except (BrokerLost, Unroutable, *_AMQP_ERRORS) as exc:
-                self._drop_session_work()
-                if self._stop.is_set():
-                    break
-                self._metrics.reconnects.labels(worker=self._spec.name, side="broker").inc()
-                self._set_state("reconnecting")
-                if time.monotonic() - started > _HEALTHY_SESSION:
-                    backoff.reset()
-                delay = backoff.next_delay()
-                log.warning("broker session ended: %r; reconnecting in %.2fs", exc, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+        await run_sessions(
+            self._attempt,
+            stop=self._stop,
+            backoff=Backoff(
+                self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay
+            ),
+            outages=(BrokerLost, Unroutable, *_AMQP_ERRORS),
+            ended=self._ended,
+        )
         self._set_state("stopped")
+
+    async def _attempt(self) -> None:
+        """One broker session; what it delivered and did not ack is dropped if it fails."""
+        try:
+            await self._session()
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused_by_broker(exc) from exc  # a permission: no retry can help
+        except (BrokerLost, Unroutable, *_AMQP_ERRORS):
+            self._drop_session_work()
+            raise
+
+    def _ended(self, exc: BaseException, delay: float) -> None:
+        """The broker session failed; the next starts in ``delay`` seconds."""
+        self._metrics.reconnects.labels(worker=self._spec.name, side="broker").inc()
+        self._set_state("reconnecting")
+        log.warning("broker session ended: %r; reconnecting in %.2fs", exc, delay)
 
     async def close(self) -> None:
         """Release the database connection and the worker's own resources."""

@@ -1,4 +1,4 @@
-"""Settings (cdc/config.py), log redaction (cdc/logs.py), LSN text (cdc/lsn.py), backoff."""
+"""Settings (cdc/config.py), log redaction (cdc/service/logs.py), LSN text (cdc/lsn.py), backoff."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from cdc import logs
-from cdc.backoff import Backoff
 from cdc.config import DEFAULT_EXCHANGE, DEFAULT_PARKING_QUEUE, RelaySettings
-from cdc.errors import CdcError, ConfigError
+from cdc.errors import CdcError, ConfigError, ProtocolError
 from cdc.lsn import INVALID_LSN, MAX_LSN, format_lsn, parse_lsn
-from cdc.settings_base import load
+from cdc.service import logs
+from cdc.service.backoff import Backoff
+from cdc.service.settings import load
 
 pytestmark = pytest.mark.usefixtures("no_cdc_env")
 
@@ -371,6 +371,11 @@ def test_parse_lsn_refuses_bad_text(text):
 def test_format_lsn_refuses_out_of_range(value):
     with pytest.raises(ValueError, match="out of range"):
         format_lsn(value)
+
+
+@given(st.integers(0, MAX_LSN))
+def test_a_protocol_error_writes_its_lsn_like_format_lsn(value):
+    assert f"at LSN {format_lsn(value)})" in str(ProtocolError("bad", offset=3, lsn=value))
 
 
 @given(st.integers(0, MAX_LSN))

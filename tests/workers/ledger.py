@@ -27,7 +27,8 @@ from typing import Literal
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field
 
-from consumers.config import ConsumerSettings, check_table
+from cdc.service.settings import check_table
+from consumers.config import ConsumerSettings
 from consumers.errors import PermanentError, Retry
 from consumers.runtime.spec import HandlerContext, QueueSpec, Route, WorkerSpec
 

@@ -6,7 +6,7 @@ import asyncio
 
 from pydantic import BaseModel
 
-from cdc.backoff import Backoff
+from cdc.service.backoff import Backoff
 from consumers.runtime.batch import FAILED, Item
 from consumers.runtime.outside import OutsideEffects
 from consumers.runtime.spec import Delivery, Route

@@ -107,14 +107,16 @@ def test_cli_exit_codes_for_config_errors(environ, capsys):
 def test_flags_override_the_environment(environ):
     import argparse
 
-    from consumers.cli import add_worker_flags, build_settings
+    from cdc.service.cli import read_settings
+    from consumers.config import add_worker_flags
 
     environ.setenv("CDC_WORKER_PREFETCH", "10")
     environ.setenv("CDC_WORKER_QUEUE_TYPE", "classic")
     parser = argparse.ArgumentParser()
     add_worker_flags(parser, ConsumerSettings)
     args = parser.parse_args(["--prefetch", "77", "--worker-retry-delays", "1,2"])
-    s = build_settings(ConsumerSettings, args)
+    s = read_settings(ConsumerSettings, args)
+    assert s is not None
     assert s.worker_prefetch == 77
     assert s.worker_retry_delays == (1.0, 2.0)
     assert s.worker_queue_type == "classic"  # no flag: the environment holds

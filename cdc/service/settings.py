@@ -10,12 +10,15 @@
   error.
 - :func:`load` builds a model from the environment and the command line flags. A flag may
   not carry a secret, because every user of the host sees a process's arguments.
+- One rule for the names a setting gives (:func:`check_identifier`, :func:`check_table`,
+  :func:`check_amqp_name`), so a name the relay accepts the workers accept too.
 - Every problem is a :class:`~cdc.errors.ConfigError` with one line naming the variables.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -30,13 +33,55 @@ from pydantic_settings import (
 )
 
 from cdc.errors import ConfigError
-from cdc.logs import redact
+from cdc.service.logs import redact
 from cdc.urls import parse_amqp_url, parse_dsn, url_has_password
 
 PREFIX = "CDC_"
 FILE_SUFFIX = "_FILE"
 
 S = TypeVar("S", bound="CdcSettings")
+
+#: The topic exchange the relay publishes to and the workers consume from.
+DEFAULT_EXCHANGE = "cloudphone.events"
+
+# A name PostgreSQL takes unquoted: a letter or ``_`` first, then letters, digits, ``_`` or
+# ``$`` (PostgreSQL allows ``$`` there, never first: ``$1`` is a parameter), 63 at most.
+# Names are still quoted (psycopg.sql.Identifier) wherever SQL uses them; the rule keeps
+# out what would need quoting to mean the same thing in psql, docs and GRANTs.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+_AMQP_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
+
+#: What :func:`check_identifier` accepts, in words, for error messages.
+IDENTIFIER_RULE = "a letter or '_', then letters, digits, '_' or '$'; 63 characters at most"
+
+
+def is_identifier(value: str) -> bool:
+    """True if ``value`` is a plain SQL identifier (see ``IDENTIFIER_RULE``)."""
+    return _IDENTIFIER.fullmatch(value) is not None
+
+
+def check_identifier(value: str) -> str:
+    """``value`` if it is a plain SQL identifier, else ValueError saying the rule."""
+    if not is_identifier(value):
+        raise ValueError(f"must be a plain SQL identifier: {IDENTIFIER_RULE}")
+    return value
+
+
+def check_table(value: str) -> str:
+    """``table`` or ``schema.table`` of plain identifiers -> ``schema.table``."""
+    parts = value.split(".")
+    if len(parts) > 2 or not all(is_identifier(p) for p in parts):
+        raise ValueError(
+            f"must be 'table' or 'schema.table' made of plain SQL identifiers ({IDENTIFIER_RULE})"
+        )
+    return value if len(parts) == 2 else f"public.{value}"
+
+
+def check_amqp_name(value: str) -> str:
+    """``value`` if it is a usable exchange or queue name, else ValueError."""
+    if not _AMQP_NAME.fullmatch(value):
+        raise ValueError("AMQP names may use letters, digits and . _ - : only (1-255)")
+    return value
 
 
 def variable(field: str) -> str:
