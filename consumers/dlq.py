@@ -41,7 +41,6 @@ from consumers.config import AMQP, ConsumerSettings, add_worker_flags
 from consumers.connect import open_broker
 from consumers.errors import ConfigError, DlqError, Refused
 from consumers.runtime import headers as hdr
-from consumers.runtime.policy import ATTEMPT_HEADER
 from consumers.runtime.republish import copy_properties, publish_confirmed
 
 PARKED_SUFFIX = ".parked"
@@ -109,7 +108,7 @@ def describe(message: AbstractIncomingMessage) -> dict[str, Any]:
         "message_id": message.message_id,
         "routing_key": hdr.text(h.get(hdr.ROUTING_KEY_HEADER)),
         "origin_queue": hdr.text(h.get(hdr.ORIGIN_QUEUE_HEADER)),
-        "attempts": _value(h.get(ATTEMPT_HEADER)),
+        "attempts": _value(h.get(hdr.ATTEMPT_HEADER)),
         "error_kind": hdr.text(h.get(hdr.ERROR_KIND_HEADER)),
         "error": hdr.text(h.get(hdr.ERROR_HEADER)),
         "parked_at": hdr.text(h.get(hdr.PARKED_AT_HEADER)),

@@ -3,7 +3,7 @@
 ``scenario(seed)`` makes the events of a few users and devices as the platform's services
 would publish them (routing key, message id, camelCase payload with its own timestamp), and
 ``expected(events, ...)`` computes the records and balances straight from the set with the
-pure metering (:func:`consumers.billing.metering.meter`), which the worker must match
+pure metering (:func:`billing_model.meter`), which the worker must match
 whatever order and duplicates the broker delivers.
 """
 
@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from consumers.billing.metering import DeviceEvent, PlanChange, Pricing, UsageRecord, meter
+from billing_model import meter
+
+from consumers.billing.metering import DeviceEvent, PlanChange, Pricing, UsageRecord
 
 T0 = dt.datetime(2025, 10, 30, 5, 0, tzinfo=dt.UTC)
 PRICING = Pricing({"basic": Decimal("30"), "pro": Decimal("90")}, Decimal("60"))

@@ -18,6 +18,8 @@ Locks (transaction-scoped advisory locks, so replicas serialise per device): a d
 takes the device's lock, then a shared lock on each session owner before reading plans; a
 ``user.updated`` takes the user's lock exclusively, then each of the user's devices. A
 deadlock between the two orders is detected by PostgreSQL and the loser is retried.
+
+The tables and the three PL/pgSQL functions are in ``consumers/billing/sql/`` (package data).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from importlib import resources
 from typing import Any
 
 import orjson
@@ -35,218 +38,11 @@ from consumers.billing import metering
 from consumers.billing.metering import DeviceEvent, PlanChange, Pricing, UsageRecord
 from consumers.sqlnames import CREATE_SCHEMA, check_name, qualified_table, render
 
-_RECORD_COLUMNS = (
-    "record_id, device_id, user_id, started_at, stopped_at, duration_seconds, rate, cost, "
-    "closed_by"
-)
-
-_DDL = (
-    CREATE_SCHEMA,
-    """CREATE TABLE IF NOT EXISTS {s}.device_events (
-        message_id text PRIMARY KEY,
-        device_id  text NOT NULL,
-        kind       text NOT NULL CHECK (kind IN ('start', 'stop', 'delete', 'update')),
-        at         timestamptz NOT NULL,
-        user_id    text,
-        plan       text,
-        rate       numeric
-    )""",
-    # By device and event time: the windowed recompute reads a device's events from a time
-    # on; the partial ones find the window's edge (the last stop/delete before the new
-    # events), the rate in force before it and an earlier delete without a scan of history.
-    "CREATE INDEX IF NOT EXISTS device_events_device_at_idx ON {s}.device_events"
-    " (device_id, at)",
-    "CREATE INDEX IF NOT EXISTS device_events_close_idx ON {s}.device_events (device_id, at)"
-    " WHERE kind IN ('stop', 'delete')",
-    "CREATE INDEX IF NOT EXISTS device_events_delete_idx ON {s}.device_events (device_id, at)"
-    " WHERE kind = 'delete'",
-    "CREATE INDEX IF NOT EXISTS device_events_rate_idx ON {s}.device_events"
-    " (device_id, at, message_id COLLATE \"C\") WHERE kind IN ('start', 'update')"
-    " AND (rate IS NOT NULL OR plan IS NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS device_events_user_idx ON {s}.device_events (user_id)"
-    " WHERE kind = 'start'",
-    """CREATE TABLE IF NOT EXISTS {s}.user_plans (
-        message_id text PRIMARY KEY,
-        user_id    text NOT NULL,
-        at         timestamptz NOT NULL,
-        plan       text NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS user_plans_user_idx ON {s}.user_plans (user_id)",
-    """CREATE TABLE IF NOT EXISTS {s}.usage_records (
-        record_id        text PRIMARY KEY,
-        device_id        text NOT NULL,
-        user_id          text NOT NULL,
-        started_at       timestamptz NOT NULL,
-        stopped_at       timestamptz NOT NULL,
-        duration_seconds numeric(20, 6) NOT NULL,
-        rate             numeric NOT NULL,
-        cost             numeric(20, 6) NOT NULL,
-        closed_by        text NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS usage_records_device_start_idx ON {s}.usage_records"
-    " (device_id, started_at)",
-    "CREATE INDEX IF NOT EXISTS usage_records_user_idx ON {s}.usage_records (user_id)",
-    """CREATE TABLE IF NOT EXISTS {s}.balances (
-        user_id text PRIMARY KEY,
-        balance numeric(20, 6) NOT NULL,
-        spent   numeric(20, 6) NOT NULL
-    )""",
-    # One round trip per event: lock the device, store the event once, lock the session
-    # owners (shared), and return what the recompute needs. Each statement of a volatile
-    # function takes a fresh snapshot, so rows committed while it waited for a lock are seen.
-    """CREATE OR REPLACE FUNCTION {s}.billing_state(
-        p_device text, p_new text, p_kind text, p_at timestamptz, p_user text, p_plan text,
-        p_rate numeric
-    ) RETURNS TABLE (tag text, id text, kind text, at timestamptz, stopped_at timestamptz,
-                     user_id text, plan text, rate numeric, duration numeric, cost numeric)
-    LANGUAGE plpgsql SET lock_timeout = {lock_timeout} AS $fn$
-    #variable_conflict use_column
-    DECLARE
-        owners text[];
-    BEGIN
-        PERFORM pg_advisory_xact_lock(hashtextextended('billing device ' || p_device, 0));
-        IF p_new IS NOT NULL THEN
-            INSERT INTO {s}.device_events (message_id, device_id, kind, at, user_id, plan, rate)
-            VALUES (p_new, p_device, p_kind, p_at, p_user, p_plan, p_rate)
-            ON CONFLICT DO NOTHING;
-            IF NOT FOUND THEN
-                RETURN QUERY SELECT 'dup'::text, p_new, NULL::text, NULL::timestamptz,
-                    NULL::timestamptz, NULL::text, NULL::text, NULL::numeric, NULL::numeric,
-                    NULL::numeric;
-                RETURN;
-            END IF;
-        END IF;
-        SELECT coalesce(array_agg(DISTINCT e.user_id ORDER BY e.user_id), '{{}}') INTO owners
-          FROM {s}.device_events e
-         WHERE e.device_id = p_device AND e.kind = 'start' AND e.user_id IS NOT NULL;
-        PERFORM pg_advisory_xact_lock_shared(hashtextextended('billing user ' || o, 0))
-           FROM unnest(owners) AS o ORDER BY o;
-        RETURN QUERY SELECT 'e'::text, e.message_id, e.kind, e.at, NULL::timestamptz,
-            e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
-          FROM {s}.device_events e WHERE e.device_id = p_device;
-        RETURN QUERY SELECT 'p'::text, p.message_id, NULL::text, p.at, NULL::timestamptz,
-            p.user_id, p.plan, NULL::numeric, NULL::numeric, NULL::numeric
-          FROM {s}.user_plans p WHERE p.user_id = ANY(owners);
-        RETURN QUERY SELECT 'r'::text, r.record_id, r.closed_by, r.started_at, r.stopped_at,
-            r.user_id, NULL::text, r.rate, r.duration_seconds, r.cost
-          FROM {s}.usage_records r WHERE r.device_id = p_device;
-    END
-    $fn$""",
-    # The batch form of billing_state, one round trip for a whole batch of device events:
-    # lock every device of the batch in one sorted order (two replicas' batches queue behind
-    # each other, never in a cycle), store the events once, then lock the owners of the
-    # devices that got a new event (shared, sorted) and return those devices' windows
-    # (metering.select_window): the events from the last stop/delete before the earliest new
-    # event on ('e'), the latest rate-carrying event before that ('x'), a delete before it
-    # ('d'), and the records that start in the window ('r'). Ties at equal times are broken
-    # by message id in byte order (COLLATE "C"), as Python compares them.
-    """CREATE OR REPLACE FUNCTION {s}.billing_state_many(
-        p_ids text[], p_devices text[], p_kinds text[], p_ats timestamptz[], p_users text[],
-        p_plans text[], p_rates numeric[]
-    ) RETURNS TABLE (tag text, device_id text, id text, kind text, at timestamptz,
-                     stopped_at timestamptz, user_id text, plan text, rate numeric,
-                     duration numeric, cost numeric)
-    LANGUAGE plpgsql SET lock_timeout = {lock_timeout} AS $fn$
-    #variable_conflict use_column
-    DECLARE
-        d text;
-        touched text[];
-        since timestamptz[];
-        owners text[];
-    BEGIN
-        FOR d IN SELECT DISTINCT x FROM unnest(p_devices) AS x ORDER BY x LOOP
-            PERFORM pg_advisory_xact_lock(hashtextextended('billing device ' || d, 0));
-        END LOOP;
-        WITH ins AS (
-            INSERT INTO {s}.device_events (message_id, device_id, kind, at, user_id, plan, rate)
-            SELECT * FROM unnest(p_ids, p_devices, p_kinds, p_ats, p_users, p_plans, p_rates)
-            ORDER BY 1
-            ON CONFLICT DO NOTHING RETURNING device_id, at
-        )
-        SELECT coalesce(array_agg(m.d ORDER BY m.d), '{{}}'),
-               coalesce(array_agg(coalesce(c.at, '-infinity') ORDER BY m.d), '{{}}')
-          INTO touched, since
-          FROM (SELECT ins.device_id AS d, min(ins.at) AS t FROM ins GROUP BY 1) m
-          LEFT JOIN LATERAL (
-               SELECT x.at FROM {s}.device_events x
-                WHERE x.device_id = m.d AND x.kind IN ('stop', 'delete') AND x.at < m.t
-                ORDER BY x.at DESC LIMIT 1) c ON true;
-        -- (LATERAL per device: an index lookup each, whatever the table's statistics say;
-        -- "device_id = ANY(array)" was planned as a scan of the whole table)
-        SELECT coalesce(array_agg(DISTINCT e.user_id ORDER BY e.user_id), '{{}}') INTO owners
-          FROM unnest(touched, since) AS t(d, w), LATERAL (
-               SELECT x.user_id FROM {s}.device_events x
-                WHERE x.device_id = t.d AND x.at >= t.w AND x.kind = 'start'
-                  AND x.user_id IS NOT NULL) e;
-        PERFORM pg_advisory_xact_lock_shared(hashtextextended('billing user ' || o, 0))
-           FROM unnest(owners) AS o ORDER BY o;
-        RETURN QUERY SELECT 'e'::text, e.device_id, e.message_id, e.kind, e.at,
-            NULL::timestamptz, e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
-          FROM unnest(touched, since) AS t(d, w),
-               LATERAL (SELECT * FROM {s}.device_events x
-                         WHERE x.device_id = t.d AND x.at >= t.w) e;
-        RETURN QUERY SELECT 'x'::text, e.device_id, e.message_id, e.kind, e.at,
-            NULL::timestamptz, e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
-          FROM unnest(touched, since) AS t(d, w),
-               LATERAL (SELECT * FROM {s}.device_events x
-                         WHERE x.device_id = t.d AND x.at < t.w
-                           AND x.kind IN ('start', 'update')
-                           AND (x.rate IS NOT NULL OR x.plan IS NOT NULL)
-                         ORDER BY x.at DESC, x.message_id COLLATE "C" DESC LIMIT 1) e;
-        RETURN QUERY SELECT 'd'::text, t.d, NULL::text, NULL::text, NULL::timestamptz,
-            NULL::timestamptz, NULL::text, NULL::text, NULL::numeric, NULL::numeric,
-            NULL::numeric
-          FROM unnest(touched, since) AS t(d, w)
-         WHERE EXISTS (SELECT 1 FROM {s}.device_events x
-                        WHERE x.device_id = t.d AND x.kind = 'delete' AND x.at < t.w);
-        RETURN QUERY SELECT 'p'::text, NULL::text, p.message_id, NULL::text, p.at,
-            NULL::timestamptz, p.user_id, p.plan, NULL::numeric, NULL::numeric, NULL::numeric
-          FROM unnest(owners) AS o(u),
-               LATERAL (SELECT * FROM {s}.user_plans x WHERE x.user_id = o.u) p;
-        RETURN QUERY SELECT 'r'::text, r.device_id, r.record_id, r.closed_by, r.started_at,
-            r.stopped_at, r.user_id, NULL::text, r.rate, r.duration_seconds, r.cost
-          FROM unnest(touched, since) AS t(d, w),
-               LATERAL (SELECT * FROM {s}.usage_records x
-                         WHERE x.device_id = t.d AND x.started_at >= t.w) r;
-    END
-    $fn$""",
-    # The write of a recompute: records out, records in, balances moved by the spend change.
-    f"""CREATE OR REPLACE FUNCTION {{s}}.billing_write(
-        p_deletes text[], p_ids text[], p_devices text[], p_users text[],
-        p_starts timestamptz[], p_stops timestamptz[], p_durations numeric[],
-        p_rates numeric[], p_costs numeric[], p_closed text[], p_initial numeric,
-        p_who text[], p_deltas numeric[]
-    ) RETURNS TABLE (user_id text, balance numeric, spent numeric)
-    LANGUAGE plpgsql SET lock_timeout = {{lock_timeout}} AS $fn$
-    #variable_conflict use_column
-    BEGIN
-        RETURN QUERY
-        WITH gone AS (DELETE FROM {{s}}.usage_records WHERE record_id = ANY(p_deletes)),
-        up AS (
-            INSERT INTO {{s}}.usage_records ({_RECORD_COLUMNS})
-            SELECT * FROM unnest(p_ids, p_devices, p_users, p_starts, p_stops, p_durations,
-                                 p_rates, p_costs, p_closed)
-            ON CONFLICT (record_id) DO UPDATE SET device_id = EXCLUDED.device_id,
-                user_id = EXCLUDED.user_id, started_at = EXCLUDED.started_at,
-                stopped_at = EXCLUDED.stopped_at, duration_seconds = EXCLUDED.duration_seconds,
-                rate = EXCLUDED.rate, cost = EXCLUDED.cost, closed_by = EXCLUDED.closed_by
-        )
-        INSERT INTO {{s}}.balances AS b (user_id, balance, spent)
-        SELECT u, p_initial - d, d FROM unnest(p_who, p_deltas) AS t(u, d) ORDER BY u
-        ON CONFLICT (user_id) DO UPDATE SET balance = b.balance - EXCLUDED.spent,
-            spent = b.spent + EXCLUDED.spent
-        RETURNING b.user_id, b.balance, b.spent;
-    END
-    $fn$""",
-    """CREATE TABLE IF NOT EXISTS {s}.balance_alerts (
-        user_id   text NOT NULL,
-        threshold numeric NOT NULL,
-        event_id  uuid NOT NULL,
-        balance   numeric(20, 6) NOT NULL,
-        PRIMARY KEY (user_id, threshold)
-    )""",
-)
-
+#: The files of ``sql/``, in the order they run: the tables, then the functions that read and
+#: write them. Each is one statement or a script of plain DDL, with ``{s}`` for the quoted
+#: schema and ``{lock_timeout}`` for the functions' lock wait (both substituted by psycopg, which
+#: reads any other brace as a placeholder too: an empty array is written ``ARRAY[]::text[]``).
+_SCRIPTS = ("tables.sql", "billing_state.sql", "billing_state_many.sql", "billing_write.sql")
 
 
 async def _execute(
@@ -266,9 +62,13 @@ def schema_ddl(schema: str, lock_timeout: float = 0.2) -> tuple[str, ...]:
     batches costs that long, not PostgreSQL's ``deadlock_timeout``."""
     s = sql.Identifier(check_name(schema, "CDC_BILLING_SCHEMA"))
     timeout = sql.Literal(f"{max(1, round(lock_timeout * 1000))}ms")
-    name = sql.Literal(schema)
-    return tuple(
-        render(sql.SQL(stmt).format(s=s, lock_timeout=timeout, schema_name=name)) for stmt in _DDL
+    scripts = resources.files("consumers.billing") / "sql"
+    return (
+        render(sql.SQL(CREATE_SCHEMA).format(s=s, schema_name=sql.Literal(schema))),
+        *(
+            render(sql.SQL(scripts.joinpath(name).read_text()).format(s=s, lock_timeout=timeout))
+            for name in _SCRIPTS
+        ),
     )
 
 

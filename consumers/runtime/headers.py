@@ -30,8 +30,10 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from consumers.runtime.policy import ATTEMPT_HEADER, DELIVERY_COUNT_HEADER
-
+#: Attempts already made, on the runtime's own copies (never the broker's ``x-death``).
+ATTEMPT_HEADER = "x-cdc-attempt"
+#: Set by quorum queues on a redelivery: deliveries that ended without an ack.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 ROUTING_KEY_HEADER = "x-cdc-routing-key"
 ORIGIN_QUEUE_HEADER = "x-cdc-origin-queue"
 ERROR_HEADER = "x-cdc-error"

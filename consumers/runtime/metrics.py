@@ -6,9 +6,12 @@ by the parking queue. No label carries a URL or a payload.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from cdc.service.metrics_server import process_registry
+from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item
 
 STATES = ("starting", "consuming", "reconnecting", "draining", "stopped")
 
@@ -101,3 +104,21 @@ class WorkerMetrics:
         """Make ``state`` the one current state."""
         for name in STATES:
             self.state.labels(worker=self.worker, state=name).set(1 if name == state else 0)
+
+    def count_batch(self, items: Sequence[Item]) -> None:
+        """Count a batch's outcomes: processed and duplicate messages by queue, the handler
+        time of each message that ran, the batch's size."""
+        w = self.worker
+        counts: dict[tuple[str, str], int] = {}
+        for item in items:
+            key = (item.queue, item.outcome or "")
+            counts[key] = counts.get(key, 0) + 1
+            if item.outcome in (DONE, FAILED):
+                self.handler_seconds.labels(worker=w, queue=item.queue).observe(item.seconds)
+        for (queue, outcome), n in counts.items():
+            if outcome == DONE:
+                self.processed.labels(worker=w, queue=queue).inc(n)
+            elif outcome == DUPLICATE:
+                self.duplicates.labels(worker=w, queue=queue).inc(n)
+        if items:
+            self.batch_size.labels(worker=w).observe(len(items))

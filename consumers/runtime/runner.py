@@ -5,16 +5,17 @@ split across the queues' consumers, see ``prefetch``) and a confirm-mode publish
 Deliveries land in a local buffer; one loop takes up to ``CDC_WORKER_BATCH_SIZE`` of them at a
 time and, in order:
 
-1. routes and validates each (``dispatch``): a rejected message is parked at once;
-2. runs the valid ones in one PostgreSQL transaction (``batch``): inbox claim, a savepoint
-   per handler, one commit;
-3. publishes the copies of the failed ones (retry TTL queue, or parking queue after the last
-   attempt) and waits for every confirm;
+1. routes and validates each (``intake``, ``dispatch``): a rejected message is parked at once;
+2. runs the valid ones in one PostgreSQL transaction (``batch``, on ``database``'s
+   connection): inbox claim, a savepoint per handler, one commit;
+3. decides each message's disposition (``policy.decide``: ack, retry later, park) and
+   publishes the copies it asks for (``copies``: retry TTL queue, or parking queue) and
+   waits for every confirm;
 4. acks the batch (``acks.AckTracker``): one ``basic.ack(multiple=True)`` on its last
    delivery tag when every earlier tag of the channel is settled, which is always the case
    for a plain worker (the buffer is in delivery order).
 
-A worker with ``outside`` effects (HTTP, SMTP; see ``spec``) is pipelined instead: every
+A worker with ``outside`` effects (HTTP, SMTP; see ``spec``) is pipelined (``outside``): every
 delivery is routed and its effects started as it arrives (the prefetch bounds how many),
 and whatever finished its effects is run in the next batch, copied if failed and acked,
 out of delivery order when a slow effect holds an earlier message (that one is acked on its
@@ -33,12 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import datetime as dt
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable
+from collections import deque
 from typing import Any
 
 import aiormq
@@ -48,32 +46,23 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from cdc.service.backoff import Backoff
 from cdc.service.session import run_sessions
 from consumers.config import ConsumerSettings
-from consumers.connect import open_broker, open_database, refused_by_broker
-from consumers.errors import (
-    BatchAborted,
-    BrokerLost,
-    PermanentError,
-    Refused,
-    Retry,
-    Unroutable,
-)
+from consumers.connect import open_broker, refused_by_broker
+from consumers.errors import BrokerLost, Unroutable
 from consumers.runtime import headers as hdr
-from consumers.runtime import inbox, topology
+from consumers.runtime import topology
 from consumers.runtime.acks import AckTracker
-from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item, run_batch
-from consumers.runtime.dispatch import Rejected, resolve
+from consumers.runtime.batch import FAILED, Item
+from consumers.runtime.copies import Copier, Handled
+from consumers.runtime.database import WorkerDatabase
+from consumers.runtime.intake import intake
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
-from consumers.runtime.policy import Park, after_failure, attempt_of
+from consumers.runtime.outside import OutsideEffects
+from consumers.runtime.policy import Ack, RetryRules, decide
 from consumers.runtime.prefetch import split_prefetch
-from consumers.runtime.republish import copy_properties, publish_confirmed
-from consumers.runtime.spec import Delivery, WorkerSpec
+from consumers.runtime.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
-
-#: A message to copy to a retry or parking queue: queue, message, delivery, kind, reason,
-#: and the least retry delay its failure asked for (``Retry.after``).
-_Copy = tuple[str, DeliveredMessage, Delivery, str, str, float]
 
 #: How long a batch shorter than CDC_WORKER_BATCH_SIZE waits for more messages (seconds).
 _LINGER = 0.005
@@ -101,6 +90,8 @@ class Runner:
         self._spec = spec
         self._metrics = metrics
         self.names = names_for(settings, spec)
+        self._rules = RetryRules(settings.worker_max_attempts, settings.worker_retry_delays)
+        self._copier = Copier(spec.name, self.names, metrics, settings.worker_confirm_timeout)
         self._prefetch = split_prefetch(settings.worker_prefetch, len(self.names.queues))
         metrics.start_at_zero(
             [name for name, _ in self.names.queues], self.names.parking_queue, list(hdr.KINDS)
@@ -109,20 +100,24 @@ class Runner:
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
         self._acks = AckTracker()
-        # Workers with effects outside the database: messages whose effects are running,
-        # and those done with them, waiting for a database batch.
-        self._running: set[asyncio.Task[None]] = set()
-        self._ready: deque[Item] = deque()
-        # Message ids in hand (effects running, or waiting for their batch), and copies of
-        # those ids that wait until the first one is settled: two copies of one event never
-        # send at the same time, and the later one then finds the first one's records.
-        self._in_hand: set[str] = set()
-        self._deferred: list[Item] = []
+        # Workers with effects outside the database: the messages between their delivery
+        # and their batch, and the task that commits and acks those done with their effects.
+        self._effects = (
+            None
+            if spec.outside is None
+            else OutsideEffects(
+                spec.outside,
+                lambda: Backoff(
+                    settings.worker_reconnect_min_delay, settings.worker_reconnect_max_delay
+                ),
+                self._stop,
+                self._wakeup,
+            )
+        )
         self._committer: asyncio.Task[None] | None = None
         self._committing = False
-        self._readied = asyncio.Event()
         self._lost: asyncio.Future[BaseException] | None = None
-        self._db: psycopg.AsyncConnection[Any] | None = None
+        self._db = WorkerDatabase(settings, spec, metrics)
         self._publisher: AbstractChannel | None = None
         self.state = "starting"
 
@@ -180,66 +175,15 @@ class Runner:
 
     async def close(self) -> None:
         """Release the database connection and the worker's own resources."""
-        if self._db is not None:
-            with contextlib.suppress(Exception):
-                await self._db.close()
-            self._db = None
+        await self._db.close()
         if self._spec.on_close is not None:
             await self._spec.on_close()
 
     # -- database ---------------------------------------------------------------------------
 
     async def _database(self) -> psycopg.AsyncConnection[Any]:
-        """The open connection, or a new one (schema applied), retrying with backoff."""
-        if self._db is not None and not self._db.closed and not self._db.broken:
-            return self._db
-        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
-        while True:
-            try:
-                conn = await open_database(
-                    self._s.dsn(),
-                    connect_timeout=10,
-                    application_name=f"cdc-worker:{self._spec.name}"[:63],
-                    # No server-side prepared statements: psycopg may prepare one inside a
-                    # pipelined batch that then fails, and later believe it exists ("prepared
-                    # statement _pg3_N does not exist"). Batches make planning a small cost.
-                    prepare_threshold=None,
-                )
-                await inbox.apply_schema(conn, self._s.worker_inbox_table, self._spec.schema)
-            except psycopg.errors.InsufficientPrivilege as exc:
-                raise Refused(f"the worker's database role lacks a privilege: {exc}") from exc
-            except psycopg.OperationalError as exc:
-                delay = backoff.next_delay()
-                self._metrics.reconnects.labels(worker=self._spec.name, side="database").inc()
-                log.warning("database unavailable: %s; retrying in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            self._db = conn
-            return conn
-
-    async def _run_in_database(self, items: list[Item]) -> None:
-        """Run ``items`` as one batch until it commits (a database outage waits it out)."""
-        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
-        while True:
-            conn = await self._database()
-            try:
-                await run_batch(
-                    conn,
-                    self._s.worker_inbox_table,
-                    self._spec.name,
-                    items,
-                    optimistic=self._spec.db_only,
-                )
-                return
-            except BatchAborted as exc:
-                if conn.broken or conn.closed:
-                    self._metrics.reconnects.labels(worker=self._spec.name, side="database").inc()
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                    self._db = None
-                delay = backoff.next_delay()
-                log.warning("%s; running the batch again in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
+        """The open database connection, or a new one once PostgreSQL answers."""
+        return await self._db.connection()
 
     # -- broker -----------------------------------------------------------------------------
 
@@ -258,12 +202,8 @@ class Runner:
         if self._committer is not None:
             self._committer.cancel()
             self._committer = None
-        for task in self._running:
-            task.cancel()
-        self._running.clear()
-        self._ready.clear()
-        self._in_hand.clear()
-        self._deferred.clear()
+        if self._effects is not None:
+            self._effects.clear()
         self._buffer.clear()
         self._acks.clear()
 
@@ -324,9 +264,9 @@ class Runner:
                     await channel.basic_cancel(tag)
                 log.info(
                     "consumers cancelled; finishing %d messages in hand",
-                    len(self._buffer) + len(self._running) + len(self._ready),
+                    len(self._buffer) + self._effects_in_hand(),
                 )
-            if self._spec.outside is not None:
+            if self._effects is not None:
                 # Start the effects of everything delivered (the prefetch bounds it); the
                 # committer task commits and acks whatever finished them, meanwhile.
                 if self._committer is None:
@@ -335,9 +275,7 @@ class Runner:
                     self._committer.result()  # its BrokerLost ends the session
                 while self._buffer:
                     await self._start_outside(self._take(self._buffer))
-                if stopping and not (
-                    self._running or self._ready or self._deferred or self._committing
-                ):
+                if stopping and not (self._effects.busy() or self._committing):
                     return
             elif self._buffer:
                 if len(self._buffer) < self._s.worker_batch_size and not stopping and not waited:
@@ -354,36 +292,19 @@ class Runner:
                 return
             await self._wakeup.wait()
 
-    async def _commit_loop(self) -> None:
-        """Commit and ack the messages whose outside effects are done, a batch at a time.
+    def _effects_in_hand(self) -> int:
+        effects = self._effects
+        return 0 if effects is None else len(effects.running) + len(effects.ready)
 
-        A batch waits up to ``_LINGER`` for more messages while effects are still running,
-        so a steady flow makes batches of several messages rather than one transaction each.
-        """
+    async def _commit_loop(self) -> None:
+        """Commit and ack the messages whose outside effects are done, a batch at a time."""
+        assert self._effects is not None
         while True:
-            if not self._ready:
-                self._readied.clear()
-                await self._readied.wait()
-                continue
-            deadline = time.monotonic() + _LINGER
-            while (
-                len(self._ready) < self._s.worker_batch_size
-                and self._running
-                and not self._stop.is_set()
-                and (left := deadline - time.monotonic()) > 0
-            ):
-                self._readied.clear()
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancel
-                # that ends the session when it coincides with the event being set.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(left):
-                        await self._readied.wait()
+            batch = await self._effects.next_batch(self._s.worker_batch_size, _LINGER)
             self._committing = True
             try:
-                await self._settle(self._take(self._ready), [])
-                if self._deferred:
-                    deferred, self._deferred = self._deferred, []
-                    await self._launch(deferred)  # those still in hand wait again
+                await self._settle(batch, [])
+                await self._effects.relaunch_deferred()
             finally:
                 self._committing = False
                 self._wakeup.set()  # the consume loop decides whether a stop is done
@@ -407,199 +328,51 @@ class Runner:
 
     # -- one batch --------------------------------------------------------------------------
 
-    def _intake(
-        self, batch: list[tuple[str, DeliveredMessage]]
-    ) -> tuple[list[Item], list[_Copy]]:
-        """Route and validate ``batch``: the valid items, and copies of the rejected ones."""
-        items: list[Item] = []
-        copies: list[_Copy] = []
-        for queue, message in batch:
-            props = message.header.properties
-            # Our own retry headers count only on our own copies (see headers.came_back).
-            trusted = hdr.came_back(message.exchange, queue, props.headers)
-            headers = hdr.own_headers(props.headers, trusted=trusted)
-            key = hdr.original_routing_key(headers, message.routing_key or "")
-            attempt = attempt_of(headers, redelivered=bool(message.redelivered))
-            delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
-            found = resolve(self._spec.routes, key, props.message_id, message.body)
-            if isinstance(found, Rejected):
-                copies.append((queue, message, delivery, found.kind, found.reason, 0.0))
-                continue
-            items.append(Item(delivery, found.route, found.payload, queue, message=message))
-        return items, copies
-
     async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
-        items, copies = self._intake(batch)
-        await self._settle(items, copies)
+        items, rejected = intake(self._spec.routes, self._rules, batch)
+        await self._settle(items, rejected)
 
     async def _start_outside(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
         """Start the worker's outside effects for ``batch``; rejected messages settle now."""
-        assert self._spec.outside is not None
-        items, copies = self._intake(batch)
+        assert self._effects is not None
+        items, rejected = intake(self._spec.routes, self._rules, batch)
+        if rejected:
+            await self._settle([], rejected)
+        await self._effects.launch(items)
+
+    async def _settle(self, items: list[Item], handled: list[Handled]) -> None:
+        """Commit ``items`` (those whose outside effects failed are not run), carry out the
+        disposition of each of them and of the ``handled`` ones (copies confirmed), then
+        ack all of them."""
+        if any(i.outcome != FAILED for i in items):
+            await self._db.run([i for i in items if i.outcome != FAILED])
+        self._metrics.count_batch(items)
+        rules = self._rules
+        handled += [
+            Handled(
+                i.queue,
+                i.message,
+                i.delivery,
+                decide(i.delivery.attempt, i.error if i.outcome == FAILED else None, rules),
+            )
+            for i in items
+        ]
+        copies = [h for h in handled if not isinstance(h.disposition, Ack)]
         if copies:
-            await self._settle([], copies)
-        await self._launch(items)
-
-    async def _launch(self, items: list[Item]) -> None:
-        """Start the outside effects of ``items``, deferring a second copy of an id in hand."""
-        go: list[Item] = []
-        for item in items:
-            if item.delivery.message_id in self._in_hand:
-                self._deferred.append(item)
-            else:
-                self._in_hand.add(item.delivery.message_id)
-                go.append(item)
-        if not go:
+            await asyncio.gather(*(self._copier.send(self._publisher, h) for h in copies))
+        if not handled:
             return
-        assert self._spec.outside is not None
-        items = go
-        backoff = Backoff(self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay)
-        while True:
-            try:
-                waits = await self._spec.outside([(i.delivery, i.payload) for i in items])
-                break
-            except Exception as exc:  # a read the effects need: wait it out, like a batch
-                if self._stop.is_set():
-                    # Not started: left unacked, they go back to the queue with the channel.
-                    log.warning("stopping: %d messages not started (%r)", len(items), exc)
-                    self._in_hand.difference_update(i.delivery.message_id for i in items)
-                    return
-                delay = backoff.next_delay()
-                log.warning("preparing a chunk failed: %r; again in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-        for item, wait in zip(items, waits, strict=True):
-            task = asyncio.create_task(self._outside_one(item, wait))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
-    async def _outside_one(self, item: Item, wait: Awaitable[Any]) -> None:
-        started = time.perf_counter()
+        if self._effects is not None:
+            self._effects.settled(items)
+        last = max(handled, key=lambda h: h.message.delivery_tag or 0)
         try:
-            item.delivery = dataclasses.replace(item.delivery, prepared=await wait)
-        except Exception as exc:
-            item.outcome, item.error = FAILED, exc
-        item.seconds = time.perf_counter() - started
-        self._ready.append(item)
-        self._readied.set()
-        self._wakeup.set()
-
-    async def _settle(self, items: list[Item], copies: list[_Copy]) -> None:
-        """Commit ``items`` (those whose outside effects failed are not run), publish the
-        copies of the failed and rejected ones, then ack all of them."""
-        failed_outside = [i for i in items if i.outcome == FAILED]
-        if len(failed_outside) < len(items):
-            await self._run_in_database([i for i in items if i.outcome != FAILED])
-        self._record(items)
-        for item in items:
-            if item.outcome == FAILED:
-                assert item.error is not None
-                kind = hdr.KIND_PERMANENT if isinstance(item.error, PermanentError) else ""
-                after = item.error.after if isinstance(item.error, Retry) else 0.0
-                copies.append((
-                    item.queue, item.message, item.delivery, kind, hdr.describe(item.error), after
-                ))
-        if copies:
-            await asyncio.gather(*(self._copy(*c) for c in copies))
-        settled = [(i.queue, i.message) for i in items] + [(c[0], c[1]) for c in copies]
-        if not settled:
-            return
-        self._in_hand.difference_update(i.delivery.message_id for i in items)
-        last = max(settled, key=lambda qm: qm[1].delivery_tag or 0)
-        try:
-            for tag, multiple in self._acks.settle(m.delivery_tag or 0 for _, m in settled):
-                await last[1].channel.basic_ack(tag, multiple=multiple)
+            for tag, multiple in self._acks.settle(h.message.delivery_tag or 0 for h in handled):
+                await last.message.channel.basic_ack(tag, multiple=multiple)
         except _AMQP_ERRORS as exc:
             raise BrokerLost(f"ack failed: {exc!r}") from exc
-        props = last[1].header.properties
+        props = last.message.header.properties
         committed = hdr.committed_at(props.headers, props.timestamp)
         if committed is not None:
-            self._metrics.event_age.labels(worker=self._spec.name, queue=last[0]).set(
+            self._metrics.event_age.labels(worker=self._spec.name, queue=last.queue).set(
                 max(0.0, time.time() - committed)
             )
-
-    def _record(self, items: list[Item]) -> None:
-        m, worker = self._metrics, self._spec.name
-        counts: Counter[tuple[str, str]] = Counter()
-        for item in items:
-            counts[(item.queue, item.outcome or "")] += 1
-            if item.outcome in (DONE, FAILED):
-                m.handler_seconds.labels(worker=worker, queue=item.queue).observe(item.seconds)
-        for (queue, outcome), n in counts.items():
-            if outcome == DONE:
-                m.processed.labels(worker=worker, queue=queue).inc(n)
-            elif outcome == DUPLICATE:
-                m.duplicates.labels(worker=worker, queue=queue).inc(n)
-        if items:
-            m.batch_size.labels(worker=worker).observe(len(items))
-
-    async def _copy(
-        self,
-        queue: str,
-        message: DeliveredMessage,
-        delivery: Delivery,
-        kind: str,
-        reason: str,
-        after: float = 0.0,
-    ) -> None:
-        """Publish the retry or parked copy of a failed/rejected message, confirmed."""
-        key, attempt = delivery.routing_key, delivery.attempt
-        channel = self._publisher
-        if channel is None:
-            raise BrokerLost("publishing channel is closed")
-        step = (
-            Park(attempt)
-            if kind and kind != hdr.KIND_PERMANENT
-            else after_failure(
-                attempt,
-                self._s.worker_max_attempts,
-                self._s.worker_retry_delays,
-                permanent=kind == hdr.KIND_PERMANENT,
-                at_least=after,
-            )
-        )
-        worker = self._spec.name
-        props = message.header.properties
-        if isinstance(step, Park):
-            kind = kind or hdr.KIND_EXHAUSTED
-            headers = hdr.parking_headers(
-                delivery.headers,
-                attempts=attempt,
-                routing_key=key,
-                origin_queue=queue,
-                kind=kind,
-                error=reason,
-                consumer=worker,
-                parked_at=dt.datetime.now(dt.UTC).isoformat(),
-            )
-            exchange, routing_key = "", self.names.parking_queue
-            counter = self._metrics.parked.labels(worker=worker, queue=queue, reason=kind)
-            log.warning(
-                "parking message",
-                extra={"id": props.message_id, "kind": kind, "attempt": attempt, "why": reason},
-            )
-        else:
-            retry = self.names.retry_queue_for(step.delay)
-            headers = hdr.retry_headers(
-                delivery.headers,
-                attempts=attempt,
-                routing_key=key,
-                origin_queue=queue,
-                retry_queue=retry.name,
-            )
-            exchange, routing_key = self.names.retry_exchange, queue
-            log.info(
-                "retrying message in %gs",
-                step.delay,
-                extra={"id": props.message_id, "attempt": attempt, "why": reason},
-            )
-            counter = self._metrics.retried.labels(worker=worker, queue=queue)
-        await publish_confirmed(
-            channel,
-            message.body,
-            exchange,
-            routing_key,
-            copy_properties(props, headers),
-            self._s.worker_confirm_timeout,
-        )
-        counter.inc()
-

@@ -31,12 +31,3 @@ def _match(pattern: tuple[str, ...], key: tuple[str, ...]) -> bool:
     if not key:
         return False
     return (head == "*" or head == key[0]) and _match(rest, key[1:])
-
-
-def validate_pattern(pattern: str) -> str:
-    """Return ``pattern`` or raise ValueError if it cannot be a topic binding key."""
-    if not pattern or len(pattern.encode()) > 255:
-        raise ValueError(f"topic pattern {pattern!r} must be 1-255 bytes")
-    if any(word == "" for word in pattern.split(".")):
-        raise ValueError(f"topic pattern {pattern!r} has an empty word (leading/double dot)")
-    return pattern

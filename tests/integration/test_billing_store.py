@@ -12,11 +12,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from billing_model import BillingModel, meter
 from billing_scenario import PRICING, delivery_order, expected, record_rows, scenario, to_metering
 from conftest import db_url
 from psycopg import sql
 
-from consumers.billing.metering import DeviceEvent, Ledger, PlanChange, balance_low_id, meter
+from consumers.billing.metering import DeviceEvent, PlanChange, balance_low_id
 from consumers.billing.store import BillingStore, schema_ddl
 
 pytestmark = pytest.mark.integration
@@ -268,7 +269,7 @@ async def test_windowed_sql_equals_the_full_recompute_after_every_batch(
 ):
     """The store reads only a window of each device's history; after every batch (random
     sizes, random order, duplicates) records, balances and alerts equal the full recompute's
-    (:class:`Ledger` without windows) of the events delivered so far."""
+    (:class:`BillingModel` without windows) of the events delivered so far."""
     url = db_url(pg_session_db)
     await _prepare(url, pg_schema)
     rng = random.Random(seed)
@@ -276,7 +277,7 @@ async def test_windowed_sql_equals_the_full_recompute_after_every_batch(
     order = events + rng.sample(events, 15)
     rng.shuffle(order)
     store = _store(pg_schema)
-    ledger = Ledger(PRICING, initial_balance=INITIAL, threshold=THRESHOLD)
+    ledger = BillingModel(PRICING, initial_balance=INITIAL, threshold=THRESHOLD)
     s = sql.Identifier(pg_schema)
     async with await psycopg.AsyncConnection.connect(url) as conn:
         while order:

@@ -1,6 +1,6 @@
 """Billing metering: pairing rules on real cases, and order tolerance as a property.
 
-The property: the worker's incremental algorithm (:class:`Ledger`, one event at a time,
+The property: the worker's incremental algorithm (:class:`BillingModel`, one event at a time,
 store once, recompute the device) ends in the same records and balances for every
 permutation of a set of events with any duplicates, and that state equals the one computed
 straight from the set (:func:`meter`).
@@ -14,13 +14,13 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from billing_model import BillingModel, meter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumers.billing.metering import (
     BALANCE_LOW_NAMESPACE,
     DeviceEvent,
-    Ledger,
     PlanChange,
     Pricing,
     balance_low_id,
@@ -28,7 +28,6 @@ from consumers.billing.metering import (
     device_records,
     diff_records,
     merge_diffs,
-    meter,
     seconds_between,
     select_window,
     session_cost,
@@ -193,7 +192,7 @@ def test_balance_low_id_fixed_vector():
 
 
 def test_ledger_alerts_once_when_the_balance_falls_below_the_threshold():
-    ledger = Ledger(PRICING, initial_balance=Decimal("5"), threshold=Decimal("3"))
+    ledger = BillingModel(PRICING, initial_balance=Decimal("5"), threshold=Decimal("3"))
     for e in [start("s1", 0, rate=Decimal("60")), stop("t1", 1), start("s2", 2), stop("t2", 3)]:
         ledger.apply(e)
     # the device's rate stays 60/h for s2 too: 2 minutes = 2.00, exactly at the threshold
@@ -263,7 +262,7 @@ def test_any_order_with_any_duplicates_gives_identical_records_and_balances(data
     )
     expected_records, expected_spent = meter(events, PRICING)
 
-    ledger = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    ledger = BillingModel(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
     for e in _deliver(events, order, dups):
         ledger.apply(e)
     assert ledger.records == expected_records
@@ -271,7 +270,7 @@ def test_any_order_with_any_duplicates_gives_identical_records_and_balances(data
     assert ledger.balances() == {u: Decimal("2") - s for u, s in sorted(expected_spent.items())}
 
     # In the natural order too (a second, independent run gives the same state).
-    in_order = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    in_order = BillingModel(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
     for e in sorted(events, key=lambda e: (e.at, e.message_id)):
         in_order.apply(e)
     assert in_order.records == ledger.records and in_order.spent == ledger.spent
@@ -301,7 +300,7 @@ def test_the_property_on_a_big_fixed_set(seed):
     for _ in range(3):
         shuffled = events + rng.sample(events, 50)
         rng.shuffle(shuffled)
-        ledger = Ledger(PRICING)
+        ledger = BillingModel(PRICING)
         for e in shuffled:
             ledger.apply(e)
         assert (ledger.records, ledger.spent) == expected
@@ -311,10 +310,10 @@ def test_the_property_on_a_big_fixed_set(seed):
 @settings(max_examples=200, deadline=None)
 @given(data=st.data(), events=event_sets())
 def test_batches_of_any_size_in_any_order_give_the_records_of_the_set(data, events):
-    """The batch path's model (``Ledger.apply_batch``): same records and spend as the set."""
+    """The batch path's model (``BillingModel.apply_batch``): same records and spend as the set."""
     delivered = _draw_delivery(data, events)
     size = data.draw(st.integers(1, 12), label="batch size")
-    ledger = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    ledger = BillingModel(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
     for i in range(0, len(delivered), size):
         ledger.apply_batch(delivered[i : i + size])
     assert (ledger.records, ledger.spent) == meter(events, PRICING)
@@ -337,7 +336,7 @@ def test_merged_diffs_sum_spend_per_user_and_drop_zero_sums():
 # -- the windowed recompute -------------------------------------------------------------------
 
 
-def _state(ledger: Ledger):
+def _state(ledger: BillingModel):
     return ledger.records, ledger.spent, ledger.alerts
 
 
@@ -349,15 +348,15 @@ def test_the_windowed_recompute_equals_the_full_one_after_every_delivery(data, e
     alerts of the full recompute, not only at the end."""
     delivered = _draw_delivery(data, events)
     size = data.draw(st.integers(1, 6), label="batch size")
-    full = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
-    windowed = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"),
+    full = BillingModel(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    windowed = BillingModel(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"),
                       windowed=True)
     for e in delivered:
         full.apply(e)
         windowed.apply(e)
         assert _state(windowed) == _state(full)
-    full_b = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
-    windowed_b = Ledger(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"),
+    full_b = BillingModel(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"))
+    windowed_b = BillingModel(PRICING, initial_balance=Decimal("2"), threshold=Decimal("1"),
                         windowed=True)
     for i in range(0, len(delivered), size):
         full_b.apply_batch(delivered[i : i + size])
@@ -381,7 +380,7 @@ def test_a_window_starts_at_the_last_close_and_carries_rate_and_end():
 def test_a_late_event_before_the_window_widens_it():
     """A start arriving late before a stop that was already the window's edge: the window
     moves back to the close before that start, and the record it makes appears."""
-    ledger = Ledger(PRICING, windowed=True)
+    ledger = BillingModel(PRICING, windowed=True)
     for e in [start("s1", 0), stop("t1", 10), stop("t2", 30), start("s3", 40), stop("t3", 50)]:
         ledger.apply(e)
     ledger.apply(start("s2", 20, rate=Decimal("6")))
@@ -398,7 +397,7 @@ def test_a_long_history_costs_a_window_not_the_history():
     for k in range(1000):
         history += [start(f"s{k}", 10 * k, rate=Decimal("2") if k == 0 else None),
                     stop(f"t{k}", 10 * k + 5)]
-    full, windowed = Ledger(PRICING), Ledger(PRICING, windowed=True)
+    full, windowed = BillingModel(PRICING), BillingModel(PRICING, windowed=True)
     for e in history:
         full.apply(e)
         windowed.apply(e)

@@ -1,17 +1,23 @@
-"""Attempt counting, the backoff ladder, broker names, and the headers of copies."""
+"""Attempt counting, the disposition of a message (ack, retry, park), broker names, and the
+headers of copies."""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from consumers.errors import ConfigError
+from consumers.errors import ConfigError, PermanentError, Retry
 from consumers.runtime import headers as hdr
+from consumers.runtime.dispatch import Rejected
 from consumers.runtime.names import build_names
 from consumers.runtime.policy import (
+    Ack,
     Park,
     RetryLater,
-    after_failure,
+    RetryRules,
     attempt_of,
+    decide,
     delay_label,
     delays_used,
 )
@@ -40,47 +46,105 @@ def test_attempt_is_counted_from_our_header_and_redeliveries(headers, attempt):
 
 
 DELAYS = (5.0, 10.0, 20.0)
+RULES = RetryRules(4, DELAYS)
+BOOM = RuntimeError("boom")  # any failure that is not PermanentError: retried
+WHY = "RuntimeError: boom"
+
+
+def test_a_handled_message_is_acked_with_no_copy():
+    """Success and duplicate (the batch leaves no error): ack, whatever the attempt."""
+    assert decide(1, None, RULES) == Ack()
+    assert decide(9, None, RULES) == Ack()
+    assert decide(1, None, RetryRules(1, ())) == Ack()
+
+
+@pytest.mark.parametrize("kind", [hdr.KIND_NO_MESSAGE_ID, hdr.KIND_NO_ROUTE, hdr.KIND_VALIDATION])
+@pytest.mark.parametrize("attempt", [1, 2, 4])
+def test_a_rejected_message_is_parked_at_once_with_its_kind(kind, attempt):
+    assert decide(attempt, Rejected(kind, "why not"), RULES) == Park(attempt, kind, "why not")
 
 
 def test_default_ladder_is_three_growing_retries_then_park():
-    steps = [after_failure(n, 4, DELAYS) for n in range(1, 5)]
-    assert steps == [RetryLater(5.0, 1), RetryLater(10.0, 2), RetryLater(20.0, 3), Park(4)]
+    steps = [decide(n, BOOM, RULES) for n in range(1, 5)]
+    assert steps == [
+        RetryLater(5.0, 1, WHY),
+        RetryLater(10.0, 2, WHY),
+        RetryLater(20.0, 3, WHY),
+        Park(4, hdr.KIND_EXHAUSTED, WHY),
+    ]
+
+
+def test_retry_is_an_ordinary_failure_and_its_message_is_the_reason():
+    assert decide(1, Retry("down"), RULES) == RetryLater(5.0, 1, "Retry: down")
+    assert decide(4, Retry("down"), RULES) == Park(4, hdr.KIND_EXHAUSTED, "Retry: down")
 
 
 def test_a_failure_that_names_its_duration_waits_a_long_enough_delay_in_use():
     """A dependency known to be down for 8 s (an open breaker): attempt 1 waits 10 s, not 5;
     for 25 s the longest delay in use (20 s); never shorter than the step's own delay, and
     the attempts still end in parking."""
-    assert after_failure(1, 4, DELAYS, at_least=8) == RetryLater(10.0, 1)
-    assert after_failure(1, 4, DELAYS, at_least=25) == RetryLater(20.0, 1)
-    assert after_failure(2, 4, DELAYS, at_least=3) == RetryLater(10.0, 2)
-    assert after_failure(4, 4, DELAYS, at_least=25) == Park(4)
+
+    def after(seconds: float) -> Retry:
+        return Retry("open", after=seconds)
+
+    why = "Retry: open"
+    assert decide(1, after(8), RULES) == RetryLater(10.0, 1, why)
+    assert decide(1, after(25), RULES) == RetryLater(20.0, 1, why)
+    assert decide(2, after(3), RULES) == RetryLater(10.0, 2, why)
+    assert decide(4, after(25), RULES) == Park(4, hdr.KIND_EXHAUSTED, why)
     # only delays that have a queue: with 2 attempts only 5 s is in use
-    assert after_failure(1, 2, DELAYS, at_least=25) == RetryLater(5.0, 1)
+    assert decide(1, after(25), RetryRules(2, DELAYS)) == RetryLater(5.0, 1, why)
 
 
 def test_permanent_failure_parks_at_once():
-    assert after_failure(1, 4, DELAYS, permanent=True) == Park(1)
+    failure = PermanentError("unknown plan")
+    expected = Park(1, hdr.KIND_PERMANENT, "PermanentError: unknown plan")
+    assert decide(1, failure, RULES) == expected
+    assert decide(4, failure, RULES) == Park(4, hdr.KIND_PERMANENT, expected.reason)
 
 
 def test_last_delay_repeats_and_extra_delays_are_unused():
-    assert [after_failure(n, 6, (1.0, 2.0)) for n in range(1, 7)] == [
-        RetryLater(1.0, 1),
-        RetryLater(2.0, 2),
-        RetryLater(2.0, 3),
-        RetryLater(2.0, 4),
-        RetryLater(2.0, 5),
-        Park(6),
+    rules = RetryRules(6, (1.0, 2.0))
+    assert [decide(n, BOOM, rules) for n in range(1, 7)] == [
+        RetryLater(1.0, 1, WHY),
+        RetryLater(2.0, 2, WHY),
+        RetryLater(2.0, 3, WHY),
+        RetryLater(2.0, 4, WHY),
+        RetryLater(2.0, 5, WHY),
+        Park(6, hdr.KIND_EXHAUSTED, WHY),
     ]
     assert delays_used(6, (1.0, 2.0)) == (1.0, 2.0)
     assert delays_used(2, DELAYS) == (5.0,)
     assert delays_used(1, DELAYS) == ()
-    assert after_failure(1, 1, DELAYS) == Park(1)
+    assert decide(1, BOOM, RetryRules(1, DELAYS)) == Park(1, hdr.KIND_EXHAUSTED, WHY)
+    assert decide(1, BOOM, RetryRules(4, ())) == Park(1, hdr.KIND_EXHAUSTED, WHY)
 
 
 def test_attempts_beyond_the_limit_park():
     # redeliveries after crashes can push the count past the limit
-    assert after_failure(9, 4, DELAYS) == Park(9)
+    assert decide(9, BOOM, RULES) == Park(9, hdr.KIND_EXHAUSTED, WHY)
+
+
+@given(
+    attempt=st.integers(1, 20),
+    max_attempts=st.integers(1, 10),
+    delays=st.lists(st.sampled_from([0.2, 1.0, 5.0, 30.0]), min_size=1, max_size=5),
+    after=st.sampled_from([0.0, 0.5, 3.0, 60.0]),
+)
+def test_an_ordinary_failure_retries_in_a_declared_queue_until_the_attempts_run_out(
+    attempt, max_attempts, delays, after
+):
+    """Every retry waits in a TTL queue the worker declares, at least its step's delay; the
+    last attempt and any later one park, as exhausted."""
+    rules = RetryRules(max_attempts, tuple(delays))
+    step = decide(attempt, Retry("x", after=after), rules)
+    if attempt >= max_attempts:
+        assert step == Park(attempt, hdr.KIND_EXHAUSTED, "Retry: x")
+    else:
+        assert isinstance(step, RetryLater)
+        assert step.attempts == attempt
+        assert step.delay in delays_used(max_attempts, rules.delays)
+        assert step.delay >= delays[min(attempt, len(delays)) - 1]
 
 
 def test_delay_labels_and_names():

@@ -1,0 +1,78 @@
+-- The batch form of billing_state, one round trip for a whole batch of device events: lock
+-- every device of the batch in one sorted order (two replicas' batches queue behind each
+-- other, never in a cycle), store the events once, then lock the owners of the devices that
+-- got a new event (shared, sorted) and return those devices' windows (metering.select_window):
+-- the events from the last stop/delete before the earliest new event on ('e'), the latest
+-- rate-carrying event before that ('x'), a delete before it ('d'), and the records that start
+-- in the window ('r'). Ties at equal times are broken by message id in byte order
+-- (COLLATE "C"), as Python compares them.
+CREATE OR REPLACE FUNCTION {s}.billing_state_many(
+    p_ids text[], p_devices text[], p_kinds text[], p_ats timestamptz[], p_users text[],
+    p_plans text[], p_rates numeric[]
+) RETURNS TABLE (tag text, device_id text, id text, kind text, at timestamptz,
+                 stopped_at timestamptz, user_id text, plan text, rate numeric,
+                 duration numeric, cost numeric)
+LANGUAGE plpgsql SET lock_timeout = {lock_timeout} AS $fn$
+#variable_conflict use_column
+DECLARE
+    d text;
+    touched text[];
+    since timestamptz[];
+    owners text[];
+BEGIN
+    FOR d IN SELECT DISTINCT x FROM unnest(p_devices) AS x ORDER BY x LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended('billing device ' || d, 0));
+    END LOOP;
+    WITH ins AS (
+        INSERT INTO {s}.device_events (message_id, device_id, kind, at, user_id, plan, rate)
+        SELECT * FROM unnest(p_ids, p_devices, p_kinds, p_ats, p_users, p_plans, p_rates)
+        ORDER BY 1
+        ON CONFLICT DO NOTHING RETURNING device_id, at
+    )
+    SELECT coalesce(array_agg(m.d ORDER BY m.d), ARRAY[]::text[]),
+           coalesce(array_agg(coalesce(c.at, '-infinity') ORDER BY m.d), ARRAY[]::timestamptz[])
+      INTO touched, since
+      FROM (SELECT ins.device_id AS d, min(ins.at) AS t FROM ins GROUP BY 1) m
+      LEFT JOIN LATERAL (
+           SELECT x.at FROM {s}.device_events x
+            WHERE x.device_id = m.d AND x.kind IN ('stop', 'delete') AND x.at < m.t
+            ORDER BY x.at DESC LIMIT 1) c ON true;
+    -- (LATERAL per device: an index lookup each, whatever the table's statistics say;
+    -- "device_id = ANY(array)" was planned as a scan of the whole table)
+    SELECT coalesce(array_agg(DISTINCT e.user_id ORDER BY e.user_id), ARRAY[]::text[]) INTO owners
+      FROM unnest(touched, since) AS t(d, w), LATERAL (
+           SELECT x.user_id FROM {s}.device_events x
+            WHERE x.device_id = t.d AND x.at >= t.w AND x.kind = 'start'
+              AND x.user_id IS NOT NULL) e;
+    PERFORM pg_advisory_xact_lock_shared(hashtextextended('billing user ' || o, 0))
+       FROM unnest(owners) AS o ORDER BY o;
+    RETURN QUERY SELECT 'e'::text, e.device_id, e.message_id, e.kind, e.at,
+        NULL::timestamptz, e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
+      FROM unnest(touched, since) AS t(d, w),
+           LATERAL (SELECT * FROM {s}.device_events x
+                     WHERE x.device_id = t.d AND x.at >= t.w) e;
+    RETURN QUERY SELECT 'x'::text, e.device_id, e.message_id, e.kind, e.at,
+        NULL::timestamptz, e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
+      FROM unnest(touched, since) AS t(d, w),
+           LATERAL (SELECT * FROM {s}.device_events x
+                     WHERE x.device_id = t.d AND x.at < t.w
+                       AND x.kind IN ('start', 'update')
+                       AND (x.rate IS NOT NULL OR x.plan IS NOT NULL)
+                     ORDER BY x.at DESC, x.message_id COLLATE "C" DESC LIMIT 1) e;
+    RETURN QUERY SELECT 'd'::text, t.d, NULL::text, NULL::text, NULL::timestamptz,
+        NULL::timestamptz, NULL::text, NULL::text, NULL::numeric, NULL::numeric,
+        NULL::numeric
+      FROM unnest(touched, since) AS t(d, w)
+     WHERE EXISTS (SELECT 1 FROM {s}.device_events x
+                    WHERE x.device_id = t.d AND x.kind = 'delete' AND x.at < t.w);
+    RETURN QUERY SELECT 'p'::text, NULL::text, p.message_id, NULL::text, p.at,
+        NULL::timestamptz, p.user_id, p.plan, NULL::numeric, NULL::numeric, NULL::numeric
+      FROM unnest(owners) AS o(u),
+           LATERAL (SELECT * FROM {s}.user_plans x WHERE x.user_id = o.u) p;
+    RETURN QUERY SELECT 'r'::text, r.device_id, r.record_id, r.closed_by, r.started_at,
+        r.stopped_at, r.user_id, NULL::text, r.rate, r.duration_seconds, r.cost
+      FROM unnest(touched, since) AS t(d, w),
+           LATERAL (SELECT * FROM {s}.usage_records x
+                     WHERE x.device_id = t.d AND x.started_at >= t.w) r;
+END
+$fn$;
