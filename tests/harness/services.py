@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 PG_IMAGE_DEFAULT = "postgres:15"
 RABBITMQ_IMAGE_DEFAULT = "rabbitmq:3-management"
