@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from harness import pgcluster
+from harness import pgcluster, services
 from harness.fakes import FakeServer, SmtpSink, WebhookReceiver, pg_message, self_signed
 from harness.postgres import create_role, drop_database, drop_role, pg_connect, sweep_postgres
 from harness.rabbitmq import (
@@ -65,7 +65,23 @@ from harness.workers import Domain, Ledger
 from psycopg import sql
 
 
+def _xdist_controller(config: pytest.Config) -> bool:
+    """True in the process that hands tests to pytest-xdist workers and runs none itself."""
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", 0))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Local services are one broker for all: a worker stopping its application or raising
+    # its memory alarm would break the tests other workers run at the same moment.
+    if _xdist_controller(config) and services.decide()[0] == "local":
+        raise pytest.UsageError(
+            "the local test services are shared: run them without pytest-xdist (-n 0)"
+        )
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
+    if _xdist_controller(session.config):
+        return  # each worker starts (and describes) its own services
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(session_services().describe())
