@@ -91,8 +91,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     close_services()
 
 
-
-
 @pytest.fixture
 def pg_schema(pg_session_db: str) -> Iterator[str]:
     """A fresh schema ``cdc_test_<tag>`` in the session database, dropped (CASCADE) at the end."""
@@ -137,8 +135,6 @@ def smtp_sink() -> Iterator[SmtpSink]:
         yield s
     finally:
         s.close()
-
-
 
 
 @pytest.fixture(scope="session")
@@ -443,8 +439,6 @@ def rabbit_vhost() -> Iterator[tuple[str, str]]:
         with contextlib.suppress(RuntimeError):
             wait_amqp_ready(timeout=120)
         rabbitmqctl("delete_vhost", name)
-
-
 
 
 @pytest.fixture

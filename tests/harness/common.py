@@ -19,8 +19,6 @@ LSN_RE = re.compile(r"^([0-9A-F]{1,8})/([0-9A-F]{1,8})$")
 SNAPSHOT_RE = re.compile(r"^\d+:\d+:(\d+(,\d+)*)?$")
 
 
-
-
 def parse_lsn(text: str) -> int:
     """``'16/B374D848'`` -> int (tests keep their own copy; they do not trust cdc.lsn)."""
     m = LSN_RE.match(text.strip().upper())

@@ -187,7 +187,6 @@ class Relay:
         return time.monotonic() - t0
 
 
-
 def tool(name: str) -> str | None:
     """An executable on PATH or in the venv (``make install`` unpacks Debian's Prometheus
     tools there: scripts/fetch-prometheus.sh)."""

@@ -23,8 +23,8 @@ import aio_pika
 import aiormq
 import pytest
 
-from harness.common import parse_lsn, plain, run_async_in_thread, wait_for
-from harness.session import session_services
+from harness.common import Teardown, parse_lsn, plain, run_async_in_thread, wait_for
+from harness.session import SESSION, session_services
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,3 +422,61 @@ def ensure_rabbitmq_prometheus() -> str:
 
 def rabbitmqctl(*args: str) -> None:
     session_services().rabbitmqctl(*args, timeout=120, check=True)
+
+
+class SinkQueues:
+    """One test's broker names (exchange, parking queue, sink queue and extra queues bound to
+    the exchange) and helpers over them; ``delete(teardown)`` removes them all.
+    ``diagnostics()`` adds to a timeout's message what the processes under test logged."""
+
+    def __init__(self, broker: Broker, tag: str, diagnostics: Callable[[], str]) -> None:
+        self.broker = broker
+        self.exchange = f"cdc_test.{SESSION}.{tag}"
+        self.parking_queue = f"{self.exchange}.parked"
+        self.sink_queue = f"{self.exchange}.sink"
+        self.extra_queues: list[str] = []
+        self.diagnostics = diagnostics
+
+    def declare_sink(self, keys: Iterable[str] = ("#",)) -> None:
+        """The exchange (as the relay declares it) and the durable classic sink queue."""
+        self.broker.declare_exchange(self.exchange)
+        self.broker.declare_queue(self.sink_queue, self.exchange, keys)
+
+    def declare_queue(self, suffix: str, keys: Iterable[str]) -> str:
+        name = f"{self.exchange}.{suffix}"
+        self.extra_queues.append(name)
+        self.broker.declare_queue(name, self.exchange, keys)
+        return name
+
+    def drain(self, expected: int | None = None, queue: str | None = None, **kw: Any) -> list[Msg]:
+        return self.broker.drain(queue or self.sink_queue, expected, **kw)
+
+    def sink_count(self) -> int:
+        n = self.broker.queue_count(self.sink_queue)
+        assert n is not None, f"sink queue {self.sink_queue} vanished"
+        return n
+
+    def wait_sink_count(self, n: int, timeout: float = 60.0, queue: str | None = None) -> int:
+        q = queue or self.sink_queue
+
+        def got() -> int | None:
+            c = self.broker.queue_count(q)
+            return c if c is not None and c >= n else None
+
+        return int(
+            wait_for(
+                got,
+                timeout,
+                lambda: (
+                    f"{n} messages in {q} (has {self.broker.queue_count(q)})\n{self.diagnostics()}"
+                ),
+                interval=0.1,
+            )
+        )
+
+    def delete(self, t: Teardown) -> None:
+        """Delete the queues and the exchange; each step's failure is recorded in ``t``."""
+        for q in [self.sink_queue, self.parking_queue, *self.extra_queues]:
+            t.step(f"delete queue {q}", lambda q=q: self.broker.delete_queue(q))
+        exchange = self.exchange
+        t.step(f"delete exchange {exchange}", lambda: self.broker.delete_exchange(exchange))

@@ -177,8 +177,6 @@ class Domain:
         return t.errors
 
 
-
-
 class Ledger(SqlAccess):
     """Names and helpers for one test of the worker runtime with ``tests.workers.ledger``.
 
