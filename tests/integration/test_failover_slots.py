@@ -110,7 +110,8 @@ def test_pg15_status_says_there_are_no_failover_slots(pg_clusters):
 def test_clusters_of_a_killed_run_are_swept():
     """A test run killed with -9 leaves a running server; the next fixture start removes it."""
     code = (
-        "import sys, time, pgcluster\n"
+        "import sys, time\n"
+        "from harness import pgcluster\n"
         "c = pgcluster.start_cluster(18, standby=False)\n"
         "print(c.base, c.primary.port, flush=True)\n"
         "time.sleep(600)\n"
