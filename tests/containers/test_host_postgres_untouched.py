@@ -13,7 +13,7 @@ import os
 
 import psycopg
 import pytest
-from conftest import SERVICES
+from harness.session import SERVICES
 
 pytestmark = pytest.mark.skipif(
     SERVICES.mode != "containers" or not os.environ.get("CDC_TEST_HOST_PG_BEFORE"),

@@ -20,8 +20,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import services
-from conftest import REPO, SERVICES, free_port, wait_for
+from harness import services
+from harness.common import free_port, wait_for
+from harness.session import REPO, SERVICES
 from psycopg import sql
 
 from consumers.notifications.store import schema_ddl

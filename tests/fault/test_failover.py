@@ -31,7 +31,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import wait_for
+from harness.common import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -82,7 +82,7 @@ class Writers:
             return len(self.committed)
 
     def _run(self, writer: int) -> None:
-        from conftest import insert_rows, new_event
+        from harness.rows import insert_rows, new_event
 
         conn: psycopg.Connection[Any] | None = None
         while not self._halt.is_set():

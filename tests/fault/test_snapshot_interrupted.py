@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from conftest import Relay
+from harness.processes import Relay
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

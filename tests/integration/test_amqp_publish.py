@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiormq
 import pytest
-from conftest import AMQP_URL
+from harness.session import AMQP_URL
 
 from cdc import amqp_frames as wire
 from cdc.errors import RefusedError, SinkError

@@ -12,9 +12,16 @@ from typing import Any
 
 import psycopg
 import pytest
-from billing_model import BillingModel, meter
-from billing_scenario import PRICING, delivery_order, expected, record_rows, scenario, to_metering
-from conftest import db_url
+from harness.billing_model import BillingModel, meter
+from harness.billing_scenario import (
+    PRICING,
+    delivery_order,
+    expected,
+    record_rows,
+    scenario,
+    to_metering,
+)
+from harness.session import db_url
 from psycopg import sql
 
 from consumers.billing.metering import DeviceEvent, PlanChange, balance_low_id

@@ -9,7 +9,7 @@ import json
 from decimal import Decimal
 
 import pytest
-from billing_scenario import PRICING, delivery_order, expected, record_rows, scenario
+from harness.billing_scenario import PRICING, delivery_order, expected, record_rows, scenario
 from psycopg import sql
 
 from consumers.billing.metering import balance_low_id
@@ -97,9 +97,9 @@ def test_a_payload_without_device_id_is_parked_and_nothing_is_billed(env, domain
     def parked() -> int:
         return domain.env.broker.queue_count(parking) or 0
 
-    import conftest
+    from harness.common import wait_for
 
-    conftest.wait_for(lambda: parked() >= 2, 30, lambda: f"2 parked\n{domain.tails()}")
+    wait_for(lambda: parked() >= 2, 30, lambda: f"2 parked\n{domain.tails()}")
     assert env.sql(sql.SQL("SELECT count(*) FROM {}").format(
         domain.table("device_events")))[0][0] == 0
 
@@ -109,7 +109,7 @@ def test_a_backlog_in_batches_with_duplicates_and_a_bad_event_mid_batch(env, dom
     duplicates and one event that fails in the handler in the middle of it. The failing
     batch runs again event by event: the bad event alone is parked, the rest is exact."""
     import aio_pika
-    import conftest
+    from harness.common import wait_for
 
     env.setup()
     options = dict(_pricing(), worker_batch_size=60, worker_prefetch=300)
@@ -136,7 +136,7 @@ def test_a_backlog_in_batches_with_duplicates_and_a_bad_event_mid_batch(env, dom
     domain.publish([(e.routing_key, e.message_id, e.payload) for e in order[half:]])
     w = domain.start("billing", **options)
     domain.wait_inbox("billing", len(events))
-    conftest.wait_for(lambda: sum(n or 0 for n in domain.parked().values()) >= 1, 30,
+    wait_for(lambda: sum(n or 0 for n in domain.parked().values()) >= 1, 30,
                       lambda: f"the bad event parked\n{domain.tails()}")
 
     _assert_tables_of_the_set(env, domain, events)

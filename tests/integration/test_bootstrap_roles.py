@@ -13,7 +13,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import ADMIN_URL, Env, db_url, insert_rows, pg_connect, role_url
+from harness.postgres import pg_connect
+from harness.relay import Env
+from harness.rows import insert_rows
+from harness.session import ADMIN_URL, db_url, role_url
 
 SQL = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "sql"
 PASSWORDS = {

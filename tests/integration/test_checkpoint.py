@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import insert_rows
+from harness.rows import insert_rows
 from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -16,7 +16,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import ADMIN_URL, broker_url, db_url
+from harness.session import ADMIN_URL, broker_url, db_url
 from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

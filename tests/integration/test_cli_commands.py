@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from harness.session import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AMQP_URL, broker_url, db_url, free_port
+from harness.common import free_port
+from harness.session import AMQP_URL, broker_url, db_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

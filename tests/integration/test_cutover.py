@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Relay
+from harness.processes import Relay
 from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -1,4 +1,4 @@
-"""Failover slots on real primary+standby clusters (tests/pgcluster.py): PostgreSQL 18 and 15.
+"""Failover slots on real primary+standby clusters (harness/pgcluster.py): PostgreSQL 18 and 15.
 
 On 18 `cdc setup` makes a failover slot, the standby's slot sync worker copies it, and
 `cdc status --standby-url` says "ready" only once that copy is synced and persistent (a
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pgcluster
 import psycopg
 import pytest
-from conftest import free_port
+from harness import pgcluster
+from harness.common import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -110,7 +110,8 @@ def test_pg15_status_says_there_are_no_failover_slots(pg_clusters):
 def test_clusters_of_a_killed_run_are_swept():
     """A test run killed with -9 leaves a running server; the next fixture start removes it."""
     code = (
-        "import sys, time, pgcluster\n"
+        "import sys, time\n"
+        "from harness import pgcluster\n"
         "c = pgcluster.start_cluster(18, standby=False)\n"
         "print(c.base, c.primary.port, flush=True)\n"
         "time.sleep(600)\n"

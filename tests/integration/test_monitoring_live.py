@@ -28,20 +28,15 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from conftest import (
-    Daemon,
-    Domain,
-    Env,
-    Prometheus,
-    Relay,
-    ensure_rabbitmq_prometheus,
-    free_port,
-    insert_rows,
-    pg_connect,
-    tool,
-    wait_for,
-)
-from promql import selectors
+from harness.common import free_port, wait_for
+from harness.monitoring import Prometheus
+from harness.postgres import pg_connect
+from harness.processes import Daemon, Relay, tool
+from harness.promql import selectors
+from harness.rabbitmq import ensure_rabbitmq_prometheus
+from harness.relay import Env
+from harness.rows import insert_rows
+from harness.workers import Domain
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus"

@@ -12,7 +12,8 @@ import subprocess
 import threading
 
 import pytest
-from conftest import WebhookReceiver, free_port
+from harness.common import free_port
+from harness.fakes import WebhookReceiver
 
 from consumers.errors import PermanentError, Retry
 from consumers.notifications.channels import (

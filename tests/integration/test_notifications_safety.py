@@ -13,7 +13,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from conftest import SmtpSink, WebhookReceiver, wait_for
+from harness.common import wait_for
+from harness.fakes import SmtpSink, WebhookReceiver
 from psycopg import sql
 
 from consumers.notifications.signing import idempotency_key

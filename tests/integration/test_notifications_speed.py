@@ -9,7 +9,8 @@ import time
 import uuid
 
 import pytest
-from conftest import WebhookReceiver, wait_for
+from harness.common import wait_for
+from harness.fakes import WebhookReceiver
 from psycopg import sql
 
 from consumers.notifications.signing import idempotency_key

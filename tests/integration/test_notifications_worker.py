@@ -16,7 +16,7 @@ import json
 import uuid
 
 import pytest
-from conftest import wait_for
+from harness.common import wait_for
 from psycopg import sql
 
 from consumers.notifications.signing import idempotency_key

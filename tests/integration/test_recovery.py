@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import insert_rows
+from harness.rows import insert_rows
 from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

@@ -9,7 +9,8 @@ import datetime as dt
 from decimal import Decimal
 
 import pytest
-from conftest import new_event, wait_for
+from harness.common import wait_for
+from harness.rows import new_event
 from psycopg import sql
 
 from consumers.billing.metering import balance_low_id

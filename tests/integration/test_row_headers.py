@@ -15,7 +15,8 @@ import datetime as dt
 import uuid
 
 import pytest
-from conftest import new_event, wait_for
+from harness.common import wait_for
+from harness.rows import new_event
 from psycopg import sql
 
 pytestmark = pytest.mark.integration

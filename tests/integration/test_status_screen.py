@@ -17,7 +17,8 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, free_port
+from harness.common import free_port
+from harness.session import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
+from harness.promql import Selector, label_values_query, selectors
 from prometheus_client import CollectorRegistry
-from promql import Selector, label_values_query, selectors
 
 from cdc import metrics as relay_metrics
 

@@ -14,7 +14,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from billing_model import BillingModel, meter
+from harness.billing_model import BillingModel, meter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

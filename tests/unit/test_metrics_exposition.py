@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from conftest import parse_metrics
+from harness.common import parse_metrics
 from prometheus_client import generate_latest
 
 from cdc import __version__

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import db_url
+from harness.session import db_url
 from psycopg import sql
 from pydantic import BaseModel
 

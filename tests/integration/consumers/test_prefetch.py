@@ -8,7 +8,8 @@ import threading
 import time
 
 import pytest
-from conftest import SERVICES, unacked_messages
+from harness.rabbitmq import unacked_messages
+from harness.session import SERVICES
 
 pytestmark = [
     pytest.mark.integration,

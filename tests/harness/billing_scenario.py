@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from billing_model import meter
-
 from consumers.billing.metering import DeviceEvent, PlanChange, Pricing, UsageRecord
+from harness.billing_model import meter
 
 T0 = dt.datetime(2025, 10, 30, 5, 0, tzinfo=dt.UTC)
 PRICING = Pricing({"basic": Decimal("30"), "pro": Decimal("90")}, Decimal("60"))

@@ -17,7 +17,7 @@ the primary, so failover logical slots are synchronized to it.
 Also a command line, used by ``make test`` to run the relay's tests against a second
 server version::
 
-    python tests/pgcluster.py run 18 -- CMD ARGS...
+    python tests/harness/pgcluster.py run 18 -- CMD ARGS...
 
 starts one server, runs CMD with ``CDC_TEST_PG_URL`` pointing at it (and
 ``CDC_TEST_PG_VERSION``, the default version of clusters the tests start themselves), stops
@@ -238,7 +238,7 @@ class PgCluster:
         primary = self.primary
         upstream_port = primary.port
         if via_proxy:
-            from tcp_proxy import TcpProxy
+            from harness.tcp_proxy import TcpProxy
 
             self.proxy = TcpProxy(upstream_port=primary.port).start()
             upstream_port = self.proxy.port
@@ -415,7 +415,8 @@ def main(argv: Sequence[str]) -> int:
     """``run VERSION -- CMD...``: see the module docstring."""
     args = list(argv)
     if len(args) < 4 or args[0] != "run" or args[2] != "--" or not args[1].isdigit():
-        print("usage: python tests/pgcluster.py run VERSION -- CMD [ARGS...]", file=sys.stderr)
+        usage = "usage: python tests/harness/pgcluster.py run VERSION -- CMD [ARGS...]"
+        print(usage, file=sys.stderr)
         return 2
     return _run_with_server(int(args[1]), args[3:])
 

@@ -4,11 +4,14 @@
 
 - ``containers``: one PostgreSQL (``wal_level=logical``) and one RabbitMQ container per test
   session, started through testcontainers on the Docker API in ``DOCKER_HOST`` (or Docker's
-  default socket) and removed when the session ends, whatever happened;
+  default socket) and removed when the session ends, whatever happened. Under pytest-xdist
+  each worker process is a session with containers of its own, so a test that stops the
+  broker or raises its memory alarm affects only its own worker's;
 - ``local``: the servers on 127.0.0.1 (PostgreSQL 5432 as ``postgres``, trust; RabbitMQ 5672
   guest/guest), or ``CDC_TEST_PG_URL`` / ``CDC_TEST_AMQP_URL``. The tests never reconfigure
   or restart them: they must already run with ``wal_level=logical`` and
-  ``max_prepared_transactions`` > 0;
+  ``max_prepared_transactions`` > 0. Some tests stop that broker's application or raise its
+  memory alarm, so the session refuses pytest-xdist workers (``-n``) here;
 - unset: ``containers`` when a Docker API answers, else ``local``. Setting
   ``CDC_TEST_PG_URL`` or ``CDC_TEST_AMQP_URL`` means ``local``.
 
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 PG_IMAGE_DEFAULT = "postgres:15"
 RABBITMQ_IMAGE_DEFAULT = "rabbitmq:3-management"
@@ -196,17 +199,25 @@ def _wait_broker(mq: Any, timeout: float = 120) -> None:
         time.sleep(1)
 
 
-def choose() -> Services:
-    """Decide (see the module docstring) and provide the session's services."""
+def decide() -> tuple[str, str]:
+    """``("containers" | "local", why)`` as the module docstring says, starting nothing."""
     wanted = os.environ.get("CDC_TEST_SERVICES", "").strip().lower()
     explicit_urls = "CDC_TEST_PG_URL" in os.environ or "CDC_TEST_AMQP_URL" in os.environ
     if wanted not in ("", "local", "containers"):
         raise ServicesError(f"CDC_TEST_SERVICES={wanted!r}: use 'containers' or 'local'")
     if wanted == "containers" or (not wanted and not explicit_urls and docker_api_answers()):
-        return _start_containers()
+        return "containers", ""
     why = "CDC_TEST_SERVICES=local" if wanted else "no Docker API answers"
     if explicit_urls and not wanted:
         why = "CDC_TEST_PG_URL/CDC_TEST_AMQP_URL set"
+    return "local", why
+
+
+def choose() -> Services:
+    """Decide (see the module docstring) and provide the session's services."""
+    mode, why = decide()
+    if mode == "containers":
+        return _start_containers()
     return Services(
         "local",
         os.environ.get("CDC_TEST_PG_URL", LOCAL_PG_URL),
