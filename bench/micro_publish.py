@@ -27,8 +27,8 @@ from typing import Any
 
 from pamqp import body, commands, frame, header
 
-from cdc import amqp_frames as wire
 from cdc.shell.broker import ConfirmChannel
+from cdc.wire import amqp as wire
 
 EXCHANGE, KEY = "cdc.events", "device.started"
 BODY = b'{"device": "d-0001", "state": "started", "seq": 123456}'
@@ -72,7 +72,7 @@ def _ack(tag: int, multiple: bool) -> bytes:
 
 
 def ours(n: int) -> bytes:
-    """One batch of ``n`` publishes encoded by :mod:`cdc.amqp_frames`."""
+    """One batch of ``n`` publishes encoded by :mod:`cdc.wire.amqp`."""
     out = []
     for i in range(n):
         props = wire.properties_block(message_id=f"m-{i}", **PROPS)

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from cdc import __version__, slot_guard
+from cdc import __version__
 from cdc.config import RelaySettings
 from cdc.errors import (
     CdcError,
@@ -42,6 +42,7 @@ from cdc.service.cli import (
     run_fast,
 )
 from cdc.service.logs import configure
+from cdc.shell import slot_guard
 
 log = logging.getLogger("cdc")
 
@@ -205,10 +206,10 @@ def _settings(args: argparse.Namespace) -> RelaySettings | None:
 
 
 def _run_relay(settings: RelaySettings) -> int:
-    from cdc import maintenance
-    from cdc.metrics import Metrics
-    from cdc.relay import Relay
     from cdc.service.metrics_server import serve
+    from cdc.shell import maintenance
+    from cdc.shell.metrics import Metrics
+    from cdc.shell.relay import Relay
 
     async def main() -> int:
         metrics = Metrics()
@@ -231,7 +232,7 @@ def _run_relay(settings: RelaySettings) -> int:
 
 
 def _status(settings: RelaySettings, args: argparse.Namespace) -> int:
-    from cdc import status_probe
+    from cdc.shell import status_probe
 
     while True:
         now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -254,7 +255,7 @@ def _status(settings: RelaySettings, args: argparse.Namespace) -> int:
 
 
 def _show(doc: dict[str, Any], heading: str, args: argparse.Namespace) -> None:
-    from cdc import status_report
+    from cdc.core import status_report
 
     if args.json:
         print(orjson.dumps(doc).decode(), flush=True)
@@ -265,7 +266,7 @@ def _show(doc: dict[str, Any], heading: str, args: argparse.Namespace) -> None:
 
 
 def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
-    from cdc import privileges
+    from cdc.shell import privileges
 
     if args.check:
         return print_findings(privileges.check(settings))
@@ -280,8 +281,8 @@ def _setup(settings: RelaySettings, args: argparse.Namespace) -> int:
 def _setup_lines(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
     if args.backfill is None:
         return slot_guard.setup(settings)
-    from cdc import backfill
-    from cdc.horizon import parse_backfill
+    from cdc.core.horizon import parse_backfill
+    from cdc.shell import backfill
 
     try:
         mode, since = parse_backfill(args.backfill)
@@ -291,8 +292,8 @@ def _setup_lines(args: argparse.Namespace, settings: RelaySettings) -> list[str]
 
 
 def _prune(args: argparse.Namespace, settings: RelaySettings) -> list[str]:
-    from cdc.durations import parse_duration
-    from cdc.prune import prune
+    from cdc.core.durations import parse_duration
+    from cdc.shell.prune import prune
 
     text = args.older_than or settings.prune_older_than
     if not text:
@@ -309,7 +310,7 @@ def _dispatch(args: argparse.Namespace, settings: RelaySettings) -> int:
         return _setup(settings, args)
     if args.command in ("recover", "prune"):
         if args.command == "recover":
-            from cdc.recovery import recover
+            from cdc.shell.recovery import recover
 
             lines = recover(settings)
         else:

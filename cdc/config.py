@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cdc.durations import parse_duration
+from cdc.core.durations import parse_duration
 from cdc.service.settings import (
     DEFAULT_EXCHANGE,
     CdcSettings,
@@ -23,7 +23,7 @@ from cdc.service.settings import (
     check_identifier,
     check_table,
 )
-from cdc.urls import check_host
+from cdc.service.urls import check_host
 
 #: The relay's parking queue (the exchange is ``cdc.service.settings.DEFAULT_EXCHANGE``).
 DEFAULT_PARKING_QUEUE = "cdc.outbox.parked"

@@ -33,8 +33,8 @@ class ProtocolError(CdcError):
     def __init__(self, message: str, *, offset: int, lsn: int | None = None) -> None:
         where = f"at byte offset {offset}"
         if lsn is not None:
-            # PostgreSQL's X/Y form, as cdc.lsn.format_lsn writes it: written out here
-            # because cdc.lsn imports this module (its parse errors are ConfigErrors).
+            # PostgreSQL's X/Y form, as cdc.core.lsn.format_lsn writes it: written out here
+            # because cdc.core.lsn imports this module (its parse errors are ConfigErrors).
             where += f" of the message at LSN {lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
         super().__init__(f"{message} ({where})")
         self.offset = offset

@@ -25,7 +25,7 @@ from cdc.service.settings import (
     check_backoff,
     check_table,
 )
-from cdc.urls import check_host
+from cdc.service.urls import check_host
 
 DEFAULT_INBOX_TABLE = "public.consumer_inbox"
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, NamedTuple, TypeAlias, TypeVar
 
-from cdc.outbox import Malformed, OutboxEvent
-from cdc.watermark import Txn
+from cdc.core.outbox import Malformed, OutboxEvent
+from cdc.core.watermark import Txn
 
 F = TypeVar("F")  # the encoded frames of a publish, kept to publish it again
 T = TypeVar("T")  # the caller's token, handed back when the publish settles

@@ -34,7 +34,7 @@ from pydantic_settings import (
 
 from cdc.errors import ConfigError
 from cdc.service.logs import redact
-from cdc.urls import AmqpUrl, amqp_address, parse_dsn, url_has_password
+from cdc.service.urls import AmqpUrl, amqp_address, parse_dsn, url_has_password
 
 PREFIX = "CDC_"
 FILE_SUFFIX = "_FILE"

@@ -10,11 +10,11 @@ decides.
 Contract:
 
 * :meth:`ConfirmChannel.connect` opens the connection to an already parsed and checked
-  broker address (:class:`~cdc.urls.AmqpUrl`; PLAIN auth, heartbeats, ``amqps`` with the
+  broker address (:class:`~cdc.service.urls.AmqpUrl`; PLAIN auth, heartbeats, ``amqps`` with the
   default TLS checks), opens channel 1 and puts it in confirm mode. Any failure raises
   :class:`~cdc.errors.SinkError`.
 * :meth:`ConfirmChannel.publish` takes the encoded frames of one mandatory publish
-  (:func:`cdc.amqp_frames.publish_frames`) and an opaque ``token``. Frames go out in call
+  (:func:`cdc.wire.amqp.publish_frames`) and an opaque ``token``. Frames go out in call
   order on the one channel. For every publish exactly one of two callbacks runs once:
   ``on_ack`` (batched: a list of tokens, in publish order) when the broker confirms it, or
   ``on_returned(token, reason)`` when it was returned as unroutable and then confirmed. A
@@ -49,11 +49,11 @@ from typing import Any, cast
 
 from pamqp import base, commands
 
-from cdc import amqp_frames as wire
 from cdc.core.confirms import ConfirmTracker, Publish
 from cdc.errors import CdcError, RefusedError, SinkError
 from cdc.service.refusals import amqp_refusal, tls_hint
-from cdc.urls import AmqpUrl
+from cdc.service.urls import AmqpUrl
+from cdc.wire import amqp as wire
 
 log = logging.getLogger(__name__)
 

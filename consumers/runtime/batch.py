@@ -41,7 +41,7 @@ FAILED = "failed"
 
 
 @dataclass(slots=True)
-class Item:
+class BatchMessage:
     """A validated message on its way through a batch."""
 
     delivery: Delivery
@@ -71,7 +71,7 @@ async def run_batch(
     conn: psycopg.AsyncConnection[Any],
     table: str,
     consumer: str,
-    items: Sequence[Item],
+    items: Sequence[BatchMessage],
     clock: Callable[[], float] = time.perf_counter,
     optimistic: bool = False,
 ) -> None:
@@ -93,7 +93,7 @@ async def run_batch(
 
 
 async def _claim(
-    conn: psycopg.AsyncConnection[Any], table: str, consumer: str, items: Sequence[Item]
+    conn: psycopg.AsyncConnection[Any], table: str, consumer: str, items: Sequence[BatchMessage]
 ) -> set[str]:
     for item in items:
         item.outcome, item.error = None, None
@@ -106,7 +106,7 @@ async def _claim(
     )
 
 
-def _take(fresh: set[str], item: Item) -> bool:
+def _take(fresh: set[str], item: BatchMessage) -> bool:
     """True if ``item`` is new; a second copy inside the same batch is a duplicate."""
     if item.delivery.message_id in fresh:
         fresh.discard(item.delivery.message_id)
@@ -119,7 +119,7 @@ async def _optimistic(
     conn: psycopg.AsyncConnection[Any],
     table: str,
     consumer: str,
-    items: Sequence[Item],
+    items: Sequence[BatchMessage],
     clock: Callable[[], float],
 ) -> bool:
     """The whole batch pipelined, no savepoints; False (rolled back) if anything failed.
@@ -147,11 +147,11 @@ async def _optimistic(
 
 
 async def _run_new(
-    conn: psycopg.AsyncConnection[Any], new: Sequence[Item], clock: Callable[[], float]
+    conn: psycopg.AsyncConnection[Any], new: Sequence[BatchMessage], clock: Callable[[], float]
 ) -> None:
     """Run the handlers of the ``new`` items: one call per batch handler for all of its
     items (at the place of its first one), the per-message handler for the others."""
-    groups: dict[BatchHandler, list[Item]] = {}
+    groups: dict[BatchHandler, list[BatchMessage]] = {}
     for item in new:
         if item.route.batch is not None:
             groups.setdefault(item.route.batch, []).append(item)
@@ -176,7 +176,7 @@ async def _with_savepoints(
     conn: psycopg.AsyncConnection[Any],
     table: str,
     consumer: str,
-    items: Sequence[Item],
+    items: Sequence[BatchMessage],
     clock: Callable[[], float],
 ) -> None:
     """The batch with a savepoint per message: a failure undoes only its own message."""

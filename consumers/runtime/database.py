@@ -23,7 +23,7 @@ from consumers.config import ConsumerSettings
 from consumers.connect import open_database
 from consumers.errors import BatchAborted, Refused
 from consumers.runtime import inbox
-from consumers.runtime.batch import Item, run_batch
+from consumers.runtime.batch import BatchMessage, run_batch
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.spec import WorkerSpec
 
@@ -74,7 +74,7 @@ class WorkerDatabase:
             self._conn = conn
             return conn
 
-    async def run(self, items: list[Item]) -> None:
+    async def run(self, items: list[BatchMessage]) -> None:
         """Run ``items`` as one batch until it commits (a database outage waits it out)."""
         backoff = self._backoff()
         while True:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from aiormq.abc import DeliveredMessage
 
 from consumers.runtime import headers as hdr
-from consumers.runtime.batch import Item
+from consumers.runtime.batch import BatchMessage
 from consumers.runtime.copies import Handled
 from consumers.runtime.dispatch import Rejected, resolve
 from consumers.runtime.policy import RetryRules, attempt_of, decide
@@ -22,10 +22,10 @@ from consumers.runtime.spec import Delivery, Route
 
 def intake(
     routes: Sequence[Route], rules: RetryRules, batch: Sequence[tuple[str, DeliveredMessage]]
-) -> tuple[list[Item], list[Handled]]:
+) -> tuple[list[BatchMessage], list[Handled]]:
     """Route and validate ``batch`` (``(queue, message)`` pairs in delivery order): the valid
     items, and the rejected ones with their disposition."""
-    items: list[Item] = []
+    items: list[BatchMessage] = []
     rejected: list[Handled] = []
     for queue, message in batch:
         props = message.header.properties
@@ -39,5 +39,5 @@ def intake(
         if isinstance(found, Rejected):
             rejected.append(Handled(queue, message, delivery, decide(attempt, found, rules)))
             continue
-        items.append(Item(delivery, found.route, found.payload, queue, message=message))
+        items.append(BatchMessage(delivery, found.route, found.payload, queue, message=message))
     return items, rejected

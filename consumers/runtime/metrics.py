@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from prometheus_client import Counter, Gauge, Histogram
 
 from cdc.service.metrics_server import process_registry
-from consumers.runtime.batch import DONE, DUPLICATE, FAILED, Item
+from consumers.runtime.batch import DONE, DUPLICATE, FAILED, BatchMessage
 
 STATES = ("starting", "consuming", "reconnecting", "draining", "stopped")
 
@@ -105,7 +105,7 @@ class WorkerMetrics:
         for name in STATES:
             self.state.labels(worker=self.worker, state=name).set(1 if name == state else 0)
 
-    def count_batch(self, items: Sequence[Item]) -> None:
+    def count_batch(self, items: Sequence[BatchMessage]) -> None:
         """Count a batch's outcomes: processed and duplicate messages by queue, the handler
         time of each message that ran, the batch's size."""
         w = self.worker

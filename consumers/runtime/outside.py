@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from cdc.service.backoff import Backoff
-from consumers.runtime.batch import FAILED, Item
+from consumers.runtime.batch import FAILED, BatchMessage
 from consumers.runtime.spec import Outside
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,12 @@ class OutsideEffects:
         self._stop = stop
         self._wakeup = wakeup
         self.running: set[asyncio.Task[None]] = set()
-        self.ready: deque[Item] = deque()
+        self.ready: deque[BatchMessage] = deque()
         self._readied = asyncio.Event()
         # Message ids in hand (effects running, or waiting for their batch), and copies of
         # those ids that wait until the first one is settled.
         self._in_hand: set[str] = set()
-        self._deferred: list[Item] = []
+        self._deferred: list[BatchMessage] = []
 
     def busy(self) -> bool:
         """True while any message is running its effects, ready, or waiting for its id."""
@@ -68,11 +68,11 @@ class OutsideEffects:
         self._in_hand.clear()
         self._deferred.clear()
 
-    def settled(self, items: Sequence[Item]) -> None:
+    def settled(self, items: Sequence[BatchMessage]) -> None:
         """``items`` are acked: their ids are no longer in hand."""
         self._in_hand.difference_update(i.delivery.message_id for i in items)
 
-    async def next_batch(self, size: int, linger: float) -> list[Item]:
+    async def next_batch(self, size: int, linger: float) -> list[BatchMessage]:
         """Up to ``size`` ready messages, once there is one; while effects are still running,
         a short batch waits up to ``linger`` seconds for more, so a steady flow makes batches
         of several messages rather than one transaction each."""
@@ -100,9 +100,9 @@ class OutsideEffects:
             deferred, self._deferred = self._deferred, []
             await self.launch(deferred)
 
-    async def launch(self, items: list[Item]) -> None:
+    async def launch(self, items: list[BatchMessage]) -> None:
         """Start the outside effects of ``items``, deferring a second copy of an id in hand."""
-        go: list[Item] = []
+        go: list[BatchMessage] = []
         for item in items:
             if item.delivery.message_id in self._in_hand:
                 self._deferred.append(item)
@@ -130,7 +130,7 @@ class OutsideEffects:
             self.running.add(task)
             task.add_done_callback(self.running.discard)
 
-    async def _one(self, item: Item, wait: Awaitable[Any]) -> None:
+    async def _one(self, item: BatchMessage, wait: Awaitable[Any]) -> None:
         started = time.perf_counter()
         try:
             item.delivery = dataclasses.replace(item.delivery, prepared=await wait)

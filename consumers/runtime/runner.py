@@ -51,7 +51,7 @@ from consumers.errors import BrokerLost, Unroutable
 from consumers.runtime import headers as hdr
 from consumers.runtime import topology
 from consumers.runtime.acks import AckTracker
-from consumers.runtime.batch import FAILED, Item
+from consumers.runtime.batch import FAILED, BatchMessage
 from consumers.runtime.copies import Copier, Handled
 from consumers.runtime.database import WorkerDatabase
 from consumers.runtime.intake import intake
@@ -340,7 +340,7 @@ class Runner:
             await self._settle([], rejected)
         await self._effects.launch(items)
 
-    async def _settle(self, items: list[Item], handled: list[Handled]) -> None:
+    async def _settle(self, items: list[BatchMessage], handled: list[Handled]) -> None:
         """Commit ``items`` (those whose outside effects failed are not run), carry out the
         disposition of each of them and of the ``handled`` ones (copies confirmed), then
         ack all of them."""

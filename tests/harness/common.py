@@ -20,7 +20,7 @@ SNAPSHOT_RE = re.compile(r"^\d+:\d+:(\d+(,\d+)*)?$")
 
 
 def parse_lsn(text: str) -> int:
-    """``'16/B374D848'`` -> int (tests keep their own copy; they do not trust cdc.lsn)."""
+    """``'16/B374D848'`` -> int (tests keep their own copy; they do not trust cdc.core.lsn)."""
     m = LSN_RE.match(text.strip().upper())
     if m is None:
         raise ValueError(f"not an LSN: {text!r}")

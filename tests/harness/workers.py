@@ -177,7 +177,7 @@ class Domain:
         return t.errors
 
 
-class Ledger(SqlAccess):
+class LedgerWorkerEnv(SqlAccess):
     """Names and helpers for one test of the worker runtime with ``tests.workers.ledger``.
 
     Everything carries the session tag: exchange ``cdc_test.<S>.<t>.events``, queues and the

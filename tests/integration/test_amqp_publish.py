@@ -22,10 +22,10 @@ import aiormq
 import pytest
 from harness.session import AMQP_URL
 
-from cdc import amqp_frames as wire
 from cdc.errors import RefusedError, SinkError
+from cdc.service.urls import parse_amqp_url
 from cdc.shell.broker import ConfirmChannel
-from cdc.urls import parse_amqp_url
+from cdc.wire import amqp as wire
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -1,4 +1,4 @@
-"""The horizon predicates (cdc/horizon.py) select the right rows on a real PostgreSQL.
+"""The horizon predicates (cdc/core/horizon.py) select the right rows on a real PostgreSQL.
 
 One table, rows written around a base snapshot B (the cutover) and a proven snapshot P (a
 checkpoint): rows before B, a transaction open across B, a subtransaction of it, rows
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from psycopg import sql
 
-from cdc.horizon import (
+from cdc.core.horizon import (
     Horizon,
     backfill_rows,
     published,

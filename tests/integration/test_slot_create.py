@@ -1,4 +1,4 @@
-"""The one slot-creation function (``cdc/slot_create.py``) against the real server.
+"""The one slot-creation function (``cdc/shell/slot_create.py``) against the real server.
 
 - the slot is a pgoutput slot starting at the returned consistent LSN, and the system
   identifier and timeline are the server's own;
@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 from psycopg import sql
 
-from cdc import schema
-from cdc import slot as slots
 from cdc.errors import SourceError
-from cdc.slot_create import create_slot, current_identity, exported_slot
+from cdc.shell import schema
+from cdc.shell import slot as slots
+from cdc.shell.slot_create import create_slot, current_identity, exported_slot
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -18,8 +18,8 @@ import time
 import pytest
 from psycopg import sql
 
-from cdc import schema
-from cdc import slot as slots
+from cdc.shell import schema
+from cdc.shell import slot as slots
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

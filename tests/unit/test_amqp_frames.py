@@ -1,4 +1,4 @@
-"""The publish-path codec (cdc/amqp_frames.py) against pamqp, the reference encoder.
+"""The publish-path codec (cdc/wire/amqp.py) against pamqp, the reference encoder.
 
 The relay's messages must not change by one byte now that the hot path encodes frames by
 hand: every publish is compared with what pamqp (which aiormq used) produces for the same
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from pamqp import body as pamqp_body
 from pamqp import commands, frame, header
 
-from cdc import amqp_frames as wire
 from cdc.errors import SinkError
+from cdc.wire import amqp as wire
 
 FRAME_MAX = 131072
 RELAY_HEADERS = {

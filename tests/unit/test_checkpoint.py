@@ -1,4 +1,4 @@
-"""The slot-health verdict and the periodic checkpoint rule (``cdc/checkpoint.py``).
+"""The slot-health verdict and the periodic checkpoint rule (``cdc/core/checkpoint.py``).
 
 Every verdict of :func:`assess` is reached from a table of (row, observation) cases, and
 :func:`plan_write` is checked step by step and as a property: a snapshot is promoted only
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc.checkpoint import (
+from cdc.core.checkpoint import (
     LOST,
     RECOVERING,
     Action,

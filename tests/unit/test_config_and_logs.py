@@ -1,4 +1,4 @@
-"""Settings (cdc/config.py), log redaction (cdc/service/logs.py), LSN text (cdc/lsn.py), backoff."""
+"""Settings (cdc/config.py), log redaction (cdc/service/logs.py), LSN text (cdc/core/lsn.py), backoff."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from cdc.config import DEFAULT_EXCHANGE, DEFAULT_PARKING_QUEUE, RelaySettings
+from cdc.core.lsn import MAX_LSN, format_lsn, parse_lsn
 from cdc.errors import CdcError, ConfigError, ProtocolError
-from cdc.lsn import MAX_LSN, format_lsn, parse_lsn
 from cdc.service import logs
 from cdc.service.backoff import Backoff
 from cdc.service.settings import load
@@ -288,7 +288,7 @@ def test_json_lines_are_valid_json_and_redacted(monkeypatch, root_logger, msg, a
     is followed by ``"`` and the next field with no whitespace in between.
     """
     stream = _capture(monkeypatch, "json")
-    logging.getLogger("cdc.relay").warning(msg, *args, extra=extra)
+    logging.getLogger("cdc.shell.relay").warning(msg, *args, extra=extra)
     line = stream.getvalue()
     assert "s3cr3t" not in line
     assert line.endswith("\n") and line.count("\n") == 1
@@ -297,7 +297,7 @@ def test_json_lines_are_valid_json_and_redacted(monkeypatch, root_logger, msg, a
     except ValueError:
         pytest.fail(f"redaction broke the JSON line: {line!r}")
     assert doc["level"] == "warning"
-    assert doc["logger"] == "cdc.relay"
+    assert doc["logger"] == "cdc.shell.relay"
     assert set(extra) <= set(doc), "extra fields must survive redaction"
     assert doc["msg"].startswith(msg.split("%")[0].split("password")[0])
 
@@ -307,7 +307,7 @@ def test_json_line_carries_a_redacted_traceback(monkeypatch, root_logger):
     try:
         raise ConnectionError(f"connection to {DB_URL} refused")
     except ConnectionError:
-        logging.getLogger("cdc.source").exception("replication connection lost")
+        logging.getLogger("cdc.shell.source").exception("replication connection lost")
     doc = json.loads(stream.getvalue())
     assert doc["msg"] == "replication connection lost"
     assert "ConnectionError" in doc["exc"]
@@ -319,10 +319,10 @@ def test_json_line_carries_a_redacted_traceback(monkeypatch, root_logger):
 @pytest.mark.parametrize(("msg", "args", "extra"), RECORDS, ids=RECORD_IDS)
 def test_text_lines_are_redacted(monkeypatch, root_logger, msg, args, extra):
     stream = _capture(monkeypatch, "text")
-    logging.getLogger("cdc.relay").warning(msg, *args, extra=extra)
+    logging.getLogger("cdc.shell.relay").warning(msg, *args, extra=extra)
     line = stream.getvalue()
     assert "s3cr3t" not in line
-    assert " WARNING cdc.relay: " in line
+    assert " WARNING cdc.shell.relay: " in line
     for key in extra:
         assert f" {key}=" in line
 

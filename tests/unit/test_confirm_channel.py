@@ -13,9 +13,9 @@ import time
 import pytest
 from pamqp import commands
 
-from cdc.amqp_frames import method_frame
 from cdc.errors import SinkError
 from cdc.shell.broker import ConfirmChannel
+from cdc.wire.amqp import method_frame
 
 TIMEOUT = 5.0
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cdc.core.confirms import RETRY_FIRST, RETRY_MAX, ConfirmTracker, Publish
-from cdc.watermark import Txn, Watermark
+from cdc.core.watermark import Txn, Watermark
 
 TIMEOUT = 5.0
 EX = "events"

@@ -24,7 +24,7 @@ import yaml
 from harness.promql import Selector, label_values_query, selectors
 from prometheus_client import CollectorRegistry
 
-from cdc import metrics as relay_metrics
+from cdc.shell import metrics as relay_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus"

@@ -1,12 +1,12 @@
-"""Operator-facing text: ``7d``-style durations (cdc/durations.py), progress lines
-(cdc/progress.py)."""
+"""Operator-facing text: ``7d``-style durations (cdc/core/durations.py), progress lines
+(cdc/core/progress.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from cdc.durations import parse_duration
-from cdc.progress import ProgressReport
+from cdc.core.durations import parse_duration
+from cdc.core.progress import ProgressReport
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Failover readiness (cdc/failover.py): the verdict per standby from the primary's and the
+"""Failover readiness (cdc/core/failover.py): the verdict per standby from the primary's and the
 standby's own facts. ``ready`` is True only for a standby checked directly with nothing wrong."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from cdc.failover import PrimaryFacts, StandbyLink, StandbyView, assess, supported
+from cdc.core.failover import PrimaryFacts, StandbyLink, StandbyView, assess, supported
 
 PRIMARY = PrimaryFacts(180001, "cdc_outbox", True, True, ("standby1",))
 LINK = StandbyLink("walreceiver", "streaming", "standby1", True)

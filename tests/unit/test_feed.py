@@ -1,4 +1,4 @@
-"""The outbox feed (cdc/feed.py) fed real pgoutput bytes.
+"""The outbox feed (cdc/core/feed.py) fed real pgoutput bytes.
 
 Messages are built byte by byte per PostgreSQL's "Logical Replication Message Formats"
 (protocol v1, no streaming, no two-phase: what START_REPLICATION asks for). When captured
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from cdc import pgoutput
+from cdc.core.feed import OutboxFeed
+from cdc.core.lsn import format_lsn, parse_lsn
+from cdc.core.outbox import Malformed, OutboxEvent
+from cdc.core.watermark import Watermark
 from cdc.errors import ProtocolError
-from cdc.feed import OutboxFeed
-from cdc.lsn import format_lsn, parse_lsn
-from cdc.outbox import Malformed, OutboxEvent
-from cdc.replication import parse_copy_data
-from cdc.watermark import Watermark
+from cdc.wire import pgoutput
+from cdc.wire.replication import parse_copy_data
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pgoutput"
 

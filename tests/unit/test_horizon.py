@@ -1,4 +1,4 @@
-"""The checkpoint horizon (cdc/horizon.py): xid widening on numbers, predicate SQL text.
+"""The checkpoint horizon (cdc/core/horizon.py): xid widening on numbers, predicate SQL text.
 
 The same predicates are run against real rows in tests/integration/test_horizon_sql.py.
 """
@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 from psycopg import sql
 
-from cdc.horizon import (
+from cdc.core.horizon import (
     Horizon,
     backfill_rows,
     covered,

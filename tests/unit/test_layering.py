@@ -36,9 +36,9 @@ PURE_ELSEWHERE = [
 #: Pure modules that import one library from FORBIDDEN for a pure part of it, and why.
 ALLOWED = {
     # pamqp is the reference AMQP codec: no sockets, no asyncio (checked below).
-    "cdc.amqp_frames": {"pamqp"},
+    "cdc.wire.amqp": {"pamqp"},
     # Composes SQL with psycopg.sql; opens no connection. Importing it loads psycopg.
-    "cdc.horizon": {"psycopg"},
+    "cdc.core.horizon": {"psycopg"},
 }
 #: What the modules of a layer may import from ``cdc`` (besides the ``cdc`` package itself).
 MAY_IMPORT = {
@@ -94,7 +94,7 @@ def imports_of(module: str) -> set[str]:
             else:
                 target = node.module or ""
             found.add(target)
-            # ``from cdc import pgoutput`` imports the submodule cdc.pgoutput.
+            # ``from cdc import pgoutput`` imports the submodule cdc.wire.pgoutput.
             for alias in node.names:
                 if _path(f"{target}.{alias.name}") is not None:
                     found.add(f"{target}.{alias.name}")
@@ -181,11 +181,11 @@ def _allowed(chain: list[str]) -> bool:
 
 def test_the_checker_sees_nested_and_relative_imports():
     # The relay itself is not pure: the checker must notice, or it proves nothing.
-    chains = _closure("cdc.relay")
+    chains = _closure("cdc.shell.relay")
     assert "asyncio" in chains
-    assert chains["cdc.lsn"][0] == "cdc.relay"
-    # cdc.slot imports cdc.checkpoint_store inside a function: still an import.
-    assert "cdc.checkpoint_store" in imports_of("cdc.slot")
+    assert chains["cdc.core.lsn"][0] == "cdc.shell.relay"
+    # cdc.shell.slot imports cdc.shell.checkpoint_store inside a function: still an import.
+    assert "cdc.shell.checkpoint_store" in imports_of("cdc.shell.slot")
 
 
 def test_importing_the_pure_modules_loads_no_io_library():

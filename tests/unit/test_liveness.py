@@ -1,9 +1,9 @@
-"""The silence clock of the replication reader (cdc/liveness.py): when to ask PostgreSQL for
+"""The silence clock of the replication reader (cdc/core/liveness.py): when to ask PostgreSQL for
 a keepalive, when to look at the walsender, and that a busy one gets more time."""
 
 from __future__ import annotations
 
-from cdc.liveness import PING, PROBE, SilenceClock
+from cdc.core.liveness import PING, PROBE, SilenceClock
 
 T = 20.0
 

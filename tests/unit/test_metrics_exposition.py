@@ -9,7 +9,7 @@ from harness.common import parse_metrics
 from prometheus_client import generate_latest
 
 from cdc import __version__
-from cdc.metrics import Metrics
+from cdc.shell.metrics import Metrics
 from consumers.runtime.metrics import WorkerMetrics
 
 

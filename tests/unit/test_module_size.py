@@ -16,11 +16,11 @@ LIMIT = 400
 #: Modules still over the limit, and why.
 EXCEPTIONS = {
     # The decoder table and its contract; its message dataclasses are already apart.
-    "cdc/pgoutput.py": 430,
+    "cdc/wire/pgoutput.py": 430,
     # Being split: the pure confirm tracker out of the asyncio.Protocol shell.
-    "cdc/amqp_publish.py": 560,
+    "cdc/shell/broker.py": 560,
     # Being split: the reconnect loop moves to the shared session loop.
-    "cdc/relay.py": 410,
+    "cdc/shell/relay.py": 410,
     # Being split: the retry/park decision moves to one Disposition in policy.py.
     "consumers/runtime/runner.py": 600,
     # Being split: the PL/pgSQL moves to .sql files.

@@ -1,4 +1,4 @@
-"""Outbox routing (cdc/outbox.py): a decoded outbox INSERT becomes the message of the contract.
+"""Outbox routing (cdc/core/outbox.py): a decoded outbox INSERT becomes the message of the contract.
 
 docs/contract.md, "Message" and "Parking": body = payload as PostgreSQL prints it,
 message_id = id, routing key = event_type, timestamp = created_at, headers = the row's
@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from cdc.lsn import parse_lsn
-from cdc.outbox import Layout, Malformed, OutboxEvent, route, route_snapshot
-from cdc.pgoutput import BinaryValue, Column, Relation
+from cdc.core.lsn import parse_lsn
+from cdc.core.outbox import Malformed, OutboxColumns, OutboxEvent, route, route_snapshot
+from cdc.wire.pgoutput import BinaryValue, Column, Relation
 
 # Type OIDs as pg_type has them.
 UUID, VARCHAR, TEXT, INT4, JSONB, TIMESTAMPTZ, INT8 = 2950, 1043, 25, 23, 3802, 1184, 20
@@ -88,7 +88,7 @@ def run(columns, **changes):
     rel = relation(columns)
     values = {**ROW, **changes}
     return route(
-        Layout.of(rel), tuple_for(rel, values), commit_lsn=COMMIT_LSN, commit_time=COMMIT_TIME
+        OutboxColumns.of(rel), tuple_for(rel, values), commit_lsn=COMMIT_LSN, commit_time=COMMIT_TIME
     )
 
 
@@ -99,12 +99,12 @@ LAYOUTS = pytest.mark.parametrize(
 )
 
 
-# -- Layout ----------------------------------------------------------------------------------
+# -- OutboxColumns ----------------------------------------------------------------------------------
 
 
 @LAYOUTS
 def test_layout_finds_columns_by_name_whatever_the_order(columns):
-    layout = Layout.of(relation(columns))
+    layout = OutboxColumns.of(relation(columns))
     names = [c[0] for c in columns]
     for name in ("id", "event_type", "payload", "aggregate_type", "aggregate_id", "created_at"):
         assert layout.index[name] == names.index(name)
@@ -124,7 +124,7 @@ def test_layout_finds_columns_by_name_whatever_the_order(columns):
     ],
 )
 def test_layout_reports_missing_required_columns(drop, missing):
-    layout = Layout.of(relation([c for c in LEGACY if c[0] not in drop]))
+    layout = OutboxColumns.of(relation([c for c in LEGACY if c[0] not in drop]))
     assert layout.missing == missing
 
 
@@ -164,7 +164,7 @@ def test_minimal_table_has_null_aggregate_headers_and_no_timestamp():
 )
 def test_commit_lsn_header_is_postgres_text(lsn, text):
     rel = relation(LEGACY)
-    event = route(Layout.of(rel), tuple_for(rel, ROW), commit_lsn=lsn, commit_time=COMMIT_TIME)
+    event = route(OutboxColumns.of(rel), tuple_for(rel, ROW), commit_lsn=lsn, commit_time=COMMIT_TIME)
     assert event.headers["commit_lsn"] == text
 
 
@@ -239,19 +239,19 @@ def test_created_at_before_1970_keeps_the_header_and_skips_the_timestamp():
 def test_id_longer_than_a_message_id_can_hold_is_malformed():
     rel = relation(MINIMAL)
     row = {"id": "i" * 256, "event_type": "device.started", "payload": "{}"}
-    bad = route(Layout.of(rel), tuple_for(rel, row), commit_lsn=1, commit_time=COMMIT_TIME)
+    bad = route(OutboxColumns.of(rel), tuple_for(rel, row), commit_lsn=1, commit_time=COMMIT_TIME)
     assert isinstance(bad, Malformed)
     assert bad.message_id is None and bad.row["id"] == "i" * 256
     assert "255 bytes" in bad.reason
     row["id"] = "i" * 255
-    ok = route(Layout.of(rel), tuple_for(rel, row), commit_lsn=1, commit_time=COMMIT_TIME)
+    ok = route(OutboxColumns.of(rel), tuple_for(rel, row), commit_lsn=1, commit_time=COMMIT_TIME)
     assert isinstance(ok, OutboxEvent) and ok.message_id == "i" * 255
 
 
 def test_commit_time_header_is_iso_utc():
     rel = relation(LEGACY)
     when = datetime(2027, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
-    event = route(Layout.of(rel), tuple_for(rel, ROW), commit_lsn=1, commit_time=when)
+    event = route(OutboxColumns.of(rel), tuple_for(rel, ROW), commit_lsn=1, commit_time=when)
     assert event.headers["commit_time"] == "2027-01-01T00:00:00.000001+00:00"
     assert datetime.fromisoformat(event.headers["commit_time"]).utcoffset() == timedelta(0)
 
@@ -274,7 +274,7 @@ def test_payload_bytes_pass_through_unchanged(payload):
     rel = relation(LEGACY)
     row = tuple_for(rel, {**ROW, "payload": None})
     row = tuple(raw if c.name == "payload" else v for c, v in zip(rel.columns, row, strict=True))
-    event = route(Layout.of(rel), row, commit_lsn=1, commit_time=COMMIT_TIME)
+    event = route(OutboxColumns.of(rel), row, commit_lsn=1, commit_time=COMMIT_TIME)
     assert isinstance(event, OutboxEvent)
     assert event.body == raw  # byte-for-byte, no re-serialisation
 
@@ -493,7 +493,7 @@ def test_malformed_row_keeps_every_column_as_text_including_binary():
     rel = relation(LEGACY)
     row = list(tuple_for(rel, {**ROW, "id": None}))
     row[6] = BinaryValue(b"\x00\x00\x00\x03")  # retry_count in binary form
-    result = route(Layout.of(rel), tuple(row), commit_lsn=1, commit_time=COMMIT_TIME)
+    result = route(OutboxColumns.of(rel), tuple(row), commit_lsn=1, commit_time=COMMIT_TIME)
     assert isinstance(result, Malformed)
     assert result.row["retry_count"] == "00000003"
     assert result.row["id"] is None
@@ -525,8 +525,8 @@ def test_snapshot_row_is_the_streamed_message_without_commit_headers(columns):
     """Backfill/recovery messages: same body, properties and headers, source instead of commit."""
     rel = relation(columns)
     row = tuple_for(rel, {**ROW, "headers": '{"trace": "t-1"}'})
-    streamed = route(Layout.of(rel), row, commit_lsn=COMMIT_LSN, commit_time=COMMIT_TIME)
-    read = route_snapshot(Layout.of(rel), row, source="backfill", snapshot="750:760:752")
+    streamed = route(OutboxColumns.of(rel), row, commit_lsn=COMMIT_LSN, commit_time=COMMIT_TIME)
+    read = route_snapshot(OutboxColumns.of(rel), row, source="backfill", snapshot="750:760:752")
     assert isinstance(streamed, OutboxEvent) and isinstance(read, OutboxEvent)
     assert (read.message_id, read.routing_key, read.body, read.timestamp) == (
         streamed.message_id, streamed.routing_key, streamed.body, streamed.timestamp,
@@ -540,12 +540,12 @@ def test_snapshot_headers_win_over_the_rows_and_malformed_rows_stay_malformed():
     rel = relation(WITH_HEADERS)
     row = {**ROW, "headers": '{"x-cdc-source": "forged"}'}
     event = route_snapshot(
-        Layout.of(rel), tuple_for(rel, row), source="recovery", snapshot="1:1:"
+        OutboxColumns.of(rel), tuple_for(rel, row), source="recovery", snapshot="1:1:"
     )
     assert isinstance(event, OutboxEvent)
     assert event.headers["x-cdc-source"] == "recovery"
     empty_type = tuple_for(rel, {**ROW, "event_type": ""})
-    bad = route_snapshot(Layout.of(rel), empty_type, source="backfill", snapshot="1:1:")
+    bad = route_snapshot(OutboxColumns.of(rel), empty_type, source="backfill", snapshot="1:1:")
     assert isinstance(bad, Malformed) and bad.reason == "event_type is NULL or empty"
 
 

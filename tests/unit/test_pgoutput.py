@@ -1,4 +1,4 @@
-"""The pgoutput decoder (cdc/pgoutput.py) against real server bytes and a reference encoder.
+"""The pgoutput decoder (cdc/wire/pgoutput.py) against real server bytes and a reference encoder.
 
 The fixtures in tests/fixtures/pgoutput/ were captured from PostgreSQL 15 by
 tests/fixtures/capture_pgoutput.py; no database is needed here. OIDs, xids, LSNs and times
@@ -23,9 +23,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdc import pgoutput as pg
 from cdc.errors import ProtocolError
-from cdc.pgoutput import UNCHANGED_TOAST, decode
+from cdc.wire import pgoutput as pg
+from cdc.wire.pgoutput import UNCHANGED_TOAST, decode
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pgoutput"
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cdc.config import RelaySettings
-from cdc.privileges import outbox_privileges, relay_grants
+from cdc.shell.privileges import outbox_privileges, relay_grants
 
 URLS = {"database_url": "postgresql://u@db/app", "amqp_url": "amqp://u:p@mq/"}
 

@@ -1,4 +1,4 @@
-"""The streaming-replication sub-protocol (cdc/replication.py) from and to bytes.
+"""The streaming-replication sub-protocol (cdc/wire/replication.py) from and to bytes.
 
 PostgreSQL "Streaming Replication Protocol": inside COPY BOTH the server sends XLogData
 ('w' + Int64 walStart + Int64 walEnd + Int64 sendTime + data) and Primary keepalive
@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from cdc.core.lsn import parse_lsn
 from cdc.errors import ProtocolError
-from cdc.lsn import parse_lsn
-from cdc.replication import (
+from cdc.wire.replication import (
     PG_EPOCH,
     Keepalive,
     XLogData,

@@ -1,4 +1,4 @@
-"""The settings both processes share (cdc/service/settings.py, cdc/urls.py) and the refusal
+"""The settings both processes share (cdc/service/settings.py, cdc/service/urls.py) and the refusal
 rules (cdc/service/refusals.py): URL checks, ``*_FILE`` secrets, secrets refused as flags,
 one-line errors, which connection failures are refusals (exit 3) and which are outages
 (retried)."""
@@ -14,10 +14,10 @@ from pydantic import ValidationError
 
 from cdc.config import RelaySettings
 from cdc.errors import ConfigError
-from cdc.privileges import check_role_name
 from cdc.service.refusals import amqp_refusal, postgres_refusal
 from cdc.service.settings import check_identifier, is_identifier, load
-from cdc.urls import check_host, parse_amqp_url, parse_dsn, url_has_password
+from cdc.service.urls import check_host, parse_amqp_url, parse_dsn, url_has_password
+from cdc.shell.privileges import check_role_name
 from consumers.config import ConsumerSettings
 from consumers.errors import ConfigError as WorkerConfigError
 from consumers.notifications.worker import NotificationSettings

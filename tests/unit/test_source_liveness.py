@@ -1,12 +1,12 @@
-"""TCP keepalives on the PostgreSQL connections (cdc/source.py) and the look at a silent
-walsender (cdc/slot.py): is it busy decoding, or waiting on a dead connection?"""
+"""TCP keepalives on the PostgreSQL connections (cdc/shell/source.py) and the look at a silent
+walsender (cdc/shell/slot.py): is it busy decoding, or waiting on a dead connection?"""
 
 from __future__ import annotations
 
 from psycopg.conninfo import conninfo_to_dict
 
-from cdc.slot import busy_with
-from cdc.source import with_keepalives
+from cdc.shell.slot import busy_with
+from cdc.shell.source import with_keepalives
 
 
 def test_keepalives_are_added_to_a_url_and_a_keyword_dsn():

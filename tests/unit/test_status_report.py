@@ -1,9 +1,9 @@
-"""The status screen's pure part (cdc/status_report.py): metrics text to values, unknown
+"""The status screen's pure part (cdc/core/status_report.py): metrics text to values, unknown
 kept apart from zero, the consumer lag rule, the JSON keys and the text lines."""
 
 from __future__ import annotations
 
-from cdc.status_report import (
+from cdc.core.status_report import (
     Depths,
     Samples,
     Scrape,

@@ -1,4 +1,4 @@
-"""The ack watermark (cdc/watermark.py) against its delivery rules.
+"""The ack watermark (cdc/core/watermark.py) against its delivery rules.
 
 The flush LSN is the largest Commit end_lsn such that every event of every transaction up
 to it has been confirmed by the broker; a keepalive's wal_end is taken only when idle.
@@ -17,8 +17,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from cdc.lsn import parse_lsn
-from cdc.watermark import Watermark
+from cdc.core.lsn import parse_lsn
+from cdc.core.watermark import Watermark
 
 # Real-looking positions: a commit record at final_lsn, its end a little after it.
 T1 = (parse_lsn("0/16B3748"), parse_lsn("0/16B3790"))

@@ -7,7 +7,7 @@ import asyncio
 from pydantic import BaseModel
 
 from cdc.service.backoff import Backoff
-from consumers.runtime.batch import FAILED, Item
+from consumers.runtime.batch import FAILED, BatchMessage
 from consumers.runtime.outside import OutsideEffects
 from consumers.runtime.spec import Delivery, Route
 
@@ -23,8 +23,8 @@ async def _handler(ctx, payload):  # pragma: no cover - the database batch is no
 ROUTE = Route("#", Payload, _handler)
 
 
-def _item(message_id: str, n: int) -> Item:
-    return Item(Delivery(message_id, "k", {}, 1, b"{}"), ROUTE, Payload(n=n), "q")
+def _item(message_id: str, n: int) -> BatchMessage:
+    return BatchMessage(Delivery(message_id, "k", {}, 1, b"{}"), ROUTE, Payload(n=n), "q")
 
 
 def _effects(gates: dict[int, asyncio.Future[str]]) -> OutsideEffects:

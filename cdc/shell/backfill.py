@@ -22,17 +22,17 @@ from typing import Any, TextIO
 
 import psycopg
 
-from cdc import horizon_store as store
-from cdc import schema, slot_guard
-from cdc import slot as slots
 from cdc.config import RelaySettings
+from cdc.core.horizon import BackfillMode, backfill_rows
+from cdc.core.lsn import format_lsn
+from cdc.core.progress import ProgressReport
 from cdc.errors import ConfigError, SetupError
-from cdc.horizon import BackfillMode, backfill_rows
-from cdc.lsn import format_lsn
-from cdc.metrics import Metrics
-from cdc.progress import ProgressReport
-from cdc.slot_create import exported_slot
-from cdc.snapshot_publish import (
+from cdc.shell import horizon_store as store
+from cdc.shell import schema, slot_guard
+from cdc.shell import slot as slots
+from cdc.shell.metrics import Metrics
+from cdc.shell.slot_create import exported_slot
+from cdc.shell.snapshot_publish import (
     SESSION_SETTINGS,
     Batch,
     SnapshotRows,

@@ -16,12 +16,12 @@ import time
 
 import psycopg
 
-from cdc import horizon_store as store
-from cdc import slot as slots
 from cdc.config import RelaySettings
 from cdc.errors import CdcError
-from cdc.metrics import Metrics
-from cdc.prune import prune
+from cdc.shell import horizon_store as store
+from cdc.shell import slot as slots
+from cdc.shell.metrics import Metrics
+from cdc.shell.prune import prune
 
 log = logging.getLogger(__name__)
 

@@ -28,17 +28,17 @@ from typing import Any
 
 import psycopg
 
-from cdc import horizon_store as store
-from cdc import schema
-from cdc import slot as slots
-from cdc.checkpoint import Action, Checkpoint, assess
 from cdc.config import RelaySettings
+from cdc.core.checkpoint import Action, Checkpoint, assess
+from cdc.core.horizon import to_recover
+from cdc.core.lsn import format_lsn
 from cdc.errors import SetupError, SlotBusyError
-from cdc.horizon import to_recover
-from cdc.lsn import format_lsn
-from cdc.metrics import Metrics
-from cdc.slot_create import current_identity, exported_slot
-from cdc.snapshot_publish import SnapshotRows, pin_session, publish_rows, table_layout
+from cdc.shell import horizon_store as store
+from cdc.shell import schema
+from cdc.shell import slot as slots
+from cdc.shell.metrics import Metrics
+from cdc.shell.slot_create import current_identity, exported_slot
+from cdc.shell.snapshot_publish import SnapshotRows, pin_session, publish_rows, table_layout
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from cdc import slot as slots
 from cdc.config import RelaySettings
+from cdc.core.outbox import REQUIRED_COLUMNS
 from cdc.errors import ConfigError, SetupError
-from cdc.outbox import REQUIRED_COLUMNS
 from cdc.service.cli import Finding
 from cdc.service.settings import IDENTIFIER_RULE, is_identifier
+from cdc.shell import slot as slots
 
 CHECKPOINT_SCHEMA = "cdc"
 CHECKPOINT_TABLE = "relay_checkpoint"

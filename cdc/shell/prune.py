@@ -1,6 +1,6 @@
 """``cdc prune --older-than <d>``: delete outbox rows the checkpoint proves published.
 
-A row goes only if ``created_at < now() - d`` *and* :func:`cdc.horizon.published` holds
+A row goes only if ``created_at < now() - d`` *and* :func:`cdc.core.horizon.published` holds
 for it: a row the relay has not confirmed, a row from before the cutover that was neither
 backfilled nor marked ``published`` by the poller, is never deleted, however old, and
 with the relay stopped the horizon stops too, so nothing newer than it goes.
@@ -20,11 +20,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc import horizon_store as store
-from cdc import slot as slots
 from cdc.config import RelaySettings
+from cdc.core.horizon import published
 from cdc.errors import SetupError
-from cdc.horizon import published
+from cdc.shell import horizon_store as store
+from cdc.shell import slot as slots
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 BATCH_ROWS = 500

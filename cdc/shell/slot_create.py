@@ -23,14 +23,14 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-from cdc.checkpoint import normalize_snapshot
 from cdc.config import RelaySettings
+from cdc.core.checkpoint import normalize_snapshot
+from cdc.core.failover import supported as failover_slots_supported
+from cdc.core.lsn import parse_lsn
 from cdc.errors import SourceError
-from cdc.failover import supported as failover_slots_supported
-from cdc.lsn import parse_lsn
-from cdc.replication import IDENTIFY_SYSTEM, create_slot_command
 from cdc.service.refusals import refused_by_postgres
-from cdc.source import translate_error
+from cdc.shell.source import translate_error
+from cdc.wire.replication import IDENTIFY_SYSTEM, create_slot_command
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

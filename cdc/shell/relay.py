@@ -18,21 +18,21 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from cdc import slot as slots
-from cdc import slot_guard
-from cdc.checkpoint import Action
 from cdc.config import RelaySettings
+from cdc.core.checkpoint import Action
+from cdc.core.feed import OutboxFeed, RoutedEvent
+from cdc.core.liveness import PING, PROBE, SilenceClock
+from cdc.core.lsn import format_lsn
+from cdc.core.watermark import Txn, Watermark
 from cdc.errors import SetupError, SinkError, SlotBusyError, SlotLostError, SourceError
-from cdc.feed import Item, OutboxFeed
-from cdc.liveness import PING, PROBE, SilenceClock
-from cdc.lsn import format_lsn
-from cdc.metrics import Metrics
-from cdc.publisher import Publisher
-from cdc.replication import Keepalive, parse_copy_data
 from cdc.service.backoff import Backoff
 from cdc.service.session import AGAIN, Again, pause, run_sessions
-from cdc.source import ReplicationStream
-from cdc.watermark import Txn, Watermark
+from cdc.shell import slot as slots
+from cdc.shell import slot_guard
+from cdc.shell.metrics import Metrics
+from cdc.shell.publisher import Publisher
+from cdc.shell.source import ReplicationStream
+from cdc.wire.replication import Keepalive, parse_copy_data
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class _Session:
             self.watermark,
             lambda reason: metrics.ignored.labels(reason=reason).inc(),
         )
-        self._queue: deque[Item] = deque()
+        self._queue: deque[RoutedEvent] = deque()
         self._queued = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._progress: asyncio.Future[None] = loop.create_future()

@@ -1,6 +1,6 @@
 """Reads the failover facts for `cdc status`: from the primary and, if given, from standbys.
 
-The rules that turn these facts into a verdict are in ``cdc/failover.py``; this module
+The rules that turn these facts into a verdict are in ``cdc/core/failover.py``; this module
 only queries. A standby is reached with its own URL (``cdc status --standby-url``); it is
 reported by ``host:port``, never by its URL, so no password reaches the output.
 """
@@ -14,8 +14,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from cdc.config import RelaySettings
+from cdc.core.failover import PrimaryFacts, Readiness, StandbyLink, StandbyView, assess, supported
 from cdc.errors import SourceError
-from cdc.failover import PrimaryFacts, Readiness, StandbyLink, StandbyView, assess, supported
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

@@ -2,7 +2,7 @@
 
 psycopg 3 has no replication API, so this drives its libpq layer (``conn.pgconn``)
 directly. This module is the only code that touches the replication socket; protocol
-bytes are built and parsed by ``cdc/replication.py``.
+bytes are built and parsed by ``cdc/wire/replication.py``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc.config import RelaySettings
 from cdc.errors import SetupError, SlotBusyError, SourceError
-from cdc.replication import (
+from cdc.service.refusals import refused_by_postgres
+from cdc.wire.replication import (
     pgoutput_version,
     standby_status,
     start_replication_command,
     unix_us_to_pg,
 )
-from cdc.service.refusals import refused_by_postgres
 
 # Output functions run with the walsender's settings: pin them so timestamps parse.
 _SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3"

@@ -1,6 +1,6 @@
 """The slot seen over an ordinary connection: connect, `cdc setup`, health, status, walsenders.
 
-The outbox table and the publication are :mod:`cdc.schema`'s. Queries use bound
+The outbox table and the publication are :mod:`cdc.shell.schema`'s. Queries use bound
 parameters; identifiers are composed with ``psycopg.sql.Identifier``, never pasted in.
 Every refusal is a :class:`SetupError` whose message says what the operator should run.
 """
@@ -14,14 +14,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc.checkpoint import Action, Checkpoint, Observed, SlotSeen, assess
 from cdc.config import RelaySettings
+from cdc.core.checkpoint import Action, Checkpoint, Observed, SlotSeen, assess
+from cdc.core.lsn import format_lsn
 from cdc.errors import RefusedError, SetupError, SourceError
-from cdc.lsn import format_lsn
-from cdc.schema import ensure_publication, ensure_table, table_exists, table_published
 from cdc.service.refusals import refused_by_postgres
-from cdc.slot_create import SystemIdentity
-from cdc.source import with_keepalives
+from cdc.shell.schema import ensure_publication, ensure_table, table_exists, table_published
+from cdc.shell.slot_create import SystemIdentity
+from cdc.shell.source import with_keepalives
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -81,7 +81,7 @@ def slot_seen(conn: Conn, settings: RelaySettings) -> SlotSeen | None:
 def observe(
     conn: Conn, settings: RelaySettings, identity: SystemIdentity | None = None
 ) -> Observed:
-    """What :func:`cdc.checkpoint.assess` needs: the slot, the publication, the server."""
+    """What :func:`cdc.core.checkpoint.assess` needs: the slot, the publication, the server."""
     publication = bool(
         _one(conn, "SELECT count(*) FROM pg_publication WHERE pubname = %s",
              (settings.publication_name,))
@@ -246,8 +246,8 @@ def _checkpoint_fields(cp: Checkpoint) -> dict[str, Any]:
 
 def _health(conn: Conn, settings: RelaySettings) -> dict[str, Any]:
     """The verdict the relay would reach now, and the checkpoint row it rests on."""
-    from cdc import checkpoint_store as store
-    from cdc.slot_create import current_identity
+    from cdc.shell import checkpoint_store as store
+    from cdc.shell.slot_create import current_identity
 
     try:
         row = store.read(conn, settings.slot_name)

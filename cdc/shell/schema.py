@@ -14,8 +14,8 @@ import psycopg
 from psycopg import sql
 
 from cdc.config import RelaySettings
+from cdc.core.outbox import REQUIRED_COLUMNS
 from cdc.errors import SetupError
-from cdc.outbox import REQUIRED_COLUMNS
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

@@ -3,7 +3,7 @@
 Server to client: XLogData (``'w'``) and Primary keepalive (``'k'``) messages.
 Client to server: Standby status update (``'r'``).
 Functions here only turn bytes into frozen dataclasses and back; the socket lives in
-``cdc/source.py``.
+``cdc/shell/source.py``.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from cdc.lsn import format_lsn
-from cdc.pgoutput import BinaryValue, Relation, TupleData, UnchangedToast
-from cdc.row_headers import safe_headers
+from cdc.core.lsn import format_lsn
+from cdc.core.row_headers import safe_headers
+from cdc.wire.pgoutput import BinaryValue, Relation, TupleData, UnchangedToast
 
 REQUIRED_COLUMNS = ("id", "event_type", "payload")
 _OPTIONAL_COLUMNS = ("aggregate_type", "aggregate_id", "created_at", "headers")
@@ -53,7 +53,7 @@ class Malformed:
 
 
 @dataclass(frozen=True, slots=True)
-class Layout:
+class OutboxColumns:
     """Where the outbox columns sit in this relation's tuples (``None`` = absent)."""
 
     relation: Relation
@@ -67,7 +67,7 @@ class Layout:
         object.__setattr__(self, "missing", missing)
 
     @classmethod
-    def of(cls, relation: Relation) -> Layout:
+    def of(cls, relation: Relation) -> OutboxColumns:
         """Compute the layout of ``relation`` from its column names."""
         names = {col.name: i for i, col in enumerate(relation.columns)}
         wanted = REQUIRED_COLUMNS + _OPTIONAL_COLUMNS
@@ -84,7 +84,7 @@ def _text(value: bytes | memoryview | UnchangedToast | BinaryValue | None) -> st
     return None  # unchanged TOAST never occurs in an INSERT
 
 
-def _row_dict(layout: Layout, row: TupleData) -> dict[str, str | None]:
+def _row_dict(layout: OutboxColumns, row: TupleData) -> dict[str, str | None]:
     cols = layout.relation.columns
     return {cols[i].name: _text(v) for i, v in enumerate(row) if i < len(cols)}
 
@@ -129,7 +129,7 @@ def _commit_headers(commit_lsn: int, commit_time: datetime) -> tuple[str, str]:
 
 
 def route(
-    layout: Layout, row: TupleData, *, commit_lsn: int, commit_time: datetime
+    layout: OutboxColumns, row: TupleData, *, commit_lsn: int, commit_time: datetime
 ) -> OutboxEvent | Malformed:
     """Turn one inserted outbox row into the documented outbox message, or say why it cannot be."""
     lsn_text, time_text = _commit_headers(commit_lsn, commit_time)
@@ -137,7 +137,7 @@ def route(
 
 
 def route_snapshot(
-    layout: Layout, row: TupleData, *, source: str, snapshot: str
+    layout: OutboxColumns, row: TupleData, *, source: str, snapshot: str
 ) -> OutboxEvent | Malformed:
     """Like :func:`route` for a row read from a snapshot (backfill or recovery).
 
@@ -148,7 +148,7 @@ def route_snapshot(
     return _route(layout, row, {"x-cdc-source": source, "x-cdc-snapshot": snapshot})
 
 
-def _route(layout: Layout, row: TupleData, own: dict[str, str]) -> OutboxEvent | Malformed:
+def _route(layout: OutboxColumns, row: TupleData, own: dict[str, str]) -> OutboxEvent | Malformed:
     idx = layout.index
 
     def col(name: str) -> bytes | memoryview | None:

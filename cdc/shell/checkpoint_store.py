@@ -1,6 +1,6 @@
 """Reads and writes of ``cdc.relay_checkpoint`` over an ordinary autocommit connection.
 
-The rules live in ``cdc/checkpoint.py``; this module only moves rows. Snapshots travel as
+The rules live in ``cdc/core/checkpoint.py``; this module only moves rows. Snapshots travel as
 ``pg_snapshot`` text and LSNs as ``pg_lsn`` text, cast in SQL. Every update but
 :func:`mark_lost` touches only a row in state ``ready``, so a relay never overwrites what
 ``cdc recover`` is doing.
@@ -13,10 +13,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from cdc.checkpoint import LOST, READY, Checkpoint, normalize_snapshot, plan_write
 from cdc.config import RelaySettings
+from cdc.core.checkpoint import LOST, READY, Checkpoint, normalize_snapshot, plan_write
+from cdc.core.lsn import format_lsn, parse_lsn
 from cdc.errors import SetupError
-from cdc.lsn import format_lsn, parse_lsn
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -116,7 +116,7 @@ def set_timeline(conn: Conn, slot_name: str, timeline: int) -> None:
 
 
 def write_checkpoint(conn: Conn, slot_name: str, flushed: int) -> bool:
-    """One periodic checkpoint (the rule is :func:`cdc.checkpoint.plan_write`).
+    """One periodic checkpoint (the rule is :func:`cdc.core.checkpoint.plan_write`).
 
     The new candidate is read snapshot FIRST, insert LSN SECOND, in separate statements:
     every transaction visible in the snapshot then has its commit record below that LSN.

@@ -1,7 +1,7 @@
 """The checkpoint row as backfill, recovery and prune use it (``cdc.relay_checkpoint``).
 
-Thin I/O over an autocommit connection, on top of ``cdc/checkpoint_store.py`` (which reads
-and inserts the row): the :class:`~cdc.horizon.Horizon` that prune and recovery trust, the
+Thin I/O over an autocommit connection, on top of ``cdc/shell/checkpoint_store.py`` (which reads
+and inserts the row): the :class:`~cdc.core.horizon.Horizon` that prune and recovery trust, the
 first row of a backfill, its progress, and the outcome of a recovery. Every statement is
 keyed by the slot name, bound as a parameter.
 """
@@ -14,11 +14,11 @@ from typing import Any
 
 import psycopg
 
-from cdc import checkpoint_store
-from cdc.checkpoint import Checkpoint
 from cdc.config import RelaySettings
+from cdc.core.checkpoint import Checkpoint
+from cdc.core.horizon import BACKFILL_MODES, BackfillMode, Horizon
 from cdc.errors import SetupError
-from cdc.horizon import BACKFILL_MODES, BackfillMode, Horizon
+from cdc.shell import checkpoint_store
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -49,7 +49,7 @@ def backfill_mode(row: Checkpoint) -> BackfillMode:
 
 
 def horizon(conn: Conn, settings: RelaySettings, row: Checkpoint) -> Horizon:
-    """What the row proves published (see :mod:`cdc.horizon`)."""
+    """What the row proves published (see :mod:`cdc.core.horizon`)."""
     return Horizon(
         row.proven_snapshot,
         row.base_snapshot,

@@ -1,6 +1,6 @@
 """What `cdc status` shows: the slot, the three lags, the relay's state and the parked counts.
 
-Pure: it takes what :mod:`cdc.status_probe` read (the slot from PostgreSQL, the relay's and
+Pure: it takes what :mod:`cdc.shell.status_probe` read (the slot from PostgreSQL, the relay's and
 the workers' ``/metrics`` and ``/healthz``, the parking queue's depth from the broker) and
 builds the JSON document and the one-screen text. A value nobody could read is ``None``
 ("unknown" on screen), never 0: a relay that does not answer is not a relay with no lag.

@@ -3,8 +3,8 @@
 Rows are read in batches in id order (keyset: ``id > last``) on a connection whose
 transaction holds the snapshot, as text exactly as pgoutput would send them (same session
 settings as the replication connection), turned into messages by
-:func:`cdc.outbox.route_snapshot`, and published with the relay's confirm publisher
-(:class:`cdc.publisher.Publisher`: mandatory, persistent, parking of unroutable and
+:func:`cdc.core.outbox.route_snapshot`, and published with the relay's confirm publisher
+(:class:`cdc.shell.publisher.Publisher`: mandatory, persistent, parking of unroutable and
 malformed rows). A batch is at most ``CDC_MAX_IN_FLIGHT`` rows, which is the window: the
 next batch is read only when every message of this one is confirmed, and only then is
 ``on_batch`` told the batch's last id, so a caller that records it can resume after a
@@ -27,12 +27,12 @@ import psycopg
 from psycopg import sql
 
 from cdc.config import RelaySettings
+from cdc.core.outbox import OutboxColumns, route_snapshot
+from cdc.core.watermark import Txn
 from cdc.errors import SetupError, SinkError
-from cdc.metrics import Metrics
-from cdc.outbox import Layout, route_snapshot
-from cdc.pgoutput import Column, Relation, TupleData
-from cdc.publisher import Publisher
-from cdc.watermark import Txn
+from cdc.shell.metrics import Metrics
+from cdc.shell.publisher import Publisher
+from cdc.wire.pgoutput import Column, Relation, TupleData
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 #: The replication connection's output settings, so values read here print the same.
@@ -43,7 +43,7 @@ SESSION_SETTINGS = (("TimeZone", "UTC"), ("DateStyle", "ISO, YMD"), ("extra_floa
 class SnapshotRows:
     """How to read one selection of outbox rows: the table's layout and a WHERE clause."""
 
-    layout: Layout
+    layout: OutboxColumns
     table: sql.Composed
     where: sql.Composable
 
@@ -77,7 +77,7 @@ def pin_session(conn: Conn) -> None:
         conn.execute("SELECT set_config(%s, %s, true)", (name, value))
 
 
-def table_layout(conn: Conn, settings: RelaySettings) -> tuple[Layout, sql.Composed]:
+def table_layout(conn: Conn, settings: RelaySettings) -> tuple[OutboxColumns, sql.Composed]:
     """The outbox table's columns (as a pgoutput Relation would list them) and its name."""
     rows = conn.execute(
         "SELECT c.oid, a.attname, a.atttypid, a.atttypmod FROM pg_class c "
@@ -94,7 +94,7 @@ def table_layout(conn: Conn, settings: RelaySettings) -> tuple[Layout, sql.Compo
     if "id" not in {c.name for c in columns}:
         raise SetupError(f"{settings.outbox_table} has no id column; the outbox needs one")
     table = sql.SQL("{}").format(sql.Identifier(settings.table_schema, settings.table_name))
-    return Layout.of(relation), table
+    return OutboxColumns.of(relation), table
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +109,7 @@ class Batch:
 async def publish_rows(
     settings: RelaySettings,
     metrics: Metrics,
-    layout: Layout,
+    layout: OutboxColumns,
     fetch: Callable[[str | None, int], list[tuple[str, TupleData]]],
     *,
     source: str,

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeAlias
 
 from cdc.errors import ProtocolError
-from cdc.pgoutput_messages import (
+from cdc.wire.pgoutput_messages import (
     UNCHANGED_TOAST,
     Begin,
     BeginPrepare,

@@ -21,14 +21,14 @@ from typing import Any
 
 import orjson
 
-from cdc import amqp_frames as wire
 from cdc.config import RelaySettings
 from cdc.core.confirms import ConfirmToken, Kind
+from cdc.core.outbox import Malformed, OutboxEvent
+from cdc.core.watermark import Txn
 from cdc.errors import SinkError
-from cdc.metrics import Metrics
-from cdc.outbox import Malformed, OutboxEvent
 from cdc.shell.broker import ConfirmChannel
-from cdc.watermark import Txn
+from cdc.shell.metrics import Metrics
+from cdc.wire import amqp as wire
 
 log = logging.getLogger(__name__)
 

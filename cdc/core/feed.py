@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cdc import pgoutput
+from cdc.core.outbox import Malformed, OutboxColumns, OutboxEvent, route
+from cdc.core.watermark import Txn, Watermark
 from cdc.errors import ProtocolError
-from cdc.outbox import Layout, Malformed, OutboxEvent, route
-from cdc.replication import PG_EPOCH
-from cdc.watermark import Txn, Watermark
+from cdc.wire import pgoutput
+from cdc.wire.replication import PG_EPOCH
 
-Item = tuple[Txn, OutboxEvent | Malformed]
+RoutedEvent = tuple[Txn, OutboxEvent | Malformed]
 
 _IGNORED: dict[type[object], str] = {
     pgoutput.Update: "update",
@@ -37,7 +37,7 @@ class OutboxFeed:
         self._target = (schema, table)
         self._watermark = watermark
         self._ignored = ignored
-        self._layouts: dict[int, Layout] = {}
+        self._layouts: dict[int, OutboxColumns] = {}
         self._txn: Txn | None = None
         self._commit_time = PG_EPOCH
 
@@ -46,7 +46,7 @@ class OutboxFeed:
         """True between a Begin and its Commit."""
         return self._txn is not None
 
-    def handle(self, payload: memoryview, lsn: int) -> Item | None:
+    def handle(self, payload: memoryview, lsn: int) -> RoutedEvent | None:
         """Process one pgoutput message; return the outbox item it produced, if any."""
         msg = pgoutput.decode(payload, lsn=lsn)
         if isinstance(msg, pgoutput.Insert):
@@ -70,7 +70,7 @@ class OutboxFeed:
             self._txn = None
         elif isinstance(msg, pgoutput.Relation):
             if (msg.namespace, msg.name) == self._target:
-                self._layouts[msg.oid] = Layout.of(msg)
+                self._layouts[msg.oid] = OutboxColumns.of(msg)
             else:
                 self._layouts.pop(msg.oid, None)
         elif type(msg) in _IGNORED:

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import psycopg
 
-from cdc import checkpoint_store as store
-from cdc import slot as slots
-from cdc.checkpoint import Action, Checkpoint, assess
 from cdc.config import RelaySettings
+from cdc.core.checkpoint import Action, Checkpoint, assess
+from cdc.core.lsn import parse_lsn
 from cdc.errors import SetupError, SlotLostError, SourceError
-from cdc.lsn import parse_lsn
-from cdc.slot_create import create_slot, current_identity
+from cdc.shell import checkpoint_store as store
+from cdc.shell import slot as slots
+from cdc.shell.slot_create import create_slot, current_identity
 
 
 @dataclass(frozen=True, slots=True)

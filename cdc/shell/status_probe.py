@@ -1,5 +1,5 @@
 """Reads what `cdc status` shows from the processes around the slot (the I/O side of
-:mod:`cdc.status_report`).
+:mod:`cdc.core.status_report`).
 
 - the relay's and the workers' ``/metrics`` and ``/healthz`` over HTTP, all at once, each
   with a short timeout: an endpoint that does not answer is reported as such, never as 0;
@@ -20,10 +20,10 @@ from urllib.parse import urlsplit, urlunsplit
 import aiormq
 import orjson
 
-from cdc import slot as slots
-from cdc import status_report as report
 from cdc.config import RelaySettings
+from cdc.core import status_report as report
 from cdc.service.logs import redact
+from cdc.shell import slot as slots
 
 #: Seconds each endpoint may take; a status screen must not hang on one dead process.
 TIMEOUT = 2.0
@@ -102,7 +102,7 @@ def depths(settings: RelaySettings, queues: list[str]) -> report.Depths:
 
 def _database_side(settings: RelaySettings, standby_urls: list[str]) -> dict[str, Any]:
     """The slot's status and the failover readiness of the standbys."""
-    from cdc.standbys import failover_status
+    from cdc.shell.standbys import failover_status
 
     slot = slots.status(settings).as_dict()
     with slots.connect(settings) as conn:

@@ -5,7 +5,7 @@ column means) is what tells "first start" from "my slot is gone". :func:`assess`
 row and what the relay sees now (slot, server identity, publication) into one verdict;
 :func:`plan_write` is the periodic checkpoint rule: a candidate snapshot becomes the proven
 one once the flushed LSN has reached the WAL position read just after it was taken.
-``cdc/checkpoint_store.py`` reads and writes the row; nothing here touches a socket.
+``cdc/shell/checkpoint_store.py`` reads and writes the row; nothing here touches a socket.
 """
 
 from __future__ import annotations

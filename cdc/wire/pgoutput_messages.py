@@ -1,6 +1,6 @@
 """The messages of the ``pgoutput`` logical replication protocol (versions 1 to 4), as values.
 
-One frozen dataclass per message type, built by :func:`cdc.pgoutput.decode`; tuple values
+One frozen dataclass per message type, built by :func:`cdc.wire.pgoutput.decode`; tuple values
 are left as the server sent them (see :data:`TupleData`). No I/O, no decoding here.
 """
 
