@@ -1,4 +1,5 @@
-"""Settings (cdc/config.py), log redaction (cdc/service/logs.py), LSN text (cdc/core/lsn.py), backoff."""
+"""Settings (cdc/config.py), log redaction (cdc/service/logs.py), LSN text (cdc/core/lsn.py),
+backoff."""
 
 from __future__ import annotations
 

@@ -88,7 +88,10 @@ def run(columns, **changes):
     rel = relation(columns)
     values = {**ROW, **changes}
     return route(
-        OutboxColumns.of(rel), tuple_for(rel, values), commit_lsn=COMMIT_LSN, commit_time=COMMIT_TIME
+        OutboxColumns.of(rel),
+        tuple_for(rel, values),
+        commit_lsn=COMMIT_LSN,
+        commit_time=COMMIT_TIME,
     )
 
 
@@ -99,7 +102,7 @@ LAYOUTS = pytest.mark.parametrize(
 )
 
 
-# -- OutboxColumns ----------------------------------------------------------------------------------
+# -- OutboxColumns ---------------------------------------------------------------------------------
 
 
 @LAYOUTS
@@ -164,7 +167,8 @@ def test_minimal_table_has_null_aggregate_headers_and_no_timestamp():
 )
 def test_commit_lsn_header_is_postgres_text(lsn, text):
     rel = relation(LEGACY)
-    event = route(OutboxColumns.of(rel), tuple_for(rel, ROW), commit_lsn=lsn, commit_time=COMMIT_TIME)
+    columns = OutboxColumns.of(rel)
+    event = route(columns, tuple_for(rel, ROW), commit_lsn=lsn, commit_time=COMMIT_TIME)
     assert event.headers["commit_lsn"] == text
 
 

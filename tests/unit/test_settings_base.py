@@ -1,27 +1,19 @@
-"""The settings both processes share (cdc/service/settings.py, cdc/service/urls.py) and the refusal
-rules (cdc/service/refusals.py): URL checks, ``*_FILE`` secrets, secrets refused as flags,
-one-line errors, which connection failures are refusals (exit 3) and which are outages
+"""The settings both processes share (cdc/service/settings.py, cdc/service/urls.py) and the
+refusal rules (cdc/service/refusals.py): URL checks, ``*_FILE`` secrets, secrets refused as
+flags, one-line errors, which connection failures are refusals (exit 3) and which are outages
 (retried)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from pydantic import ValidationError
 
 from cdc.config import RelaySettings
 from cdc.errors import ConfigError
 from cdc.service.refusals import amqp_refusal, postgres_refusal
-from cdc.service.settings import check_identifier, is_identifier, load
+from cdc.service.settings import load
 from cdc.service.urls import check_host, parse_amqp_url, parse_dsn, url_has_password
-from cdc.shell.privileges import check_role_name
 from consumers.config import ConsumerSettings
-from consumers.errors import ConfigError as WorkerConfigError
 from consumers.notifications.worker import NotificationSettings
-from consumers.sqlnames import check_name, qualified_table, render
 
 pytestmark = pytest.mark.usefixtures("no_cdc_env")
 
@@ -262,21 +254,6 @@ def test_a_readable_cafile_is_accepted(urls, tmp_path):
     assert parse_amqp_url(s.amqp_url.get_secret_value()).cafile == str(ca)
 
 
-def test_the_broker_client_gets_the_address_parsed_and_checked(urls, tmp_path, monkeypatch):
-    """The relay's AMQP client parses nothing: the settings hand it the checked parts, and
-    never show the password in a repr."""
-    monkeypatch.setenv("CDC_AMQP_URL", f"amqp://cdc:{SECRET}@rabbit:5673/v")
-    address = load(RelaySettings, {}).broker_address()
-    assert (address.host, address.port, address.vhost, address.user) == ("rabbit", 5673, "v", "cdc")
-    assert address.password == SECRET and SECRET not in repr(address)
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    s = load(RelaySettings, {"amqp_url": f"amqps://h/?cafile={ca}"})
-    ca.unlink()  # gone after start: the next connect says so as a configuration error
-    with pytest.raises(ConfigError, match=r"CDC_AMQP_URL: \?cafile=.* is not a readable file"):
-        s.broker_address()
-
-
 # -- refusals (exit 3) and outages (retried) --------------------------------------------------
 
 FATAL = 'connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  '
@@ -334,72 +311,3 @@ def test_values_the_environment_cannot_parse_are_one_line_errors(urls, monkeypat
     with pytest.raises(ConfigError, match=r"CDC_BILLING_PLAN_RATES \[pro\]: ") as info:
         load(BillingSettings, {})
     assert "\n" not in str(info.value)
-
-
-# -- one identifier rule for the relay and the workers --------------------------------------
-
-_NAME_CHARS = st.sampled_from("aZ_$09.-\" ;")
-
-
-def _relay_accepts_table(value: str) -> bool:
-    try:
-        RelaySettings(outbox_table=value)
-    except ValidationError:
-        return False
-    return True
-
-
-def _worker_accepts_table(value: str) -> bool:
-    try:
-        ConsumerSettings(outbox_table=value, worker_inbox_table=value)
-    except ValidationError:
-        return False
-    return True
-
-
-def _sql_accepts_table(value: str) -> bool:
-    try:
-        qualified_table(value, "CDC_OUTBOX_TABLE")
-    except WorkerConfigError:
-        return False
-    return True
-
-
-@given(st.text(_NAME_CHARS, max_size=8) | st.sampled_from(["a" * 63, "a" * 64, "s.a$b"]))
-def test_a_table_the_relay_accepts_the_workers_accept_too(value):
-    # The same rule decides in the relay's settings, the workers' and the workers' SQL.
-    accepted = _relay_accepts_table(value)
-    assert _worker_accepts_table(value) == accepted
-    assert _sql_accepts_table(value) == accepted
-
-
-@pytest.mark.parametrize(
-    ("name", "ok"),
-    [
-        ("event_outbox", True),
-        ("_x", True),
-        ("ev$nt", True),  # PostgreSQL allows '$' inside an unquoted name
-        ("x$", True),
-        ("$x", False),  # ... never first: $1 is a parameter
-        ("1x", False),
-        ("a" * 63, True),
-        ("a" * 64, False),
-        ("x-y", False),
-        ('x"y', False),
-        ("", False),
-    ],
-)
-def test_one_identifier_rule(name, ok):
-    assert is_identifier(name) is ok
-    with contextlib.nullcontext() if ok else pytest.raises(ValueError, match="identifier"):
-        check_identifier(name)
-    with contextlib.nullcontext() if ok else pytest.raises(WorkerConfigError, match="CDC_X"):
-        check_name(name, "CDC_X")
-    with contextlib.nullcontext() if ok else pytest.raises(ConfigError, match="--relay-role"):
-        check_role_name(name)
-    assert _relay_accepts_table(name) is ok
-    assert _worker_accepts_table(name) is ok
-
-
-def test_a_dollar_name_is_quoted_in_sql():
-    assert render(qualified_table("ev$nt", "CDC_OUTBOX_TABLE")) == '"public"."ev$nt"'

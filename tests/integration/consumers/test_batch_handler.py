@@ -81,7 +81,9 @@ async def _setup(url: str, schema: str) -> psycopg.AsyncConnection[Any]:
 def _items(calls: Calls, specs: list[tuple[str, int]]) -> list[BatchMessage]:
     route = Route("ledger.#", Entry, calls.single, calls.many)
     return [
-        BatchMessage(Delivery(mid, "ledger.x", {}, 1, b""), route, Entry(key=mid, amount=amount), "q")
+        BatchMessage(
+            Delivery(mid, "ledger.x", {}, 1, b""), route, Entry(key=mid, amount=amount), "q"
+        )
         for mid, amount in specs
     ]
 
@@ -154,8 +156,10 @@ async def test_failed_pipelines_leave_no_stale_prepared_statement(
     route = Route("ledger.#", Entry, calls.single)  # per-message handler only, pipelined
     for n in range(4):
         specs = [(f"{n}-{i}", -1 if i == 5 else i) for i in range(10)]
-        items = [BatchMessage(Delivery(m, "ledger.x", {}, 1, b""), route, Entry(key=m, amount=a), "q")
-                 for m, a in specs]
+        items = [
+            BatchMessage(Delivery(m, "ledger.x", {}, 1, b""), route, Entry(key=m, amount=a), "q")
+            for m, a in specs
+        ]
         await run_batch(conn, f"{pg_schema}.inbox", "t", items, optimistic=True)
         assert [i.outcome for i in items] == [FAILED if i == 5 else DONE for i in range(10)]
     assert len(await _rows(conn, calls)) == 36
