@@ -61,7 +61,7 @@ from harness.session import (
     session_services,
 )
 from harness.tcp_proxy import TcpProxy
-from harness.workers import Domain, Ledger
+from harness.workers import Domain, LedgerWorkerEnv
 from psycopg import sql
 
 
@@ -402,9 +402,9 @@ def pg_clusters(broker: Broker, tmp_path: Path) -> Iterator[Clusters]:
 
 
 @pytest.fixture
-def ledger(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[Ledger]:
+def ledger(pg_session_db: str, broker: Broker, tmp_path: Path) -> Iterator[LedgerWorkerEnv]:
     """Names for one runtime test with the ledger worker; everything removed at the end."""
-    lg = Ledger(pg_session_db, broker, tmp_path)
+    lg = LedgerWorkerEnv(pg_session_db, broker, tmp_path)
     try:
         yield lg
     finally:
