@@ -16,6 +16,7 @@ own value is kept.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 RENAMED_PREFIX = "outbox-"
@@ -46,6 +47,7 @@ _RESERVED_PREFIXES = (
 )
 
 
+@lru_cache(maxsize=1024)  # rows repeat the same few keys: decide each once
 def is_reserved(key: str) -> bool:
     """True if a header named ``key`` would steer delivery or spoof a broker/runtime header."""
     name = key.lower()
@@ -54,8 +56,13 @@ def is_reserved(key: str) -> bool:
 
 def safe_headers(row_headers: Mapping[str, Any]) -> dict[str, Any]:
     """The row's headers with every reserved key renamed to ``outbox-<key>``."""
-    out = {k: v for k, v in row_headers.items() if not is_reserved(k)}
+    out: dict[str, Any] = {}
+    renamed = []
     for key, value in row_headers.items():
         if is_reserved(key):
-            out.setdefault(RENAMED_PREFIX + key, value)
+            renamed.append((key, value))
+        else:
+            out[key] = value
+    for key, value in renamed:  # after the others: a row's own outbox-<key> wins
+        out.setdefault(RENAMED_PREFIX + key, value)
     return out

@@ -81,24 +81,54 @@ def _key(key: str) -> bytes | None:
     return prefix
 
 
+# The last string value of each header name and its encoded table entry. commit_lsn and
+# commit_time are the same for every row of a transaction and aggregate_type mostly repeats:
+# their entries are encoded once, not once per message. Short values only, so a big header
+# value is not kept alive here.
+_ENTRIES: dict[str, tuple[str, bytes]] = {}
+_MAX_CACHED_VALUE = 256
+
+
 def _table(headers: Mapping[str, Any]) -> bytes:
     """A field table; plain strings and None fast, anything else through pamqp."""
     parts: list[bytes] = []
     append = parts.append
+    entries = _ENTRIES
     for key in sorted(headers):
-        name = _KEYS.get(key) or _key(key)
         value = headers[key]
-        if name is None:
-            return encode.field_table(dict(headers))
-        if value is None:
-            append(name + b"V")
-        elif type(value) is str:
+        if type(value) is str:
+            last = entries.get(key)
+            if last is not None and last[0] == value:
+                append(last[1])
+                continue
+            name = _KEYS.get(key) or _key(key)
+            if name is None:
+                return encode.field_table(dict(headers))
             data = value.encode()
-            append(name + b"S" + len(data).to_bytes(4, "big") + data)
+            entry = b"".join((name, b"S", len(data).to_bytes(4, "big"), data))
+            if len(value) <= _MAX_CACHED_VALUE and (last is not None or len(entries) < _MAX_KEYS):
+                entries[key] = (value, entry)
+            append(entry)
+        elif value is None:
+            name = _KEYS.get(key) or _key(key)
+            if name is None:
+                return encode.field_table(dict(headers))
+            append(name + b"V")
         else:
             return encode.field_table(dict(headers))
     body = b"".join(parts)
     return len(body).to_bytes(4, "big") + body
+
+
+# Encoded content types and message types (the event types: a few dozen in practice).
+_NAMES: dict[str, bytes] = {}
+
+
+def _name(text: str) -> bytes:
+    encoded = _shortstr(text)
+    if len(_NAMES) < _MAX_KEYS:
+        _NAMES[text] = encoded
+    return encoded
 
 
 def properties_block(
@@ -116,7 +146,8 @@ def properties_block(
     (as pamqp does). ``timestamp`` becomes whole seconds since the Unix epoch.
     """
     flags = _CONTENT_TYPE | _HEADERS | _DELIVERY_MODE
-    parts = [b"", _shortstr(content_type), _table(headers), bytes((delivery_mode,))]
+    content = _NAMES.get(content_type) or _name(content_type)
+    parts = [b"", content, _table(headers), bytes((delivery_mode,))]
     if message_id:
         flags |= _MESSAGE_ID
         parts.append(_shortstr(message_id))
@@ -127,7 +158,7 @@ def properties_block(
         parts.append(int(timestamp.timestamp()).to_bytes(8, "big"))
     if message_type:
         flags |= _TYPE
-        parts.append(_shortstr(message_type))
+        parts.append(_NAMES.get(message_type) or _name(message_type))
     parts[0] = flags.to_bytes(2, "big")
     return b"".join(parts)
 

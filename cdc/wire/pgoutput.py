@@ -171,7 +171,8 @@ _T, _B, _N, _U = b"tbnu"
 def _tuple(
     buf: bytes | memoryview, pos: int, what: str, lsn: int | None
 ) -> tuple[TupleData, int]:
-    # The hot path: explicit bounds checks and local names instead of a _Struct per column.
+    # The hot path: a text value costs one compare, one unpack and one slice; the bounds are
+    # left to the unpack and the index (whose errors are turned into ProtocolError below).
     size = len(buf)
     if pos + 2 > size:
         _NCOLS.read(buf, pos, lsn)  # raises the truncation error
@@ -180,41 +181,50 @@ def _tuple(
     values: list[bytes | memoryview | UnchangedToast | BinaryValue | None] = []
     append = values.append
     unpack_len = _LEN.unpack_from
-    for index in range(ncols):
-        if pos >= size:
-            raise ProtocolError(
-                f"truncated {what}: expected Byte1 kind of column {index}", offset=pos, lsn=lsn
-            )
-        kind = buf[pos]
-        if kind == _T or kind == _B:  # noqa: SIM109 - two compares beat building a tuple
-            if pos + 5 > size:
+    view = type(buf) is memoryview
+    index = 0
+    try:
+        for index in range(ncols):
+            kind = buf[pos]
+            if kind == _T:
+                (length,) = unpack_len(buf, pos + 1)
+                start = pos + 5
+                pos = start + length
+                if length < 0 or pos > size:
+                    raise _bad_length(buf, start, length, f"{what} column {index} value", lsn)
+                value = buf[start:pos]
+                # Only a large message is a view; its small values are copied.
+                append(value.tobytes() if view and length < LARGE else value)  # type: ignore[union-attr]
+            elif kind == _N:
+                append(None)
+                pos += 1
+            elif kind == _U:
+                append(UNCHANGED_TOAST)
+                pos += 1
+            elif kind == _B:
+                (length,) = unpack_len(buf, pos + 1)
+                start = pos + 5
+                pos = start + length
+                if length < 0 or pos > size:
+                    raise _bad_length(buf, start, length, f"{what} column {index} value", lsn)
+                append(BinaryValue(bytes(buf[start:pos])))
+            else:
                 raise ProtocolError(
-                    f"truncated {what}: expected Int32 length of column {index}",
-                    offset=pos + 1,
+                    f"{what}: unknown kind {bytes((kind,))!r} of column {index}; "
+                    "expected 'n', 'u', 't' or 'b'",
+                    offset=pos,
                     lsn=lsn,
                 )
-            (length,) = unpack_len(buf, pos + 1)
-            start = pos + 5
-            pos = start + length
-            if length < 0 or pos > size:
-                raise _bad_length(buf, start, length, f"{what} column {index} value", lsn)
-            value = buf[start:pos]
-            if type(value) is memoryview and (kind != _T or length < LARGE):
-                value = value.tobytes()  # only a large message is a view; copy small values
-            append(value if kind == _T else BinaryValue(bytes(value)))
-        elif kind == _N:
-            append(None)
-            pos += 1
-        elif kind == _U:
-            append(UNCHANGED_TOAST)
-            pos += 1
-        else:
-            raise ProtocolError(
-                f"{what}: unknown kind {bytes((kind,))!r} of column {index}; "
-                "expected 'n', 'u', 't' or 'b'",
-                offset=pos,
-                lsn=lsn,
-            )
+    except IndexError:
+        raise ProtocolError(
+            f"truncated {what}: expected Byte1 kind of column {index}", offset=pos, lsn=lsn
+        ) from None
+    except struct.error:
+        raise ProtocolError(
+            f"truncated {what}: expected Int32 length of column {index}",
+            offset=pos + 1,
+            lsn=lsn,
+        ) from None
     return tuple(values), pos
 
 

@@ -13,6 +13,8 @@ import random
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cdc.core.lsn import parse_lsn
 from cdc.core.outbox import Malformed, OutboxColumns, OutboxEvent, route, route_snapshot
@@ -219,6 +221,25 @@ def test_created_at_on_a_whole_second_still_carries_microseconds():
     assert isinstance(event, OutboxEvent)
     assert event.timestamp == datetime(2026, 12, 2, 18, 35, 57, tzinfo=UTC)
     assert event.headers["created_at"] == "2026-12-02T18:35:57.000000+00:00"
+
+
+def _postgres_text(when: datetime) -> str:
+    """A UTC timestamptz as the relay's session prints it (no trailing zeros in the fraction)."""
+    text = f"{when.year:04d}-{when:%m-%d %H:%M:%S}"
+    fraction = f"{when.microsecond:06d}".rstrip("0")
+    return f"{text}.{fraction}+00" if fraction else f"{text}+00"
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31), timezones=st.just(UTC)
+    )
+)
+def test_created_at_header_is_the_iso_form_of_the_parsed_time(when):
+    # The header is built from the text for speed; it must equal the datetime's own format.
+    event = run(LEGACY, created_at=_postgres_text(when))
+    assert isinstance(event, OutboxEvent)
+    assert event.headers["created_at"] == when.isoformat(timespec="microseconds")
 
 
 @pytest.mark.parametrize("created_at", ["infinity", "-infinity", "0044-03-15 12:00:00+00 BC"])
