@@ -2,17 +2,15 @@
 
 A publish is a few pre-encoded bytes appended to a buffer written once per event-loop turn
 (aiormq's ``basic_publish`` costs about 200 µs of CPU per message: pamqp objects, a future,
-a lock round and a write each). This shell does the connection, the handshake, the frame
-reading, the write batching and the liveness clock; which publish a confirm, a nack or a
+a lock round and a write each). This shell does the frame reading, the write batching and
+the liveness clock (the handshake: ``broker_connect``); which publish a confirm, a nack or a
 return is about, and what to re-send when, the pure :class:`~cdc.core.confirms.ConfirmTracker`
 decides.
 
 Contract:
 
-* :meth:`ConfirmChannel.connect` opens the connection to an already parsed and checked
-  broker address (:class:`~cdc.service.urls.AmqpUrl`; PLAIN auth, heartbeats, ``amqps`` with the
-  default TLS checks), opens channel 1 and puts it in confirm mode. Any failure raises
-  :class:`~cdc.errors.SinkError`.
+* :func:`cdc.shell.broker_connect.connect` opens the connection and returns the channel in
+  confirm mode.
 * :meth:`ConfirmChannel.publish` takes the encoded frames of one mandatory publish
   (:func:`cdc.wire.amqp.publish_frames`) and an opaque ``token``. Frames go out in call
   order on the one channel. For every publish exactly one of two callbacks runs once:
@@ -31,8 +29,6 @@ Contract:
   never written to again: nothing is re-sent into it, so what is buffered stays bounded
   by the window. Unconfirmed tokens are then dropped without a callback: the relay
   re-reads them from the replication slot.
-* The socket has TCP keepalives on (``_KEEPALIVE``), so a peer that vanished without a
-  word is noticed by the kernel too.
 """
 
 from __future__ import annotations
@@ -40,8 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -51,28 +45,13 @@ from pamqp import base, commands
 
 from cdc.core.confirms import ConfirmTracker, Publish
 from cdc.errors import CdcError, RefusedError, SinkError
-from cdc.service.refusals import amqp_refusal, tls_hint
-from cdc.service.urls import AmqpUrl
+from cdc.service.refusals import amqp_refusal
 from cdc.wire import amqp as wire
 
 log = logging.getLogger(__name__)
 
 _CHANNEL = 1
-_FRAME_MAX = 131072
-_CONNECT_TIMEOUT = 10.0
-# TCP keepalive: first probe after 10 s idle, then every 5 s, dead after 3 unanswered.
-_KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
-
-
-def _set_keepalive(sock: Any) -> None:
-    """Turn TCP keepalives on (where the platform has the options)."""
-    if sock is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in _KEEPALIVE:
-            if hasattr(socket, name):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+FRAME_MAX = 131072
 
 
 class ConfirmChannel(asyncio.Protocol):
@@ -95,7 +74,7 @@ class ConfirmChannel(asyncio.Protocol):
         self._on_blocked = on_blocked
         self._transport: asyncio.Transport | None = None
         self._reader = wire.FrameReader()
-        self.frame_max = _FRAME_MAX
+        self.frame_max = FRAME_MAX
         self._heartbeat = 0
         self._out: list[wire.Frames] = []
         self._out_pieces = False  # _out holds the pieces of a large body (not to be joined)
@@ -113,74 +92,29 @@ class ConfirmChannel(asyncio.Protocol):
         # A session that ends for another reason must not log "exception never retrieved".
         self.closed.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    # -- opening -------------------------------------------------------------------------------
+    # -- opening (the handshake itself: cdc/shell/broker_connect.py) ---------------------------
 
-    @classmethod
-    async def connect(
-        cls,
-        address: AmqpUrl,
-        *,
-        confirm_timeout: float,
-        on_ack: Callable[[list[Any]], None],
-        on_returned: Callable[[Any, str], None],
-        on_republish: Callable[[str], None],
-        on_blocked: Callable[[bool], None] | None = None,
-    ) -> ConfirmChannel:
-        """Connect to ``address`` and return a channel in confirm mode (SinkError on failure)."""
-        tls = ssl.create_default_context(cafile=address.cafile) if address.tls else None
-        channel = cls(
-            confirm_timeout=confirm_timeout,
-            on_ack=on_ack,
-            on_returned=on_returned,
-            on_republish=on_republish,
-            on_blocked=on_blocked,
-        )
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(_CONNECT_TIMEOUT):
-                await loop.create_connection(lambda: channel, address.host, address.port, ssl=tls)
-                await channel._open(address)
-        except ssl.SSLCertVerificationError as exc:
-            refused = RefusedError(f"cannot connect to the broker: {exc}: {tls_hint()}")
-            channel._fail(refused)
-            raise refused from exc
-        except RefusedError:
-            raise
-        except (OSError, TimeoutError, SinkError) as exc:
-            cause = channel._error() if channel.closed.done() else exc
-            error = SinkError(f"cannot connect to the broker: {cause!r}")
-            channel._fail(error)
-            raise error from exc
-        except BaseException:
-            channel._fail(SinkError("connecting was cancelled"))
-            raise
-        return channel
-
-    async def _open(self, address: AmqpUrl) -> None:
-        start = await self._call(None, commands.Connection.Start, channel=0)
-        ok = wire.start_ok(start, address.user, address.password)
-        tune = await self._call(ok, commands.Connection.Tune, channel=0)
-        tune_ok = wire.tune_ok(tune, _FRAME_MAX, address.heartbeat)
+    def tuned(self, tune_ok: commands.Connection.TuneOk, heartbeat: int) -> None:
+        """Take the negotiated frame size and heartbeat, and send ``tune_ok``."""
         self.frame_max = tune_ok.frame_max
         self._reader.set_frame_max(self.frame_max)
-        self._heartbeat = address.heartbeat
+        self._heartbeat = heartbeat
         self._write(wire.method_frame(0, tune_ok))
-        open_vhost = commands.Connection.Open(virtual_host=address.vhost)
-        await self._call(open_vhost, commands.Connection.OpenOk, channel=0)
-        await self._call(commands.Channel.Open(), commands.Channel.OpenOk)
-        await self._call(commands.Confirm.Select(), commands.Confirm.SelectOk)
+
+    def opened(self) -> None:
+        """The channel is in confirm mode: start the liveness and confirm clock."""
         self._schedule_tick()
 
     async def declare_exchange(self, name: str, kind: str) -> None:
         """Declare a durable exchange (SinkError if it exists with other settings)."""
         method = commands.Exchange.Declare(exchange=name, exchange_type=kind, durable=True)
-        await self._call(method, commands.Exchange.DeclareOk)
+        await self.call(method, commands.Exchange.DeclareOk)
 
     async def declare_queue(self, name: str) -> None:
         """Declare a durable queue."""
-        await self._call(commands.Queue.Declare(queue=name, durable=True), commands.Queue.DeclareOk)
+        await self.call(commands.Queue.Declare(queue=name, durable=True), commands.Queue.DeclareOk)
 
-    async def _call(
+    async def call(
         self, method: base.Frame | None, reply: type[base.Frame], channel: int = _CHANNEL
     ) -> base.Frame:
         """Send ``method`` (if any) and wait for ``reply``; only while nothing is published."""
@@ -188,7 +122,7 @@ class ConfirmChannel(asyncio.Protocol):
             self._write(wire.method_frame(channel, method))
         while not self._replies:
             if self.closed.done():
-                raise self._error()
+                raise self.error()
             if self._reply_ready.done():
                 self._reply_ready = self._loop.create_future()
             waiting: set[asyncio.Future[None]] = {self._reply_ready, self.closed}
@@ -210,7 +144,7 @@ class ConfirmChannel(asyncio.Protocol):
     ) -> None:
         """Queue one publish; it is written at the end of this event-loop turn."""
         if self.closed.done():
-            raise self._error()
+            raise self.error()
         self._tracker.publish(frames, token, exchange, routing_key, message_id, time.monotonic())
         self._out.append(frames)  # what _queue does, inline: once per event, it shows
         if type(frames) is tuple:
@@ -260,7 +194,7 @@ class ConfirmChannel(asyncio.Protocol):
             finally:
                 waiter.cancel()
         if self.closed.done():
-            raise self._error()
+            raise self.error()
 
     def _update_writable(self) -> None:
         if self._paused or self._tracker.blocked:
@@ -318,7 +252,6 @@ class ConfirmChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
-        _set_keepalive(transport.get_extra_info("socket"))
         self._transport.write(wire.PROTOCOL_HEADER)
 
     def data_received(self, data: bytes) -> None:
@@ -412,14 +345,15 @@ class ConfirmChannel(asyncio.Protocol):
         self._expire(now)
         self._schedule_tick()
 
-    def _error(self) -> CdcError:
+    def error(self) -> CdcError:
+        """Why the channel is closed (a plain SinkError if it carries no reason)."""
         closed = self.closed
         exc = closed.exception() if closed.done() and not closed.cancelled() else None
         if isinstance(exc, SinkError | RefusedError):
             return exc
         return SinkError("broker channel is closed")
 
-    def fail(self, exc: SinkError) -> None:
+    def fail(self, exc: CdcError) -> None:
         """End the connection with ``exc`` as the reason (:attr:`closed` carries it)."""
         self._fail(exc)
 
@@ -445,5 +379,5 @@ class ConfirmChannel(asyncio.Protocol):
         bye = commands.Connection.Close(200, "relay session ends", 0, 0)
         with contextlib.suppress(TimeoutError, SinkError):
             async with asyncio.timeout(2):
-                await self._call(bye, commands.Connection.CloseOk, channel=0)
+                await self.call(bye, commands.Connection.CloseOk, channel=0)
         self._fail(SinkError("broker channel is closed"))

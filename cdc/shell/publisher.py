@@ -26,6 +26,7 @@ from cdc.core.confirms import ConfirmToken, Kind
 from cdc.core.outbox import Malformed, OutboxEvent
 from cdc.core.watermark import Txn
 from cdc.errors import SinkError
+from cdc.shell import broker_connect
 from cdc.shell.broker import ConfirmChannel
 from cdc.shell.metrics import Metrics
 from cdc.wire import amqp as wire
@@ -60,7 +61,7 @@ class Publisher:
     async def connect(self) -> None:
         """Connect, open a confirm channel and declare the exchange and the parking queue."""
         s = self._settings
-        self._channel = await ConfirmChannel.connect(
+        self._channel = await broker_connect.connect(
             s.broker_address(),
             confirm_timeout=s.confirm_timeout,
             on_ack=self._acked,

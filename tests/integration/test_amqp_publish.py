@@ -24,6 +24,7 @@ from harness.session import AMQP_URL
 
 from cdc.errors import RefusedError, SinkError
 from cdc.service.urls import parse_amqp_url
+from cdc.shell import broker_connect
 from cdc.shell.broker import ConfirmChannel
 from cdc.wire import amqp as wire
 
@@ -39,7 +40,7 @@ class Recorder:
         self.republished: list[str] = []
 
     async def connect(self, url: str = AMQP_URL, confirm_timeout: float = 30.0) -> ConfirmChannel:
-        return await ConfirmChannel.connect(
+        return await broker_connect.connect(
             parse_amqp_url(url),
             confirm_timeout=confirm_timeout,
             on_ack=self.acked.extend,

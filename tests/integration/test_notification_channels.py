@@ -360,7 +360,7 @@ async def test_an_event_field_that_would_add_a_header_is_permanent():
 
 async def test_a_connection_idle_longer_than_the_keepalive_is_closed_not_reused():
     """Each new connection looks the host up once: counting lookups counts connections."""
-    from consumers.notifications.channels import KEEPALIVE
+    from consumers.notifications.webhook_client import KEEPALIVE
 
     receiver = WebhookReceiver()
     now = [1000.0]
