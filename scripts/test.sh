@@ -2,17 +2,20 @@
 # `make test`'s test run (after lint and types). Through containers unless
 # CDC_TEST_SERVICES=local, or no container engine can be had (then it says so):
 #
-#   1. the whole suite against the postgres:15 and rabbitmq:3-management images;
-#   2. the relay's integration and fault tests (RELAY_TESTS) again against postgres:18, at the
-#      same time as 1 (its output follows 1's);
+#   1. the unit and integration tests against the postgres:15 and rabbitmq:3-management
+#      images, and at the same time the relay's integration tests (RELAY_TESTS) again against
+#      postgres:18, each spread over CDC_TEST_WORKERS pytest-xdist worker processes (default
+#      2; 0 runs them in the pytest process); every worker starts a PostgreSQL and a RabbitMQ
+#      container of its own, so a test that stops its broker or raises its memory alarm
+#      affects no other worker's tests;
+#   2. the fault tests (kills, outages, stop deadlines), one at a time per server version
+#      (the postgres:15 and postgres:18 runs side by side): they time recoveries, which a
+#      machine loaded by many workers would blur;
 #   3. `tests/containers`: the built image, the compose stack, and the check that the host's
 #      PostgreSQL was not reconfigured or restarted by any of it.
 #
-# Passes 1 and 2 each spread their tests over CDC_TEST_WORKERS pytest-xdist worker processes
-# (default 3; 0 runs them in the pytest process), and every worker starts a PostgreSQL and a
-# RabbitMQ container of its own: a test that stops its broker or raises its memory alarm
-# affects no other worker's tests. With the local services (shared by every test) the
-# passes run one after the other, without workers.
+# With the local services (shared by every test) the passes run one after the other,
+# without workers.
 #
 # scripts/container-engine.sh provides the engine (here: podman and local look-alike images);
 # with Docker and DOCKER_HOST already set up, set CDC_TEST_SERVICES=containers and the
@@ -84,28 +87,48 @@ step() {  # NAME ARGS...: run pytest, remember its time and the first failure
   "${PYTEST[@]}" "$@" || status=$?
   timings+=("$name: $((SECONDS - t0)) s")
 }
-workers=${CDC_TEST_WORKERS:-3}
+workers=${CDC_TEST_WORKERS:-2}
 XDIST=(-n "$workers")
 [ "$workers" = 0 ] || XDIST+=(--dist worksteal)
+# NAME LOG ARGS...: a pytest run in the background, its output and time kept for the report.
+background() {
+  local name=$1 out=$2; shift 2
+  ( t0=$SECONDS; "${PYTEST[@]}" "$@"; rc=$?; echo "$name: $((SECONDS - t0)) s" >"$out.s"; exit $rc ) \
+    >"$out" 2>&1 &
+}
+# NAME LOG PID: wait for a background run, print its output, keep its time and failure.
+collect() {
+  local name=$1 out=$2 pid=$3
+  log "$name"
+  wait "$pid" || status=$?
+  cat "$out"
+  timings+=("$(cat "$out.s" 2>/dev/null || echo "$name: ?")")
+  rm -f "$out" "$out.s"
+}
 if [ "$only" = all ]; then
+  pg15=${CDC_TEST_PG_IMAGE:-postgres:15}
   pg18=${CDC_TEST_PG18_IMAGE:-postgres:18}
-  pg18_log=$(mktemp)
-  # The PostgreSQL 18 pass in the background: its containers are its own, and the suite's
-  # slowest tests (waits for timeouts) leave the CPUs idle much of the time.
-  (
-    t0=$SECONDS
-    CDC_TEST_PG_IMAGE=$pg18 "${PYTEST[@]}" "${XDIST[@]}" "${RELAY_TESTS[@]}"
-    rc=$?
-    echo "$((SECONDS - t0))" >"$pg18_log.s"
-    exit $rc
-  ) >"$pg18_log" 2>&1 &
-  pg18_pid=$!
-  step "suite, ${CDC_TEST_PG_IMAGE:-postgres:15}" "${XDIST[@]}" tests --ignore=tests/containers
-  log "relay, $pg18 (started with the suite)"
-  wait "$pg18_pid" || status=$?
-  cat "$pg18_log"
-  timings+=("relay, $pg18: $(cat "$pg18_log.s" 2>/dev/null || echo '?') s, alongside the suite")
-  rm -f "$pg18_log" "$pg18_log.s"
+  a=$(mktemp) b=$(mktemp)
+  # Phase 1: unit and integration tests of both server versions at once, each over
+  # $CDC_TEST_WORKERS xdist workers with containers of their own; much of their time is
+  # spent waiting (timeouts, intervals), so the two cores are shared well.
+  background "suite without faults, $pg15" "$a" "${XDIST[@]}" tests \
+    --ignore=tests/containers --ignore=tests/fault
+  pa=$!
+  CDC_TEST_PG_IMAGE=$pg18 background "relay without faults, $pg18" "$b" "${XDIST[@]}" \
+    "${RELAY_TESTS[@]}" --ignore=tests/fault
+  pb=$!
+  collect "suite without faults, $pg15" "$a" "$pa"
+  collect "relay without faults, $pg18" "$b" "$pb"
+  # Phase 2: the fault tests (kills, outages, stop deadlines) one at a time per server
+  # version: they measure how fast things recover, which a loaded machine would blur.
+  background "faults, $pg15" "$a" tests/fault
+  pa=$!
+  CDC_TEST_PG_IMAGE=$pg18 background "relay faults, $pg18" "$b" "${RELAY_TESTS[@]}" \
+    --ignore=tests/integration
+  pb=$!
+  collect "faults, $pg15" "$a" "$pa"
+  collect "relay faults, $pg18" "$b" "$pb"
 fi
 step "image, compose, host untouched" tests/containers
 log "timings"; printf '   %s\n' "${timings[@]}"

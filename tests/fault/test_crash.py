@@ -36,7 +36,7 @@ MAX_TXN = 50
 STATUS_INTERVAL = 0.5
 KILLS = 4
 WRITERS = 3
-EVENTS_PER_WRITER = 2500
+EVENTS_PER_WRITER = 5000
 
 
 class Sampler(threading.Thread):

@@ -35,7 +35,7 @@ def test_cutover_with_live_writers_sends_every_unpublished_row_exactly_once(env)
     seeded = env.seed_poller_rows(PENDING, FAILED, PUBLISHED)
     assert len(seeded["pending"]) == PENDING
     work = env.workload(
-        writers=2, events_per_writer=1500, max_txn=20, rate_per_writer=400,
+        writers=2, events_per_writer=3000, max_txn=20, rate_per_writer=400,
         kinds={"commit": 0.7, "savepoint": 0.2, "rollback": 0.1},
     ).start()  # fmt: skip
     time.sleep(0.5)  # writers are busy before, during and after the slot is made

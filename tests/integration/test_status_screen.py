@@ -161,6 +161,6 @@ def test_watch_goes_on_through_a_database_outage(env):
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     once = env.cdc("status", env=env.relay_env(database_url=closed))
     assert once.returncode == 3, once.stderr  # without --watch: the usual refusal exit
-    out, err = _watch(env, "--watch", "0.3", run_for=3.0, database_url=closed)
+    out, err = _watch(env, "--watch", "0.3", run_for=6.0, database_url=closed)
     assert err.count("PostgreSQL: cannot connect") >= 2, err
     assert out == ""
