@@ -33,7 +33,7 @@ log() { echo "== $*"; }
 # than PostgreSQL (publisher, broker outage and freeze, memory alarm, configuration errors,
 # row headers, which URLs each command needs), and the failover tests (they start their own
 # PostgreSQL 15 and 18 clusters in the first pass).
-RELAY_TESTS=(tests/integration tests/fault
+RELAY_SKIP=(
   --ignore=tests/integration/consumers --ignore=tests/fault/consumers
   --ignore=tests/integration/test_billing_store.py --ignore=tests/integration/test_billing_worker.py
   --ignore=tests/integration/test_notification_channels.py
@@ -46,6 +46,7 @@ RELAY_TESTS=(tests/integration tests/fault
   --deselect=tests/fault/test_relay_faults.py::test_frozen_broker_connection_is_detected_within_the_heartbeat
   --deselect=tests/fault/test_relay_faults.py::test_broker_memory_alarm_reports_blocked
   --ignore=tests/integration/test_failover_slots.py --ignore=tests/fault/test_failover.py)
+RELAY_TESTS=(tests/integration tests/fault "${RELAY_SKIP[@]}")
 mode=${CDC_TEST_SERVICES:-}
 # Labels this run's containers: the cleanup at the end removes these and no other run's.
 export CDC_TEST_RUN_ID=${CDC_TEST_RUN_ID:-run$(date +%s)$$}
@@ -116,7 +117,7 @@ if [ "$only" = all ]; then
     --ignore=tests/containers --ignore=tests/fault
   pa=$!
   CDC_TEST_PG_IMAGE=$pg18 background "relay without faults, $pg18" "$b" "${XDIST[@]}" \
-    "${RELAY_TESTS[@]}" --ignore=tests/fault
+    tests/integration "${RELAY_SKIP[@]}"
   pb=$!
   collect "suite without faults, $pg15" "$a" "$pa"
   collect "relay without faults, $pg18" "$b" "$pb"
@@ -124,8 +125,7 @@ if [ "$only" = all ]; then
   # version: they measure how fast things recover, which a loaded machine would blur.
   background "faults, $pg15" "$a" tests/fault
   pa=$!
-  CDC_TEST_PG_IMAGE=$pg18 background "relay faults, $pg18" "$b" "${RELAY_TESTS[@]}" \
-    --ignore=tests/integration
+  CDC_TEST_PG_IMAGE=$pg18 background "relay faults, $pg18" "$b" tests/fault "${RELAY_SKIP[@]}"
   pb=$!
   collect "faults, $pg15" "$a" "$pa"
   collect "relay faults, $pg18" "$b" "$pb"
