@@ -21,7 +21,7 @@ import asyncio
 import statistics
 import struct
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -149,11 +149,18 @@ def main() -> None:
     if args.mode:
         MODES[args.mode](args.count)()
         return
-    for name, make in MODES.items():
-        run = make(args.count)
+    report_modes(MODES, args.count, args.repeat)
+
+
+def report_modes(
+    modes: Mapping[str, Callable[[int], Callable[[], object]]], count: int, repeat: int
+) -> None:
+    """Time each mode's run of ``count`` events ``repeat`` times; print min and median per event."""
+    for name, make in modes.items():
+        run = make(count)
         run()  # warm the caches
-        times = timeit.repeat(run, number=1, repeat=args.repeat)
-        per = [t / args.count * 1e6 for t in times]
+        times = timeit.repeat(run, number=1, repeat=repeat)
+        per = [t / count * 1e6 for t in times]
         print(f"{name:18} min {min(per):.3f} µs  median {statistics.median(per):.3f} µs per event")
 
 

@@ -19,13 +19,12 @@ by 2N, is the instructions per event (start-up and building the bytes cancel out
 from __future__ import annotations
 
 import argparse
-import statistics
 import struct
-import timeit
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from bench.micro_publish import report_modes
 from cdc.core.feed import OutboxFeed
 from cdc.core.outbox import OutboxEvent
 from cdc.core.watermark import Watermark
@@ -161,12 +160,7 @@ def main() -> None:
         for _ in range(args.times):
             run()
         return
-    for name, make in MODES.items():
-        run = make(args.count)
-        run()  # warm the caches
-        times = timeit.repeat(run, number=1, repeat=args.repeat)
-        per = [t / args.count * 1e6 for t in times]
-        print(f"{name:14} min {min(per):.3f} µs  median {statistics.median(per):.3f} µs per event")
+    report_modes(MODES, args.count, args.repeat)
 
 
 if __name__ == "__main__":

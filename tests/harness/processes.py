@@ -23,6 +23,24 @@ from harness.common import metric_sum, wait_for
 from harness.session import REPO
 
 
+def run_module(
+    module: str, args: tuple[str, ...], env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m MODULE ARGS`` to completion with ``env`` as its only ``CDC_*`` variables."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 class Relay:
     """One ``python -m cdc relay`` subprocess; stdout+stderr go to ``log_path``."""
 

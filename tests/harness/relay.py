@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +25,10 @@ from harness.common import (
 )
 from harness.contract import Contract
 from harness.postgres import OutboxDb
-from harness.processes import Relay
+from harness.processes import Relay, run_module
 from harness.rabbitmq import Broker, SinkQueues
 from harness.rows import RawJson, Row, new_event
-from harness.session import REPO, db_url, session_services
+from harness.session import db_url, session_services
 from harness.workload import Workload
 
 
@@ -145,18 +143,7 @@ class Env:
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
         """Run ``python -m cdc ARGS`` with ``env`` (default: ``relay_env()``)."""
-        full = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-        full.update(self.relay_env() if env is None else env)
-        return subprocess.run(
-            [sys.executable, "-m", "cdc", *args],
-            cwd=REPO,
-            env=full,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        return run_module("cdc", args, self.relay_env() if env is None else env, timeout)
 
     def setup(self, **overrides: Any) -> subprocess.CompletedProcess[str]:
         """``cdc setup``; fails the test unless it exits 0."""

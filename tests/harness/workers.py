@@ -8,10 +8,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import os
 import secrets
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,10 +22,10 @@ from psycopg import sql
 
 from harness.common import Teardown, free_port, wait_for, with_overrides
 from harness.postgres import SqlAccess, pg_connect
-from harness.processes import Relay
+from harness.processes import Relay, run_module
 from harness.rabbitmq import Broker
 from harness.relay import Env
-from harness.session import REPO, SESSION, db_url, session_services
+from harness.session import SESSION, db_url, session_services
 
 
 class Domain:
@@ -287,18 +285,7 @@ class LedgerWorkerEnv(SqlAccess):
         self, *args: str, timeout: float = 60.0, **overrides: Any
     ) -> subprocess.CompletedProcess[str]:
         """``python -m consumers ARGS`` with this test's environment."""
-        full = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-        full.update(self.worker_env(**overrides))
-        return subprocess.run(
-            [sys.executable, "-m", "consumers", *args],
-            cwd=REPO,
-            env=full,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        return run_module("consumers", args, self.worker_env(**overrides), timeout)
 
     # -- events ------------------------------------------------------------------------------
 
