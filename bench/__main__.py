@@ -3,6 +3,8 @@
     python -m bench                      # every scenario, full sizes (~15 min), writes docs
     python -m bench --quick              # small sizes, for development (docs untouched)
     python -m bench --only drain,steady  # by name; what they need (the ceiling) runs too
+    python -m bench --repeat 3 --only drain,steady,consumers,pipeline --pipeline-window 20
+                                         # three runs in one go: the spread of each figure
 
 Results go to ``bench/results/<start time>.json`` and ``bench/results/latest.json`` (relay
 logs and raw arrival times in ``bench/results/runs/<start>-<tag>/``); a full run also
@@ -86,31 +88,26 @@ async def _scenario(
     return await jobs[name]()
 
 
-async def _main(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
+def params(args: argparse.Namespace) -> Params:
+    """The sizes of this invocation: full or quick, with the options that change them."""
     p = Params.quick() if args.quick else Params()
     if args.window:
         p = dataclasses.replace(p, window=args.window)
     if args.relay_windows:
         p = dataclasses.replace(
             p, relay_windows=tuple(int(w) for w in args.relay_windows.split(",")))
-    # The relay's unconfirmed-publish window is the reference publisher's: like with like.
-    os.environ["CDC_MAX_IN_FLIGHT"] = str(p.window)
-    run = Run(
-        admin_url=admin_url,
-        amqp_root_url=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-        results_dir=RESULTS_DIR / "runs",
-    )
-    selection = _selection(args.only)
-    await ensure_node()
-    started = datetime.now(UTC)
-    out: dict[str, Any] = {
-        "started_at": started.isoformat(timespec="seconds"),
-        "command": "python -m bench " + " ".join(sys.argv[1:]),
-        "quick": args.quick,
-        "params": {k: getattr(p, k) for k in p.__slots__},
-        "machine": await facts(run.admin_url, run.amqp_root_url),
-        "scenarios": {},
-    }
+    if args.pipeline_window:
+        p = dataclasses.replace(p, pipeline_window=args.pipeline_window)
+    if args.pipeline_levels:
+        p = dataclasses.replace(p, pipeline_levels=args.pipeline_levels)
+    return p
+
+
+async def _repetition(
+    run: Run, p: Params, selection: list[str], started: datetime
+) -> dict[str, Any]:
+    """Every selected scenario once in ``run`` (its own database and vhost)."""
+    out: dict[str, Any] = {"started_at": started.isoformat(timespec="seconds"), "scenarios": {}}
     run.results_dir = RESULTS_DIR / "runs" / f"{started:%Y%m%dT%H%M%S}-{run.tag}"
     await run.open()
     try:
@@ -131,6 +128,40 @@ async def _main(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
         print("[bench] removing the run's database, slots, vhost ...", flush=True)
         await run.close()
     out["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return out
+
+
+async def _main(args: argparse.Namespace, admin_url: str) -> dict[str, Any]:
+    p = params(args)
+    # The relay's unconfirmed-publish window is the reference publisher's: like with like.
+    os.environ["CDC_MAX_IN_FLIGHT"] = str(p.window)
+    amqp_root_url = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    selection = _selection(args.only)
+    await ensure_node()
+    started = datetime.now(UTC)
+    out: dict[str, Any] = {
+        "started_at": started.isoformat(timespec="seconds"),
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "quick": args.quick,
+        "params": {k: getattr(p, k) for k in p.__slots__},
+        "machine": await facts(admin_url, amqp_root_url),
+    }
+    runs = []
+    # Each repetition gets a fresh Run (database, vhost, the workers' tables): nothing one
+    # leaves behind can change the next one's figures.
+    for i in range(args.repeat):
+        if args.repeat > 1:
+            print(f"[bench] run {i + 1} of {args.repeat}", flush=True)
+        run = Run(admin_url=admin_url, amqp_root_url=amqp_root_url,
+                  results_dir=RESULTS_DIR / "runs")
+        runs.append(await _repetition(run, p, selection, started if i == 0 else
+                                      datetime.now(UTC)))
+    # The tables show the last run; every run stays in "runs" for the spread.
+    out["scenarios"] = runs[-1]["scenarios"]
+    if args.repeat > 1:
+        out["repeat"] = args.repeat
+        out["runs"] = runs
+    out["finished_at"] = runs[-1]["finished_at"]
     return out
 
 
@@ -159,7 +190,23 @@ def _run_with_signals(args: argparse.Namespace, admin_url: str) -> dict[str, Any
     return asyncio.run(guarded())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _rising(text: str) -> tuple[float, ...]:
+    """``500,1000,1500``: the search stops at the first level that fails, so they must rise."""
+    levels = tuple(float(r) for r in text.split(","))
+    if any(r <= 0 for r in levels) or list(levels) != sorted(set(levels)):
+        raise argparse.ArgumentTypeError("give rising positive rates, e.g. 500,1000,1500")
+    return levels
+
+
+def command_line() -> argparse.ArgumentParser:
+    """The command line of ``python -m bench``."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for development")
@@ -170,11 +217,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="relay windows the drains take in turn (the reference publisher "
                              "keeps --window), e.g. 1000,3000: paired ratios per window")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--repeat", type=_positive, default=1, metavar="N",
+                        help="run the selected scenarios N times (fresh database and vhost "
+                             "each, one PostgreSQL server); the report adds the spread of the "
+                             "headline figures over the N runs")
+    full, quick = Params(), Params.quick()
+    parser.add_argument("--pipeline-window", type=float, default=0, metavar="SECONDS",
+                        help=f"measured seconds per pipeline level (default "
+                             f"{full.pipeline_window:g}, quick {quick.pipeline_window:g}): "
+                             "fewer events behind each p99, same levels and bound")
+    parser.add_argument("--pipeline-levels", type=_rising, metavar="R,S,..",
+                        help="offered events/s the pipeline tries in turn, rising (default "
+                             f"{','.join(f'{r:g}' for r in full.pipeline_levels)}); the "
+                             "search stops at the first that does not hold")
     docs = parser.add_mutually_exclusive_group()
     docs.add_argument("--docs", dest="docs", action="store_true", default=None,
                       help="write docs/benchmarks.md and the PNG (default: full runs only)")
     docs.add_argument("--no-docs", dest="docs", action="store_false")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = command_line().parse_args(argv)
     try:
         given = os.environ.get("BENCH_PG_URL")
         with contextlib.nullcontext(given) if given else own_server() as admin_url:
