@@ -50,62 +50,15 @@ def _verdict(ok: bool | None) -> str:
 
 
 def targets(results: dict[str, Any]) -> str:
-    """The issue's targets against this run's figures."""
-    drain = _scenario(results, "drain")
-    steady = _scenario(results, "steady").get("levels", {}).get("50%", {})
-    seed = _scenario(results, "seed").get("ratios", {})
-    rss = _scenario(results, "rss")
-    cons = _scenario(results, "consumers")
-    ratio = drain.get("ratio_to_ceiling")
-    p99 = steady.get("latency", {}).get("p99_ms")
-    p99_relay = steady.get("relay_histogram", {}).get("p99_ms")
-    thr = seed.get("throughput_vs_poller")
-    lat = seed.get("median_latency_poller_over_relay")
-    rss_mb = _mb(rss.get("rss_max_mib"))
-    per_replica = (cons.get("one") or {}).get("events_per_s_per_replica")
-    exact = (cons.get("one") or {}).get("exact")
+    """The issue's targets against this run's figures (the figures of ``bench/spread.py``
+    that have a target; a scenario that did not run shows as —)."""
+    scenarios = results.get("scenarios") or {}
     rows = [
-        ["backlog drain / broker ceiling (median of paired ratios)", _n(ratio, 2, "x"),
-         "≥ 0.95x", _verdict(None if ratio is None else ratio >= 0.95)],
-        ["p99 commit→consumer at 50% of the ceiling", _n(p99, 1, " ms"), "≤ 25 ms",
-         _verdict(None if p99 is None else p99 <= 25)],
-        ["p99 commit→confirm at 50% (relay histogram)", _n(p99_relay, 1, " ms"), "≤ 25 ms",
-         _verdict(None if p99_relay is None else p99_relay <= 25)],
-        ["throughput vs the seed poller", _n(thr, 0, "x"), "≥ 20x",
-         _verdict(None if thr is None else thr >= 20)],
-        ["median latency, poller / relay", _n(lat, 0, "x"), "≥ 100x",
-         _verdict(None if lat is None else lat >= 100)],
-        [f"RSS max, {_n(rss.get('events'))}-event drain", _n(rss_mb, 1, " MB"), "< 150 MB",
-         _verdict(None if rss_mb is None or not rss.get("complete") else rss_mb < 150)],
-        ["billing events/s per replica (1 replica)", _n(per_replica, 0), "≥ 2,000, exact",
-         _verdict(None if per_replica is None else per_replica >= 2000 and bool(exact))],
-        *_pipeline_targets(_scenario(results, "pipeline")),
+        [f.label, _n(f.read(scenarios), f.digits, f.unit), f.goal,
+         _verdict(f.met(scenarios))]
+        for f in spread.FIGURES if f.met is not None
     ]
     return _table(["target", "measured", "goal", "met"], rows)
-
-
-def _pipeline_targets(pipe: dict[str, Any]) -> list[list[str]]:
-    if not pipe.get("available"):
-        return []
-    one = pipe.get("one") or {}
-    ratio = one.get("ratio_to_ceiling")
-    half = one.get("at_half") or {}
-    p99_bill = (half.get("billing") or {}).get("p99_ms")
-    p99_hook = (half.get("webhook") or {}).get("p99_ms")
-    hooks = (pipe.get("webhooks_healthy") or {}).get("webhooks_per_s")
-    dead = pipe.get("webhooks_dead_ratio")
-    return [
-        ["pipeline sustained rate / broker round-trip ceiling (1 replica each)",
-         _n(ratio, 2, "x"), "≥ 0.25x", _verdict(None if ratio is None else ratio >= 0.25)],
-        ["p99 commit→usage record at 50% of it", _n(p99_bill, 1, " ms"), "≤ 100 ms",
-         _verdict(None if p99_bill is None else p99_bill <= 100)],
-        ["p99 commit→webhook received at 50% of it", _n(p99_hook, 1, " ms"), "≤ 150 ms",
-         _verdict(None if p99_hook is None else p99_hook <= 150)],
-        ["webhooks/s per replica, 20 ms receiver", _n(hooks, 0), "≥ 2,000",
-         _verdict(None if hooks is None else hooks >= 2000)],
-        ["webhooks/s with 10% of endpoints timing out / all healthy", _n(dead, 2, "x"),
-         "≥ 0.9x", _verdict(None if dead is None else dead >= 0.9)],
-    ]
 
 
 def spread_title(results: dict[str, Any]) -> str | None:
