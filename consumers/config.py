@@ -55,6 +55,13 @@ class ConsumerSettings(CdcSettings):
     worker_batch_size: int = Field(
         100, ge=1, le=10_000, description="messages handled in one PostgreSQL transaction"
     )
+    worker_batch_linger_max: float = Field(
+        0.05,
+        ge=0,
+        le=10,
+        description="most seconds a short batch waits for more messages (it waits about as "
+        "long as the previous batch took, not at all after an idle spell; 0: never)",
+    )
     worker_retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
         (5.0, 10.0, 20.0),
         description="seconds before retry 1, 2, 3... (comma-separated; the last one repeats)",

@@ -16,6 +16,7 @@ The optimistic pass (``db_only`` workers) runs pipelined without savepoints and 
 new messages of routes with a batch handler (``Route.batch``) to it in one call. It is tried
 again a few times when it lost a lock race (lock timeout, deadlock, serialization failure:
 another replica held what it needed), and falls back to savepoints on any other failure.
+:func:`run_batch` says which way the batch committed (``FIRST``, ``RETRIED``, ``FALLBACK``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from consumers.runtime.spec import BatchHandler, Delivery, HandlerContext, Route
 DONE = "done"
 DUPLICATE = "duplicate"
 FAILED = "failed"
+
+#: How an optimistic batch committed: on the first pipelined try, on a later one after lost
+#: lock races, or the plain way with a savepoint per message.
+FIRST, RETRIED, FALLBACK = "first", "retried", "fallback"
 
 
 @dataclass(slots=True)
@@ -74,18 +79,21 @@ async def run_batch(
     items: Sequence[BatchMessage],
     clock: Callable[[], float] = time.perf_counter,
     optimistic: bool = False,
-) -> None:
+) -> str | None:
     """Process ``items`` in one transaction on ``conn`` (not in autocommit); see module doc.
 
     ``optimistic`` (for workers whose handlers only touch the database) first runs the
     batch in pipeline mode without savepoints; if anything fails, that transaction is
     rolled back and the batch runs again the plain way, with a savepoint per message, so
-    the outcome is the same either way.
+    the outcome is the same either way. Returns how an optimistic batch committed
+    (``FIRST``, ``RETRIED`` or ``FALLBACK``), None for a plain one.
     """
     try:
-        if optimistic and await _optimistic(conn, table, consumer, items, clock):
-            return
+        tries = await _optimistic(conn, table, consumer, items, clock) if optimistic else 0
+        if tries:
+            return FIRST if tries == 1 else RETRIED
         await _with_savepoints(conn, table, consumer, items, clock)
+        return FALLBACK if optimistic else None
     except psycopg.Error as exc:
         # (On cancellation the caller closes the connection: the server rolls back.)
         await _rollback_quietly(conn)
@@ -121,8 +129,9 @@ async def _optimistic(
     consumer: str,
     items: Sequence[BatchMessage],
     clock: Callable[[], float],
-) -> bool:
-    """The whole batch pipelined, no savepoints; False (rolled back) if anything failed.
+) -> int:
+    """The whole batch pipelined, no savepoints: the tries it took to commit, or 0 (rolled
+    back) if it gave up.
 
     In pipeline mode a statement's error may surface later (at a fetch or at the sync), so
     any failure here only means "run the batch the plain way", never "this message failed".
@@ -135,15 +144,15 @@ async def _optimistic(
                 fresh = await _claim(conn, table, consumer, items)
                 await _run_new(conn, [i for i in items if _take(fresh, i)], clock)
             await conn.commit()
-            return True
+            return tries
         except Exception as exc:
             if conn.broken:
                 raise BatchAborted(f"database connection lost: {exc}") from exc
             await conn.rollback()
             if tries == OPTIMISTIC_TRIES or not isinstance(exc, _LOCK_RACES):
-                return False
+                return 0
             await asyncio.sleep(random.uniform(0.001, 0.02) * tries)
-    return False
+    return 0
 
 
 async def _run_new(

@@ -80,13 +80,15 @@ class WorkerDatabase:
         while True:
             conn = await self.connection()
             try:
-                await run_batch(
+                how = await run_batch(
                     conn,
                     self.settings.worker_inbox_table,
                     self.spec.name,
                     items,
                     optimistic=self.spec.db_only,
                 )
+                if how is not None:
+                    self.metrics.optimistic_batches.labels(worker=self.spec.name, result=how).inc()
                 return
             except BatchAborted as exc:
                 if conn.broken or conn.closed:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from prometheus_client import Counter, Gauge, Histogram
 
 from cdc.service.metrics_server import process_registry
-from consumers.runtime.batch import DONE, DUPLICATE, FAILED, BatchMessage
+from consumers.runtime.batch import DONE, DUPLICATE, FAILED, FALLBACK, FIRST, RETRIED, BatchMessage
 
 STATES = ("starting", "consuming", "reconnecting", "draining", "stopped")
 
@@ -61,6 +61,14 @@ class WorkerMetrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
             registry=r,
         )
+        self.optimistic_batches = Counter(
+            "cdc_worker_optimistic_batches_total",
+            "Batches of a db_only worker by how they committed: first (pipelined, first try),"
+            " retried (a later try, after losing lock races to another replica), fallback"
+            " (a savepoint per message, after a failure or too many lost races)",
+            ["worker", "result"],
+            registry=r,
+        )
         self.parked_messages = Gauge(
             "cdc_worker_parked_messages",
             "Messages waiting in the parking queue (read from the broker)",
@@ -96,6 +104,8 @@ class WorkerMetrics:
             for reason in reasons:
                 self.parked.labels(worker=w, queue=queue, reason=reason)
         self.batch_size.labels(worker=w)
+        for result in (FIRST, RETRIED, FALLBACK):
+            self.optimistic_batches.labels(worker=w, result=result)
         # Not the parking gauge nor the event age: their value is unknown until read.
         for side in ("broker", "database"):
             self.reconnects.labels(worker=w, side=side)

@@ -13,7 +13,6 @@ finds the first one's records.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 from cdc.service.backoff import Backoff
 from consumers.runtime.batch import FAILED, BatchMessage
+from consumers.runtime.linger import wait_for_more
 from consumers.runtime.spec import Outside
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,11 @@ class OutsideEffects:
         while not self.ready:
             self._readied.clear()
             await self._readied.wait()
-        deadline = time.monotonic() + linger
-        while (
-            len(self.ready) < size
-            and self.running
-            and not self._stop.is_set()
-            and (left := deadline - time.monotonic()) > 0
-        ):
-            self._readied.clear()
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancel that
-            # ends the session when it coincides with the event being set.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self._readied.wait()
+        await wait_for_more(
+            self._readied,
+            lambda: len(self.ready) >= size or not self.running or self._stop.is_set(),
+            linger,
+        )
         return [self.ready.popleft() for _ in range(min(len(self.ready), size))]
 
     async def relaunch_deferred(self) -> None:

@@ -55,6 +55,7 @@ from consumers.runtime.batch import FAILED, BatchMessage
 from consumers.runtime.copies import Copier, Handled
 from consumers.runtime.database import WorkerDatabase
 from consumers.runtime.intake import intake
+from consumers.runtime.linger import Linger, wait_for_more
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
 from consumers.runtime.outside import OutsideEffects
@@ -64,7 +65,8 @@ from consumers.runtime.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-#: How long a batch shorter than CDC_WORKER_BATCH_SIZE waits for more messages (seconds).
+#: How long a batch of messages done with their outside effects, shorter than
+#: CDC_WORKER_BATCH_SIZE, waits for more effects to finish (seconds).
 _LINGER = 0.005
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, OSError, RuntimeError, TimeoutError)
 
@@ -100,6 +102,7 @@ class Runner:
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
         self._acks = AckTracker()
+        self._linger = Linger(settings.worker_batch_linger_max)
         # Workers with effects outside the database: the messages between their delivery
         # and their batch, and the task that commits and acks those done with their effects.
         self._effects = (
@@ -249,7 +252,6 @@ class Runner:
 
     async def _consume(self, channel: AbstractChannel, tags: list[str]) -> None:
         stopping = False
-        waited = False  # the current short batch already had its moment to fill
         while True:
             self._wakeup.clear()
             if self._lost is not None and self._lost.done():
@@ -278,19 +280,24 @@ class Runner:
                 if stopping and not (self._effects.busy() or self._committing):
                     return
             elif self._buffer:
-                if len(self._buffer) < self._s.worker_batch_size and not stopping and not waited:
-                    # A steady trickle would otherwise make a transaction of a message or
-                    # two each (PostgreSQL then spends several times more per event than
-                    # in a full batch): give the batch a moment to fill.
-                    waited = True
-                    await asyncio.sleep(_LINGER)
-                    continue
-                waited = False
+                if not stopping:
+                    await self._fill(self._linger.wait(time.monotonic()))
+                started = time.monotonic()
                 await self._handle(self._take(self._buffer))
+                self._linger.ran(started, time.monotonic())
                 continue
             elif stopping:
                 return
             await self._wakeup.wait()
+
+    async def _fill(self, seconds: float) -> None:
+        """Let a short batch wait up to ``seconds`` for more messages (``linger``): a paced
+        flow would otherwise make small batches, each paying a commit for a few events."""
+        await wait_for_more(
+            self._wakeup,
+            lambda: len(self._buffer) >= self._s.worker_batch_size or self._stop.is_set(),
+            seconds,
+        )
 
     def _effects_in_hand(self) -> int:
         effects = self._effects

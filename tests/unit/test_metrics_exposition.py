@@ -43,6 +43,8 @@ def test_worker_counts_start_at_zero_for_its_queues_but_age_stays_unknown() -> N
     parked = {(lb["queue"], lb["reason"]) for lb, _ in series["cdc_worker_parked_total"]}
     assert parked == {(q, r) for q in ("q1", "q2") for r in ("exhausted", "validation")}
     assert "cdc_worker_handler_seconds_count" in series
+    optimistic = {lb["result"]: v for lb, v in series["cdc_worker_optimistic_batches_total"]}
+    assert optimistic == {"first": 0.0, "retried": 0.0, "fallback": 0.0}
     # Unknown until read from the broker / until an event is acked.
     assert "cdc_worker_parked_messages" not in series
     assert "cdc_worker_event_age_seconds" not in series

@@ -98,7 +98,10 @@ async def _rows(conn: psycopg.AsyncConnection[Any], calls: Calls) -> list[tuple[
 async def test_one_call_for_the_new_messages_duplicates_skipped(pg_schema, pg_session_db):
     conn = await _setup(db_url(pg_session_db), pg_schema)
     calls = Calls(pg_schema)
-    await run_batch(conn, f"{pg_schema}.inbox", "t", _items(calls, [("a", 1)]), optimistic=True)
+    how = await run_batch(
+        conn, f"{pg_schema}.inbox", "t", _items(calls, [("a", 1)]), optimistic=True
+    )
+    assert how == batch_mod.FIRST
     # "a" is already in the inbox, "b" comes twice in the batch
     items = _items(calls, [("a", 1), ("b", 2), ("c", 3), ("b", 2)])
     await run_batch(conn, f"{pg_schema}.inbox", "t", items, optimistic=True)
@@ -112,7 +115,8 @@ async def test_a_bad_message_mid_batch_fails_alone_the_others_commit(pg_schema, 
     conn = await _setup(db_url(pg_session_db), pg_schema)
     calls = Calls(pg_schema)
     items = _items(calls, [("a", 1), ("b", -1), ("c", 3), ("a", 1)])
-    await run_batch(conn, f"{pg_schema}.inbox", "t", items, optimistic=True)
+    how = await run_batch(conn, f"{pg_schema}.inbox", "t", items, optimistic=True)
+    assert how == batch_mod.FALLBACK
     assert [i.outcome for i in items] == [DONE, FAILED, DONE, DUPLICATE]
     assert isinstance(items[1].error, ValueError)
     # the batch call failed and was rolled back; the per-message path ran each once
@@ -134,7 +138,8 @@ async def test_a_lost_lock_race_is_retried_on_the_batch_path(pg_schema, pg_sessi
     async with await psycopg.AsyncConnection.connect(url) as holder:
         await holder.execute("SELECT pg_advisory_xact_lock(424242)")  # held throughout
         items = _items(calls, [("a", 1), ("b", 2)])
-        await run_batch(conn, f"{pg_schema}.inbox", "t", items, optimistic=True)
+        how = await run_batch(conn, f"{pg_schema}.inbox", "t", items, optimistic=True)
+    assert how == batch_mod.RETRIED
     assert [i.outcome for i in items] == [DONE, DONE]
     assert len(calls.batches) == batch_mod.OPTIMISTIC_TRIES and calls.singles == []
     assert await _rows(conn, calls) == [("a", 1), ("b", 2)]
