@@ -50,7 +50,6 @@ from consumers.connect import open_broker, refused_by_broker
 from consumers.errors import BrokerLost, Unroutable
 from consumers.runtime import headers as hdr
 from consumers.runtime import topology
-from consumers.runtime.ackframes import send_acks
 from consumers.runtime.acks import AckTracker
 from consumers.runtime.batch import FAILED, BatchMessage
 from consumers.runtime.copies import Copier, Handled
@@ -367,8 +366,8 @@ class Runner:
             self._effects.settled(items)
         last = max(handled, key=lambda h: h.message.delivery_tag or 0)
         try:
-            acks = self._acks.settle(h.message.delivery_tag or 0 for h in handled)
-            await send_acks(last.message.channel, acks)
+            for tag, multiple in self._acks.settle(h.message.delivery_tag or 0 for h in handled):
+                await last.message.channel.basic_ack(tag, multiple=multiple)
         except _AMQP_ERRORS as exc:
             raise BrokerLost(f"ack failed: {exc!r}") from exc
         props = last.message.header.properties
