@@ -34,17 +34,32 @@ from bench.scenario_pipeline import webhook_throughput
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "runs"
 
 
-async def _profile(out: Path, seconds: float) -> None:
-    """py-spy the notifications worker under this process during its drain: from when it
-    gets busy after an idle spell (its start-up done) for ``seconds``."""
+async def _worker() -> psutil.Process:
+    """The notifications worker under this process, once it runs."""
     me = psutil.Process()
-    worker = None
-    while worker is None:
+    while True:
         for child in me.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 if child.cmdline()[-2:] == ["consumers", "notifications"]:
-                    worker = child
+                    return child
         await asyncio.sleep(0.05)
+
+
+async def _count_syscalls(last: list[int]) -> None:
+    """Keep ``last`` at the worker's read and write system calls so far (start-up included:
+    the same for every tree), read every 0.2 s until it exits."""
+    worker = await _worker()
+    with contextlib.suppress(psutil.Error):
+        while True:
+            io = worker.io_counters()
+            last[:] = [io.read_count, io.write_count]
+            await asyncio.sleep(0.2)
+
+
+async def _profile(out: Path, seconds: float) -> None:
+    """py-spy the notifications worker under this process during its drain: from when it
+    gets busy after an idle spell (its start-up done) for ``seconds``."""
+    worker = await _worker()
     idle = False
     while True:
         worker.cpu_percent()
@@ -88,11 +103,16 @@ async def _one(admin_url: str, tree: Path, p: Params, profile: Path | None) -> d
     os.environ["PYTHONSAFEPATH"] = "1"
     await run.open()
     spy = None if profile is None else asyncio.create_task(_profile(profile, 8))
+    syscalls = [0, 0]
+    counter = asyncio.create_task(_count_syscalls(syscalls))
     try:
         result = await webhook_throughput(run, p, 0.0)
+        n = max(result["delivered"], 1)
+        result["syscalls"] = f"{syscalls[0] / n:.2f} reads and {syscalls[1] / n:.2f} writes"
         result["database"] = await _database_work(run.db_url, result["delivered"])
         return result
     finally:
+        counter.cancel()
         if spy is not None:
             spy.cancel()
         await run.close()
@@ -110,7 +130,7 @@ async def _main(
                 f"{tree}: {r['webhooks_per_s']} webhooks/s, worker "
                 f"{r['worker_cpu_us_per_webhook']} us/webhook, receiver "
                 f"{r['receiver_cpu_us_per_webhook']} us, delivered {r['delivered']}/"
-                f"{r['deliverable']}, {r['database']}, "
+                f"{r['deliverable']}, {r['database']}, system calls per webhook: {r['syscalls']}, "
                 f"load {tuple(round(x, 2) for x in r['load_average'])}",
                 flush=True,
             )
