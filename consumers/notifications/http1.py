@@ -41,7 +41,8 @@ class ProtocolError(ValueError):
 def header_value(value: str) -> str:
     """``value`` if it may be sent as a header value: one line, no control character
     (sent as UTF-8)."""
-    if not _NO_CONTROL.fullmatch(value):
+    # ASCII without control characters is printable ASCII: checked without the regex.
+    if not (value.isascii() and value.isprintable()) and not _NO_CONTROL.fullmatch(value):
         raise ValueError(f"not a valid header value: {value[:80]!r}")
     return value
 

@@ -141,7 +141,11 @@ def test_an_internationalised_host_goes_in_its_ascii_form_and_utf8_values_pass()
     )
 
 
-@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "nul\x00", "tab\there", "d\x7f"])
+@pytest.mark.parametrize(
+    "value",
+    ["a\r\nX-Injected: 1", "a\nb", "nul\x00", "tab\there", "d\x7f", "caf\u00e9\r\nX: 1",
+     "\u00fc\x7f"],
+)
 def test_an_event_field_cannot_add_a_header(value):
     with pytest.raises(ValueError, match="not a valid header value"):
         header_value(value)

@@ -1,0 +1,161 @@
+"""``python -m bench.webhooks_ab``: the pipeline's healthy webhook drain, source trees alternated.
+
+    python -m bench.webhooks_ab --trees /work/base,/work/wt/mine --rounds 3 --events 20000
+    python -m bench.webhooks_ab --trees . --rounds 1 --profile /tmp/prof   # py-spy flame SVG
+
+Each measurement is ``scenario_pipeline.webhook_throughput`` (one notifications replica, 20
+endpoints answering in 20 ms, no dead ones) in a fresh database and vhost, with the worker's
+code taken from one tree (``PYTHONPATH`` and ``PYTHONSAFEPATH``, so neither the current
+directory nor the installed package wins). The trees take turns (A B A B ...), so a change
+in the machine's load hits both alike; the load average is printed with each figure.
+``--profile DIR`` also runs ``py-spy record`` on the worker for the drain (py-spy needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+
+from bench.env import Run
+from bench.params import Params
+from bench.pgserver import own_server
+from bench.scenario_pipeline import webhook_throughput
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "runs"
+
+
+async def _worker() -> psutil.Process:
+    """The notifications worker under this process, once it runs."""
+    me = psutil.Process()
+    while True:
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.cmdline()[-2:] == ["consumers", "notifications"]:
+                    return child
+        await asyncio.sleep(0.05)
+
+
+async def _count_syscalls(last: list[int]) -> None:
+    """Keep ``last`` at the worker's read and write system calls so far (start-up included:
+    the same for every tree), read every 0.2 s until it exits."""
+    worker = await _worker()
+    with contextlib.suppress(psutil.Error):
+        while True:
+            io = worker.io_counters()
+            last[:] = [io.read_count, io.write_count]
+            await asyncio.sleep(0.2)
+
+
+async def _profile(out: Path, seconds: float) -> None:
+    """py-spy the notifications worker under this process during its drain: from when it
+    gets busy after an idle spell (its start-up done) for ``seconds``."""
+    worker = await _worker()
+    idle = False
+    while True:
+        worker.cpu_percent()
+        await asyncio.sleep(0.2)
+        busy = worker.cpu_percent()
+        if busy < 5:
+            idle = True
+        elif idle and busy > 30:
+            break
+    proc = await asyncio.create_subprocess_exec(
+        "py-spy", "record", "-r", "250", "-d", str(int(seconds)), "--pid", str(worker.pid),
+        "-o", str(out), "-f", "raw",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    await proc.wait()
+
+
+async def _database_work(db_url: str, webhooks: int) -> str:
+    """Transactions and preference reads (one per chunk lookup) per webhook in the run's
+    database (start-up included)."""
+    await asyncio.sleep(1.0)  # the statistics collector reports about every 500 ms
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db:
+        cur = await db.execute(
+            "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname ="
+            " current_database()), (SELECT idx_scan + seq_scan FROM pg_stat_user_tables"
+            " WHERE relname = 'notification_preferences')"
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    n = max(webhooks, 1)
+    return f"{row[0] / n:.2f} commits and {(row[1] or 0) / n:.3f} chunk reads per webhook"
+
+
+async def _one(admin_url: str, tree: Path, p: Params, profile: Path | None) -> dict[str, Any]:
+    run = Run(
+        admin_url=admin_url,
+        amqp_root_url=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        results_dir=RESULTS_DIR,
+    )
+    os.environ["PYTHONPATH"] = str(tree)
+    os.environ["PYTHONSAFEPATH"] = "1"
+    await run.open()
+    spy = None if profile is None else asyncio.create_task(_profile(profile, 8))
+    syscalls = [0, 0]
+    counter = asyncio.create_task(_count_syscalls(syscalls))
+    try:
+        result = await webhook_throughput(run, p, 0.0)
+        n = max(result["delivered"], 1)
+        result["syscalls"] = f"{syscalls[0] / n:.2f} reads and {syscalls[1] / n:.2f} writes"
+        result["database"] = await _database_work(run.db_url, result["delivered"])
+        return result
+    finally:
+        counter.cancel()
+        if spy is not None:
+            spy.cancel()
+        await run.close()
+
+
+async def _main(
+    args: argparse.Namespace, admin_url: str, trees: list[Path], profiles: Path | None
+) -> None:
+    p = dataclasses.replace(Params.quick(), pipeline_webhook_events=args.events)
+    for round_ in range(args.rounds):
+        for i, tree in enumerate(trees):
+            profile = None if profiles is None else profiles / f"tree{i}-round{round_}.txt"
+            r = await _one(admin_url, tree, p, profile)
+            print(
+                f"{tree}: {r['webhooks_per_s']} webhooks/s, worker "
+                f"{r['worker_cpu_us_per_webhook']} us/webhook, receiver "
+                f"{r['receiver_cpu_us_per_webhook']} us, delivered {r['delivered']}/"
+                f"{r['deliverable']}, {r['database']}, system calls per webhook: {r['syscalls']}, "
+                f"load {tuple(round(x, 2) for x in r['load_average'])}",
+                flush=True,
+            )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.webhooks_ab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trees", required=True, help="comma-separated source trees")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--profile", help="directory for py-spy raw profiles of each run")
+    args = parser.parse_args()
+    if args.profile and shutil.which("py-spy") is None:
+        print("--profile needs py-spy on PATH", file=sys.stderr)
+        return 2
+    trees = [Path(t).resolve() for t in args.trees.split(",")]
+    profiles = None if args.profile is None else Path(args.profile)
+    if profiles is not None:
+        profiles.mkdir(parents=True, exist_ok=True)
+    given = os.environ.get("BENCH_PG_URL")
+    with contextlib.nullcontext(given) if given else own_server() as admin_url:
+        asyncio.run(_main(args, admin_url, trees, profiles))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
