@@ -3,23 +3,25 @@
 # CDC_TEST_SERVICES=local, or no container engine can be had (then it says so):
 #
 #   1. the unit and integration tests against the postgres:15 and rabbitmq:3-management
-#      images, and at the same time the relay's integration tests (RELAY_TESTS) again against
-#      postgres:18, each spread over CDC_TEST_WORKERS pytest-xdist worker processes (default
-#      2; 0 runs them in the pytest process); every worker starts a PostgreSQL and a RabbitMQ
-#      container of its own, so a test that stops its broker or raises its memory alarm
-#      affects no other worker's tests;
-#   2. the fault tests (kills, outages, stop deadlines), one at a time per server version
-#      (the postgres:15 and postgres:18 runs side by side): they time recoveries, which a
-#      machine loaded by many workers would blur;
-#   3. `tests/containers`: the built image, the compose stack, and the check that the host's
-#      PostgreSQL was not reconfigured or restarted by any of it.
+#      images, and at the same time, in a second lane, the relay's integration tests
+#      (RELAY_TESTS) again against postgres:18, then a part of the first lane's (PG15_LATE) on
+#      postgres:15; each run spread over CDC_TEST_WORKERS pytest-xdist worker processes
+#      (default 2; 0 runs them in the pytest process); every worker starts a PostgreSQL and a
+#      RabbitMQ container of its own, so a test that stops its broker or raises its memory
+#      alarm affects no other worker's tests;
+#   2. the fault tests (kills, outages, stop deadlines), one at a time per lane: they time
+#      recoveries, which a machine loaded by many workers would blur. The first lane runs
+#      postgres:15's; the second the relay's on postgres:18, the frozen broker tests
+#      (FAULTS_LATE) on postgres:15, then `tests/containers` (the built image, the compose
+#      stack). Each lane ends with the check that the host's PostgreSQL was not reconfigured
+#      or restarted by any of it.
 #
 # With the local services (shared by every test) the passes run one after the other,
 # without workers.
 #
 # scripts/container-engine.sh provides the engine (here: podman and local look-alike images);
 # with Docker and DOCKER_HOST already set up, set CDC_TEST_SERVICES=containers and the
-# official images are used. `scripts/test.sh containers` runs step 3 alone (make
+# official images are used. `scripts/test.sh containers` runs `tests/containers` alone (make
 # test-containers). Every container is removed at the end, also after a failure, and the
 # engine's API service is stopped if this run started it.
 set -uo pipefail
@@ -47,6 +49,13 @@ RELAY_SKIP=(
   --deselect=tests/fault/test_relay_faults.py::test_broker_memory_alarm_reports_blocked
   --ignore=tests/integration/test_failover_slots.py --ignore=tests/fault/test_failover.py)
 RELAY_TESTS=(tests/integration tests/fault "${RELAY_SKIP[@]}")
+# Run in the second lane once its PostgreSQL 18 pass is done, so that both lanes of a phase end
+# at about the same time: tests of the workers and of `cdc`'s URL needs (phase 1; about a fifth
+# of the PostgreSQL 15 suite's time) and the frozen broker tests (phase 2; about 14 % of the
+# PostgreSQL 15 fault tests' time).
+PG15_LATE=(tests/integration/consumers tests/integration/test_billing_worker.py
+  tests/integration/test_cli_commands.py)
+FAULTS_LATE=(tests/fault/test_relay_faults.py::test_frozen_broker_connection_is_detected_within_the_heartbeat)
 mode=${CDC_TEST_SERVICES:-}
 # Labels this run's containers: the cleanup at the end removes these and no other run's.
 export CDC_TEST_RUN_ID=${CDC_TEST_RUN_ID:-run$(date +%s)$$}
@@ -91,45 +100,68 @@ step() {  # NAME ARGS...: run pytest, remember its time and the first failure
 workers=${CDC_TEST_WORKERS:-2}
 XDIST=(-n "$workers")
 [ "$workers" = 0 ] || XDIST+=(--dist worksteal)
-# NAME LOG ARGS...: a pytest run in the background, its output and time kept for the report.
-background() {
-  local name=$1 out=$2; shift 2
-  ( t0=$SECONDS; "${PYTEST[@]}" "$@"; rc=$?; echo "$name: $((SECONDS - t0)) s" >"$out.s"; exit $rc ) \
-    >"$out" 2>&1 &
+# LOG NAME IMAGE ARGS...: one pytest run of a lane, against the PostgreSQL image IMAGE; its
+# output is appended to LOG, its time to LOG.s. Returns pytest's status.
+lane_step() {
+  local out=$1 name=$2 image=$3 t0=$SECONDS rc; shift 3
+  echo "== $name" >>"$out"
+  CDC_TEST_PG_IMAGE=$image "${PYTEST[@]}" "$@" >>"$out" 2>&1
+  rc=$?
+  echo "$name: $((SECONDS - t0)) s" >>"$out.s"
+  return $rc
 }
-# NAME LOG PID: wait for a background run, print its output, keep its time and failure.
+# LOG PID: wait for a lane (a background subshell of lane_steps), print its output, keep its
+# steps' times and its failure.
 collect() {
-  local name=$1 out=$2 pid=$3
-  log "$name"
+  local out=$1 pid=$2
   wait "$pid" || status=$?
   cat "$out"
-  timings+=("$(cat "$out.s" 2>/dev/null || echo "$name: ?")")
+  [ -f "$out.s" ] && mapfile -t -O "${#timings[@]}" timings <"$out.s"
   rm -f "$out" "$out.s"
 }
+# The check that the host's PostgreSQL kept its settings and start time: last in each lane of
+# the last phase, so it runs after every test of the run (all of a lane's come before it).
+HOST_CHECK=tests/containers/test_host_postgres_untouched.py
+CONTAINER_TESTS=(tests/containers/test_compose.py tests/containers/test_image.py "$HOST_CHECK")
 if [ "$only" = all ]; then
   pg15=${CDC_TEST_PG_IMAGE:-postgres:15}
   pg18=${CDC_TEST_PG18_IMAGE:-postgres:18}
   a=$(mktemp) b=$(mktemp)
-  # Phase 1: unit and integration tests of both server versions at once, each over
-  # $CDC_TEST_WORKERS xdist workers with containers of their own; much of their time is
-  # spent waiting (timeouts, intervals), so the two cores are shared well.
-  background "suite without faults, $pg15" "$a" "${XDIST[@]}" tests \
-    --ignore=tests/containers --ignore=tests/fault
+  # Phase 1: unit and integration tests of both server versions at once, in two lanes, each
+  # step over $CDC_TEST_WORKERS xdist workers with containers of their own; much of their
+  # time is spent waiting (timeouts, intervals), so the two cores are shared well. Lane b
+  # runs the relay's tests on $pg18, then the PG15_LATE part of the suite on $pg15, so both
+  # lanes end together.
+  ( lane_step "$a" "suite without faults or PG15_LATE, $pg15" "$pg15" "${XDIST[@]}" tests \
+      --ignore=tests/containers --ignore=tests/fault "${PG15_LATE[@]/#/--ignore=}" ) &
   pa=$!
-  CDC_TEST_PG_IMAGE=$pg18 background "relay without faults, $pg18" "$b" "${XDIST[@]}" \
-    tests/integration "${RELAY_SKIP[@]}"
+  ( lane_step "$b" "relay without faults, $pg18" "$pg18" "${XDIST[@]}" tests/integration \
+      "${RELAY_SKIP[@]}" || rc=$?
+    lane_step "$b" "PG15_LATE: workers, cdc URLs, $pg15" "$pg15" "${XDIST[@]}" \
+      "${PG15_LATE[@]}" || rc=${rc:-$?}
+    exit "${rc:-0}" ) &
   pb=$!
-  collect "suite without faults, $pg15" "$a" "$pa"
-  collect "relay without faults, $pg18" "$b" "$pb"
-  # Phase 2: the fault tests (kills, outages, stop deadlines) one at a time per server
-  # version: they measure how fast things recover, which a loaded machine would blur.
-  background "faults, $pg15" "$a" tests/fault
+  log "phase 1: unit and integration tests"
+  collect "$a" "$pa"
+  collect "$b" "$pb"
+  # Phase 2: the fault tests (kills, outages, stop deadlines) one at a time per lane: they
+  # measure how fast things recover, which a machine loaded by many workers would blur. Lane
+  # a runs most of those on $pg15; lane b the relay's on $pg18, then FAULTS_LATE on $pg15,
+  # then the image and compose tests.
+  ( lane_step "$a" "faults but the frozen broker, $pg15; host untouched" "$pg15" tests/fault \
+      "${FAULTS_LATE[@]/#/--deselect=}" "$HOST_CHECK" ) &
   pa=$!
-  CDC_TEST_PG_IMAGE=$pg18 background "relay faults, $pg18" "$b" tests/fault "${RELAY_SKIP[@]}"
+  ( lane_step "$b" "relay faults, $pg18" "$pg18" tests/fault "${RELAY_SKIP[@]}" || rc=$?
+    lane_step "$b" "frozen broker, $pg15" "$pg15" "${FAULTS_LATE[@]}" || rc=${rc:-$?}
+    lane_step "$b" "image, compose, host untouched" "$pg15" "${CONTAINER_TESTS[@]}" \
+      || rc=${rc:-$?}
+    exit "${rc:-0}" ) &
   pb=$!
-  collect "faults, $pg15" "$a" "$pa"
-  collect "relay faults, $pg18" "$b" "$pb"
+  log "phase 2: fault tests; image and compose"
+  collect "$a" "$pa"
+  collect "$b" "$pb"
+else
+  step "image, compose, host untouched" "${CONTAINER_TESTS[@]}"
 fi
-step "image, compose, host untouched" tests/containers
 log "timings"; printf '   %s\n' "${timings[@]}"
 exit $status
