@@ -157,6 +157,36 @@ def test_watch_redraws_until_ctrl_c(env):
     assert len(docs) >= 2 and all(set(d) >= SLOT_KEYS | NEW_KEYS for d in docs), lines
 
 
+def test_ctrl_c_at_any_moment_of_the_watch_exits_0_promptly(env):
+    # SIGINT lands at a different moment of the round each time: in the pause, while
+    # PostgreSQL answers, while the broker answers (the parking queue does not exist, so
+    # the broker closes the channel: the path where a cancellation used to be lost)
+    env.setup()
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+    full.update(env.relay_env())
+    for delay in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.45):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cdc", "status", "--watch", "0.2"],
+            cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()  # a first screen: past the imports, watching
+            assert first.startswith("cdc status  outbox-cdc"), first + proc.stderr.read()
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            _, err = proc.communicate(timeout=30)
+            took = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, (delay, err)
+        assert took < 10, (delay, took)  # the watch looks at the signal every 0.1 s
+
+
 def test_watch_goes_on_through_a_database_outage(env):
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     once = env.cdc("status", env=env.relay_env(database_url=closed))
