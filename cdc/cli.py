@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -232,26 +231,38 @@ def _run_relay(settings: RelaySettings) -> int:
 
 
 def _status(settings: RelaySettings, args: argparse.Namespace) -> int:
-    from cdc.shell import status_probe
+    from cdc.shell import status_probe, watch
 
-    while True:
+    def probe() -> tuple[str, dict[str, Any] | SourceError]:
+        """The heading and the document, or (watching) the outage that stood in the way."""
         now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         heading = f"cdc status  outbox-cdc {__version__}  {now}"
         try:
-            doc = status_probe.gather(
+            return heading, status_probe.gather(
                 settings, args.relay_metrics, args.worker_metrics, args.standby_url
             )
         except SourceError as exc:
             if args.watch is None:
                 raise
+            return heading, exc
+
+    def show(seen: tuple[str, dict[str, Any] | SourceError] | None) -> None:
+        if seen is None:
+            print(f"no answer within {status_probe.ROUND_BOUND:g} s (trying again)",
+                  file=sys.stderr, flush=True)
+        elif isinstance(seen[1], SourceError):
             # Watching through a PostgreSQL outage: say so and look again next round.
-            print(f"{heading}\nPostgreSQL: {exc} (trying again in {args.watch:g} s)",
+            print(f"{seen[0]}\nPostgreSQL: {seen[1]} (trying again in {args.watch:g} s)",
                   file=sys.stderr, flush=True)
         else:
-            _show(doc, heading, args)
-        if args.watch is None:
-            return 0
-        time.sleep(max(args.watch, 0.2))
+            _show(seen[1], seen[0], args)
+
+    if args.watch is None:
+        show(probe())
+        return 0
+    # Ctrl-C (or SIGTERM) ends the watch with 0 at once, whatever the probe is doing
+    watch.repeat(probe, show, max(args.watch, 0.2), status_probe.ROUND_BOUND)
+    return 0
 
 
 def _show(doc: dict[str, Any], heading: str, args: argparse.Namespace) -> None:

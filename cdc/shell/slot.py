@@ -265,20 +265,19 @@ def _health(conn: Conn, settings: RelaySettings) -> dict[str, Any]:
     }
 
 
-def status(settings: RelaySettings) -> SlotStatus:
+def status(conn: Conn, settings: RelaySettings) -> SlotStatus:
     """Read the slot's position, lag and health, and the relay's checkpoint."""
-    with connect(settings) as conn:
-        row = conn.execute(
-            "SELECT plugin, active, active_pid, restart_lsn::text, confirmed_flush_lsn::text, "
-            "pg_current_wal_lsn()::text, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
-            "wal_status, safe_wal_size "
-            "FROM pg_replication_slots WHERE slot_name = %s",
-            (settings.slot_name,),
-        ).fetchone()
-        seen = slot_seen(conn, settings)
-        health = _health(conn, settings)
+    row = conn.execute(
+        "SELECT plugin, active, active_pid, restart_lsn::text, confirmed_flush_lsn::text, "
+        "pg_current_wal_lsn()::text, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, "
+        "wal_status, safe_wal_size "
+        "FROM pg_replication_slots WHERE slot_name = %s",
+        (settings.slot_name,),
+    ).fetchone()
+    seen = slot_seen(conn, settings)
+    health = _health(conn, settings)
     if row is None:
         return SlotStatus(settings.slot_name, exists=False, **health)
     names = ("plugin", "active", "active_pid", "restart_lsn", "confirmed_flush_lsn",

@@ -19,14 +19,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiormq
 import orjson
+import psycopg
 
 from cdc.config import RelaySettings
 from cdc.core import status_report as report
+from cdc.errors import SourceError
 from cdc.service.logs import redact
 from cdc.shell import slot as slots
 
 #: Seconds each endpoint may take; a status screen must not hang on one dead process.
 TIMEOUT = 2.0
+#: Seconds each of the status queries may take on PostgreSQL (its statement_timeout).
+STATEMENT_TIMEOUT = 5.0
+#: Seconds a round of `cdc status --watch` may take before it is abandoned: more than the
+#: scrapes, the broker's and PostgreSQL's own bounds (connect_timeout 10 s) add up to.
+ROUND_BOUND = 30.0
 
 
 def default_relay_url(settings: RelaySettings) -> str | None:
@@ -72,7 +79,14 @@ def scrape(url: str) -> report.Scrape:
 
 
 async def _depths(url: str, queues: list[str]) -> dict[str, int | None]:
-    connection = await asyncio.wait_for(aiormq.connect(url), TIMEOUT * 2)
+    # one bound for the whole conversation (a broker may stall after the connect); and
+    # asyncio.timeout, not wait_for, which on 3.11 can swallow a cancellation
+    async with asyncio.timeout(TIMEOUT * 2):
+        return await _ask_depths(url, queues)
+
+
+async def _ask_depths(url: str, queues: list[str]) -> dict[str, int | None]:
+    connection = await aiormq.connect(url)
     found: dict[str, int | None] = {}
     try:
         for queue in queues:
@@ -104,9 +118,15 @@ def _database_side(settings: RelaySettings, standby_urls: list[str]) -> dict[str
     """The slot's status and the failover readiness of the standbys."""
     from cdc.shell.standbys import failover_status
 
-    slot = slots.status(settings).as_dict()
     with slots.connect(settings) as conn:
-        return slot | {"failover": failover_status(conn, settings, standby_urls)}
+        try:
+            # set_config, not SET: a utility statement takes no bound parameter
+            conn.execute("SELECT set_config('statement_timeout', %s, false)",
+                         (f"{round(STATEMENT_TIMEOUT * 1000)}ms",))
+            slot = slots.status(conn, settings).as_dict()
+            return slot | {"failover": failover_status(conn, settings, standby_urls)}
+        except psycopg.OperationalError as exc:  # a timeout or a lost connection
+            raise SourceError(f"PostgreSQL stopped answering: {exc}".strip()) from exc
 
 
 def gather(
@@ -119,9 +139,11 @@ def gather(
     relay_url = relay_url or default_relay_url(settings)
     note = None if relay_url else "CDC_METRICS_PORT is 0: the relay serves no metrics"
     urls = ([relay_url] if relay_url else []) + worker_urls
-    with ThreadPoolExecutor(max_workers=len(urls) + 1) as pool:
+    with ThreadPoolExecutor(max_workers=max(len(urls), 1)) as pool:
         scrapes = pool.map(scrape, urls)
-        slot = pool.submit(_database_side, settings, list(standby_urls))
+        # PostgreSQL in this thread, beside the scrapes: a watch abandons a round in its
+        # own daemon thread, and the exit waits only for pool threads (the scrapes, bounded)
+        database = _database_side(settings, list(standby_urls))
         found = list(scrapes)
         relay = found.pop(0) if relay_url else None
         # the workers' queues are named in their metrics: ask the broker once for all
@@ -130,5 +152,5 @@ def gather(
         ]
         waiting = depths(settings, queues)
         return report.build(
-            slot.result(), relay, found, settings.parking_queue, waiting, note
+            database, relay, found, settings.parking_queue, waiting, note
         )

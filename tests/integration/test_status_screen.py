@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -127,24 +128,50 @@ def test_status_shows_slot_lags_relay_and_parked(env, ledger):
     assert stopped["lags"]["slot_bytes"] is not None
 
 
-def _watch(env, *args: str, run_for: float = 3.0, **overrides) -> tuple[str, str]:
+def _start_watch(env, *args: str, **overrides) -> subprocess.Popen[str]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
     full.update(env.relay_env(**overrides))
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "cdc", "status", *args],
         cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         stdin=subprocess.DEVNULL,
     )
+
+
+def _first_line(proc: subprocess.Popen[str], stream: str) -> str:
+    """The first line the watch writes to ``stream``: from then on it is watching (a Ctrl-C
+    during the imports of a slow start is Python's traceback, not the watch's exit)."""
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(getattr(proc, stream).readline()))
+    reader.start()
+    reader.join(60)
+    assert got and got[0], f"no first line on {stream} within 60 s"
+    return got[0]
+
+
+def _interrupt(proc: subprocess.Popen[str]) -> tuple[str, str, float]:
+    """SIGINT, then the rest of the output and how long the exit took; asserts exit 0."""
     try:
-        time.sleep(run_for)
         proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
         out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
-    return out, err
+    return out, err, took
+
+
+def _watch(env, *args: str, run_for: float, first_on: str = "stdout", **overrides
+           ) -> tuple[str, str]:
+    """Output of `cdc status ARGS` interrupted ``run_for`` s after its first line."""
+    proc = _start_watch(env, *args, **overrides)
+    first = _first_line(proc, first_on)
+    time.sleep(run_for)
+    out, err, _ = _interrupt(proc)
+    return (first + out, err) if first_on == "stdout" else (out, first + err)
 
 
 def test_watch_redraws_until_ctrl_c(env):
@@ -157,10 +184,24 @@ def test_watch_redraws_until_ctrl_c(env):
     assert len(docs) >= 2 and all(set(d) >= SLOT_KEYS | NEW_KEYS for d in docs), lines
 
 
+def test_ctrl_c_at_any_moment_of_the_watch_exits_0_promptly(env):
+    # SIGINT lands at a different moment of the round each time: in the pause, while
+    # PostgreSQL answers, while the broker answers (the parking queue does not exist, so
+    # the broker closes the channel: the path where a cancellation used to be lost)
+    env.setup()
+    for delay in (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.45):
+        proc = _start_watch(env, "--watch", "0.2")
+        assert _first_line(proc, "stdout").startswith("cdc status  outbox-cdc")
+        time.sleep(delay)
+        _, _, took = _interrupt(proc)
+        assert took < 10, (delay, took)  # the watch looks at the signal every 0.1 s
+
+
 def test_watch_goes_on_through_a_database_outage(env):
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     once = env.cdc("status", env=env.relay_env(database_url=closed))
     assert once.returncode == 3, once.stderr  # without --watch: the usual refusal exit
-    out, err = _watch(env, "--watch", "0.3", run_for=6.0, database_url=closed)
+    out, err = _watch(env, "--watch", "0.3", run_for=6.0, first_on="stderr",
+                      database_url=closed)
     assert err.count("PostgreSQL: cannot connect") >= 2, err
     assert out == ""
