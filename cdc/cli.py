@@ -30,6 +30,7 @@ from cdc.errors import (
 )
 from cdc.service.cli import (
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -366,4 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return EXIT_OK
+        # The relay and the watch stop on a flag; the demo is stopped by Ctrl-C as a matter
+        # of course. Any other command here did not finish, so it must not report success.
+        return EXIT_OK if args.command == "demo" else EXIT_INTERRUPTED

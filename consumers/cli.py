@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from cdc.service.cli import (
     EXIT_DRAIN_TIMEOUT,
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -190,7 +191,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "cdc-worker") -> int:
         log.error("%s", exc)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return EXIT_OK
+        # Only one-shot commands get here (the relay, the workers and the watch stop on
+        # a flag): an interrupted one did not finish, so it must not report success.
+        return EXIT_INTERRUPTED
     except Exception:
         log.exception("unexpected error")
         return EXIT_ERROR

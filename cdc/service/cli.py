@@ -29,6 +29,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_DRAIN_TIMEOUT = 4
+#: A one-shot command (backfill, recover, prune, dlq) stopped by Ctrl-C before it finished.
+EXIT_INTERRUPTED = 130
 
 S = TypeVar("S", bound=CdcSettings)
 T = TypeVar("T")
