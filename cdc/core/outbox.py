@@ -221,7 +221,15 @@ def _route(layout: OutboxColumns, row: TupleData, own: dict[str, str]) -> Outbox
     if payload is None:
         return bad("payload is NULL", message_id, event_type)
 
-    created_text = _text(values[p_created])
+    # Text columns arrive as bytes: decoded here without a call each (once per row, it shows).
+    agg_type, agg_id, created_raw = values[p_agg_type], values[p_agg_id], values[p_created]
+    aggregate_type = (
+        str(agg_type, "utf-8", "replace") if type(agg_type) is bytes else _text(agg_type)
+    )
+    aggregate_id = str(agg_id, "utf-8", "replace") if type(agg_id) is bytes else _text(agg_id)
+    created_text = (
+        str(created_raw, "utf-8", "replace") if type(created_raw) is bytes else _text(created_raw)
+    )
     created_at = _parse_time(created_text)
     created_iso = None
     if created_at is not None and created_text is not None:  # parsed, so there was text
@@ -230,8 +238,8 @@ def _route(layout: OutboxColumns, row: TupleData, own: dict[str, str]) -> Outbox
     raw_headers = _raw(values[p_headers])
     if raw_headers is None:
         headers = {
-            "aggregate_type": _text(values[p_agg_type]),
-            "aggregate_id": _text(values[p_agg_id]),
+            "aggregate_type": aggregate_type,
+            "aggregate_id": aggregate_id,
             **own,
             "created_at": created_iso or created_text,
         }
@@ -251,8 +259,8 @@ def _route(layout: OutboxColumns, row: TupleData, own: dict[str, str]) -> Outbox
         if problem is not None:
             return bad(f"headers hold a value AMQP cannot carry: {problem}", message_id, event_type)
         headers = parsed
-        headers["aggregate_type"] = _text(values[p_agg_type])
-        headers["aggregate_id"] = _text(values[p_agg_id])
+        headers["aggregate_type"] = aggregate_type
+        headers["aggregate_id"] = aggregate_id
         headers.update(own)
         headers["created_at"] = created_iso or created_text
     # Before 1970 the AMQP timestamp cannot carry it: the header keeps the time.

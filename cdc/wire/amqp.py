@@ -65,20 +65,25 @@ def _shortstr(text: str) -> bytes:
     return bytes((len(data),)) + data
 
 
-# Encoded "shortstr key" prefixes of header names seen so far (a handful in practice).
-_KEYS: dict[str, bytes] = {}
+# For each set of header keys seen so far (in the order of the dict: a handful of sets in
+# practice, the relay's own keys plus those of the rows' headers): the keys sorted, each with
+# its encoded name and string tag, and its whole entry for a None value. Encoded once per
+# set, not once per message. None for a set with a name over 128 bytes: pamqp truncates
+# those, so such a table is left to it for the bytes to stay identical.
+_Shape = tuple[tuple[str, bytes, bytes], ...]
+_SHAPES: dict[tuple[str, ...], _Shape | None] = {}
 _MAX_KEYS = 4096
 
 
-def _key(key: str) -> bytes | None:
-    name = key.encode()
-    # pamqp truncates names over 128 bytes; leave those to it so the bytes stay identical.
-    if len(name) > 128:
-        return None
-    prefix = bytes((len(name),)) + name
-    if len(_KEYS) < _MAX_KEYS:
-        _KEYS[key] = prefix
-    return prefix
+def _shape(keys: tuple[str, ...]) -> _Shape | None:
+    names = [(key, key.encode()) for key in sorted(keys)]
+    shape = None
+    if all(len(name) <= 128 for _, name in names):
+        prefixes = [(key, bytes((len(name),)) + name) for key, name in names]
+        shape = tuple((key, prefix + b"S", prefix + b"V") for key, prefix in prefixes)
+    if len(_SHAPES) < _MAX_KEYS:
+        _SHAPES[keys] = shape
+    return shape
 
 
 # The last string value of each header name and its encoded table entry. commit_lsn and
@@ -91,34 +96,37 @@ _MAX_CACHED_VALUE = 256
 
 def _table(headers: Mapping[str, Any]) -> bytes:
     """A field table; plain strings and None fast, anything else through pamqp."""
+    keys = tuple(headers)
+    try:
+        shape = _SHAPES[keys]
+    except KeyError:
+        shape = _shape(keys)
+    if shape is None:
+        return encode.field_table(dict(headers))
     parts: list[bytes] = []
     append = parts.append
     entries = _ENTRIES
-    for key in sorted(headers):
+    for key, string, null in shape:
         value = headers[key]
         if type(value) is str:
             last = entries.get(key)
             if last is not None and last[0] == value:
                 append(last[1])
                 continue
-            name = _KEYS.get(key) or _key(key)
-            if name is None:
-                return encode.field_table(dict(headers))
             data = value.encode()
-            entry = b"".join((name, b"S", len(data).to_bytes(4, "big"), data))
+            entry = b"".join((string, _U32.pack(len(data)), data))
             if len(value) <= _MAX_CACHED_VALUE and (last is not None or len(entries) < _MAX_KEYS):
                 entries[key] = (value, entry)
             append(entry)
         elif value is None:
-            name = _KEYS.get(key) or _key(key)
-            if name is None:
-                return encode.field_table(dict(headers))
-            append(name + b"V")
+            append(null)
         else:
             return encode.field_table(dict(headers))
     body = b"".join(parts)
-    return len(body).to_bytes(4, "big") + body
+    return _U32.pack(len(body)) + body
 
+
+_OCTETS: Final = tuple(bytes((i,)) for i in range(256))
 
 # Encoded content types and message types (the event types: a few dozen in practice).
 _NAMES: dict[str, bytes] = {}
@@ -147,10 +155,13 @@ def properties_block(
     """
     flags = _CONTENT_TYPE | _HEADERS | _DELIVERY_MODE
     content = _NAMES.get(content_type) or _name(content_type)
-    parts = [b"", content, _table(headers), bytes((delivery_mode,))]
+    parts = [b"", content, _table(headers), _OCTETS[delivery_mode]]
     if message_id:
         flags |= _MESSAGE_ID
-        parts.append(_shortstr(message_id))
+        data = message_id.encode()  # _shortstr, inline: once per message, it shows
+        if len(data) > 255:
+            raise ValueError(f"AMQP short string longer than 255 bytes: {message_id[:40]!r}...")
+        parts.append(_OCTETS[len(data)] + data)
     if timestamp is not None:
         flags |= _TIMESTAMP
         if timestamp.tzinfo is None:  # pamqp reads a naive datetime as UTC
