@@ -150,3 +150,36 @@ def test_a_stop_finishes_what_is_in_hand_quickly_and_loses_nothing(env, domain):
         assert len(posts) == len(set(posts)), "a delivered webhook was POSTed again"
     finally:
         receiver.close()
+
+
+def test_a_dead_endpoint_that_comes_back_gets_every_event_exactly_once(env, domain):
+    """Events to an endpoint that times out (its breaker opens, every event goes around the
+    retry queue, several times), which then answers again: every event is delivered, its
+    webhook recorded once and its in-app row written once; nothing is parked."""
+    receiver = WebhookReceiver(delay=60)
+    try:
+        _setup(env, domain, [("u1", receiver.url)])
+        _start(
+            domain, receiver.SECRET, webhook_timeout=1, webhook_breaker_failures=2,
+            webhook_breaker_seconds=1, worker_retry_delays="1", worker_max_attempts=30,
+        )
+        events = _events("u1", 40)
+        domain.publish(events)
+        wait_for(lambda: len(receiver.requests) + receiver.in_flight >= 2, 30, "the first POSTs")
+        time.sleep(4)  # timeouts, an open breaker, retries through the TTL queue
+        assert domain.inbox_count("notifications") == 0
+        receiver.delay = 0.0
+        domain.wait_inbox("notifications", 40, timeout=90)
+        keys = {idempotency_key(m, "webhook") for _, m, _ in events}
+        wait_for(lambda: set(receiver.accepted()) == keys, 30, "every key accepted")
+        rows = env.sql(
+            sql.SQL(
+                "SELECT channel, count(*), count(DISTINCT message_id) FROM {} GROUP BY 1 ORDER BY 1"
+            ).format(domain.table("notification_deliveries"))
+        )
+        assert rows == [("in_app", 40, 40), ("webhook", 40, 40)]
+        notes = env.sql(sql.SQL("SELECT count(*) FROM {}").format(domain.table("notifications")))
+        assert notes[0][0] == 40
+        assert sum(n or 0 for n in domain.parked().values()) == 0
+    finally:
+        receiver.close()
