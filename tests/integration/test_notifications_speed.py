@@ -152,22 +152,31 @@ def test_a_stop_finishes_what_is_in_hand_quickly_and_loses_nothing(env, domain):
         receiver.close()
 
 
-def test_a_dead_endpoint_that_comes_back_gets_every_event_exactly_once(env, domain):
+@pytest.mark.parametrize("killed", [False, True], ids=["running", "killed-mid-retries"])
+def test_a_dead_endpoint_that_comes_back_gets_every_event_exactly_once(env, domain, killed):
     """Events to an endpoint that times out (its breaker opens, every event goes around the
     retry queue, several times), which then answers again: every event is delivered, its
-    webhook recorded once and its in-app row written once; nothing is parked."""
+    webhook recorded once and its in-app row written once; nothing is parked. ``killed``: the
+    worker is SIGKILLed while the retry copies circulate (where a kill can fall between a
+    copy's confirm and its original's ack) and a new one takes over: nothing lost, and the
+    duplicate copies change nothing."""
     receiver = WebhookReceiver(delay=60)
+    settings = dict(
+        webhook_timeout=1, webhook_breaker_failures=2, webhook_breaker_seconds=1,
+        worker_retry_delays="1", worker_max_attempts=30,
+    )
     try:
         _setup(env, domain, [("u1", receiver.url)])
-        _start(
-            domain, receiver.SECRET, webhook_timeout=1, webhook_breaker_failures=2,
-            webhook_breaker_seconds=1, worker_retry_delays="1", worker_max_attempts=30,
-        )
+        worker = _start(domain, receiver.SECRET, **settings)
         events = _events("u1", 40)
         domain.publish(events)
         wait_for(lambda: len(receiver.requests) + receiver.in_flight >= 2, 30, "the first POSTs")
         time.sleep(4)  # timeouts, an open breaker, retries through the TTL queue
         assert domain.inbox_count("notifications") == 0
+        if killed:
+            worker.sigkill()
+            _start(domain, receiver.SECRET, **settings)
+            time.sleep(2)  # the new worker's own timeouts and retries
         receiver.delay = 0.0
         domain.wait_inbox("notifications", 40, timeout=90)
         keys = {idempotency_key(m, "webhook") for _, m, _ in events}
