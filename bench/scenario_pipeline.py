@@ -166,9 +166,13 @@ class Workers:
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def add(self) -> None:
+        # Started in the interpreter's bin directory: ``-m`` puts the working directory first
+        # on sys.path, so from a checkout another checkout's interpreter would run this one's
+        # code instead of the one installed in its own venv.
         self.procs.append(await asyncio.create_subprocess_exec(
             self.python, "-m", "consumers", self.worker, env=self.env,
             stdout=self.log, stderr=self.log, start_new_session=True,
+            cwd=os.path.dirname(self.python),
         ))
 
     def check(self) -> None:
