@@ -5,6 +5,7 @@ own messages, a retry never POSTs again what was delivered, and a stop is quick.
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 
@@ -191,4 +192,48 @@ def test_a_dead_endpoint_that_comes_back_gets_every_event_exactly_once(env, doma
         assert notes[0][0] == 40
         assert sum(n or 0 for n in domain.parked().values()) == 0
     finally:
+        receiver.close()
+
+
+def test_failed_events_of_a_batch_wait_in_one_retry_bundle_and_each_is_delivered_once(env, domain):
+    """Events of one batch to an endpoint that refuses connections all fail at once and wait
+    the same delay: ONE copy (a retry bundle) waits in the retry queue for all of them. When
+    it comes back after the endpoint is fixed, each event is delivered exactly once."""
+    receiver = WebhookReceiver()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    dead = f"http://127.0.0.1:{closed.getsockname()[1]}/hooks"
+    n = 20
+    try:
+        _setup(env, domain, [("u1", dead)])
+        settings = dict(
+            webhook_breaker_failures=1000, worker_retry_delays="8", worker_max_attempts=5
+        )
+        _start(domain, receiver.SECRET, **settings).sigkill()  # its queues stay
+        events = _events("u1", n)
+        domain.publish(events)  # all in the queue before the next worker starts: one batch
+        _start(domain, receiver.SECRET, **settings)
+        retry = domain._names[-1].retry_queue_for(8).name
+        wait_for(lambda: (env.broker.queue_count(retry) or 0) >= 1, 30, "a retry copy")
+        time.sleep(1)  # any further copy of the same batch would be there by now
+        assert env.broker.queue_count(retry) == 1
+        env.sql(
+            sql.SQL("UPDATE {} SET webhook_url = %s").format(
+                domain.table("notification_preferences")
+            ),
+            (receiver.url,),
+        )
+        domain.wait_inbox("notifications", n, timeout=60)
+        keys = {idempotency_key(m, "webhook") for _, m, _ in events}
+        wait_for(lambda: set(receiver.accepted()) == keys, 30, "every key accepted")
+        assert len(receiver.requests) == n  # each POSTed once once the endpoint answers
+        rows = env.sql(
+            sql.SQL(
+                "SELECT channel, count(*), count(DISTINCT message_id) FROM {} GROUP BY 1 ORDER BY 1"
+            ).format(domain.table("notification_deliveries"))
+        )
+        assert rows == [("in_app", n, n), ("webhook", n, n)]
+        assert sum(v or 0 for v in domain.parked().values()) == 0
+    finally:
+        closed.close()
         receiver.close()
