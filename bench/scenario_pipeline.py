@@ -159,14 +159,20 @@ class Receiver:
 class Workers:
     """Replicas of ``python -m consumers <worker>`` with one environment."""
 
-    def __init__(self, worker: str, env: dict[str, str], log: Any) -> None:
-        self.worker, self.env, self.log = worker, env, log
+    def __init__(
+        self, worker: str, env: dict[str, str], log: Any, python: str = sys.executable
+    ) -> None:
+        self.worker, self.env, self.log, self.python = worker, env, log, python
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def add(self) -> None:
+        # Started in the interpreter's bin directory: ``-m`` puts the working directory first
+        # on sys.path, so from a checkout another checkout's interpreter would run this one's
+        # code instead of the one installed in its own venv.
         self.procs.append(await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "consumers", self.worker, env=self.env,
+            self.python, "-m", "consumers", self.worker, env=self.env,
             stdout=self.log, stderr=self.log, start_new_session=True,
+            cwd=os.path.dirname(self.python),
         ))
 
     def check(self) -> None:
@@ -476,9 +482,15 @@ async def broker_ceiling(run: Run, p: Params, exchange: str) -> dict[str, Any]:
     }
 
 
-async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str, Any]:
+async def webhook_throughput(
+    run: Run, p: Params, dead_share: float, python: str = sys.executable
+) -> dict[str, Any]:
     """The notifications worker alone draining ``pipeline_webhook_events`` device events to
-    20 endpoints, ``dead_share`` of the users' endpoints never answering."""
+    20 endpoints, ``dead_share`` of the users' endpoints never answering (``python``: the
+    interpreter that runs the worker, e.g. another checkout's venv for a before/after pair).
+
+    CPU is per delivered webhook: the worker's, the RabbitMQ node's and the PostgreSQL
+    backends' of the run's database, over the whole drain."""
     endpoints = 20
     dead_count = round(endpoints * dead_share)
     ports = [free_port() for _ in range(endpoints)]
@@ -500,7 +512,7 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
         "CDC_WEBHOOK_SECRET": SECRET,
         "CDC_WEBHOOK_ALLOW_HTTP": "true",
         "CDC_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.1/32",
-    }, log)
+    }, log, python)
     queue = f"{label}.notification-service.device"
     await run.declare_sink(names, bind="bench.unused")
     async with await psycopg.AsyncConnection.connect(run.db_url, autocommit=True) as db:
@@ -543,7 +555,9 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
         _, before = await receiver.records()
         pid = workers.procs[0].pid
         assert receiver.proc is not None
+        beam = broker_pids()
         cpu0, rcpu0 = cpu_seconds(pid), cpu_seconds(receiver.proc.pid)
+        bcpu0, pcpu0 = sum(map(cpu_seconds, beam)), postgres_cpu(run.db_name, [])
         started = time.monotonic()
         ids = await _publish_devices(run, names.exchange, events)
         healthy = {mid for mid, user in ids if int(user[2:]) % endpoints >= dead_count}
@@ -558,6 +572,8 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
         seconds = time.monotonic() - started
         cpu = cpu_seconds(pid) - cpu0
         receiver_cpu = cpu_seconds(receiver.proc.pid) - rcpu0
+        broker_cpu = sum(map(cpu_seconds, beam)) - bcpu0
+        pg_cpu = postgres_cpu(run.db_name, []) - pcpu0
         records, total = await receiver.records()
         arrivals = sorted(records[mid] for mid in healthy if mid in records)
         span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else None
@@ -572,6 +588,8 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
             "webhooks_per_s": round(len(arrivals) / span, 1) if span else None,
             "worker_cpu_us_per_webhook": round(cpu / max(got, 1) * 1e6, 1),
             "receiver_cpu_us_per_webhook": round(receiver_cpu / max(got, 1) * 1e6, 1),
+            "rabbitmq_cpu_us_per_webhook": round(broker_cpu / max(got, 1) * 1e6, 1),
+            "postgres_cpu_us_per_webhook": round(pg_cpu / max(got, 1) * 1e6, 1),
             "warm_up_events": warm,
             "warm_up_seconds": round(warm_s, 1) if dead_count else None,
             "load_average": os.getloadavg(),

@@ -63,3 +63,9 @@ class Unroutable(BrokerLost):
 
 class BatchAborted(ConsumerError):
     """A batch's transaction could not complete: it runs again on a fresh connection."""
+
+
+class BadBundle(ConsumerError):
+    """A retry bundle's body cannot be decoded (written by another version, or damaged):
+    the bundle is parked as it is; inspect it with ``dlq show`` and replay it with a worker
+    version that reads its format."""

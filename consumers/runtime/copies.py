@@ -6,22 +6,32 @@ copy goes to the worker's retry exchange, which routes it to the TTL queue of it
 ``cdc-retry-queue`` header) and, when that expires, back to the origin queue; a parked copy
 goes to the parking queue through the default exchange. The copy keeps the body and the
 properties, with the headers of ``headers.retry_headers`` / ``headers.parking_headers``.
+
+:meth:`Copier.send_all` carries the retry copies of several messages of one origin queue
+and one delay in one copy, a retry bundle (``bundle``; at most ``bundle.MAX_BODY`` bytes of
+members each): each member is exactly the retry copy it would have had on its own. Parked
+copies are always one per message (the parking queue's format is unchanged).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
+import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
 
 from consumers.errors import BrokerLost
+from consumers.runtime import bundle
 from consumers.runtime import headers as hdr
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names
-from consumers.runtime.policy import Ack, Disposition, Park
+from consumers.runtime.policy import Ack, Disposition, Park, RetryLater
 from consumers.runtime.republish import copy_properties, publish_confirmed
 from consumers.runtime.spec import Delivery
 
@@ -48,6 +58,76 @@ class Copier:
     names: Names
     metrics: WorkerMetrics
     confirm_timeout: float
+
+    async def send_all(self, channel: AbstractChannel | None, handled: list[Handled]) -> None:
+        """Publish the copies of ``handled`` and wait for every confirm: retry copies of one
+        origin queue and delay in bundles when there are two or more, the others one each."""
+        groups: defaultdict[tuple[str, float], list[Handled]] = defaultdict(list)
+        single = []
+        for h in handled:
+            step = h.disposition
+            if isinstance(step, RetryLater):
+                groups[h.queue, step.delay].append(h)
+            elif not isinstance(step, Ack):
+                single.append(h)
+        sends = [self.send(channel, h) for h in single]
+        for (queue, delay), group in groups.items():
+            if len(group) == 1:
+                sends.append(self.send(channel, group[0]))
+            else:
+                sends += [self._bundle(channel, queue, delay, c) for c in _chunks(self, group)]
+        await asyncio.gather(*sends)
+
+    def member(self, handled: Handled) -> bundle.Member:
+        """The retry copy of ``handled`` (disposition :class:`RetryLater`) as a bundle member."""
+        step = handled.disposition
+        assert isinstance(step, RetryLater)
+        delivery = handled.delivery
+        headers = hdr.retry_headers(
+            delivery.headers,
+            attempts=delivery.attempt,
+            routing_key=delivery.routing_key,
+            origin_queue=handled.queue,
+            retry_queue=self.names.retry_queue_for(step.delay).name,
+        )
+        props = copy_properties(handled.message.header.properties, headers)
+        return bundle.Member(handled.queue, props, handled.message.body)
+
+    async def _bundle(
+        self,
+        channel: AbstractChannel | None,
+        queue: str,
+        delay: float,
+        members: list[bundle.Member],
+    ) -> None:
+        """Publish ``members`` (retry copies to ``queue`` after ``delay``) as one bundle."""
+        if channel is None:
+            raise BrokerLost("publishing channel is closed")
+        retry = self.names.retry_queue_for(delay)
+        props = Basic.Properties(
+            headers={
+                bundle.BUNDLE_HEADER: bundle.VERSION,
+                hdr.ORIGIN_QUEUE_HEADER: queue,
+                hdr.RETRY_QUEUE_HEADER: retry.name,  # the retry exchange routes on it
+            },
+            delivery_mode=2,
+            message_id=f"cdc-bundle-{uuid.uuid4()}",
+        )
+        log.info(
+            "retrying %d messages in %gs, in one bundle",
+            len(members),
+            delay,
+            extra={"ids": [m.properties.message_id for m in members]},
+        )
+        await publish_confirmed(
+            channel,
+            bundle.encode(members),
+            self.names.retry_exchange,
+            queue,
+            props,
+            self.confirm_timeout,
+        )
+        self.metrics.retried.labels(worker=self.worker, queue=queue).inc(len(members))
 
     async def send(self, channel: AbstractChannel | None, handled: Handled) -> None:
         """Publish the copy ``handled``'s disposition asks for (none for :class:`Ack`) on
@@ -83,16 +163,10 @@ class Copier:
                     "why": step.reason,
                 },
             )
+            copy = bundle.Member(routing_key, copy_properties(props, headers), message.body)
         else:
-            retry = self.names.retry_queue_for(step.delay)
-            headers = hdr.retry_headers(
-                delivery.headers,
-                attempts=attempt,
-                routing_key=key,
-                origin_queue=queue,
-                retry_queue=retry.name,
-            )
-            exchange, routing_key = self.names.retry_exchange, queue
+            copy = self.member(handled)
+            exchange = self.names.retry_exchange
             log.info(
                 "retrying message in %gs",
                 step.delay,
@@ -101,10 +175,25 @@ class Copier:
             counter = self.metrics.retried.labels(worker=self.worker, queue=queue)
         await publish_confirmed(
             channel,
-            message.body,
+            copy.body,
             exchange,
-            routing_key,
-            copy_properties(props, headers),
+            copy.routing_key,
+            copy.properties,
             self.confirm_timeout,
         )
         counter.inc()
+
+
+def _chunks(copier: Copier, group: list[Handled]) -> list[list[bundle.Member]]:
+    """The members of ``group`` in bundles of at most ``bundle.MAX_BODY`` bytes each."""
+    chunks: list[list[bundle.Member]] = [[]]
+    size = 0
+    for handled in group:
+        member = copier.member(handled)
+        grow = bundle.member_size(member)
+        if chunks[-1] and size + grow > bundle.MAX_BODY:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(member)
+        size += grow
+    return chunks

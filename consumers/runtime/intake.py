@@ -3,7 +3,13 @@
 For each delivery: which of its headers the runtime trusts (``headers.came_back``), its
 original routing key, its attempt number (``policy.attempt_of``), then its route and
 validated payload (``dispatch.resolve``). A rejected message (no message id, no route, a body
-that does not validate) never reaches a handler: its disposition is decided here (parked).
+that does not validate, a retry bundle that cannot be decoded) never reaches a handler: its
+disposition is decided here (parked).
+
+A retry bundle (``bundle``) that came back from the worker's own retry queue is unpacked as
+it is delivered (:func:`unpack`): each member becomes a delivery of its own, with the
+bundle's delivery tag, redelivered flag and ``x-delivery-count``. A bundle-looking message
+that did not come back (an outsider's) is an ordinary message and is never unpacked.
 """
 
 from __future__ import annotations
@@ -11,7 +17,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
+from consumers.errors import BadBundle
+from consumers.runtime import bundle
 from consumers.runtime import headers as hdr
 from consumers.runtime.batch import BatchMessage
 from consumers.runtime.copies import Handled
@@ -35,9 +45,61 @@ def intake(
         key = hdr.original_routing_key(headers, message.routing_key or "")
         attempt = attempt_of(headers, redelivered=bool(message.redelivered))
         delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
-        found = resolve(routes, key, props.message_id, message.body)
+        found = (
+            _undecodable(message)
+            if trusted and bundle.is_bundle(headers)
+            else resolve(routes, key, props.message_id, message.body)
+        )
         if isinstance(found, Rejected):
             rejected.append(Handled(queue, message, delivery, decide(attempt, found, rules)))
             continue
         items.append(BatchMessage(delivery, found.route, found.payload, queue, message=message))
     return items, rejected
+
+
+def unpack(queue: str, message: DeliveredMessage) -> list[DeliveredMessage]:
+    """The deliveries ``message`` from ``queue`` stands for: the members of a retry bundle
+    that came back, else ``message`` itself (an undecodable bundle too: intake parks it)."""
+    props = message.header.properties
+    headers = props.headers
+    if not bundle.is_bundle(headers) or not hdr.came_back(message.exchange, queue, headers):
+        return [message]
+    try:
+        members = bundle.decode(message.body, headers[bundle.BUNDLE_HEADER])  # type: ignore[index]
+    except BadBundle:
+        return [message]
+    deliver = message.delivery
+    assert isinstance(deliver, Basic.Deliver)
+    count = (headers or {}).get(hdr.DELIVERY_COUNT_HEADER)
+    out = []
+    for member in members:
+        if count is not None:
+            member.properties.headers = {
+                **(member.properties.headers or {}),
+                hdr.DELIVERY_COUNT_HEADER: count,
+            }
+        out.append(
+            DeliveredMessage(
+                Basic.Deliver(
+                    deliver.consumer_tag,
+                    deliver.delivery_tag,
+                    deliver.redelivered,
+                    "",
+                    member.routing_key,
+                ),
+                ContentHeader(0, len(member.body), member.properties),
+                member.body,
+                message.channel,
+            )
+        )
+    return out
+
+
+def _undecodable(message: DeliveredMessage) -> Rejected:
+    """Why a retry bundle that :func:`unpack` left whole cannot be handled."""
+    headers = message.header.properties.headers or {}
+    try:
+        bundle.decode(message.body, headers.get(bundle.BUNDLE_HEADER))
+    except BadBundle as exc:
+        return Rejected(hdr.KIND_VALIDATION, f"retry bundle cannot be decoded: {exc}")
+    return Rejected(hdr.KIND_VALIDATION, "retry bundle was not unpacked")

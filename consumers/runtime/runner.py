@@ -9,8 +9,8 @@ time and, in order:
 2. runs the valid ones in one PostgreSQL transaction (``batch``, on ``database``'s
    connection): inbox claim, a savepoint per handler, one commit;
 3. decides each message's disposition (``policy.decide``: ack, retry later, park) and
-   publishes the copies it asks for (``copies``: retry TTL queue, or parking queue) and
-   waits for every confirm;
+   publishes the copies it asks for (``copies``: retry TTL queue, several in one retry
+   bundle, or parking queue) and waits for every confirm;
 4. acks the batch (``acks.AckTracker``): one ``basic.ack(multiple=True)`` on its last
    delivery tag when every earlier tag of the channel is settled, which is always the case
    for a plain worker (the buffer is in delivery order).
@@ -20,6 +20,10 @@ delivery is routed and its effects started as it arrives (the prefetch bounds ho
 and whatever finished its effects is run in the next batch, copied if failed and acked,
 out of delivery order when a slow effect holds an earlier message (that one is acked on its
 own later). Two copies of one message id are never in hand at once.
+
+A retry bundle that comes back is unpacked as it is delivered (``intake.unpack``): its
+members are buffered as deliveries of their own, and its one delivery tag is acked when the
+last of them is settled (``members``).
 
 Nothing is acked before its effects are committed or its copy is confirmed. A broker failure
 ends the session: the buffer is dropped (those messages are redelivered, the inbox absorbs
@@ -54,8 +58,9 @@ from consumers.runtime.acks import AckTracker
 from consumers.runtime.batch import FAILED, BatchMessage
 from consumers.runtime.copies import Copier, Handled
 from consumers.runtime.database import WorkerDatabase
-from consumers.runtime.intake import intake
+from consumers.runtime.intake import intake, unpack
 from consumers.runtime.linger import Linger, wait_for_more
+from consumers.runtime.members import MemberCounts
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
 from consumers.runtime.outside import OutsideEffects
@@ -103,6 +108,7 @@ class Runner:
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
         self._acks = AckTracker()
         self._linger = Linger(settings.worker_batch_linger_max)
+        self._members = MemberCounts()  # retry bundles: one delivery tag, several messages
         # Workers with effects outside the database: the messages between their delivery
         # and their batch, and the task that commits and acks those done with their effects.
         self._effects = (
@@ -196,8 +202,11 @@ class Runner:
         self._wakeup.set()
 
     def _on_message(self, queue: str, message: DeliveredMessage) -> None:
-        self._acks.delivered(message.delivery_tag or 0)
-        self._buffer.append((queue, message))
+        tag = message.delivery_tag or 0
+        self._acks.delivered(tag)
+        members = unpack(queue, message)
+        self._members.expect(tag, len(members))
+        self._buffer.extend((queue, m) for m in members)
         self._wakeup.set()
 
     def _drop_session_work(self) -> None:
@@ -209,6 +218,7 @@ class Runner:
             self._effects.clear()
         self._buffer.clear()
         self._acks.clear()
+        self._members.clear()
 
     async def _session(self) -> None:
         self._lost = asyncio.get_running_loop().create_future()
@@ -366,14 +376,15 @@ class Runner:
         ]
         copies = [h for h in handled if not isinstance(h.disposition, Ack)]
         if copies:
-            await asyncio.gather(*(self._copier.send(self._publisher, h) for h in copies))
+            await self._copier.send_all(self._publisher, copies)
         if not handled:
             return
         if self._effects is not None:
             self._effects.settled(items)
         last = max(handled, key=lambda h: h.message.delivery_tag or 0)
         try:
-            for tag, multiple in self._acks.settle(h.message.delivery_tag or 0 for h in handled):
+            finished = self._members.finished(h.message.delivery_tag or 0 for h in handled)
+            for tag, multiple in self._acks.settle(finished):
                 await last.message.channel.basic_ack(tag, multiple=multiple)
         except _AMQP_ERRORS as exc:
             raise BrokerLost(f"ack failed: {exc!r}") from exc

@@ -5,6 +5,7 @@ own messages, a retry never POSTs again what was delivered, and a stop is quick.
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 
@@ -149,4 +150,90 @@ def test_a_stop_finishes_what_is_in_hand_quickly_and_loses_nothing(env, domain):
         posts = [r.headers["Idempotency-Key"] for r in receiver.requests]
         assert len(posts) == len(set(posts)), "a delivered webhook was POSTed again"
     finally:
+        receiver.close()
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["running", "killed-mid-retries"])
+def test_a_dead_endpoint_that_comes_back_gets_every_event_exactly_once(env, domain, killed):
+    """Events to an endpoint that times out (its breaker opens, every event goes around the
+    retry queue, several times), which then answers again: every event is delivered, its
+    webhook recorded once and its in-app row written once; nothing is parked. ``killed``: the
+    worker is SIGKILLed while the retry copies circulate (where a kill can fall between a
+    copy's confirm and its original's ack) and a new one takes over: nothing lost, and the
+    duplicate copies change nothing."""
+    receiver = WebhookReceiver(delay=60)
+    settings = dict(
+        webhook_timeout=1, webhook_breaker_failures=2, webhook_breaker_seconds=1,
+        worker_retry_delays="1", worker_max_attempts=30,
+    )
+    try:
+        _setup(env, domain, [("u1", receiver.url)])
+        worker = _start(domain, receiver.SECRET, **settings)
+        events = _events("u1", 40)
+        domain.publish(events)
+        wait_for(lambda: len(receiver.requests) + receiver.in_flight >= 2, 30, "the first POSTs")
+        time.sleep(4)  # timeouts, an open breaker, retries through the TTL queue
+        assert domain.inbox_count("notifications") == 0
+        if killed:
+            worker.sigkill()
+            _start(domain, receiver.SECRET, **settings)
+            time.sleep(2)  # the new worker's own timeouts and retries
+        receiver.delay = 0.0
+        domain.wait_inbox("notifications", 40, timeout=90)
+        keys = {idempotency_key(m, "webhook") for _, m, _ in events}
+        wait_for(lambda: set(receiver.accepted()) == keys, 30, "every key accepted")
+        rows = env.sql(
+            sql.SQL(
+                "SELECT channel, count(*), count(DISTINCT message_id) FROM {} GROUP BY 1 ORDER BY 1"
+            ).format(domain.table("notification_deliveries"))
+        )
+        assert rows == [("in_app", 40, 40), ("webhook", 40, 40)]
+        notes = env.sql(sql.SQL("SELECT count(*) FROM {}").format(domain.table("notifications")))
+        assert notes[0][0] == 40
+        assert sum(n or 0 for n in domain.parked().values()) == 0
+    finally:
+        receiver.close()
+
+
+def test_failed_events_of_a_batch_wait_in_one_retry_bundle_and_each_is_delivered_once(env, domain):
+    """Events of one batch to an endpoint that refuses connections all fail at once and wait
+    the same delay: ONE copy (a retry bundle) waits in the retry queue for all of them. When
+    it comes back after the endpoint is fixed, each event is delivered exactly once."""
+    receiver = WebhookReceiver()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    dead = f"http://127.0.0.1:{closed.getsockname()[1]}/hooks"
+    n = 20
+    try:
+        _setup(env, domain, [("u1", dead)])
+        settings = dict(
+            webhook_breaker_failures=1000, worker_retry_delays="8", worker_max_attempts=5
+        )
+        _start(domain, receiver.SECRET, **settings).sigkill()  # its queues stay
+        events = _events("u1", n)
+        domain.publish(events)  # all in the queue before the next worker starts: one batch
+        _start(domain, receiver.SECRET, **settings)
+        retry = domain._names[-1].retry_queue_for(8).name
+        wait_for(lambda: (env.broker.queue_count(retry) or 0) >= 1, 30, "a retry copy")
+        time.sleep(1)  # any further copy of the same batch would be there by now
+        assert env.broker.queue_count(retry) == 1
+        env.sql(
+            sql.SQL("UPDATE {} SET webhook_url = %s").format(
+                domain.table("notification_preferences")
+            ),
+            (receiver.url,),
+        )
+        domain.wait_inbox("notifications", n, timeout=60)
+        keys = {idempotency_key(m, "webhook") for _, m, _ in events}
+        wait_for(lambda: set(receiver.accepted()) == keys, 30, "every key accepted")
+        assert len(receiver.requests) == n  # each POSTed once once the endpoint answers
+        rows = env.sql(
+            sql.SQL(
+                "SELECT channel, count(*), count(DISTINCT message_id) FROM {} GROUP BY 1 ORDER BY 1"
+            ).format(domain.table("notification_deliveries"))
+        )
+        assert rows == [("in_app", n, n), ("webhook", n, n)]
+        assert sum(v or 0 for v in domain.parked().values()) == 0
+    finally:
+        closed.close()
         receiver.close()

@@ -110,3 +110,83 @@ def test_a_message_without_message_id_stays_without_one_when_parked_and_replayed
     assert parked.headers["x-cdc-error-kind"] == "no-message-id"
     assert parked.content_type == "application/json"
     assert ledger.rows() == []
+
+
+def _park_raw(ledger, body: bytes, headers: dict, queue: str) -> None:
+    """Publish ``body`` with ``headers`` straight to ``queue`` (default exchange, confirmed)."""
+    from pamqp.commands import Basic
+
+    async def fn(ch) -> None:
+        raw = await ch.get_underlay_channel()
+        props = Basic.Properties(headers=headers, delivery_mode=2, message_id="bundle-1")
+        await raw.basic_publish(body, exchange="", routing_key=queue, properties=props, timeout=30)
+
+    ledger.broker._run(fn)
+
+
+def _retry_bundle(ledger, ids: list[str]) -> tuple[bytes, dict]:
+    """A retry bundle of ledger entries (each after one failed attempt), as a worker makes it."""
+    from pamqp.commands import Basic
+
+    from consumers.runtime import bundle
+    from consumers.runtime import headers as hdr
+
+    members = [
+        bundle.Member(
+            ledger.queue,
+            Basic.Properties(
+                message_id=mid,
+                content_type="application/json",
+                delivery_mode=2,
+                headers=hdr.retry_headers(
+                    {}, attempts=1, routing_key="ledger.entry", origin_queue=ledger.queue,
+                    retry_queue="some.retry.queue",
+                ),
+            ),
+            json.dumps(ledger.entry(f"k{n}", n)).encode(),
+        )
+        for n, mid in enumerate(ids)
+    ]
+    headers = {bundle.BUNDLE_HEADER: bundle.VERSION, "x-cdc-origin-queue": ledger.queue}
+    return bundle.encode(members), headers
+
+
+def test_a_retry_bundle_parked_by_an_older_worker_is_unpacked_when_replayed(ledger):
+    """An older worker parks a retry bundle as one malformed message (no route for it); after
+    the upgrade ``dlq replay`` puts it back and each member is processed once, as its own
+    message with its own attempt count."""
+    from consumers.runtime import headers as hdr
+
+    ledger.start()
+    ids = ["m-1", "m-2", "m-3"]
+    body, headers = _retry_bundle(ledger, ids)
+    parked = hdr.parking_headers(
+        headers, attempts=1, routing_key=ledger.queue, origin_queue=ledger.queue,
+        kind="no-route", error="no route", consumer="ledger", parked_at="2026-12-06T22:00:00",
+    )
+    _park_raw(ledger, body, parked, ledger.parking_queue)
+    res = ledger.consumers_cli("dlq", "replay", ledger.parking_queue, "--all")
+    assert res.returncode == 0, res.stderr
+    ledger.wait_rows(3)
+    assert sorted((r[0], r[3]) for r in ledger.rows()) == [(i, 2) for i in ids]
+    assert ledger.broker.queue_count(ledger.parking_queue) == 0
+
+
+def test_a_damaged_bundle_is_parked_whole_and_an_outsiders_bundle_is_not_unpacked(ledger):
+    """A bundle from the retry path that cannot be decoded is parked as it is, with the
+    reason; a bundle-looking event from the topic exchange is an ordinary (invalid) event."""
+    from consumers.runtime import bundle
+
+    ledger.start()
+    body, headers = _retry_bundle(ledger, ["d-1", "d-2"])
+    _park_raw(ledger, body[:-3], headers, ledger.queue)  # as if it came back from retry
+    ledger.wait_parked(1)
+    [doc] = ledger.broker.drain(ledger.parking_queue, expected=1, quiet=0.3, timeout=15)
+    assert "retry bundle cannot be decoded" in doc.headers["x-cdc-error"]
+    assert doc.body == body[:-3]
+
+    _park_raw(ledger, body, {bundle.BUNDLE_HEADER: 1}, ledger.queue)  # no origin: untrusted
+    [doc] = ledger.broker.drain(ledger.parking_queue, expected=1, quiet=0.3, timeout=15)
+    assert doc.headers["x-cdc-error-kind"] == "no-route"  # its delivery key, the queue name
+    assert "retry bundle" not in doc.headers["x-cdc-error"]  # read as an ordinary event
+    assert ledger.rows() == []
