@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+from cdc.config import RelaySettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -10,7 +13,7 @@ class Params:
     """Every count and duration a scenario uses; printed into the results."""
 
     payload_size: int = 500  # bytes of the published body (jsonb as PostgreSQL prints it)
-    window: int = 1000  # confirm window of the reference publisher (the relay's default)
+    window: int = 1000  # confirm window of the reference publisher (the relay keeps its own)
     backlog_rows_per_txn: int = 100
     drain_events: int = 200_000  # also the ceiling's message count: same queue growth
     drain_pairs: int = 3  # relay drains, each followed by a ceiling (C D C D C D C)
@@ -60,3 +63,10 @@ class Params:
             pipeline_warmup=3.0, pipeline_catch_up=15.0, pipeline_webhook_events=5_000,
             pipeline_ceiling_events=20_000,
         )
+
+
+def relay_window() -> int:
+    """The relay's unconfirmed-publish window in this run: ``CDC_MAX_IN_FLIGHT``, else its
+    default."""
+    default = RelaySettings.model_fields["max_in_flight"].default
+    return int(os.environ.get("CDC_MAX_IN_FLIGHT") or default)

@@ -449,7 +449,8 @@ def markdown(results: dict[str, Any], notes: str) -> str:
         "",
         f"- **Broker ceiling**: Node amqplib publishes {_n(p.get('drain_events'))} messages "
         f"of {p.get('payload_size')} B, persistent, `mandatory`, publisher confirms with "
-        f"{p.get('window')} unconfirmed at most (the relay's window), with the relay's "
+        f"{p.get('window')} unconfirmed at most (the relay runs at its own default window), "
+        "with the relay's "
         "properties and headers, into a topic exchange bound to one durable classic queue "
         "nobody reads. Rate = queue depth sampled every 50 ms, from the last empty sample to "
         "the first full one.",

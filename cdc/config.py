@@ -41,7 +41,7 @@ class RelaySettings(CdcSettings):
     parking_queue: str = Field(DEFAULT_PARKING_QUEUE, description="queue for parked events")
     metrics_port: int = Field(9190, ge=0, le=65535, description="/metrics port, 0 disables")
     metrics_host: str = Field("0.0.0.0", description="/metrics bind address")
-    max_in_flight: int = Field(1000, ge=1, le=100_000, description="unconfirmed publish window")
+    max_in_flight: int = Field(2000, ge=1, le=100_000, description="unconfirmed publish window")
     confirm_timeout: float = Field(30.0, gt=0, description="seconds before re-publishing")
     status_interval: float = Field(10.0, gt=0, le=3600, description="status update period (s)")
     source_timeout: float = Field(

@@ -24,7 +24,7 @@ from psycopg import sql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-WINDOW = 1000  # CDC_MAX_IN_FLIGHT default
+WINDOW = 2000  # CDC_MAX_IN_FLIGHT default
 MAX_TXN = 20
 
 

@@ -44,7 +44,7 @@ def test_defaults_match_the_contract():
     assert s.parking_queue == DEFAULT_PARKING_QUEUE == "cdc.outbox.parked"
     assert s.metrics_port == 9190
     assert s.metrics_host == "0.0.0.0"
-    assert s.max_in_flight == 1000
+    assert s.max_in_flight == 2000
     assert s.confirm_timeout == 30
     assert s.status_interval == 10
     assert (s.reconnect_min_delay, s.reconnect_max_delay) == (0.5, 30)
