@@ -159,20 +159,18 @@ class Receiver:
 class Workers:
     """Replicas of ``python -m consumers <worker>`` with one environment."""
 
-    def __init__(
-        self, worker: str, env: dict[str, str], log: Any, python: str = sys.executable
-    ) -> None:
-        self.worker, self.env, self.log, self.python = worker, env, log, python
+    def __init__(self, worker: str, env: dict[str, str], log: Any) -> None:
+        self.worker, self.env, self.log = worker, env, log
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def add(self) -> None:
         # Started in the interpreter's bin directory: ``-m`` puts the working directory first
-        # on sys.path, so from a checkout another checkout's interpreter would run this one's
-        # code instead of the one installed in its own venv.
+        # on sys.path, which would win over a PYTHONPATH naming another tree's code
+        # (bench/webhooks_ab.py compares trees that way).
         self.procs.append(await asyncio.create_subprocess_exec(
-            self.python, "-m", "consumers", self.worker, env=self.env,
+            sys.executable, "-m", "consumers", self.worker, env=self.env,
             stdout=self.log, stderr=self.log, start_new_session=True,
-            cwd=os.path.dirname(self.python),
+            cwd=os.path.dirname(sys.executable),
         ))
 
     def check(self) -> None:
@@ -482,12 +480,9 @@ async def broker_ceiling(run: Run, p: Params, exchange: str) -> dict[str, Any]:
     }
 
 
-async def webhook_throughput(
-    run: Run, p: Params, dead_share: float, python: str = sys.executable
-) -> dict[str, Any]:
+async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str, Any]:
     """The notifications worker alone draining ``pipeline_webhook_events`` device events to
-    20 endpoints, ``dead_share`` of the users' endpoints never answering (``python``: the
-    interpreter that runs the worker, e.g. another checkout's venv for a before/after pair).
+    20 endpoints, ``dead_share`` of the users' endpoints never answering.
 
     CPU is per delivered webhook: the worker's, the RabbitMQ node's and the PostgreSQL
     backends' of the run's database, over the whole drain."""
@@ -512,7 +507,7 @@ async def webhook_throughput(
         "CDC_WEBHOOK_SECRET": SECRET,
         "CDC_WEBHOOK_ALLOW_HTTP": "true",
         "CDC_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.1/32",
-    }, log, python)
+    }, log)
     queue = f"{label}.notification-service.device"
     await run.declare_sink(names, bind="bench.unused")
     async with await psycopg.AsyncConnection.connect(run.db_url, autocommit=True) as db:

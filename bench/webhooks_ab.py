@@ -1,7 +1,8 @@
-"""``python -m bench.webhooks_ab``: the pipeline's healthy webhook drain, source trees alternated.
+"""``python -m bench.webhooks_ab``: the pipeline's webhook drain, source trees alternated.
 
     python -m bench.webhooks_ab --trees /work/base,/work/wt/mine --rounds 3 --events 20000
     python -m bench.webhooks_ab --trees . --rounds 1 --profile /tmp/prof   # py-spy flame SVG
+    python -m bench.webhooks_ab --trees /work/base,. --dead               # 10% dead endpoints
 
 Each measurement is ``scenario_pipeline.webhook_throughput`` (one notifications replica, 20
 endpoints answering in 20 ms, no dead ones) in a fresh database and vhost, with the worker's
@@ -9,6 +10,10 @@ code taken from one tree (``PYTHONPATH`` and ``PYTHONSAFEPATH``, so neither the 
 directory nor the installed package wins). The trees take turns (A B A B ...), so a change
 in the machine's load hits both alike; the load average is printed with each figure.
 ``--profile DIR`` also runs ``py-spy record`` on the worker for the drain (py-spy needed).
+``--dead`` follows each tree's healthy drain with one where 10% of the users' endpoints never
+answer, and prints the ratio of the two rates and what one event to a dead endpoint costs in
+CPU (worker, RabbitMQ node, PostgreSQL): the dead drain's CPU less its delivered webhooks at
+the healthy drain's cost each, over the dead events.
 """
 
 from __future__ import annotations
@@ -93,7 +98,31 @@ async def _database_work(db_url: str, webhooks: int) -> str:
     return f"{row[0] / n:.2f} commits and {(row[1] or 0) / n:.3f} chunk reads per webhook"
 
 
-async def _one(admin_url: str, tree: Path, p: Params, profile: Path | None) -> dict[str, Any]:
+_CPU_KEYS = {
+    "worker": "worker_cpu_us_per_webhook",
+    "rabbitmq": "rabbitmq_cpu_us_per_webhook",
+    "postgres": "postgres_cpu_us_per_webhook",
+}
+
+
+def per_dead_event(healthy: dict[str, Any], dead: dict[str, Any]) -> dict[str, float | None]:
+    """CPU µs per event to a dead endpoint, by process: the dead drain's CPU less its
+    delivered webhooks at the healthy drain's cost each, over the dead events."""
+    dead_events = dead["events"] - dead["deliverable"]
+    delivered = max(dead["delivered"], 1)
+    out: dict[str, float | None] = {}
+    for part, key in _CPU_KEYS.items():
+        h, d = healthy.get(key), dead.get(key)
+        if h is None or d is None or not dead_events:
+            out[part] = None
+        else:
+            out[part] = round((d - h) * delivered / dead_events, 1)
+    return out
+
+
+async def _one(
+    admin_url: str, tree: Path, p: Params, profile: Path | None, dead_share: float = 0.0
+) -> dict[str, Any]:
     run = Run(
         admin_url=admin_url,
         amqp_root_url=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
@@ -106,7 +135,7 @@ async def _one(admin_url: str, tree: Path, p: Params, profile: Path | None) -> d
     syscalls = [0, 0]
     counter = asyncio.create_task(_count_syscalls(syscalls))
     try:
-        result = await webhook_throughput(run, p, 0.0)
+        result = await webhook_throughput(run, p, dead_share)
         n = max(result["delivered"], 1)
         result["syscalls"] = f"{syscalls[0] / n:.2f} reads and {syscalls[1] / n:.2f} writes"
         result["database"] = await _database_work(run.db_url, result["delivered"])
@@ -134,6 +163,15 @@ async def _main(
                 f"load {tuple(round(x, 2) for x in r['load_average'])}",
                 flush=True,
             )
+            if args.dead:
+                d = await _one(admin_url, tree, p, None, 0.10)
+                ratio = d["webhooks_per_s"] / r["webhooks_per_s"] if r["webhooks_per_s"] else 0
+                print(
+                    f"{tree}: 10% dead {d['webhooks_per_s']} webhooks/s = {ratio:.2f}x of "
+                    f"healthy; CPU µs per dead event {per_dead_event(r, d)}, load "
+                    f"{tuple(round(x, 2) for x in d['load_average'])}",
+                    flush=True,
+                )
 
 
 def main() -> int:
@@ -143,6 +181,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--profile", help="directory for py-spy raw profiles of each run")
+    parser.add_argument("--dead", action="store_true",
+                        help="also a drain with 10%% of the endpoints dead, per tree")
     args = parser.parse_args()
     if args.profile and shutil.which("py-spy") is None:
         print("--profile needs py-spy on PATH", file=sys.stderr)
