@@ -183,7 +183,7 @@ class LedgerWorkerEnv(SqlAccess):
     and ``inbox_<t>``. ``cleanup()`` removes them all and stops the workers.
     """
 
-    RETRY_DELAYS = (0.2, 0.4, 0.8)
+    RETRY_DELAYS: tuple[float, ...] = (0.2, 0.4, 0.8)
     wait_for = staticmethod(wait_for)
 
     def __init__(self, dbname: str, broker: Broker, tmp_path: Path) -> None:
@@ -205,6 +205,12 @@ class LedgerWorkerEnv(SqlAccess):
         self.workers: list[Relay] = []
         self.extra_queues: list[str] = []
         self._conn: psycopg.Connection[Any] | None = None
+
+    def use_retry_delays(self, *delays: float) -> None:
+        """Give the workers started after this call another retry ladder (its queues are
+        removed at teardown like the default ones)."""
+        self.RETRY_DELAYS = delays
+        self.retry_queues = [f"{self.retry_exchange}.{d:g}s" for d in delays]
 
     def other_service_queue(self, keys: Iterable[str] = ("#",)) -> str:
         """A queue of another service on the same exchange (removed at teardown)."""
