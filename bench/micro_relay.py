@@ -151,7 +151,10 @@ async def session(messages: list[bytes], sha: bool) -> tuple[str, StreamSession]
     idle, unused = os.pipe()
     pgconn = _PgConn(messages, idle)
     stream = ReplicationStream(_Conn(pgconn))  # type: ignore[arg-type]
-    settings = RelaySettings(outbox_table="public.outbox")
+    # No checkpoint and no silence probe in a long run: both would connect to PostgreSQL.
+    settings = RelaySettings(
+        outbox_table="public.outbox", checkpoint_interval=3600, source_timeout=3600
+    )
     session = StreamSession(settings, Metrics(), stream, 0, lambda blocked: None)
     pgconn.session = session
     broker = _Broker(sha)
