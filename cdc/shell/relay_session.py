@@ -164,10 +164,11 @@ class StreamSession:
                 timeout = max(0.0, min(next_status, clock.wake()) - now)
             data = await self._stream.read(timeout)
             heard = data is not None
-            # Then whatever libpq already holds, without the checks above: until this task
-            # yields no confirm runs (so the watermark cannot move), and the window is
-            # checked here. Each message is dropped once handled: a large message's buffer
-            # (libpq's copy) is then held only by the events waiting for their confirm.
+            # Then whatever libpq already holds (what its last read of the socket brought)
+            # without the checks above: no confirm runs before this task yields, and they
+            # are made right after; only the window is checked per message. Each message is
+            # dropped once handled: a large message's buffer (libpq's copy) is then held
+            # only by the events waiting for their confirm.
             while data is not None:
                 if self._on_copy_data(data):
                     data = None
