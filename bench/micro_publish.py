@@ -45,7 +45,7 @@ PROPS: dict[str, Any] = {
 FRAME_MAX = 131072
 
 
-class _Sink:
+class Sink:
     """A transport that takes the bytes and drops them."""
 
     written = 0
@@ -107,7 +107,7 @@ def channel_round(n: int, per_ack: int) -> Callable[[], None]:
         )
 
     channel = loop.run_until_complete(make())
-    channel.connection_made(_Sink())
+    channel.connection_made(Sink())
     frames = ours(1)
     state = {"tag": 0}
 

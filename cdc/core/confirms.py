@@ -151,11 +151,13 @@ class ConfirmTracker(Generic[F, T]):
         pending = self._pending
         settled: list[Publish[F, T]] = []
         if multiple:
-            for _ in range(min(tag - self._first + 1, len(pending))):
-                entry = pending.popleft()
-                self._first += 1
+            count = min(tag - self._first + 1, len(pending))
+            self._first += max(count, 0)
+            popleft, append = pending.popleft, settled.append
+            for _ in range(count):
+                entry = popleft()
                 if entry is not None:
-                    settled.append(entry)
+                    append(entry)
         else:
             index = tag - self._first
             if 0 <= index < len(pending):

@@ -64,7 +64,7 @@ class Watermark:
             raise ValueError("confirm() without a matching add_event()")
         txn.pending -= 1
         self._in_flight -= 1
-        if txn is self._txns[0]:
+        if not txn.pending and txn is self._txns[0]:  # else nothing can flush: no call
             self._advance()
 
     def keepalive(self, wal_end: int) -> None:

@@ -38,6 +38,7 @@ _PERSISTENT = 2
 # A content header frame is its property block plus 7 bytes of frame header, 12 of class,
 # weight and body size, and the end byte; the whole frame must fit the negotiated frame_max.
 _HEADER_FRAME_OVERHEAD = 20
+_new_token = tuple.__new__
 
 
 class Publisher:
@@ -119,7 +120,8 @@ class Publisher:
                 frames = wire.publish_frames(
                     1, self._exchange, key, props, item.body, self._frame_max
                 )
-                token = ConfirmToken(txn, item, Kind.EVENT)
+                # As ConfirmToken(...) but without its __new__, a Python function.
+                token = _new_token(ConfirmToken, (txn, item, Kind.EVENT))
                 channel.publish(frames, token, self._exchange, key, message_id)
                 return
         assert isinstance(item, Malformed)
@@ -186,9 +188,10 @@ class Publisher:
     def _acked(self, tokens: list[ConfirmToken]) -> None:
         txns = []
         published = 0
+        event = Kind.EVENT
         for txn, _, kind in tokens:
             txns.append(txn)
-            if kind is Kind.EVENT:
+            if kind is event:
                 published += 1
             else:
                 self._metrics.parked.labels(kind=kind.value).inc()

@@ -127,6 +127,7 @@ class StreamSession:
 
     async def _read(self) -> None:
         interval = self._settings.status_interval
+        window = self._settings.max_in_flight
         next_status = time.monotonic() + interval
         clock = SilenceClock(self._settings.source_timeout, time.monotonic())
         data: memoryview | None = None
@@ -140,7 +141,7 @@ class StreamSession:
                 await self._report()
                 self._reported_at = now
                 next_status = now + interval
-            if self.watermark.in_flight >= self._settings.max_in_flight:
+            if self.watermark.in_flight >= window:
                 await self._wait_progress(min(interval, max(0.0, next_status - now)))
                 clock.reset(time.monotonic())  # not listening meanwhile
                 heard = False
@@ -163,11 +164,20 @@ class StreamSession:
                 timeout = max(0.0, min(next_status, clock.wake()) - now)
             data = await self._stream.read(timeout)
             heard = data is not None
-            if data is not None and self._on_copy_data(data):
-                await self._report()
-            # Not kept while waiting for the next one: a large message's buffer (libpq's
-            # copy) is then held only by the events still waiting for their confirm.
-            data = None
+            # Then whatever libpq already holds (what its last read of the socket brought)
+            # without the checks above: no confirm runs before this task yields, and they
+            # are made right after; only the window is checked per message. Each message is
+            # dropped once handled: a large message's buffer (libpq's copy) is then held
+            # only by the events waiting for their confirm.
+            while data is not None:
+                if self._on_copy_data(data):
+                    data = None
+                    await self._report()
+                    break
+                if self.watermark.in_flight >= window:
+                    data = None
+                    break
+                data = self._stream.read_ready()
 
     async def _probe(self, clock: SilenceClock, now: float) -> memoryview | None:
         """After CDC_SOURCE_TIMEOUT of silence: None to wait on (the walsender is busy), a
@@ -220,8 +230,10 @@ class StreamSession:
         self._received = msg.wal_start
         item = self._feed.handle(msg.payload, msg.wal_start)
         if item is not None:
-            self._queue.append(item)
-            self._queued.set()
+            queue = self._queue
+            if not queue:  # else the publisher is awake already: it waits only on an empty queue
+                self._queued.set()
+            queue.append(item)
         return False
 
     async def _report(self, *, reply: bool = False) -> None:
@@ -258,6 +270,7 @@ class StreamSession:
         confirm = self.watermark.confirm
         for txn in txns:
             confirm(txn)
-            observe(max(0.0, now - txn.commit_time))
+            latency = now - txn.commit_time
+            observe(latency if latency > 0.0 else 0.0)  # max() is a call more, per event
         if not self._progress.done():
             self._progress.set_result(None)

@@ -138,18 +138,25 @@ class ReplicationStream:
         finally:
             loop.remove_writer(self._fd)
 
+    def read_ready(self) -> memoryview | None:
+        """The next CopyData payload if libpq already holds it, else ``None``; never waits."""
+        try:
+            nbytes, data = self._pg.get_copy_data(1)
+        except psycopg.OperationalError as exc:
+            raise SourceError(f"replication stream failed: {exc}") from exc
+        if nbytes > 0:
+            return data
+        if nbytes == -1:
+            raise translate_error(self._pg.get_result(), self._pg)
+        return None
+
     async def read(self, timeout: float) -> memoryview | None:
         """Return the next CopyData payload, or ``None`` if nothing came within ``timeout``."""
+        data = self.read_ready()
+        if data is not None:  # a backlog: no clock reading per message
+            return data
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                nbytes, data = self._pg.get_copy_data(1)
-            except psycopg.OperationalError as exc:
-                raise SourceError(f"replication stream failed: {exc}") from exc
-            if nbytes > 0:
-                return data
-            if nbytes == -1:
-                raise translate_error(self._pg.get_result(), self._pg)
             left = deadline - time.monotonic()
             if left <= 0 or not await self._wait_readable(left):
                 return None
@@ -157,6 +164,9 @@ class ReplicationStream:
                 self._pg.consume_input()
             except psycopg.OperationalError as exc:
                 raise SourceError(f"replication connection lost: {exc}") from exc
+            data = self.read_ready()
+            if data is not None:
+                return data
 
     async def send_status(self, lsn: int, *, reply: bool = False) -> None:
         """Report ``lsn`` as written, flushed and applied."""
