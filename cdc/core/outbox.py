@@ -19,6 +19,7 @@ from typing import Any
 
 from cdc.core.lsn import format_lsn
 from cdc.core.row_headers import safe_headers
+from cdc.wire import slots
 from cdc.wire.pgoutput import BinaryValue, Relation, TupleData, UnchangedToast
 
 REQUIRED_COLUMNS = ("id", "event_type", "payload")
@@ -43,12 +44,9 @@ class OutboxEvent:
     headers: dict[str, Any]
 
 
-# A frozen dataclass's __init__ sets each field through object.__setattr__, 1.6 times the
-# cost of setting its slots directly: that is how the event of every row is built.
-_new = object.__new__
-_set_id, _set_key, _set_body, _set_stamp, _set_headers = (
-    OutboxEvent.__dict__[f].__set__
-    for f in ("message_id", "routing_key", "body", "timestamp", "headers")
+# Every row's event is built through its slots (cdc.wire.slots says why).
+_set_id, _set_key, _set_body, _set_stamp, _set_headers = slots.setters(
+    OutboxEvent, "message_id", "routing_key", "body", "timestamp", "headers"
 )
 
 
@@ -282,7 +280,7 @@ def _route(layout: OutboxColumns, row: TupleData, own: dict[str, str]) -> Outbox
         headers["created_at"] = created_iso or created_text
     # Before 1970 the AMQP timestamp cannot carry it: the header keeps the time.
     stamp = created_at if created_at is not None and created_at >= _UNIX_EPOCH else None
-    event = _new(OutboxEvent)  # through its slots: see _set_id
+    event = slots.new(OutboxEvent)
     _set_id(event, message_id)
     _set_key(event, event_type)
     _set_body(event, payload)

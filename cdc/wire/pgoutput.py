@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeAlias
 
 from cdc.errors import ProtocolError
+from cdc.wire import slots
 from cdc.wire.pgoutput_messages import (
     UNCHANGED_TOAST,
     Begin,
@@ -279,9 +280,8 @@ def _change_head(
     return xid, oid, kind, pos + 5
 
 
-# Each event's Insert is built through its slots: its __init__ (frozen) costs 1.6 times as much.
-_new = object.__new__
-_set_xid, _set_oid, _set_new = (Insert.__dict__[f].__set__ for f in ("xid", "relation_oid", "new"))
+# Every event's Insert is built through its slots (cdc.wire.slots says why).
+_set_xid, _set_oid, _set_new = slots.setters(Insert, "xid", "relation_oid", "new")
 
 
 def _insert(buf: bytes | memoryview, in_stream: bool, lsn: int | None) -> tuple[Message, int]:
@@ -290,7 +290,7 @@ def _insert(buf: bytes | memoryview, in_stream: bool, lsn: int | None) -> tuple[
     else:
         xid, oid, _, pos = _change_head(buf, in_stream, lsn, _INSERT_HEAD, b"N")
     new, pos = _tuple(buf, pos, "Insert new tuple", lsn)
-    msg = _new(Insert)  # through its slots: see _set_xid
+    msg = slots.new(Insert)
     _set_xid(msg, xid)
     _set_oid(msg, oid)
     _set_new(msg, new)

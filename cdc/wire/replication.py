@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cdc.errors import ProtocolError
+from cdc.wire import slots
 
 #: PostgreSQL timestamps count microseconds from 2000-01-01 UTC.
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -42,11 +43,9 @@ class Keepalive:
     reply_requested: bool
 
 
-# A frozen dataclass's __init__ sets each field through object.__setattr__, 1.6 times the
-# cost of setting its slots directly: that is how the XLogData of every event is built.
-_new = object.__new__
-_set_start, _set_end, _set_sent, _set_payload = (
-    XLogData.__dict__[name].__set__ for name in ("wal_start", "wal_end", "send_time_us", "payload")
+# Every event's XLogData is built through its slots (cdc.wire.slots says why).
+_set_start, _set_end, _set_sent, _set_payload = slots.setters(
+    XLogData, "wal_start", "wal_end", "send_time_us", "payload"
 )
 
 
@@ -60,7 +59,7 @@ def parse_copy_data(buf: bytes | memoryview) -> XLogData | Keepalive:
         if len(view) < 1 + _XLOG_HEADER.size:
             raise ProtocolError("truncated XLogData header", offset=len(view))
         start, end, sent = _XLOG_HEADER.unpack_from(view, 1)
-        msg = _new(XLogData)
+        msg = slots.new(XLogData)
         _set_start(msg, start)
         _set_end(msg, end)
         _set_sent(msg, sent)
