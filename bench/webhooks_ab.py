@@ -9,7 +9,8 @@ endpoints answering in 20 ms, no dead ones) in a fresh database and vhost, with 
 code taken from one tree (``PYTHONPATH`` and ``PYTHONSAFEPATH``, so neither the current
 directory nor the installed package wins). The trees take turns (A B A B ...), so a change
 in the machine's load hits both alike; the load average is printed with each figure.
-``--profile DIR`` also runs ``py-spy record`` on the worker for the drain (py-spy needed).
+``--profile DIR`` also runs ``py-spy record`` on the worker for the drain (py-spy needed),
+the dead drain's too with ``--dead``.
 ``--dead`` follows each tree's healthy drain with one where 10% of the users' endpoints never
 answer, and prints the ratio of the two rates and what one event to a dead endpoint costs in
 CPU (worker, RabbitMQ node, PostgreSQL): the dead drain's CPU less its delivered webhooks at
@@ -158,17 +159,25 @@ async def _main(
             print(
                 f"{tree}: {r['webhooks_per_s']} webhooks/s, worker "
                 f"{r['worker_cpu_us_per_webhook']} us/webhook, receiver "
-                f"{r['receiver_cpu_us_per_webhook']} us, delivered {r['delivered']}/"
+                f"{r['receiver_cpu_us_per_webhook']} us, RabbitMQ "
+                f"{r['rabbitmq_cpu_us_per_webhook']} us, PostgreSQL "
+                f"{r['postgres_cpu_us_per_webhook']} us, delivered {r['delivered']}/"
                 f"{r['deliverable']}, {r['database']}, system calls per webhook: {r['syscalls']}, "
                 f"load {tuple(round(x, 2) for x in r['load_average'])}",
                 flush=True,
             )
             if args.dead:
-                d = await _one(admin_url, tree, p, None, 0.10)
+                dead_profile = (
+                    None if profiles is None else profiles / f"tree{i}-round{round_}-dead.txt"
+                )
+                d = await _one(admin_url, tree, p, dead_profile, 0.10)
                 ratio = d["webhooks_per_s"] / r["webhooks_per_s"] if r["webhooks_per_s"] else 0
                 print(
                     f"{tree}: 10% dead {d['webhooks_per_s']} webhooks/s = {ratio:.2f}x of "
-                    f"healthy; CPU µs per dead event {per_dead_event(r, d)}, load "
+                    f"healthy (worker {d['worker_cpu_us_per_webhook']}, RabbitMQ "
+                    f"{d['rabbitmq_cpu_us_per_webhook']}, PostgreSQL "
+                    f"{d['postgres_cpu_us_per_webhook']} us/webhook); CPU µs per dead event "
+                    f"{per_dead_event(r, d)}, load "
                     f"{tuple(round(x, 2) for x in d['load_average'])}",
                     flush=True,
                 )

@@ -34,12 +34,20 @@ class Breaker:
     def admit(self, endpoint: str, now: float) -> float | None:
         """None: send now (and report the outcome); else the seconds the endpoint stays
         open, during which its sends fail at once."""
+        wait = self.open_for(endpoint, now)
+        state = self._endpoints.get(endpoint)
+        if wait is None and state is not None and 0 < self.failures <= state.failures:
+            state.probing = True  # the one probe after the cooldown
+        return wait
+
+    def open_for(self, endpoint: str, now: float) -> float | None:
+        """What :meth:`admit` would answer, without taking the probe: the caller can fail a
+        send before building it, and leave the probe to the send that does go out."""
         state = self._endpoints.get(endpoint)
         if state is None or self.failures <= 0 or state.failures < self.failures:
             return None
         if now < state.open_until or state.probing:
             return max(state.open_until - now, 0.0) or self.cooldown
-        state.probing = True  # the one probe after the cooldown
         return None
 
     def succeeded(self, endpoint: str) -> None:

@@ -126,6 +126,18 @@ class WebhookClient:
         those in flight finish."""
         self._pool.drain()
 
+    def refusal(self, url: str) -> Retry | None:
+        """The :class:`Retry` a POST to ``url`` would fail with at once, its endpoint's
+        breaker being open (the probe is left to :meth:`post`); None if it would be tried
+        or the URL is refused (:meth:`post` says why). The caller can then skip building
+        and signing a body that would not be sent."""
+        try:
+            endpoint = self._target(url).endpoint
+        except PermanentError:
+            return None
+        wait = self._breaker.open_for(endpoint, self._clock())
+        return None if wait is None else _open(endpoint, wait)
+
     async def post(self, hook: Webhook) -> None:
         """POST the signed body to the checked target; a 2xx answer is a delivery, a refused
         target a :class:`PermanentError`, anything else a :class:`Retry`."""
@@ -134,11 +146,7 @@ class WebhookClient:
         now = self._clock()
         wait = self._breaker.admit(endpoint, now)
         if wait is not None:
-            raise Retry(
-                f"webhook {endpoint} keeps failing: not tried for another {wait:.0f}s "
-                "(CDC_WEBHOOK_BREAKER_FAILURES, CDC_WEBHOOK_BREAKER_SECONDS)",
-                after=wait,
-            )
+            raise _open(endpoint, wait)
         try:
             data = http1.request(
                 known.head,
@@ -175,6 +183,15 @@ class WebhookClient:
     async def close(self) -> None:
         """Close the pooled connections."""
         await self._pool.close()
+
+
+def _open(endpoint: str, wait: float) -> Retry:
+    """The failure of a webhook to ``endpoint`` while its breaker is open for ``wait`` s."""
+    return Retry(
+        f"webhook {endpoint} keeps failing: not tried for another {wait:.0f}s "
+        "(CDC_WEBHOOK_BREAKER_FAILURES, CDC_WEBHOOK_BREAKER_SECONDS)",
+        after=wait,
+    )
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

@@ -168,6 +168,13 @@ class Plan:
     in_app: bool  # write the in-app row and its record
 
 
+def _failed(exc: BaseException) -> asyncio.Future[None]:
+    """A send that has failed already with ``exc`` (no coroutine to run)."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
 def build(settings: NotificationSettings) -> WorkerSpec:
     """The notifications worker's queues, route and schema for ``settings``."""
     store = NotificationStore(settings.notifications_schema)
@@ -282,7 +289,13 @@ def build(settings: NotificationSettings) -> WorkerSpec:
             for channel in chosen:
                 if channel == "webhook":
                     assert prefs.webhook_url is not None
-                    sends.append(send(channel, delivery, note, user, prefs.webhook_url, payload))
+                    refused = webhooks.refusal(prefs.webhook_url)
+                    if refused is not None:  # failed already: no body to build and sign
+                        sends.append(_failed(refused))
+                    else:
+                        sends.append(
+                            send(channel, delivery, note, user, prefs.webhook_url, payload)
+                        )
                 elif channel == "email":
                     # Only the stored address: the event's payload never picks a recipient.
                     assert prefs.email_address is not None

@@ -1,11 +1,17 @@
 """Which ``basic.ack`` frames settle a set of finished deliveries (pure).
 
 Deliveries of one channel carry increasing tags. Messages may finish out of order (a
-webhook to a slow endpoint finishes after later ones), and an ack with ``multiple`` would
-also settle every earlier tag, finished or not. :class:`AckTracker` therefore acks the
-finished run at the front of the channel with one ``multiple`` ack on its last tag, and
-each finished tag behind an unfinished one on its own, at once, so its prefetch slot is
-free again. A tag is acked exactly once.
+webhook to a slow endpoint finishes after later ones; one to an endpoint whose breaker is
+open fails at once, before the healthy ones delivered earlier), and an ack with
+``multiple`` would also settle every earlier tag, finished or not. :class:`AckTracker`
+therefore acks the finished run at the front of the channel with one ``multiple`` ack on
+its last tag. A finished tag behind an unfinished one is *held* for that ack while at most
+``hold`` tags are: a ``basic.ack`` of its own costs the broker one more command on the
+queue's log (a quorum queue's Raft log), and the front usually catches up within a
+webhook's latency. Once more than ``hold`` are finished behind the front (a slow message
+holds it), every held tag is acked on its own at once, so their prefetch slots are free
+again. ``hold=0``: every tag behind the front is acked on its own at once. A tag is acked
+exactly once.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from collections.abc import Iterable
 
 
 class AckTracker:
-    """The unacked deliveries of one channel, in delivery order."""
+    """The unacked deliveries of one channel, in delivery order; at most ``hold`` finished
+    ones wait behind an unfinished one for its ``multiple`` ack (module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: int = 0) -> None:
+        self._hold = hold
         self._order: deque[int] = deque()
         self._outstanding: set[int] = set()
         self._finished: set[int] = set()
@@ -46,11 +54,11 @@ class AckTracker:
                 break
         if last is not None:
             acks.append((last, True))
-        for tag in tags:
-            if tag in self._finished:
-                self._finished.discard(tag)
+        if len(self._finished) > self._hold:  # what is left of it is behind the front
+            for tag in sorted(self._finished):
                 self._outstanding.discard(tag)
                 acks.append((tag, False))
+            self._finished.clear()
         return acks
 
     def clear(self) -> None:

@@ -17,9 +17,10 @@ time and, in order:
 
 A worker with ``outside`` effects (HTTP, SMTP; see ``spec``) is pipelined (``outside``): every
 delivery is routed and its effects started as it arrives (the prefetch bounds how many),
-and whatever finished its effects is run in the next batch, copied if failed and acked,
-out of delivery order when a slow effect holds an earlier message (that one is acked on its
-own later). Two copies of one message id are never in hand at once.
+and whatever finished its effects is run in the next batch, copied if failed and acked:
+when a slow effect holds an earlier message, the later ones wait for its multiple ack, or
+are acked on their own once too many wait (``acks``). Two copies of one message id are
+never in hand at once.
 
 A retry bundle that comes back is unpacked as it is delivered (``intake.unpack``): its
 members are buffered as deliveries of their own, and its one delivery tag is acked when the
@@ -106,7 +107,8 @@ class Runner:
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
-        self._acks = AckTracker()
+        # Held for a multiple ack: at most a quarter of the smallest prefetch share (acks).
+        self._acks = AckTracker(hold=min(self._prefetch) // 4)
         self._linger = Linger(settings.worker_batch_linger_max)
         self._members = MemberCounts()  # retry bundles: one delivery tag, several messages
         # Workers with effects outside the database: the messages between their delivery

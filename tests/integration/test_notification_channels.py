@@ -241,8 +241,12 @@ async def test_a_dead_endpoint_is_given_up_on_after_its_failures_then_fails_at_o
     client = WebhookClient(b"s", 0.3, LOCAL, breaker=Breaker(2, 30))
     try:
         for _ in range(2):
+            assert client.refusal(url) is None  # still tried
             with pytest.raises(Retry, match="unreachable"):
                 await client.post(_hook(url))
+        refused = client.refusal(url)  # no body needed to know
+        assert refused is not None and "keeps failing" in str(refused) and refused.after > 29
+        assert client.refusal("ftp://x/") is None  # a refused URL: post says why
         started = time.monotonic()
         with pytest.raises(Retry, match="keeps failing"):
             await client.post(_hook(url))

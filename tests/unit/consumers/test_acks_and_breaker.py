@@ -11,8 +11,8 @@ from consumers.notifications.breaker import Breaker
 from consumers.runtime.acks import AckTracker
 
 
-def _tracker(n: int) -> AckTracker:
-    t = AckTracker()
+def _tracker(n: int, hold: int = 0) -> AckTracker:
+    t = AckTracker(hold)
     for tag in range(1, n + 1):
         t.delivered(tag)
     return t
@@ -43,9 +43,33 @@ def test_every_tag_is_acked_exactly_once_and_multiple_never_covers_an_unfinished
     assert sorted(covered) == [1, 2, 3, 4, 5]
 
 
-@given(st.integers(min_value=1, max_value=60), st.randoms(use_true_random=False))
-def test_any_finishing_order_acks_each_tag_once_and_only_when_finished(n, rnd: random.Random):
-    t = _tracker(n)
+def test_finished_tags_behind_the_front_wait_for_its_multiple_ack_up_to_hold():
+    t = _tracker(6, hold=2)
+    assert t.settle([3, 4]) == []  # 1 and 2 still running: 3 and 4 wait
+    assert t.settle([1]) == [(1, True)]
+    assert t.settle([2]) == [(4, True)]  # one ack for 2, 3 and 4
+    assert len(t) == 2
+
+
+def test_more_than_hold_finished_behind_the_front_are_all_acked_alone_at_once():
+    t = _tracker(8, hold=2)
+    assert t.settle([3, 4]) == []
+    assert t.settle([6]) == [(3, False), (4, False), (6, False)]  # 3 waiting: too many
+    assert t.settle([5]) == []  # waits again, alone
+    assert t.settle([1, 2]) == [(5, True)]
+    assert t.settle([7, 8]) == [(8, True)]
+    assert len(t) == 0
+
+
+@given(
+    st.integers(min_value=1, max_value=60),
+    st.integers(min_value=0, max_value=8),
+    st.randoms(use_true_random=False),
+)
+def test_any_finishing_order_acks_each_tag_once_and_only_when_finished(
+    n, hold, rnd: random.Random
+):
+    t = _tracker(n, hold)
     order = list(range(1, n + 1))
     rnd.shuffle(order)
     finished: set[int] = set()
@@ -60,6 +84,7 @@ def test_any_finishing_order_acks_each_tag_once_and_only_when_finished(n, rnd: r
             assert tag not in acked  # the tag named is never one acked before
             assert newly <= finished  # nothing unfinished is acked
             acked |= newly
+        assert len(finished - acked) <= hold  # at most ``hold`` wait for the front
     assert acked == set(range(1, n + 1))
     assert len(t) == 0
 
@@ -108,3 +133,17 @@ def test_a_disabled_breaker_admits_everything():
     for now in range(10):
         b.failed("e", now)
     assert b.admit("e", 10) is None
+
+
+def test_open_for_answers_like_admit_but_leaves_the_probe_to_the_send():
+    b = Breaker(failures=2, cooldown=10)
+    e = "http://dead:80"
+    assert b.open_for(e, 0) is None  # never failed
+    b.failed(e, 0)
+    b.failed(e, 0)  # open until 10
+    assert b.open_for(e, 4) == b.admit(e, 4) == 6
+    assert b.open_for(e, 10) is None  # the probe is due...
+    assert b.open_for(e, 10) is None  # ...and still free: asking did not take it
+    assert b.admit(e, 10) is None  # the send takes it
+    assert b.open_for(e, 10.5) == 10  # others fail at once while it runs
+    assert Breaker(failures=0, cooldown=5).open_for(e, 0) is None
