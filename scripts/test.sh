@@ -5,16 +5,17 @@
 #   1. the unit and integration tests against the postgres:15 and rabbitmq:3-management
 #      images, and at the same time, in a second lane, the relay's integration tests
 #      (RELAY_TESTS) again against postgres:18, then a part of the first lane's (PG15_LATE) on
-#      postgres:15; each run spread over CDC_TEST_WORKERS pytest-xdist worker processes
-#      (default 2; 0 runs them in the pytest process); every worker starts a PostgreSQL and a
-#      RabbitMQ container of its own, so a test that stops its broker or raises its memory
-#      alarm affects no other worker's tests;
-#   2. the fault tests (kills, outages, stop deadlines), one at a time per lane: they time
-#      recoveries, which a machine loaded by many workers would blur. The first lane runs
-#      postgres:15's; the second the relay's on postgres:18, the frozen broker tests
-#      (FAULTS_LATE) on postgres:15, then `tests/containers` (the built image, the compose
-#      stack). Each lane ends with the check that the host's PostgreSQL was not reconfigured
-#      or restarted by any of it.
+#      postgres:15, then the image and compose tests of `tests/containers`; each run but
+#      that last one spread over CDC_TEST_WORKERS pytest-xdist worker processes (default 2;
+#      0 runs them in the pytest process); every worker starts a PostgreSQL and a RabbitMQ
+#      container of its own, so a test that stops its broker or raises its memory alarm
+#      affects no other worker's tests;
+#   2. the fault tests (kills, outages, stop deadlines), one at a time per lane, in three
+#      lanes: they time recoveries, which a machine loaded by many workers would blur, and
+#      spend most of that time waiting. The first lane runs most of postgres:15's; the second
+#      the relay's on postgres:18; the third the frozen broker, failover and crash tests
+#      (FAULTS_LATE) on postgres:15. Each lane ends with the check that the host's
+#      PostgreSQL was not reconfigured or restarted by any of it.
 #
 # With the local services (shared by every test) the passes run one after the other,
 # without workers.
@@ -49,13 +50,15 @@ RELAY_SKIP=(
   --deselect=tests/fault/test_relay_faults.py::test_broker_memory_alarm_reports_blocked
   --ignore=tests/integration/test_failover_slots.py --ignore=tests/fault/test_failover.py)
 RELAY_TESTS=(tests/integration tests/fault "${RELAY_SKIP[@]}")
-# Run in the second lane once its PostgreSQL 18 pass is done, so that both lanes of a phase end
-# at about the same time: tests of the workers and of `cdc`'s URL needs (phase 1; about a fifth
-# of the PostgreSQL 15 suite's time) and the frozen broker tests (phase 2; about 14 % of the
-# PostgreSQL 15 fault tests' time).
+# Run in the second lane once its PostgreSQL 18 pass is done, so that both lanes of phase 1
+# end at about the same time: tests of the workers and of `cdc`'s URL needs (about a fifth of
+# the PostgreSQL 15 suite's time). FAULTS_LATE: the third lane of phase 2, about as long as
+# what the first lane keeps of the PostgreSQL 15 fault tests: the frozen broker tests, the
+# failover tests (their own PostgreSQL 15 and 18 clusters, with standbys) and the SIGKILL one.
 PG15_LATE=(tests/integration/consumers tests/integration/test_billing_worker.py
   tests/integration/test_cli_commands.py)
-FAULTS_LATE=(tests/fault/test_relay_faults.py::test_frozen_broker_connection_is_detected_within_the_heartbeat)
+FAULTS_LATE=(tests/fault/test_relay_faults.py::test_frozen_broker_connection_is_detected_within_the_heartbeat
+  tests/fault/test_failover.py tests/fault/test_crash.py)
 mode=${CDC_TEST_SERVICES:-}
 # Labels this run's containers: the cleanup at the end removes these and no other run's.
 export CDC_TEST_RUN_ID=${CDC_TEST_RUN_ID:-run$(date +%s)$$}
@@ -122,16 +125,16 @@ collect() {
 # The check that the host's PostgreSQL kept its settings and start time: last in each lane of
 # the last phase, so it runs after every test of the run (all of a lane's come before it).
 HOST_CHECK=tests/containers/test_host_postgres_untouched.py
-CONTAINER_TESTS=(tests/containers/test_compose.py tests/containers/test_image.py "$HOST_CHECK")
+IMAGE_TESTS=(tests/containers/test_compose.py tests/containers/test_image.py)
 if [ "$only" = all ]; then
   pg15=${CDC_TEST_PG_IMAGE:-postgres:15}
   pg18=${CDC_TEST_PG18_IMAGE:-postgres:18}
-  a=$(mktemp) b=$(mktemp)
+  a=$(mktemp) b=$(mktemp) c=$(mktemp)
   # Phase 1: unit and integration tests of both server versions at once, in two lanes, each
   # step over $CDC_TEST_WORKERS xdist workers with containers of their own; much of their
   # time is spent waiting (timeouts, intervals), so the two cores are shared well. Lane b
-  # runs the relay's tests on $pg18, then the PG15_LATE part of the suite on $pg15, so both
-  # lanes end together.
+  # runs the relay's tests on $pg18, then the PG15_LATE part of the suite on $pg15, then the
+  # image and compose tests (no recovery timed there), so both lanes end together.
   ( lane_step "$a" "suite without faults or PG15_LATE, $pg15" "$pg15" "${XDIST[@]}" tests \
       --ignore=tests/containers --ignore=tests/fault "${PG15_LATE[@]/#/--ignore=}" ) &
   pa=$!
@@ -139,29 +142,32 @@ if [ "$only" = all ]; then
       "${RELAY_SKIP[@]}" || rc=$?
     lane_step "$b" "PG15_LATE: workers, cdc URLs, $pg15" "$pg15" "${XDIST[@]}" \
       "${PG15_LATE[@]}" || rc=${rc:-$?}
+    lane_step "$b" "image, compose" "$pg15" "${IMAGE_TESTS[@]}" || rc=${rc:-$?}
     exit "${rc:-0}" ) &
   pb=$!
-  log "phase 1: unit and integration tests"
+  log "phase 1: unit and integration tests; image and compose"
   collect "$a" "$pa"
   collect "$b" "$pb"
   # Phase 2: the fault tests (kills, outages, stop deadlines) one at a time per lane: they
-  # measure how fast things recover, which a machine loaded by many workers would blur. Lane
-  # a runs most of those on $pg15; lane b the relay's on $pg18, then FAULTS_LATE on $pg15,
-  # then the image and compose tests.
-  ( lane_step "$a" "faults but the frozen broker, $pg15; host untouched" "$pg15" tests/fault \
+  # measure how fast things recover, which a machine loaded by many workers would blur; most
+  # of their time is waiting (kills, timeouts, heartbeats), so three lanes share the cores.
+  # Lane a runs most of those on $pg15, lane b the relay's on $pg18, lane c FAULTS_LATE on
+  # $pg15; each ends with the host check.
+  ( lane_step "$a" "faults but FAULTS_LATE, $pg15; host untouched" "$pg15" tests/fault \
       "${FAULTS_LATE[@]/#/--deselect=}" "$HOST_CHECK" ) &
   pa=$!
-  ( lane_step "$b" "relay faults, $pg18" "$pg18" tests/fault "${RELAY_SKIP[@]}" || rc=$?
-    lane_step "$b" "frozen broker, $pg15" "$pg15" "${FAULTS_LATE[@]}" || rc=${rc:-$?}
-    lane_step "$b" "image, compose, host untouched" "$pg15" "${CONTAINER_TESTS[@]}" \
-      || rc=${rc:-$?}
-    exit "${rc:-0}" ) &
+  ( lane_step "$b" "relay faults, $pg18; host untouched" "$pg18" tests/fault \
+      "${RELAY_SKIP[@]}" "$HOST_CHECK" ) &
   pb=$!
-  log "phase 2: fault tests; image and compose"
+  ( lane_step "$c" "FAULTS_LATE: frozen broker, failover, crash, $pg15; host untouched" "$pg15" \
+      "${FAULTS_LATE[@]}" "$HOST_CHECK" ) &
+  pc=$!
+  log "phase 2: fault tests"
   collect "$a" "$pa"
   collect "$b" "$pb"
+  collect "$c" "$pc"
 else
-  step "image, compose, host untouched" "${CONTAINER_TESTS[@]}"
+  step "image, compose, host untouched" "${IMAGE_TESTS[@]}" "$HOST_CHECK"
 fi
 log "timings"; printf '   %s\n' "${timings[@]}"
 exit $status
