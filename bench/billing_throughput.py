@@ -3,7 +3,7 @@
 Run by hand (not part of ``make test``)::
 
     .venv/bin/python bench/billing_throughput.py [--events 20000] [--devices 1000] [--replicas 1 2]
-        [--rate EVENTS_PER_S] [--lock-timeout SECONDS]
+        [--rate EVENTS_PER_S] [--lock-timeout SECONDS] [--linger-max SECONDS]
 
 For each replica count: a fresh database and topology (quorum queues by default), a backlog
 of ``device.started``/``device.stopped`` pairs (seed payloads, in event-time order, spread
@@ -129,7 +129,7 @@ def _cpu(db: psycopg.Connection[Any], procs: list[subprocess.Popen[bytes]]) -> t
 
 def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_type: str,
          batch: int, prefetch: int, lock_timeout: float | None,
-         rate: float | None) -> dict[str, float]:
+         rate: float | None, linger_max: float | None = None) -> dict[str, float]:
     tag = f"{int(time.time()):08x}{secrets.token_hex(2)}"
     ns, dbname = f"cdc_bench.{tag}", f"cdc_bench_{tag}"
     with psycopg.connect(PG, autocommit=True) as admin:
@@ -143,6 +143,8 @@ def _run(events: list[tuple[str, str, dict[str, Any]]], replicas: int, queue_typ
     )
     if lock_timeout is not None:
         env["CDC_BILLING_LOCK_TIMEOUT"] = str(lock_timeout)
+    if linger_max is not None:
+        env["CDC_WORKER_BATCH_LINGER_MAX"] = str(linger_max)
     # The replicas' log (INFO): each "retrying message" line is a message that failed in its
     # batch (a lock wait given up, in the per-message fallback) and comes back after a delay.
     log_path = Path(tempfile.mkstemp(prefix="billing_bench_", suffix=".log")[1])
@@ -252,6 +254,8 @@ def main() -> None:
                              "(default: a backlog published before they start)")
     parser.add_argument("--lock-timeout", type=float, default=None,
                         help="CDC_BILLING_LOCK_TIMEOUT of the replicas (default: the worker's)")
+    parser.add_argument("--linger-max", type=float, default=None,
+                        help="CDC_WORKER_BATCH_LINGER_MAX of the replicas (default: the worker's)")
     args = parser.parse_args()
     events = _events(args.events, args.devices)
     print(f"{len(events)} events, {args.devices} devices, batch {args.batch}, prefetch "
@@ -262,7 +266,7 @@ def main() -> None:
     rates = {}
     for n in args.replicas:
         r = _run(events, n, args.queue_type, args.batch, args.prefetch, args.lock_timeout,
-                 args.rate)
+                 args.rate, args.linger_max)
         lag = f"{r['lag_p50_ms']:.0f}/{r['lag_p99_ms']:.0f}/{r['lag_max_ms']:.0f}"
         rates[n] = r["events/s"]
         print(f"{n:>8} {r['events/s']:>9.0f} {r['events/s'] / n:>11.0f} {r['seconds']:>8.1f}"

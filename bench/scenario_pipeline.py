@@ -161,6 +161,7 @@ class Workers:
 
     def __init__(self, worker: str, env: dict[str, str], log: Any) -> None:
         self.worker, self.env, self.log = worker, env, log
+        self.extra: dict[str, str] = {}  # on top of ``env`` (bench.pipeline_at's settings)
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def add(self) -> None:
@@ -168,7 +169,7 @@ class Workers:
         # on sys.path, which would win over a PYTHONPATH naming another tree's code
         # (bench/webhooks_ab.py compares trees that way).
         self.procs.append(await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "consumers", self.worker, env=self.env,
+            sys.executable, "-m", "consumers", self.worker, env={**self.env, **self.extra},
             stdout=self.log, stderr=self.log, start_new_session=True,
             cwd=os.path.dirname(sys.executable),
         ))
@@ -319,6 +320,14 @@ class Pipeline:
             await self.run.delete_sink(self.names)
         self.log.close()
 
+    async def restart_workers(self, extra: dict[str, str]) -> None:
+        """One replica of each worker again, with ``extra`` on top of its environment (what
+        ``bench.pipeline_at`` alternates); what the old ones held unacked is redelivered."""
+        for workers in (self.billing, self.notifications):
+            await workers.stop()
+            workers.extra = dict(extra)
+            await workers.add()
+
     async def meter(self) -> Meter:
         beam = broker_pids()
         walsenders = await walsender_pids(self.run.admin_url, self.run.db_name)
@@ -432,17 +441,17 @@ class Pipeline:
             if not result["holds"]:
                 break
             sustained = rate
-            await self._settle()
-        await self._settle()
+            await self.settle()
+        await self.settle()
         half = None
         if sustained:
             rate = max(sustained * 0.5, 500.0)
             print(f"[bench] pipeline: latency at {rate:.0f} events/s ...", flush=True)
             half = await self.level(rate)
-            await self._settle()
+            await self.settle()
         return {"levels": levels, "sustained_rate": sustained, "at_half": half}
 
-    async def _settle(self, timeout: float = 60.0) -> None:
+    async def settle(self, timeout: float = 60.0) -> None:
         """Let every queue empty before the next level (bounded)."""
         await _wait_empty(self.run, list(BILLING_QUEUES + NOTIFICATION_QUEUES), timeout, 0.5)
 

@@ -56,7 +56,10 @@ class ConsumerSettings(CdcSettings):
         100, ge=1, le=10_000, description="messages handled in one PostgreSQL transaction"
     )
     worker_batch_linger_max: float = Field(
-        0.05,
+        # 10 ms, not 50: at a paced 500 events/s through the whole pipeline p99 commit -> usage
+        # record was 0.67x (median of 28 alternated pairs) and under 100 ms in 18 of 28 levels
+        # against 6; webhooks under 150 ms in 10 of 28 either way; no drain rate or CPU lost.
+        0.01,
         ge=0,
         le=10,
         description="most seconds a short batch waits for more messages (it waits about as "

@@ -32,6 +32,7 @@ def test_defaults(environ):
     assert s.worker_inbox_table == "public.consumer_inbox"
     assert s.exchange == "cloudphone.events"
     assert s.worker_prefetch >= s.worker_batch_size
+    assert s.worker_batch_linger_max == 0.01
 
 
 @pytest.mark.parametrize(

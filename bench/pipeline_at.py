@@ -1,0 +1,169 @@
+"""``python -m bench.pipeline_at``: the pipeline's latency at one rate, worker settings alternated.
+
+    python -m bench.pipeline_at --rate 500 --window 30 --rounds 3 \\
+        --set CDC_WORKER_BATCH_LINGER_MAX=0.05 --set CDC_WORKER_BATCH_LINGER_MAX=0.01
+    python -m bench.pipeline_at --set PYTHONPATH=/abs/tree_a,PYTHONSAFEPATH=1 \\
+        --set PYTHONPATH=/abs/tree_b,PYTHONSAFEPATH=1    # trees: absolute paths
+
+One ``scenario_pipeline.Pipeline`` (relay, one billing and one notifications replica, the
+webhook receiver) in a fresh database and vhost; each ``--set`` is one arm: comma-separated
+``NAME=VALUE`` pairs put on top of both workers' environment (a worker setting, or
+``PYTHONPATH`` with ``PYTHONSAFEPATH=1`` to run another source tree's workers). Each round
+restarts the workers with every arm in turn (A B A B ...: the machine's load hits all alike)
+and measures ``Pipeline.level(rate)``: p50/p95/p99 commit -> usage record (billing's inbox
+row) and commit -> webhook received, the load average with each. To see what sets the tail,
+each level also prints the relay's own commit -> confirm p50/p99 (its histogram), the seconds
+whose slowest event exceeded ``--spike-ms`` (by commit second) and where the server's last
+checkpoint started relative to the window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from bench.env import Run
+from bench.params import Params
+from bench.pgserver import own_server
+from bench.scenario_pipeline import Pipeline
+from bench.stats import histogram_buckets, histogram_quantile
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "runs"
+RELAY_HISTOGRAM = "cdc_confirm_latency_seconds"  # the relay's commit -> broker confirm
+START_UP_S = 3.0  # a restarted worker's connect and declare, before the level's warm-up
+
+
+def parse_arm(text: str) -> dict[str, str]:
+    """``A=1,B=2`` -> {"A": "1", "B": "2"}; an empty text is the defaults."""
+    arm = {}
+    for pair in filter(None, text.split(",")):
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"not NAME=VALUE: {pair!r}")
+        arm[name.strip()] = value.strip()
+    return arm
+
+
+async def spikes(
+    pipe: Pipeline, start: float, end: float, bound_s: float
+) -> dict[str, list[tuple[int, int]]]:
+    """Per effect, the commit seconds (from ``start``) of the window whose slowest event took
+    longer than ``bound_s``, with that event's lag in ms."""
+    async with await psycopg.AsyncConnection.connect(pipe.run.db_url, autocommit=True) as db:
+        cur = await db.execute(sql.SQL(
+            "SELECT o.id::text, extract(epoch FROM o.created_at)::float8,"
+            " extract(epoch FROM i.processed_at)::float8 FROM {} o LEFT JOIN consumer_inbox i"
+            " ON i.message_id = o.id::text AND i.consumer = 'billing'"
+            " WHERE o.created_at >= to_timestamp(%s) AND o.created_at < to_timestamp(%s)"
+        ).format(sql.Identifier(pipe.names.table)), (start, end))
+        rows = await cur.fetchall()
+    hooks, _ = await pipe.receiver.records()
+    out: dict[str, list[tuple[int, int]]] = {}
+    for name, done in (("billing", {r[0]: r[2] for r in rows if r[2] is not None}),
+                       ("webhook", hooks)):
+        worst: dict[int, float] = {}
+        for mid, committed, _ in rows:
+            if mid in done:
+                second = int(committed - start)
+                worst[second] = max(worst.get(second, 0.0), done[mid] - committed)
+        out[name] = [(s, round(lag * 1000)) for s, lag in sorted(worst.items()) if lag > bound_s]
+    return out
+
+
+async def checkpoint(run: Run, start: float) -> str:
+    """When the server's last checkpoint started, in seconds from ``start`` (its log says how
+    long each took: ``log_checkpoints`` is on by default)."""
+    async with await psycopg.AsyncConnection.connect(run.admin_url, autocommit=True) as db:
+        cur = await db.execute(
+            "SELECT extract(epoch FROM checkpoint_time)::float8 FROM pg_control_checkpoint()"
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return f"last checkpoint at {row[0] - start:+.0f}s"
+
+
+def line(arm: str, r: dict[str, Any]) -> str:
+    """One level's figures on one line."""
+    def ms(effect: dict[str, Any]) -> str:
+        return (f"p50 {effect['p50_ms']} p95 {effect['p95_ms']} p99 "
+                f"{effect['p99_with_missing_ms']} max {effect['max_ms']}")
+
+    cpu = r["cpu_us_per_event"]
+    return (f"[{arm}] {r['offered_rate']}/s: usage record {ms(r['billing'])} | webhook "
+            f"{ms(r['webhook'])} | in-app p99 {r['in_app']['p99_with_missing_ms']} | cpu "
+            f"us/event billing {cpu.get('billing')} notifications {cpu.get('notifications')} "
+            f"postgres {cpu.get('postgres')} | load "
+            f"{tuple(round(x, 2) for x in r['load_average'])}")
+
+
+async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> None:
+    p = dataclasses.replace(Params(), pipeline_window=args.window, pipeline_warmup=args.warmup)
+    run = Run(
+        admin_url=admin_url,
+        amqp_root_url=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        results_dir=RESULTS_DIR,
+    )
+    await run.open()
+    pipe: Pipeline | None = None
+    try:
+        if run.vhost is None:
+            raise SystemExit("needs rabbitmqctl for a throwaway vhost")
+        pipe = Pipeline(run, p)
+        await pipe.open()
+        for round_ in range(args.rounds):
+            for arm in arms:
+                await pipe.restart_workers(parse_arm(arm))
+                await asyncio.sleep(START_UP_S)
+                begun = time.time()
+                before = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)
+                r = await pipe.level(args.rate)
+                after = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)
+                relay = [histogram_quantile(before, after, q) for q in (0.5, 0.99)]
+                start = begun + p.pipeline_warmup
+                print(f"round {round_ + 1} " + line(arm or "defaults", r), flush=True)
+                slow = await spikes(pipe, start, start + r["window_s"], args.spike_ms / 1000)
+                print(f"    relay commit -> confirm p50/p99 (warm-up included, bucket-"
+                      f"interpolated) {[None if v is None else round(v * 1000, 1) for v in relay]}"
+                      f" ms; > {args.spike_ms} ms by second: {slow}; "
+                      f"{await checkpoint(run, start)}", flush=True)
+                await pipe.settle()
+    finally:
+        if pipe is not None:
+            await pipe.close()
+        await run.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline_at", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=500.0, help="offered events/s")
+    parser.add_argument("--window", type=float, default=30.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--set", dest="arms", action="append", type=str,
+                        help="one arm: NAME=VALUE[,NAME=VALUE...] for the workers (repeat)")
+    parser.add_argument("--spike-ms", type=int, default=100)
+    args = parser.parse_args()
+    arms = args.arms or [""]
+    for arm in arms:
+        try:
+            parse_arm(arm)  # a malformed arm fails before anything starts
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    given = os.environ.get("BENCH_PG_URL")
+    with contextlib.nullcontext(given) if given else own_server() as admin_url:
+        asyncio.run(_main(args, admin_url, arms))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
