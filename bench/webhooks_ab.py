@@ -51,36 +51,38 @@ async def _worker() -> psutil.Process:
         await asyncio.sleep(0.05)
 
 
-async def _count_syscalls(last: list[int]) -> None:
-    """Keep ``last`` at the worker's read and write system calls so far (start-up included:
-    the same for every tree), read every 0.2 s until it exits."""
+async def _count_syscalls(last: list[float]) -> None:
+    """Keep ``last`` at the worker's read and write system calls and its user and system
+    CPU seconds so far (start-up included: the same for every tree), read every 0.2 s until
+    it exits."""
     worker = await _worker()
     with contextlib.suppress(psutil.Error):
         while True:
-            io = worker.io_counters()
-            last[:] = [io.read_count, io.write_count]
+            io, cpu = worker.io_counters(), worker.cpu_times()
+            last[:] = [io.read_count, io.write_count, cpu.user, cpu.system]
             await asyncio.sleep(0.2)
 
 
-async def _profile(out: Path, seconds: float) -> None:
-    """py-spy the notifications worker under this process during its drain: from when it
-    gets busy after an idle spell (its start-up done) for ``seconds``."""
+async def _profile(out: Path, seconds: float, extra: list[str]) -> None:
+    """py-spy the notifications worker under this process during its drain, for ``seconds``
+    from when its system calls say it sends webhooks (over 50 writes in 0.2 s: start-up
+    writes a few); ``extra``: more py-spy flags."""
     worker = await _worker()
-    idle = False
+    writes = worker.io_counters().write_count
     while True:
-        worker.cpu_percent()
         await asyncio.sleep(0.2)
-        busy = worker.cpu_percent()
-        if busy < 5:
-            idle = True
-        elif idle and busy > 30:
+        now = worker.io_counters().write_count
+        if now - writes > 50:
             break
+        writes = now
     proc = await asyncio.create_subprocess_exec(
         "py-spy", "record", "-r", "250", "-d", str(int(seconds)), "--pid", str(worker.pid),
-        "-o", str(out), "-f", "raw",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        "-o", str(out), "-f", "raw", *extra,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
-    await proc.wait()
+    _, err = await proc.communicate()
+    if proc.returncode:
+        print(f"py-spy failed: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
 
 
 async def _database_work(db_url: str, webhooks: int) -> str:
@@ -122,7 +124,12 @@ def per_dead_event(healthy: dict[str, Any], dead: dict[str, Any]) -> dict[str, f
 
 
 async def _one(
-    admin_url: str, tree: Path, p: Params, profile: Path | None, dead_share: float = 0.0
+    admin_url: str,
+    tree: Path,
+    p: Params,
+    profile: Path | None,
+    dead_share: float = 0.0,
+    spy_flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     run = Run(
         admin_url=admin_url,
@@ -132,13 +139,15 @@ async def _one(
     os.environ["PYTHONPATH"] = str(tree)
     os.environ["PYTHONSAFEPATH"] = "1"
     await run.open()
-    spy = None if profile is None else asyncio.create_task(_profile(profile, 8))
-    syscalls = [0, 0]
+    spy = None if profile is None else asyncio.create_task(_profile(profile, 8, list(spy_flags)))
+    syscalls = [0.0, 0.0, 0.0, 0.0]
     counter = asyncio.create_task(_count_syscalls(syscalls))
     try:
         result = await webhook_throughput(run, p, dead_share)
         n = max(result["delivered"], 1)
         result["syscalls"] = f"{syscalls[0] / n:.2f} reads and {syscalls[1] / n:.2f} writes"
+        user, system = syscalls[2], syscalls[3]
+        result["cpu_split"] = f"user {user / n * 1e6:.0f} us, system {system / n * 1e6:.0f} us"
         result["database"] = await _database_work(run.db_url, result["delivered"])
         return result
     finally:
@@ -155,14 +164,16 @@ async def _main(
     for round_ in range(args.rounds):
         for i, tree in enumerate(trees):
             profile = None if profiles is None else profiles / f"tree{i}-round{round_}.txt"
-            r = await _one(admin_url, tree, p, profile)
+            r = await _one(admin_url, tree, p, profile, spy_flags=tuple(args.spy_flags.split()))
             print(
                 f"{tree}: {r['webhooks_per_s']} webhooks/s, worker "
                 f"{r['worker_cpu_us_per_webhook']} us/webhook, receiver "
                 f"{r['receiver_cpu_us_per_webhook']} us, RabbitMQ "
                 f"{r['rabbitmq_cpu_us_per_webhook']} us, PostgreSQL "
                 f"{r['postgres_cpu_us_per_webhook']} us, delivered {r['delivered']}/"
-                f"{r['deliverable']}, {r['database']}, system calls per webhook: {r['syscalls']}, "
+                f"{r['deliverable']} (published in {r['publish_seconds']} s), {r['database']}, "
+                f"system calls per webhook: {r['syscalls']}, "
+                f"whole-life CPU per webhook: {r['cpu_split']}, "
                 f"load {tuple(round(x, 2) for x in r['load_average'])}",
                 flush=True,
             )
@@ -190,6 +201,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--profile", help="directory for py-spy raw profiles of each run")
+    parser.add_argument("--spy-flags", default="",
+                        help="more py-spy record flags with --profile, e.g. '--native --idle'")
     parser.add_argument("--dead", action="store_true",
                         help="also a drain with 10%% of the endpoints dead, per tree")
     args = parser.parse_args()

@@ -26,6 +26,7 @@ from psycopg import sql
 
 from consumers.errors import Retry
 from consumers.notifications.templates import Channel, Notification, Preferences
+from consumers.runtime.pgarray import text_array
 from consumers.sqlnames import CREATE_SCHEMA, check_name, render
 
 _DDL = (
@@ -86,11 +87,11 @@ class NotificationStore:
         self._prefs = q(
             "SELECT user_id, in_app, webhook, webhook_url, email, email_address,"
             " email_min_severity, muted FROM {s}.notification_preferences"
-            " WHERE user_id = ANY(%s)"
+            " WHERE user_id = ANY(%s::text[])"
         )
         self._delivered = q(
             "SELECT message_id, channel FROM {s}.notification_deliveries"
-            " WHERE message_id = ANY(%s)"
+            " WHERE message_id = ANY(%s::text[])"
         )
         # Rows go in as one JSON array (dumped by orjson): cheaper than a text[] per column.
         # The in-app rows of a batch and their delivery records, in one statement.
@@ -119,10 +120,11 @@ class NotificationStore:
         """For a chunk of events, in one round trip: the stored preferences of ``user_ids``
         (absent: use the defaults), the channels already delivered per message id, and the
         ids ``seen_query`` (the worker's inbox) already holds."""
+        mids = text_array(message_ids)  # one string, not a list adapted id by id
         async with conn.pipeline():
-            prefs_cur = await conn.execute(self._prefs, (list(user_ids),))
-            done_cur = await conn.execute(self._delivered, (list(message_ids),))
-            seen_cur = await conn.execute(seen_query, (list(message_ids),))
+            prefs_cur = await conn.execute(self._prefs, (text_array(user_ids),))
+            done_cur = await conn.execute(self._delivered, (mids,))
+            seen_cur = await conn.execute(seen_query, (mids,))
         prefs = {
             str(row[0]): Preferences(
                 in_app=row[1],
@@ -240,7 +242,7 @@ class DeliveryLog:
         self._writes = _Session(database_url, "cdc-worker:notifications-deliveries")
         schema, table = inbox_table.split(".")
         self._seen = sql.SQL(
-            "SELECT message_id FROM {}.{} WHERE consumer = {} AND message_id = ANY(%s)"
+            "SELECT message_id FROM {}.{} WHERE consumer = {} AND message_id = ANY(%s::text[])"
         ).format(sql.Identifier(schema), sql.Identifier(table), sql.Literal(consumer))
         self._pending: list[
             tuple[tuple[str, Channel, str | None, str | None, str], asyncio.Future[None]]

@@ -10,6 +10,7 @@ user's :class:`Preferences` (or the defaults) to a notification.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -131,15 +132,36 @@ def _text(value: Any) -> str:
 def fill(text: str, values: Mapping[str, Any]) -> str:
     """``text`` with each ``{a|b}`` replaced by the first of ``a``, ``b`` present and not
     null in ``values``, or ``?``. Nothing else in ``text`` is interpreted."""
+    pieces = _pieces(text)
+    if len(pieces) == 1:  # no placeholder
+        return text
+    out = []
+    for literal, keys in pieces:
+        out.append(literal)
+        if keys:
+            out.append(_first(keys, values))
+    return "".join(out)
 
-    def one(m: re.Match[str]) -> str:
-        for key in m.group(1).split("|"):
-            value = values.get(key)
-            if value is not None and value != "":
-                return _text(value)
-        return "?"
 
-    return _PLACEHOLDER.sub(one, text)
+def _first(keys: tuple[str, ...], values: Mapping[str, Any]) -> str:
+    for key in keys:
+        value = values.get(key)
+        if value is not None and value != "":
+            return _text(value)
+    return "?"
+
+
+@functools.lru_cache(maxsize=1024)
+def _pieces(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``text`` split once (it is one of a few templates; filled once per event): each
+    literal with the keys of the placeholder after it (none after the last)."""
+    out = []
+    start = 0
+    for m in _PLACEHOLDER.finditer(text):
+        out.append((text[start : m.start()], tuple(m.group(1).split("|"))))
+        start = m.end()
+    out.append((text[start:], ()))
+    return tuple(out)
 
 
 def template_for(event_type: str) -> tuple[str, Template]:

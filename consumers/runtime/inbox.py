@@ -14,6 +14,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from consumers.runtime.pgarray import text_array
+
 # Serialises schema creation across replicas that start together (CREATE TABLE IF NOT
 # EXISTS races on the catalog otherwise).
 _SCHEMA_LOCK_KEY = 0x63646377  # "cdcw"
@@ -59,7 +61,7 @@ async def claim(
             " SELECT %s, m, k FROM unnest(%s::text[], %s::text[]) AS t(m, k) ORDER BY m"
             " ON CONFLICT DO NOTHING RETURNING message_id"
         ).format(table_ident(table)),
-        (consumer, list(message_ids), list(routing_keys)),
+        (consumer, text_array(message_ids), text_array(routing_keys)),
     )
     return {row[0] for row in await cur.fetchall()}
 

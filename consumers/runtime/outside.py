@@ -13,7 +13,6 @@ finds the first one's records.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -125,7 +124,7 @@ class OutsideEffects:
     async def _one(self, item: BatchMessage, wait: Awaitable[Any]) -> None:
         started = time.perf_counter()
         try:
-            item.delivery = dataclasses.replace(item.delivery, prepared=await wait)
+            item.delivery = item.delivery.with_prepared(await wait)
         except Exception as exc:
             item.outcome, item.error = FAILED, exc
         item.seconds = time.perf_counter() - started

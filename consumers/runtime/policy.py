@@ -48,6 +48,8 @@ from consumers.runtime.headers import (
 
 
 def _as_int(value: Any) -> int:
+    if value is None:  # the usual case (no such header): no exception raised and caught
+        return 0
     if isinstance(value, bytes | bytearray):
         value = bytes(value).decode("ascii", "replace")
     try:

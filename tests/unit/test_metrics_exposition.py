@@ -48,3 +48,23 @@ def test_worker_counts_start_at_zero_for_its_queues_but_age_stays_unknown() -> N
     # Unknown until read from the broker / until an event is acked.
     assert "cdc_worker_parked_messages" not in series
     assert "cdc_worker_event_age_seconds" not in series
+
+
+def test_batch_counts_and_handler_times_go_to_each_queues_series() -> None:
+    from consumers.runtime.batch import DONE, DUPLICATE, FAILED, BatchMessage
+    from consumers.runtime.spec import Delivery
+
+    def item(queue: str, outcome: str, seconds: float) -> BatchMessage:
+        d = Delivery("m", "k", {}, 1, b"{}")
+        return BatchMessage(d, None, None, queue, outcome=outcome, seconds=seconds)  # type: ignore[arg-type]
+
+    m = WorkerMetrics("notifications")
+    m.count_batch([item("q1", DONE, 0.001), item("q2", DONE, 0.2), item("q1", DUPLICATE, 0)])
+    m.count_batch([item("q1", FAILED, 0.003), item("q2", DONE, 0.002)])  # series reused
+    series = parse_metrics(generate_latest(m.registry).decode())
+    processed = {lb["queue"]: v for lb, v in series["cdc_worker_processed_total"]}
+    assert processed == {"q1": 1.0, "q2": 2.0}
+    counts = {lb["queue"]: v for lb, v in series["cdc_worker_handler_seconds_count"]}
+    sums = {lb["queue"]: v for lb, v in series["cdc_worker_handler_seconds_sum"]}
+    assert counts == {"q1": 2.0, "q2": 2.0}
+    assert sums["q1"] == 0.004 and abs(sums["q2"] - 0.202) < 1e-9

@@ -118,3 +118,12 @@ def test_idempotency_keys_are_the_uuid5_of_channel_and_message_id():
         for channel in ("webhook", "email", "in_app"):
             expected = str(uuid.uuid5(DELIVERY_NAMESPACE, f"{channel}\x00{mid}"))
             assert idempotency_key(mid, channel) == expected
+
+
+def test_placeholders_anywhere_and_the_same_template_with_other_values() -> None:
+    text = "{a}{b|c}-{a} end {c}"
+    assert fill(text, {"a": 1, "c": "z"}) == "1z-1 end z"
+    assert fill(text, {"b": "y"}) == "?y-? end ?"  # split once, filled afresh each time
+    assert fill("no placeholder", {"a": 1}) == "no placeholder"
+    assert fill("", {}) == ""
+    assert fill("{a|b}", {"a": "", "b": None}) == "?"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from pydantic import BaseModel
 
@@ -97,3 +98,8 @@ async def test_a_chunk_that_cannot_start_is_tried_again_and_given_up_on_stop():
     assert calls == 3 and not effects.busy()
     await effects.launch([_item("b", 1)])  # and its id is no longer in hand
     assert calls == 4
+
+
+def test_a_delivery_with_its_prepared_value_keeps_every_other_field() -> None:
+    d = Delivery("m-1", "device.started", {"h": 1}, 3, b"{}", prepared="old")
+    assert d.with_prepared("new") == dataclasses.replace(d, prepared="new")
