@@ -40,6 +40,7 @@ import contextlib
 import math
 import os
 import secrets
+import signal
 import sys
 import time
 import uuid
@@ -553,18 +554,25 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
             # breakers are open and the steady state begins.
             await asyncio.sleep(WEBHOOK_TIMEOUT + 1.0)
             warm_s = time.monotonic() - started
-        # The backlog goes in while the worker runs (a restart would forget the breaker's
-        # state); the rate is taken between the first and the last healthy arrival.
+        # The backlog goes in while the worker is paused (SIGSTOP: a restart would forget
+        # the breakers' state, well inside their 30 s), so the rate is the worker's, not the
+        # publisher's; it is taken between the first and the last healthy arrival, and CPU
+        # over the drain alone.
         events = p.pipeline_webhook_events
         _, before = await receiver.records()
         pid = workers.procs[0].pid
         assert receiver.proc is not None
         beam = broker_pids()
-        cpu0, rcpu0 = cpu_seconds(pid), cpu_seconds(receiver.proc.pid)
-        bcpu0, pcpu0 = sum(map(cpu_seconds, beam)), postgres_cpu(run.db_name, [])
-        started = time.monotonic()
-        ids = await _publish_devices(run, names.exchange, events)
-        published = time.monotonic() - started
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            publishing = time.monotonic()
+            ids = await _publish_devices(run, names.exchange, events)
+            published = time.monotonic() - publishing
+            cpu0, rcpu0 = cpu_seconds(pid), cpu_seconds(receiver.proc.pid)
+            bcpu0, pcpu0 = sum(map(cpu_seconds, beam)), postgres_cpu(run.db_name, [])
+            started = time.monotonic()
+        finally:
+            os.kill(pid, signal.SIGCONT)
         healthy = {mid for mid, user in ids if int(user[2:]) % endpoints >= dead_count}
         deadline = started + p.max_drain_seconds
         got = 0
@@ -590,8 +598,7 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
             "delivered": got,
             "posts": total - before,
             "seconds": round(seconds, 2),
-            # The backlog goes in during the drain: a rate near events / this is the
-            # publisher's, not the worker's.
+            # The backlog went in before the drain, with the worker paused.
             "publish_seconds": round(published, 2),
             "webhooks_per_s": round(len(arrivals) / span, 1) if span else None,
             "worker_cpu_us_per_webhook": round(cpu / max(got, 1) * 1e6, 1),
