@@ -504,7 +504,10 @@ def markdown(results: dict[str, Any], notes: str) -> str:
         "the outbox row's `created_at` to billing's inbox row, the webhook's arrival at a "
         f"receiver answering in {p.get('pipeline_webhook_latency')} s, and the in-app row; "
         "CPU per event from psutil over each window (PostgreSQL: the backends of the run's "
-        "database, i.e. the relay's walsender and the workers' sessions).",
+        "database, i.e. the relay's walsender and the workers' sessions). Webhook "
+        "throughput: one notifications replica drains a backlog of device events published "
+        "while it is paused (SIGSTOP), so the rate is the worker's and not the publisher's; "
+        "webhooks/s between the first and the last healthy arrival, CPU over the drain.",
         "",
         "Each scenario uses its own table, publication, slot, exchange and queues in a "
         "throwaway database and RabbitMQ vhost, removed at the end even on failure or Ctrl-C.",
