@@ -120,7 +120,10 @@ start_service() {
   service_up && return 0
   mkdir -p "$(dirname "$SOCK")" "$STATE"
   log "starting podman system service on $SOCK"
-  setsid podman system service --time=0 "unix://$SOCK" >"$STATE/podman-service.log" 2>&1 </dev/null &
+  # From /: conmon needs the service's working directory, and a checkout it was started in
+  # may be deleted while the service outlives it (every container start then fails).
+  (cd / && exec setsid podman system service --time=0 "unix://$SOCK") \
+    >"$STATE/podman-service.log" 2>&1 </dev/null &
   echo $! >"$STATE/podman-service.pid"
   for _ in $(seq 1 50); do service_up && return 0; sleep 0.2; done
   log "podman system service did not answer on $SOCK (see $STATE/podman-service.log)"; return 1
