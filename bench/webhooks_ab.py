@@ -1,6 +1,6 @@
 """``python -m bench.webhooks_ab``: the pipeline's webhook drain, source trees alternated.
 
-    python -m bench.webhooks_ab --trees /work/base,/work/wt/mine --rounds 3 --events 20000
+    python -m bench.webhooks_ab --trees /work/base,/work/wt/mine --rounds 3 --events 60000
     python -m bench.webhooks_ab --trees . --rounds 1 --profile /tmp/prof   # py-spy flame SVG
     python -m bench.webhooks_ab --trees /work/base,. --dead               # 10% dead endpoints
 
@@ -187,7 +187,8 @@ async def _main(
                     f"{tree}: 10% dead {d['webhooks_per_s']} webhooks/s = {ratio:.2f}x of "
                     f"healthy (worker {d['worker_cpu_us_per_webhook']}, RabbitMQ "
                     f"{d['rabbitmq_cpu_us_per_webhook']}, PostgreSQL "
-                    f"{d['postgres_cpu_us_per_webhook']} us/webhook); CPU µs per dead event "
+                    f"{d['postgres_cpu_us_per_webhook']} us/webhook, {d['database']}); "
+                    f"CPU µs per dead event "
                     f"{per_dead_event(r, d)}, load "
                     f"{tuple(round(x, 2) for x in d['load_average'])}",
                     flush=True,
@@ -199,7 +200,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", required=True, help="comma-separated source trees")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--events", type=int, default=Params().pipeline_webhook_events)
     parser.add_argument("--profile", help="directory for py-spy raw profiles of each run")
     parser.add_argument("--spy-flags", default="",
                         help="more py-spy record flags with --profile, e.g. '--native --idle'")
