@@ -66,7 +66,8 @@ class Sink:
         return None
 
 
-def _ack(tag: int, multiple: bool) -> bytes:
+def ack_frame(tag: int, multiple: bool) -> bytes:
+    """The broker's ``Basic.Ack`` frame for ``tag`` on channel 1."""
     payload = struct.pack(">HHQB", 60, 80, tag, int(multiple))
     return struct.pack(">BHI", 1, 1, len(payload)) + payload + b"\xce"
 
@@ -118,10 +119,10 @@ def channel_round(n: int, per_ack: int) -> Callable[[], None]:
         await asyncio.sleep(0)  # the batched write runs at the end of this loop turn
         last = first + n - 1
         if per_ack == 1:
-            data = b"".join(_ack(tag, False) for tag in range(first, last + 1))
+            data = b"".join(ack_frame(tag, False) for tag in range(first, last + 1))
         else:
             tags = range(first + per_ack - 1, last + 1, per_ack)
-            data = b"".join(_ack(tag, True) for tag in tags)
+            data = b"".join(ack_frame(tag, True) for tag in tags)
         channel.data_received(data)
         state["tag"] = last
         assert len(acked) == n, len(acked)

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from bench import micro_route as mr
-from bench.micro_publish import Sink
+from bench.micro_publish import Sink, ack_frame
 from cdc.config import RelaySettings
 from cdc.shell.broker import FRAME_MAX, ConfirmChannel
 from cdc.shell.metrics import Metrics
@@ -135,14 +135,9 @@ class _Broker(Sink):
         assert self.channel is not None
         last = self.acked + self.channel.in_flight
         tags = [*range(self.acked + _ACKS_PER, last, _ACKS_PER), last]
-        data = b"".join(_ack_frame(tag) for tag in tags if tag > self.acked)
+        data = b"".join(ack_frame(tag, True) for tag in tags if tag > self.acked)
         self.acked = last
         self.channel.data_received(data)
-
-
-def _ack_frame(tag: int) -> bytes:
-    payload = struct.pack(">HHQB", 60, 80, tag, 1)
-    return struct.pack(">BHI", 1, 1, len(payload)) + payload + b"\xce"
 
 
 async def session(messages: list[bytes], sha: bool) -> tuple[str, StreamSession]:
