@@ -490,6 +490,24 @@ async def broker_ceiling(run: Run, p: Params, exchange: str) -> dict[str, Any]:
     }
 
 
+async def _start_receiver(
+    endpoints: int, dead: int, latency: float, log: Any
+) -> tuple[list[int], Receiver]:
+    """A receiver on ``endpoints`` free ports, the first ``dead`` of them dead; new ports
+    if another process took one between the pick and the bind."""
+    for attempt in range(3):
+        ports = [free_port() for _ in range(endpoints)]
+        receiver = Receiver(ports[dead:], ports[:dead], latency, log)
+        try:
+            await receiver.start()
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            continue
+        return ports, receiver
+    raise AssertionError("unreachable")
+
+
 async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str, Any]:
     """The notifications worker alone draining ``pipeline_webhook_events`` device events to
     20 endpoints, ``dead_share`` of the users' endpoints never answering.
@@ -498,12 +516,10 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
     backends' of the run's database, over the whole drain."""
     endpoints = 20
     dead_count = round(endpoints * dead_share)
-    ports = [free_port() for _ in range(endpoints)]
     label = "webhooks_dead" if dead_count else "webhooks"
     names = run.names(label)
     schema = label
     log = (run.results_dir / f"{label}.log").open("ab")
-    receiver = Receiver(ports[dead_count:], ports[:dead_count], p.pipeline_webhook_latency, log)
     workers = Workers("notifications", {
         **os.environ,
         "CDC_DATABASE_URL": run.db_url,
@@ -522,8 +538,8 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
     await run.declare_sink(names, bind="bench.unused")
     async with await psycopg.AsyncConnection.connect(run.db_url, autocommit=True) as db:
         await db.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    ports, receiver = await _start_receiver(endpoints, dead_count, p.pipeline_webhook_latency, log)
     try:
-        await receiver.start()
         await workers.add()
         await _queues_exist(run, [queue])
         async with await psycopg.AsyncConnection.connect(run.db_url, autocommit=True) as db:

@@ -6,9 +6,10 @@ the healthy ones. After ``failures`` transport failures in a row (timeout, refus
 connection, TLS failure) the endpoint is *open* for ``cooldown`` seconds: its sends fail at
 once (the message is retried after its backoff delay, as if it had timed out). Then one
 probe is let through; its success closes the endpoint again, its failure opens it for
-another ``cooldown``. An endpoint is ``scheme://host:port``. An answer, whatever its status,
-is not a failure here: it came quickly and held no slot for long (a non-2xx answer is still
-retried by the caller).
+another ``cooldown``. The worker takes the probe with :meth:`Breaker.take_probe` and does
+not make the probe's message wait for it (``probes``). An endpoint is
+``scheme://host:port``. An answer, whatever its status, is not a failure here: it came
+quickly and held no slot for long (a non-2xx answer is still retried by the caller).
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ class Breaker:
         if now < state.open_until or state.probing:
             return max(state.open_until - now, 0.0) or self.cooldown
         return None
+
+    def take_probe(self, endpoint: str, now: float) -> bool:
+        """True when ``endpoint``'s cooldown is over and its one probe is free: the probe is
+        then taken (sends fail at once until its outcome is reported)."""
+        state = self._endpoints.get(endpoint)
+        if state is None or self.failures <= 0 or state.failures < self.failures:
+            return False
+        if now < state.open_until or state.probing:
+            return False
+        state.probing = True
+        return True
 
     def succeeded(self, endpoint: str) -> None:
         """The endpoint answered (any status): it is reachable again."""

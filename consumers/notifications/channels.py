@@ -53,7 +53,8 @@ class Webhook:
     message_id: str
 
 
-def _where(url: str) -> str:
+def endpoint_of(url: str) -> str:
+    """``scheme://host:port`` of ``url``, to name it in errors and logs."""
     # Webhook URLs often carry a token in the path or query: errors (which end up in logs
     # and parking headers) name the scheme and host only.
     try:
@@ -138,15 +139,26 @@ class WebhookClient:
         wait = self._breaker.open_for(endpoint, self._clock())
         return None if wait is None else _open(endpoint, wait)
 
-    async def post(self, hook: Webhook) -> None:
+    def take_probe(self, url: str) -> bool:
+        """True when a POST to ``url`` is due as its endpoint's probe (the breaker's cooldown
+        is over), which this call takes: send it with ``post(hook, probe=True)``."""
+        try:
+            endpoint = self._target(url).endpoint
+        except PermanentError:
+            return False
+        return self._breaker.take_probe(endpoint, self._clock())
+
+    async def post(self, hook: Webhook, *, probe: bool = False) -> None:
         """POST the signed body to the checked target; a 2xx answer is a delivery, a refused
-        target a :class:`PermanentError`, anything else a :class:`Retry`."""
+        target a :class:`PermanentError`, anything else a :class:`Retry`. ``probe``: the
+        endpoint's probe, taken with :meth:`take_probe` (its outcome is reported)."""
         known = self._target(hook.url)
         endpoint = known.endpoint
         now = self._clock()
-        wait = self._breaker.admit(endpoint, now)
-        if wait is not None:
-            raise _open(endpoint, wait)
+        if not probe:
+            wait = self._breaker.admit(endpoint, now)
+            if wait is not None:
+                raise _open(endpoint, wait)
         try:
             data = http1.request(
                 known.head,
@@ -159,6 +171,8 @@ class WebhookClient:
                 hook.body,
             )
         except ValueError as exc:  # no resend can change the event's own fields
+            if probe:  # not sent: no outcome, the next send may probe
+                self._breaker.abandoned(endpoint)
             raise PermanentError(f"webhook {endpoint} not sent: {exc}") from exc
         self._pool.sweep(now)
         slots = await self._pool.slot(endpoint, self._timeout)
@@ -169,7 +183,7 @@ class WebhookClient:
         except (OSError, TimeoutError, http1.ProtocolError) as exc:
             self._breaker.failed(endpoint, self._clock())
             raise Retry(
-                f"webhook {_where(hook.url)} unreachable: {_describe(exc, left)}"
+                f"webhook {endpoint_of(hook.url)} unreachable: {_describe(exc, left)}"
             ) from exc
         except BaseException:
             self._breaker.abandoned(endpoint)
@@ -178,7 +192,7 @@ class WebhookClient:
             slots.release()
         self._breaker.succeeded(endpoint)
         if not 200 <= status < 300:
-            raise Retry(f"webhook {_where(hook.url)} answered {status}")
+            raise Retry(f"webhook {endpoint_of(hook.url)} answered {status}")
 
     async def close(self) -> None:
         """Close the pooled connections."""

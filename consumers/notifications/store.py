@@ -79,20 +79,11 @@ class NotificationStore:
     """The statements, rendered once for a schema."""
 
     def __init__(self, schema: str) -> None:
-        s = sql.Identifier(check_name(schema, "CDC_NOTIFICATIONS_SCHEMA"))
+        s = self._s = sql.Identifier(check_name(schema, "CDC_NOTIFICATIONS_SCHEMA"))
 
         def q(text: str) -> str:
             return render(sql.SQL(text).format(s=s))
 
-        self._prefs = q(
-            "SELECT user_id, in_app, webhook, webhook_url, email, email_address,"
-            " email_min_severity, muted FROM {s}.notification_preferences"
-            " WHERE user_id = ANY(%s::text[])"
-        )
-        self._delivered = q(
-            "SELECT message_id, channel FROM {s}.notification_deliveries"
-            " WHERE message_id = ANY(%s::text[])"
-        )
         # Rows go in as one JSON array (dumped by orjson): cheaper than a text[] per column.
         # The in-app rows of a batch and their delivery records, in one statement.
         self._in_app_many = q(
@@ -110,37 +101,60 @@ class NotificationStore:
             " AS x(m text, c text, u text, t text, k text) ON CONFLICT DO NOTHING"
         )
 
+    def lookup_statement(self, inbox_table: str, consumer: str) -> str:
+        """The one statement of :meth:`lookup_many`, for the worker's inbox table
+        (``schema.table``) and consumer name: rows tagged ``p`` (a user's preferences),
+        ``d`` (a channel delivered for a message id) and ``s`` (an id the inbox holds)."""
+        schema, table = inbox_table.split(".")
+        return render(
+            sql.SQL(
+                "SELECT 'p', user_id, in_app, webhook, webhook_url, email, email_address,"
+                " email_min_severity, muted FROM {s}.notification_preferences"
+                " WHERE user_id = ANY(%(u)s::text[])"
+                " UNION ALL SELECT 'd', message_id, NULL, NULL, channel, NULL, NULL, NULL, NULL"
+                " FROM {s}.notification_deliveries WHERE message_id = ANY(%(m)s::text[])"
+                " UNION ALL SELECT 's', message_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+                " FROM {inbox} WHERE consumer = {consumer} AND message_id = ANY(%(m)s::text[])"
+            ).format(
+                s=self._s,
+                inbox=sql.Identifier(schema, table),
+                consumer=sql.Literal(consumer),
+            )
+        )
+
     async def lookup_many(
         self,
         conn: psycopg.AsyncConnection[Any],
         user_ids: Sequence[str],
         message_ids: Sequence[str],
-        seen_query: sql.Composed,
+        statement: str,
     ) -> Lookup:
-        """For a chunk of events, in one round trip: the stored preferences of ``user_ids``
-        (absent: use the defaults), the channels already delivered per message id, and the
-        ids ``seen_query`` (the worker's inbox) already holds."""
-        mids = text_array(message_ids)  # one string, not a list adapted id by id
-        async with conn.pipeline():
-            prefs_cur = await conn.execute(self._prefs, (text_array(user_ids),))
-            done_cur = await conn.execute(self._delivered, (mids,))
-            seen_cur = await conn.execute(seen_query, (mids,))
-        prefs = {
-            str(row[0]): Preferences(
-                in_app=row[1],
-                webhook=row[2],
-                webhook_url=row[3],
-                email=row[4],
-                email_address=row[5],
-                email_min_severity=row[6],
-                muted=frozenset(row[7] or ()),
-            )
-            for row in await prefs_cur.fetchall()
-        }
+        """For a chunk of events, in one statement (:meth:`lookup_statement`): the stored
+        preferences of ``user_ids`` (absent: use the defaults), the channels already
+        delivered per message id, and the ids the worker's inbox already holds."""
+        # Id lists as one text[] literal each, not a list adapted id by id.
+        cur = await conn.execute(
+            statement, {"u": text_array(user_ids), "m": text_array(message_ids)}
+        )
+        prefs: dict[str, Preferences] = {}
         done: dict[str, set[str]] = {}
-        for mid, channel in await done_cur.fetchall():
-            done.setdefault(str(mid), set()).add(str(channel))
-        seen = {str(row[0]) for row in await seen_cur.fetchall()}
+        seen: set[str] = set()
+        for row in await cur.fetchall():
+            kind, key = row[0], row[1]
+            if kind == "p":
+                prefs[key] = Preferences(
+                    in_app=row[2],
+                    webhook=row[3],
+                    webhook_url=row[4],
+                    email=row[5],
+                    email_address=row[6],
+                    email_min_severity=row[7],
+                    muted=frozenset(row[8] or ()),
+                )
+            elif kind == "d":
+                done.setdefault(key, set()).add(row[4])
+            else:
+                seen.add(key)
         return Lookup(prefs, done, seen)
 
     async def record_many(
@@ -240,10 +254,7 @@ class DeliveryLog:
         self._store = store
         self._reads = _Session(database_url, "cdc-worker:notifications-reads")
         self._writes = _Session(database_url, "cdc-worker:notifications-deliveries")
-        schema, table = inbox_table.split(".")
-        self._seen = sql.SQL(
-            "SELECT message_id FROM {}.{} WHERE consumer = {} AND message_id = ANY(%s::text[])"
-        ).format(sql.Identifier(schema), sql.Identifier(table), sql.Literal(consumer))
+        self._lookup = store.lookup_statement(inbox_table, consumer)
         self._pending: list[
             tuple[tuple[str, Channel, str | None, str | None, str], asyncio.Future[None]]
         ] = []
@@ -272,7 +283,7 @@ class DeliveryLog:
             error: BaseException | None = None
             try:
                 found = await self._store.lookup_many(
-                    await self._reads.connection(), users, mids, self._seen
+                    await self._reads.connection(), users, mids, self._lookup
                 )
             except psycopg.Error as exc:
                 await self._reads.close()

@@ -41,6 +41,7 @@ from consumers.config import ConsumerSettings
 from consumers.errors import ConfigError, PermanentError
 from consumers.notifications import channels, targets
 from consumers.notifications.breaker import Breaker
+from consumers.notifications.probes import Probes, failed
 from consumers.notifications.signing import idempotency_key
 from consumers.notifications.store import DeliveryLog, NotificationStore, schema_ddl
 from consumers.notifications.templates import (
@@ -168,13 +169,6 @@ class Plan:
     in_app: bool  # write the in-app row and its record
 
 
-def _failed(exc: BaseException) -> asyncio.Future[None]:
-    """A send that has failed already with ``exc`` (no coroutine to run)."""
-    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    future.set_exception(exc)
-    return future
-
-
 def build(settings: NotificationSettings) -> WorkerSpec:
     """The notifications worker's queues, route and schema for ``settings``."""
     store = NotificationStore(settings.notifications_schema)
@@ -216,9 +210,11 @@ def build(settings: NotificationSettings) -> WorkerSpec:
         settings.smtp_connections,
     )
 
+    probes = Probes()
+
     async def send(
         channel: Channel, delivery: Delivery, note: Notification, user: str | None,
-        target: str, payload: Any,
+        target: str, payload: Any, probe: bool = False,
     ) -> None:
         key = idempotency_key(delivery.message_id, channel)
         if channel == "webhook":
@@ -240,7 +236,8 @@ def build(settings: NotificationSettings) -> WorkerSpec:
                 option=orjson.OPT_SORT_KEYS,
             )
             await webhooks.post(
-                channels.Webhook(target, body, key, note.event_type, delivery.message_id)
+                channels.Webhook(target, body, key, note.event_type, delivery.message_id),
+                probe=probe,
             )
         else:
             mail = channels.Email(
@@ -291,7 +288,11 @@ def build(settings: NotificationSettings) -> WorkerSpec:
                     assert prefs.webhook_url is not None
                     refused = webhooks.refusal(prefs.webhook_url)
                     if refused is not None:  # failed already: no body to build and sign
-                        sends.append(_failed(refused))
+                        sends.append(failed(refused))
+                    elif webhooks.take_probe(prefs.webhook_url):
+                        probe = send(channel, delivery, note, user, prefs.webhook_url, payload,
+                                     probe=True)
+                        sends.append(probes.start(probe, prefs.webhook_url))
                     else:
                         sends.append(
                             send(channel, delivery, note, user, prefs.webhook_url, payload)
@@ -337,6 +338,7 @@ def build(settings: NotificationSettings) -> WorkerSpec:
         smtp.drain()
 
     async def close() -> None:
+        await probes.close()
         await webhooks.close()
         await smtp.close()
         await deliveries.close()

@@ -8,6 +8,7 @@ replicas claiming overlapping ids lock them in the same order and cannot deadloc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from consumers.runtime.pgarray import text_array
+from consumers.sqlnames import render
 
 # Serialises schema creation across replicas that start together (CREATE TABLE IF NOT
 # EXISTS races on the catalog otherwise).
@@ -56,14 +58,21 @@ async def claim(
 ) -> set[str]:
     """Insert the batch's ids; return those that were new (the others are duplicates)."""
     cur = await conn.execute(
+        _claim_statement(table), (consumer, text_array(message_ids), text_array(routing_keys))
+    )
+    return {row[0] for row in await cur.fetchall()}
+
+
+@functools.lru_cache(maxsize=8)
+def _claim_statement(table: str) -> str:
+    # Composed and rendered once per table, not once per batch.
+    return render(
         sql.SQL(
             "INSERT INTO {} (consumer, message_id, routing_key)"
             " SELECT %s, m, k FROM unnest(%s::text[], %s::text[]) AS t(m, k) ORDER BY m"
             " ON CONFLICT DO NOTHING RETURNING message_id"
-        ).format(table_ident(table)),
-        (consumer, text_array(message_ids), text_array(routing_keys)),
+        ).format(table_ident(table))
     )
-    return {row[0] for row in await cur.fetchall()}
 
 
 async def unclaim(

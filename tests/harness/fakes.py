@@ -51,6 +51,7 @@ class WebhookReceiver:
         self.delay = delay
         self.requests: list[HookRequest] = []
         self.in_flight = 0
+        self.started = 0  # POSTs received, answered or not
         self.max_in_flight = 0
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -62,6 +63,7 @@ class WebhookReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver._lock:
                     receiver.in_flight += 1
+                    receiver.started += 1
                     receiver.max_in_flight = max(receiver.max_in_flight, receiver.in_flight)
                 try:
                     if receiver.delay and receiver._closing.wait(receiver.delay):

@@ -43,6 +43,15 @@ def _start(domain, secret: str, **extra):
     )
 
 
+def _records(env, domain) -> list[tuple[str, int]]:
+    """Delivery records per channel."""
+    return env.sql(
+        sql.SQL("SELECT channel, count(*) FROM {} GROUP BY 1 ORDER BY 1").format(
+            domain.table("notification_deliveries")
+        )
+    )
+
+
 def _events(user: str, n: int) -> list[tuple[str, str, dict]]:
     return [
         ("device.started", str(uuid.uuid4()), {"userId": user, "deviceId": f"d{i}"})
@@ -116,12 +125,7 @@ def test_a_failed_post_is_retried_alone_and_nothing_delivered_is_sent_again(env,
             idempotency_key(m, "webhook") for _, m, _ in events for _ in range(2)
         )
         assert sorted(r.status for r in receiver.requests) == [200] * 30 + [500] * 30
-        rows = env.sql(
-            sql.SQL("SELECT channel, count(*) FROM {} GROUP BY 1 ORDER BY 1").format(
-                domain.table("notification_deliveries")
-            )
-        )
-        assert rows == [("in_app", 30), ("webhook", 30)]
+        assert _records(env, domain) == [("in_app", 30), ("webhook", 30)]
     finally:
         receiver.close()
 
@@ -191,6 +195,47 @@ def test_a_dead_endpoint_that_comes_back_gets_every_event_exactly_once(env, doma
         notes = env.sql(sql.SQL("SELECT count(*) FROM {}").format(domain.table("notifications")))
         assert notes[0][0] == 40
         assert sum(n or 0 for n in domain.parked().values()) == 0
+    finally:
+        receiver.close()
+
+
+def test_a_probe_does_not_hold_its_event_and_delivers_it_when_the_endpoint_is_back(env, domain):
+    """An endpoint that never answers, breaker open: its probe (the first POST after the
+    cooldown) runs on its own, and the event it carries goes back to the retry queue at
+    once instead of being held for the probe's whole timeout (which would hold every later
+    event's multiple ack). While that probe is in flight, the worker mostly holds nothing
+    unacked and POSTs nothing else. When the endpoint answers again, the next probe
+    delivers the event and records it: the event's next attempt does not POST it again."""
+    receiver = WebhookReceiver(delay=60)
+    timeout = 4.0
+    try:
+        _setup(env, domain, [("u1", receiver.url)])
+        worker = _start(
+            domain, receiver.SECRET, webhook_timeout=timeout, webhook_breaker_failures=1,
+            webhook_breaker_seconds=1, worker_retry_delays="1", worker_max_attempts=50,
+        )
+        events = _events("u1", 1)
+        domain.publish(events)
+        # First contact holds the event for the timeout (nothing is known of the endpoint);
+        # the retry after it is the probe.
+        wait_for(lambda: receiver.started >= 2, 30, "the probe's POST")
+        probe_started = time.monotonic()
+        unacked = []
+        while time.monotonic() - probe_started < timeout - 1:
+            health = worker.healthz()
+            if health is not None:
+                unacked.append(health["unacked"])
+            time.sleep(0.05)
+        assert receiver.started == 2, "nothing POSTed while the probe is in flight"
+        assert len(unacked) >= 10, unacked
+        assert unacked.count(0) >= len(unacked) / 2, f"the probe's event was held: {unacked}"
+        receiver.delay = 0.0  # back; the probe in flight still times out
+        domain.wait_inbox("notifications", 1, timeout=60)
+        key = idempotency_key(events[0][1], "webhook")
+        assert list(receiver.accepted()) == [key]
+        assert len(receiver.requests) == 1, "delivered once, by the second probe"
+        assert receiver.started == 3
+        assert _records(env, domain) == [("in_app", 1), ("webhook", 1)]
     finally:
         receiver.close()
 

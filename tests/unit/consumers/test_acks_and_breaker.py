@@ -147,3 +147,23 @@ def test_open_for_answers_like_admit_but_leaves_the_probe_to_the_send():
     assert b.admit(e, 10) is None  # the send takes it
     assert b.open_for(e, 10.5) == 10  # others fail at once while it runs
     assert Breaker(failures=0, cooldown=5).open_for(e, 0) is None
+
+
+def test_take_probe_takes_the_one_probe_once_the_cooldown_is_over():
+    b = Breaker(failures=2, cooldown=10)
+    e = "http://dead:80"
+    assert not b.take_probe(e, 0)  # never failed: closed, nothing to probe
+    b.failed(e, 0)
+    assert not b.take_probe(e, 0)  # one failure: still closed
+    b.failed(e, 0)  # open until 10
+    assert not b.take_probe(e, 9.9)
+    assert b.take_probe(e, 10)
+    assert not b.take_probe(e, 10)  # taken: one probe at a time
+    assert b.open_for(e, 10.5) == 10 and b.admit(e, 10.5) == 10  # others fail at once
+    b.abandoned(e)  # no outcome: free again
+    assert b.take_probe(e, 11)
+    b.failed(e, 11)  # its failure opens the endpoint for another cooldown
+    assert not b.take_probe(e, 20) and b.take_probe(e, 21)
+    b.succeeded(e)
+    assert not b.take_probe(e, 21) and b.admit(e, 21) is None
+    assert not Breaker(failures=0, cooldown=5).take_probe(e, 100)
