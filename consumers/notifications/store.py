@@ -26,6 +26,7 @@ from psycopg import sql
 
 from consumers.errors import Retry
 from consumers.notifications.templates import Channel, Notification, Preferences
+from consumers.runtime.inbox import table_ident
 from consumers.runtime.pgarray import text_array
 from consumers.sqlnames import CREATE_SCHEMA, check_name, render
 
@@ -105,7 +106,6 @@ class NotificationStore:
         """The one statement of :meth:`lookup_many`, for the worker's inbox table
         (``schema.table``) and consumer name: rows tagged ``p`` (a user's preferences),
         ``d`` (a channel delivered for a message id) and ``s`` (an id the inbox holds)."""
-        schema, table = inbox_table.split(".")
         return render(
             sql.SQL(
                 "SELECT 'p', user_id, in_app, webhook, webhook_url, email, email_address,"
@@ -117,7 +117,7 @@ class NotificationStore:
                 " FROM {inbox} WHERE consumer = {consumer} AND message_id = ANY(%(m)s::text[])"
             ).format(
                 s=self._s,
-                inbox=sql.Identifier(schema, table),
+                inbox=table_ident(inbox_table),
                 consumer=sql.Literal(consumer),
             )
         )
