@@ -86,8 +86,9 @@ async def _profile(out: Path, seconds: float, extra: list[str]) -> None:
 
 
 async def _database_work(db_url: str, webhooks: int) -> str:
-    """Transactions and preference reads (one per chunk lookup) per webhook in the run's
-    database (start-up included)."""
+    """Transactions and scans of the preferences table per webhook in the run's database
+    (start-up included): one scan per chunk lookup while it read them with
+    ``user_id = ANY(array)``, one per user of a chunk since it probes the index per id."""
     await asyncio.sleep(1.0)  # the statistics collector reports about every 500 ms
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db:
         cur = await db.execute(
@@ -98,7 +99,7 @@ async def _database_work(db_url: str, webhooks: int) -> str:
         row = await cur.fetchone()
     assert row is not None
     n = max(webhooks, 1)
-    return f"{row[0] / n:.2f} commits and {(row[1] or 0) / n:.3f} chunk reads per webhook"
+    return f"{row[0] / n:.2f} commits and {(row[1] or 0) / n:.3f} preference scans per webhook"
 
 
 _CPU_KEYS = {

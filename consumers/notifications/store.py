@@ -105,16 +105,28 @@ class NotificationStore:
     def lookup_statement(self, inbox_table: str, consumer: str) -> str:
         """The one statement of :meth:`lookup_many`, for the worker's inbox table
         (``schema.table``) and consumer name: rows tagged ``p`` (a user's preferences),
-        ``d`` (a channel delivered for a message id) and ``s`` (an id the inbox holds)."""
+        ``d`` (a channel delivered for a message id) and ``s`` (an id the inbox holds).
+
+        Each id is its own index probe, whatever the tables' statistics say: a ``LATERAL``
+        subquery per array element, kept by its ``LIMIT`` (``OFFSET 0`` where a message has
+        several rows) from being flattened into a join PostgreSQL could hash. With
+        ``key = ANY(array)`` the plan depended on the statistics: until autovacuum's first
+        ANALYZE of a new table, the planner's default guesses chose a scan of every delivery
+        record, or of every inbox row of the consumer, for each chunk, so a fresh deployment
+        draining a backlog spent milliseconds per chunk, growing with the tables, on a read
+        of a few dozen rows."""
         return render(
             sql.SQL(
-                "SELECT 'p', user_id, in_app, webhook, webhook_url, email, email_address,"
-                " email_min_severity, muted FROM {s}.notification_preferences"
-                " WHERE user_id = ANY(%(u)s::text[])"
-                " UNION ALL SELECT 'd', message_id, NULL, NULL, channel, NULL, NULL, NULL, NULL"
-                " FROM {s}.notification_deliveries WHERE message_id = ANY(%(m)s::text[])"
-                " UNION ALL SELECT 's', message_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
-                " FROM {inbox} WHERE consumer = {consumer} AND message_id = ANY(%(m)s::text[])"
+                "SELECT 'p', p.user_id, p.in_app, p.webhook, p.webhook_url, p.email,"
+                " p.email_address, p.email_min_severity, p.muted"
+                " FROM unnest(%(u)s::text[]) AS i(k), LATERAL (SELECT * FROM"
+                " {s}.notification_preferences x WHERE x.user_id = i.k LIMIT 1) p"
+                " UNION ALL SELECT 'd', i.k, NULL, NULL, d.channel, NULL, NULL, NULL, NULL"
+                " FROM unnest(%(m)s::text[]) AS i(k), LATERAL (SELECT x.channel FROM"
+                " {s}.notification_deliveries x WHERE x.message_id = i.k OFFSET 0) d"
+                " UNION ALL SELECT 's', i.k, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+                " FROM unnest(%(m)s::text[]) AS i(k), LATERAL (SELECT FROM {inbox} x"
+                " WHERE x.consumer = {consumer} AND x.message_id = i.k LIMIT 1) s"
             ).format(
                 s=self._s,
                 inbox=table_ident(inbox_table),

@@ -341,3 +341,54 @@ async def test_a_long_history_is_read_as_a_window(pg_schema, pg_session_db):
     records, _, _ = _tables(url, pg_schema)
     assert records == record_rows(meter([*history, *new], PRICING)[0])
     assert len(records) == 401 and records[0][0] == "s-new" and records[0][6] == Decimal("90")
+
+
+async def test_a_batch_reads_only_its_devices_rows_from_tables_without_statistics(
+    pg_schema, pg_session_db
+):
+    """The function's plans are cached in the session while the tables are new and empty,
+    as a worker's are at its start; the tables then fill up before autovacuum's first
+    ANALYZE. A batch must still read only the rows of its own devices, not the table."""
+    url = db_url(pg_session_db)
+    await _prepare(url, pg_schema)
+    s = sql.Identifier(pg_schema)
+    state_many = sql.SQL(
+        "SELECT count(*) FROM {}.billing_state_many(%s::text[], %s::text[], %s::text[],"
+        " %s::timestamptz[], %s::text[], %s::text[], %s::numeric[])"
+    ).format(s)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    def batch(tag: str, devices: list[int]) -> tuple[list[Any], ...]:
+        n = len(devices)
+        return (
+            [f"{tag}-{i}" for i in range(n)], [f"dev-{d}" for d in devices],
+            ["start"] * n, [start + dt.timedelta(days=1, seconds=i) for i in range(n)],
+            [f"u-{d % 50}" for d in devices], [None] * n, [None] * n,
+        )
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        for table in ("device_events", "usage_records", "user_plans"):
+            await conn.execute(sql.SQL("ALTER TABLE {}.{} SET (autovacuum_enabled = false)")
+                               .format(s, sql.Identifier(table)))
+        for n in range(8):  # past PL/pgSQL's switch to a cached generic plan
+            await conn.execute(state_many, batch(f"warm{n}", [n]))
+        await conn.execute(sql.SQL(
+            "INSERT INTO {}.device_events (message_id, device_id, kind, at, user_id)"
+            " SELECT 'old-' || i, 'dev-' || (i % 1000), (ARRAY['start', 'stop'])[1 + i / 1000 % 2],"
+            " timestamptz '2025-12-01' + i * interval '1 s', 'u-' || (i % 50)"
+            " FROM generate_series(1, 40000) i"
+        ).format(s))
+        async with conn.transaction():
+            touched = list(range(100, 120))
+            await conn.execute(state_many, batch("new", touched))
+            cur = await conn.execute(
+                "SELECT seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables"
+                " WHERE relid = %s::regclass",
+                (f"{pg_schema}.device_events",),
+            )
+            row = await cur.fetchone()
+    assert row is not None
+    seq_read, fetched = row
+    # The 20 devices hold 40 rows each, their windows much fewer; reading the table would
+    # be 40,000 rows or more.
+    assert seq_read == 0 and fetched <= 20 * 40 * 3, row

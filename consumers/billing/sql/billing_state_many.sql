@@ -37,20 +37,23 @@ BEGIN
            SELECT x.at FROM {s}.device_events x
             WHERE x.device_id = m.d AND x.kind IN ('stop', 'delete') AND x.at < m.t
             ORDER BY x.at DESC LIMIT 1) c ON true;
-    -- (LATERAL per device: an index lookup each, whatever the table's statistics say;
-    -- "device_id = ANY(array)" was planned as a scan of the whole table)
+    -- LATERAL per device: an index lookup each, whatever the tables' statistics say
+    -- ("device_id = ANY(array)" was planned as a scan of the whole table). A LIMIT, or
+    -- OFFSET 0 where a device has many rows, keeps PostgreSQL from flattening the subquery
+    -- into a hash join over the whole table, which is what it planned for new tables
+    -- before their first ANALYZE, and what the function kept using as they grew.
     SELECT coalesce(array_agg(DISTINCT e.user_id ORDER BY e.user_id), ARRAY[]::text[]) INTO owners
       FROM unnest(touched, since) AS t(d, w), LATERAL (
            SELECT x.user_id FROM {s}.device_events x
             WHERE x.device_id = t.d AND x.at >= t.w AND x.kind = 'start'
-              AND x.user_id IS NOT NULL) e;
+              AND x.user_id IS NOT NULL OFFSET 0) e;
     PERFORM pg_advisory_xact_lock_shared(hashtextextended('billing user ' || o, 0))
        FROM unnest(owners) AS o ORDER BY o;
     RETURN QUERY SELECT 'e'::text, e.device_id, e.message_id, e.kind, e.at,
         NULL::timestamptz, e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
       FROM unnest(touched, since) AS t(d, w),
            LATERAL (SELECT * FROM {s}.device_events x
-                     WHERE x.device_id = t.d AND x.at >= t.w) e;
+                     WHERE x.device_id = t.d AND x.at >= t.w OFFSET 0) e;
     RETURN QUERY SELECT 'x'::text, e.device_id, e.message_id, e.kind, e.at,
         NULL::timestamptz, e.user_id, e.plan, e.rate, NULL::numeric, NULL::numeric
       FROM unnest(touched, since) AS t(d, w),
@@ -62,17 +65,17 @@ BEGIN
     RETURN QUERY SELECT 'd'::text, t.d, NULL::text, NULL::text, NULL::timestamptz,
         NULL::timestamptz, NULL::text, NULL::text, NULL::numeric, NULL::numeric,
         NULL::numeric
-      FROM unnest(touched, since) AS t(d, w)
-     WHERE EXISTS (SELECT 1 FROM {s}.device_events x
-                    WHERE x.device_id = t.d AND x.kind = 'delete' AND x.at < t.w);
+      FROM unnest(touched, since) AS t(d, w),
+           LATERAL (SELECT FROM {s}.device_events x
+                     WHERE x.device_id = t.d AND x.kind = 'delete' AND x.at < t.w LIMIT 1) e;
     RETURN QUERY SELECT 'p'::text, NULL::text, p.message_id, NULL::text, p.at,
         NULL::timestamptz, p.user_id, p.plan, NULL::numeric, NULL::numeric, NULL::numeric
       FROM unnest(owners) AS o(u),
-           LATERAL (SELECT * FROM {s}.user_plans x WHERE x.user_id = o.u) p;
+           LATERAL (SELECT * FROM {s}.user_plans x WHERE x.user_id = o.u OFFSET 0) p;
     RETURN QUERY SELECT 'r'::text, r.device_id, r.record_id, r.closed_by, r.started_at,
         r.stopped_at, r.user_id, NULL::text, r.rate, r.duration_seconds, r.cost
       FROM unnest(touched, since) AS t(d, w),
            LATERAL (SELECT * FROM {s}.usage_records x
-                     WHERE x.device_id = t.d AND x.started_at >= t.w) r;
+                     WHERE x.device_id = t.d AND x.started_at >= t.w OFFSET 0) r;
 END
 $fn$;
