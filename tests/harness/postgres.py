@@ -36,6 +36,19 @@ def pg_connect(url: str, **kw: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(url, autocommit=True, connect_timeout=10, **kw)
 
 
+async def without_autovacuum(
+    conn: psycopg.AsyncConnection[Any], schema: str, tables: tuple[str, ...]
+) -> None:
+    """Keep autovacuum off ``schema``'s ``tables``, so they stay without statistics (as a new
+    deployment's tables are until autovacuum's first ANALYZE) for as long as a test needs."""
+    for table in tables:
+        await conn.execute(
+            sql.SQL("ALTER TABLE {}.{} SET (autovacuum_enabled = false)").format(
+                sql.Identifier(schema), sql.Identifier(table)
+            )
+        )
+
+
 def drop_slot(conn: psycopg.Connection[Any], slot: str, timeout: float = 15.0) -> None:
     """Terminate the walsender holding ``slot`` (if any), then drop the slot (if it exists)."""
     deadline = time.monotonic() + timeout

@@ -21,6 +21,7 @@ from harness.billing_scenario import (
     scenario,
     to_metering,
 )
+from harness.postgres import without_autovacuum
 from harness.session import db_url
 from psycopg import sql
 
@@ -367,9 +368,7 @@ async def test_a_batch_reads_only_its_devices_rows_from_tables_without_statistic
         )
 
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        for table in ("device_events", "usage_records", "user_plans"):
-            await conn.execute(sql.SQL("ALTER TABLE {}.{} SET (autovacuum_enabled = false)")
-                               .format(s, sql.Identifier(table)))
+        await without_autovacuum(conn, pg_schema, ("device_events", "usage_records", "user_plans"))
         for n in range(8):  # past PL/pgSQL's switch to a cached generic plan
             await conn.execute(state_many, batch(f"warm{n}", [n]))
         await conn.execute(sql.SQL(

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 import psycopg
 import pytest
+from harness.postgres import without_autovacuum
 from harness.session import db_url
 from psycopg import sql
 
@@ -24,10 +24,9 @@ CONSUMER = "notifications"
 
 async def _fill(conn: psycopg.AsyncConnection[Any], schema: str, analyzed: bool) -> None:
     s = sql.Identifier(schema)
-    for table in ("notification_preferences", "notification_deliveries", "inbox"):
-        # Autovacuum must not analyze them behind the test's back.
-        await conn.execute(sql.SQL("ALTER TABLE {}.{} SET (autovacuum_enabled = false)")
-                           .format(s, sql.Identifier(table)))
+    await without_autovacuum(
+        conn, schema, ("notification_preferences", "notification_deliveries", "inbox")
+    )
     await conn.execute(sql.SQL(
         "INSERT INTO {}.notification_preferences (user_id, webhook, webhook_url)"
         " SELECT 'u-' || i, true, 'https://hooks.example/' || i FROM generate_series(0, 199) i"
@@ -77,7 +76,7 @@ async def test_a_chunk_lookup_reads_only_its_own_rows(pg_schema, pg_session_db, 
         )
         row = await cur.fetchone()
     assert row is not None
-    plan = row[0] if isinstance(row[0], list) else orjson.loads(row[0])
+    plan = row[0]  # EXPLAIN's JSON, parsed by psycopg
 
     assert sorted(found.prefs) == sorted(users[:-1])
     assert found.prefs["u-12"].webhook_url == "https://hooks.example/12"
