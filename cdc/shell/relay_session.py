@@ -88,6 +88,7 @@ class StreamSession:
             set_state("draining")
             reader.cancel()
             checker.cancel()
+            await asyncio.wait({reader})  # it lets go of the socket before the drain ends it
             return await self._drain()
         finally:
             for task in (reader, writer, checker, stopper):
@@ -116,7 +117,12 @@ class StreamSession:
                 break
             await asyncio.sleep(0.02)
         left = self.watermark.in_flight
-        await self._stream.send_status(self.watermark.flushed)
+        if not await self._stream.finish(
+            self.watermark.flushed, max(1.0, deadline - time.monotonic())
+        ):
+            log.warning("the server did not acknowledge the end of the stream; the last "
+                        "position report may be lost (the next start re-sends from the one "
+                        "before)")
         log.info(
             "stopped at %s with %d event(s) unconfirmed",
             format_lsn(self.watermark.flushed), left,

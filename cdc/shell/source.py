@@ -179,6 +179,31 @@ class ReplicationStream:
         except psycopg.OperationalError as exc:
             raise SourceError(f"replication connection lost: {exc}") from exc
 
+    async def finish(self, lsn: int, timeout: float) -> bool:
+        """Report ``lsn``, end the stream (CopyDone) and wait up to ``timeout`` seconds for
+        the server to end its side; True once it has. The server reads its messages in
+        order, so then it has taken the report. Closing right after the report could lose
+        it: a walsender that fails writing WAL to the closed socket exits without reading
+        what is left of its input. WAL that arrives meanwhile lies past ``lsn``: dropped,
+        the next session reads it again."""
+        await self.send_status(lsn)
+        deadline = time.monotonic() + timeout
+        try:
+            if self._pg.put_copy_end() != 1:
+                return False
+            while self._pg.flush() == 1:
+                await self._wait_writable()
+            while True:
+                self._pg.consume_input()
+                nbytes, _ = self._pg.get_copy_data(1)
+                if nbytes == -1:
+                    return True
+                left = deadline - time.monotonic()
+                if nbytes == 0 and (left <= 0 or not await self._wait_readable(left)):
+                    return False
+        except psycopg.OperationalError:
+            return False
+
     async def close(self) -> None:
         """Close the connection; the walsender releases the slot."""
         with contextlib.suppress(Exception):
