@@ -65,16 +65,15 @@ async def _count_syscalls(last: list[float]) -> None:
 
 async def _profile(out: Path, seconds: float, extra: list[str]) -> None:
     """py-spy the notifications worker under this process during its drain, for ``seconds``
-    from when its system calls say it sends webhooks (over 50 writes in 0.2 s: start-up
-    writes a few); ``extra``: more py-spy flags."""
+    from when it resumes after the backlog went in; ``extra``: more py-spy flags."""
     worker = await _worker()
-    writes = worker.io_counters().write_count
-    while True:
-        await asyncio.sleep(0.2)
-        now = worker.io_counters().write_count
-        if now - writes > 50:
-            break
-        writes = now
+    # The drain begins when the worker, paused while the backlog goes in, runs again: a
+    # drain with dead endpoints sends webhooks earlier too, in its warm-up.
+    for paused in (True, False):
+        while True:
+            if (worker.status() == psutil.STATUS_STOPPED) == paused:
+                break
+            await asyncio.sleep(0.05)
     proc = await asyncio.create_subprocess_exec(
         "py-spy", "record", "-r", "250", "-d", str(int(seconds)), "--pid", str(worker.pid),
         "-o", str(out), "-f", "raw", *extra,
