@@ -7,9 +7,10 @@ of those confirms rather than of its own work. :meth:`Settling.copy_then_ack` th
 publishes a batch's copies and acks their originals on a task of its own while the runner
 goes on; an original is still acked only after its copy is confirmed.
 
-Acks go out one settlement at a time, in the order ``AckTracker`` gives them: a ``multiple``
-ack sent ahead of an earlier single one would leave that one an unknown tag, which closes
-the channel.
+The tags behind a copy wait for its confirm, not for ``AckTracker``'s limit of held tags
+(they would otherwise be acked one by one, a broker command each). Acks go out one
+settlement at a time, in the order ``AckTracker`` gives them: a ``multiple`` ack sent ahead
+of an earlier single one would leave that one an unknown tag, which closes the channel.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class Settling:
     ) -> None:
         """Publish ``copies`` on ``publisher`` on a task of its own; once every confirm is
         in, call ``confirmed`` and ack their originals."""
+        tags = (h.message.delivery_tag or 0 for h in copies)
+        self._tracker.confirming(self._members.would_finish(tags))
         task = asyncio.create_task(self._copy_then_ack(publisher, copies, confirmed))
         self._tasks.add(task)
         task.add_done_callback(self._done)
