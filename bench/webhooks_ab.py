@@ -189,7 +189,9 @@ async def _main(
                     f"{d['rabbitmq_cpu_us_per_webhook']}, PostgreSQL "
                     f"{d['postgres_cpu_us_per_webhook']} us/webhook, {d['database']}); "
                     f"CPU µs per dead event "
-                    f"{per_dead_event(r, d)}, load "
+                    f"{per_dead_event(r, d)}, {d['posts']} POSTs, healthy arrivals over "
+                    f"{d['arrivals_span_s']} s (99% in {d['arrivals_p99_s']} s; healthy drain "
+                    f"{r['arrivals_span_s']} s, 99% in {r['arrivals_p99_s']} s), load "
                     f"{tuple(round(x, 2) for x in d['load_average'])}",
                     flush=True,
                 )
