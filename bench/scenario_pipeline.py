@@ -617,6 +617,11 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
             # The backlog went in before the drain, with the worker paused.
             "publish_seconds": round(published, 2),
             "webhooks_per_s": round(len(arrivals) / span, 1) if span else None,
+            # Seconds from the first healthy arrival to the 99th percentile's and to the
+            # last: a few late ones (retried) stretch the span the rate is taken over.
+            "arrivals_p99_s": round(arrivals[int(0.99 * (len(arrivals) - 1))] - arrivals[0], 2)
+            if span else None,
+            "arrivals_span_s": round(span, 2) if span else None,
             "worker_cpu_us_per_webhook": round(cpu / max(got, 1) * 1e6, 1),
             "receiver_cpu_us_per_webhook": round(receiver_cpu / max(got, 1) * 1e6, 1),
             "rabbitmq_cpu_us_per_webhook": round(broker_cpu / max(got, 1) * 1e6, 1),

@@ -65,16 +65,15 @@ async def _count_syscalls(last: list[float]) -> None:
 
 async def _profile(out: Path, seconds: float, extra: list[str]) -> None:
     """py-spy the notifications worker under this process during its drain, for ``seconds``
-    from when its system calls say it sends webhooks (over 50 writes in 0.2 s: start-up
-    writes a few); ``extra``: more py-spy flags."""
+    from when it resumes after the backlog went in; ``extra``: more py-spy flags."""
     worker = await _worker()
-    writes = worker.io_counters().write_count
-    while True:
-        await asyncio.sleep(0.2)
-        now = worker.io_counters().write_count
-        if now - writes > 50:
-            break
-        writes = now
+    # The drain begins when the worker, paused while the backlog goes in, runs again: a
+    # drain with dead endpoints sends webhooks earlier too, in its warm-up.
+    for paused in (True, False):
+        while True:
+            if (worker.status() == psutil.STATUS_STOPPED) == paused:
+                break
+            await asyncio.sleep(0.05)
     proc = await asyncio.create_subprocess_exec(
         "py-spy", "record", "-r", "250", "-d", str(int(seconds)), "--pid", str(worker.pid),
         "-o", str(out), "-f", "raw", *extra,
@@ -190,7 +189,9 @@ async def _main(
                     f"{d['rabbitmq_cpu_us_per_webhook']}, PostgreSQL "
                     f"{d['postgres_cpu_us_per_webhook']} us/webhook, {d['database']}); "
                     f"CPU µs per dead event "
-                    f"{per_dead_event(r, d)}, load "
+                    f"{per_dead_event(r, d)}, {d['posts']} POSTs, healthy arrivals over "
+                    f"{d['arrivals_span_s']} s (99% in {d['arrivals_p99_s']} s; healthy drain "
+                    f"{r['arrivals_span_s']} s, 99% in {r['arrivals_p99_s']} s), load "
                     f"{tuple(round(x, 2) for x in d['load_average'])}",
                     flush=True,
                 )

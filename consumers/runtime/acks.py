@@ -12,6 +12,11 @@ webhook's latency. Once more than ``hold`` are finished behind the front (a slow
 holds it), every held tag is acked on its own at once, so their prefetch slots are free
 again. ``hold=0``: every tag behind the front is acked on its own at once. A tag is acked
 exactly once.
+
+A front that only waits for the broker to confirm its retry or parking copy
+(:meth:`AckTracker.confirming`) is not slow: it finishes within milliseconds, so the tags
+behind it wait for its ``multiple`` ack however many they are. Acking them one by one there
+cost the broker a command each for nearly every message of a batch that had one failure.
 """
 
 from __future__ import annotations
@@ -29,16 +34,22 @@ class AckTracker:
         self._order: deque[int] = deque()
         self._outstanding: set[int] = set()
         self._finished: set[int] = set()
+        self._confirming: set[int] = set()
 
     def delivered(self, tag: int) -> None:
         """A delivery arrived (tags arrive in increasing order)."""
         self._order.append(tag)
         self._outstanding.add(tag)
 
+    def confirming(self, tags: Iterable[int]) -> None:
+        """``tags`` wait only for their copies' confirms, then :meth:`settle` finishes them."""
+        self._confirming.update(t for t in tags if t in self._outstanding)
+
     def settle(self, tags: Iterable[int]) -> list[tuple[int, bool]]:
         """Mark ``tags`` finished; the ``(tag, multiple)`` acks to send now, in order."""
         tags = [t for t in tags if t in self._outstanding]
         self._finished.update(tags)
+        self._confirming.difference_update(tags)
         acks: list[tuple[int, bool]] = []
         last = None
         order = self._order
@@ -54,7 +65,8 @@ class AckTracker:
                 break
         if last is not None:
             acks.append((last, True))
-        if len(self._finished) > self._hold:  # what is left of it is behind the front
+        waiting = len(self._finished) > self._hold  # what is left of it is behind the front
+        if waiting and not (order and order[0] in self._confirming):
             for tag in sorted(self._finished):
                 self._outstanding.discard(tag)
                 acks.append((tag, False))
@@ -66,6 +78,7 @@ class AckTracker:
         self._order.clear()
         self._outstanding.clear()
         self._finished.clear()
+        self._confirming.clear()
 
     def __len__(self) -> int:
         return len(self._outstanding)

@@ -8,6 +8,7 @@ whole bundle; the inbox absorbs the members that were already done.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 
@@ -34,6 +35,10 @@ class MemberCounts:
                 del left[tag]
             done.append(tag)
         return done
+
+    def would_finish(self, tags: Iterable[int]) -> list[int]:
+        """The tags :meth:`finished` would let through for ``tags``, nothing settled yet."""
+        return [tag for tag, n in Counter(tags).items() if self._left.get(tag, 1) <= n]
 
     def clear(self) -> None:
         """The channel is gone: its deliveries come back whole."""

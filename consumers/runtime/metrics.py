@@ -6,6 +6,7 @@ by the parking queue. No label carries a URL or a payload.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -141,3 +142,11 @@ class WorkerMetrics:
                 self.duplicates.labels(worker=w, queue=queue).inc(n)
         if items:
             self.batch_size.labels(worker=w).observe(len(items))
+
+    def acked(self, queue: str, committed_at: float | None) -> None:
+        """An event of ``queue`` committed at ``committed_at`` (epoch seconds, when known)
+        is acked: set the event age to the time since."""
+        if committed_at is not None:
+            self.event_age.labels(worker=self.worker, queue=queue).set(
+                max(0.0, time.time() - committed_at)
+            )

@@ -8,12 +8,12 @@ time and, in order:
 1. routes and validates each (``intake``, ``dispatch``): a rejected message is parked at once;
 2. runs the valid ones in one PostgreSQL transaction (``batch``, on ``database``'s
    connection): inbox claim, a savepoint per handler, one commit;
-3. decides each message's disposition (``policy.decide``: ack, retry later, park) and
-   publishes the copies it asks for (``copies``: retry TTL queue, several in one retry
-   bundle, or parking queue) and waits for every confirm;
+3. decides each message's disposition (``policy.decide``: ack, retry later, park);
 4. acks the batch (``acks.AckTracker``): one ``basic.ack(multiple=True)`` on its last
-   delivery tag when every earlier tag of the channel is settled, which is always the case
-   for a plain worker (the buffer is in delivery order).
+   delivery tag when every earlier tag of the channel is settled. A message whose
+   disposition is a copy (``copies``: retry TTL queue, several in one retry bundle, or
+   parking queue) is acked only once its copy is confirmed, on a task of its own
+   (``settling``), while the next batch goes ahead.
 
 A worker with ``outside`` effects (HTTP, SMTP; see ``spec``) is pipelined (``outside``): every
 delivery is routed and its effects started as it arrives (the prefetch bounds how many),
@@ -67,6 +67,8 @@ from consumers.runtime.names import Names, build_names
 from consumers.runtime.outside import OutsideEffects
 from consumers.runtime.policy import Ack, RetryRules, decide
 from consumers.runtime.prefetch import split_prefetch
+from consumers.runtime.settling import AMQP_ERRORS as _AMQP_ERRORS
+from consumers.runtime.settling import Settling
 from consumers.runtime.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,6 @@ log = logging.getLogger(__name__)
 #: How long a batch of messages done with their outside effects, shorter than
 #: CDC_WORKER_BATCH_SIZE, waits for more effects to finish (seconds).
 _LINGER = 0.005
-_AMQP_ERRORS = (aiormq.exceptions.AMQPError, OSError, RuntimeError, TimeoutError)
 
 
 def names_for(settings: ConsumerSettings, spec: WorkerSpec) -> Names:
@@ -127,6 +128,7 @@ class Runner:
         )
         self._committer: asyncio.Task[None] | None = None
         self._committing = False
+        self._settling = Settling(self._acks, self._members, self._copier, self._wakeup.set)
         self._lost: asyncio.Future[BaseException] | None = None
         self._db = WorkerDatabase(settings, spec, metrics)
         self._publisher: AbstractChannel | None = None
@@ -218,6 +220,7 @@ class Runner:
             self._committer = None
         if self._effects is not None:
             self._effects.clear()
+        self._settling.cancel()
         self._buffer.clear()
         self._acks.clear()
         self._members.clear()
@@ -258,6 +261,7 @@ class Runner:
             if self._committer is not None:
                 self._committer.cancel()
                 self._committer = None
+            self._settling.cancel()
             self._publisher = None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=2)
@@ -268,6 +272,7 @@ class Runner:
             self._wakeup.clear()
             if self._lost is not None and self._lost.done():
                 raise BrokerLost(repr(self._lost.result()))
+            self._settling.check()  # a copy that failed ends the session
             if self._stop.is_set() and not stopping:
                 stopping = True
                 self._set_state("draining")
@@ -289,7 +294,7 @@ class Runner:
                     self._committer.result()  # its BrokerLost ends the session
                 while self._buffer:
                     await self._start_outside(self._take(self._buffer))
-                if stopping and not (self._effects.busy() or self._committing):
+                if stopping and not (self._effects.busy() or self._committing or self._settling):
                     return
             elif self._buffer:
                 if not stopping:
@@ -298,7 +303,7 @@ class Runner:
                 await self._handle(self._take(self._buffer))
                 self._linger.ran(started, time.monotonic())
                 continue
-            elif stopping:
+            elif stopping and not self._settling:
                 return
             await self._wakeup.wait()
 
@@ -360,39 +365,35 @@ class Runner:
         await self._effects.launch(items)
 
     async def _settle(self, items: list[BatchMessage], handled: list[Handled]) -> None:
-        """Commit ``items`` (those whose outside effects failed are not run), carry out the
-        disposition of each of them and of the ``handled`` ones (copies confirmed), then
-        ack all of them."""
+        """Commit ``items`` (those whose outside effects failed are not run), decide the
+        disposition of each of them, and ack them with the ``handled`` ones: at once where
+        the disposition is an ack, once their copies are confirmed otherwise (meanwhile the
+        next batch goes ahead)."""
         if any(i.outcome != FAILED for i in items):
             await self._db.run([i for i in items if i.outcome != FAILED])
         self._metrics.count_batch(items)
         rules = self._rules
-        handled += [
-            Handled(
-                i.queue,
-                i.message,
-                i.delivery,
-                decide(i.delivery.attempt, i.error if i.outcome == FAILED else None, rules),
-            )
-            for i in items
-        ]
-        copies = [h for h in handled if not isinstance(h.disposition, Ack)]
+        acked: list[Handled] = []
+        copies: list[Handled] = []
+        acked_items: list[BatchMessage] = []
+        copied: list[BatchMessage] = []
+        for h in handled:
+            (acked if isinstance(h.disposition, Ack) else copies).append(h)
+        for i in items:
+            step = decide(i.delivery.attempt, i.error if i.outcome == FAILED else None, rules)
+            ack = isinstance(step, Ack)
+            (acked if ack else copies).append(Handled(i.queue, i.message, i.delivery, step))
+            (acked_items if ack else copied).append(i)
         if copies:
-            await self._copier.send_all(self._publisher, copies)
-        if not handled:
-            return
+            self._settling.copy_then_ack(self._publisher, copies, lambda: self._release(copied))
+        self._release(acked_items)
+        await self._settling.ack(acked)
+        if acked or copies:
+            last = max(acked + copies, key=lambda h: h.message.delivery_tag or 0)
+            props = last.message.header.properties
+            self._metrics.acked(last.queue, hdr.committed_at(props.headers, props.timestamp))
+
+    def _release(self, items: list[BatchMessage]) -> None:
+        """``items`` are settled: a later copy of one of their ids may start its effects."""
         if self._effects is not None:
             self._effects.settled(items)
-        last = max(handled, key=lambda h: h.message.delivery_tag or 0)
-        try:
-            finished = self._members.finished(h.message.delivery_tag or 0 for h in handled)
-            for tag, multiple in self._acks.settle(finished):
-                await last.message.channel.basic_ack(tag, multiple=multiple)
-        except _AMQP_ERRORS as exc:
-            raise BrokerLost(f"ack failed: {exc!r}") from exc
-        props = last.message.header.properties
-        committed = hdr.committed_at(props.headers, props.timestamp)
-        if committed is not None:
-            self._metrics.event_age.labels(worker=self._spec.name, queue=last.queue).set(
-                max(0.0, time.time() - committed)
-            )

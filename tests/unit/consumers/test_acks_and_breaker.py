@@ -61,6 +61,51 @@ def test_more_than_hold_finished_behind_the_front_are_all_acked_alone_at_once():
     assert len(t) == 0
 
 
+def test_tags_behind_a_front_awaiting_its_copys_confirm_wait_however_many():
+    t = _tracker(10, hold=2)
+    t.confirming([2])  # its retry copy is on its way to the broker
+    assert t.settle([1, 3, 4, 5, 6, 7, 8, 9, 10]) == [(1, True)]  # no ack alone
+    assert t.settle([2]) == [(10, True)]  # confirmed: one ack for the rest
+    assert len(t) == 0
+
+
+def test_once_the_confirmed_front_moves_on_a_slow_one_behind_it_releases_the_rest():
+    t = _tracker(8, hold=2)
+    t.confirming([1])
+    assert t.settle([3, 4, 5, 6]) == []  # 1 awaits its confirm, 2 is slow
+    assert t.settle([1]) == [(1, True), (3, False), (4, False), (5, False), (6, False)]
+    assert t.settle([2, 7, 8]) == [(8, True)]
+    assert len(t) == 0
+
+
+def _finish_in_random_chunks(
+    t: AckTracker, n: int, rnd: random.Random, hold: int | None, marks: float = 0.0
+) -> None:
+    """Finish tags 1..n in random order and chunks, marking a ``marks`` share of the tags
+    not finished yet as awaiting a confirm before each chunk. Every ack must name a tag not
+    acked before and settle only finished ones; with ``hold``, at most that many finished
+    tags may wait; in the end every tag is acked."""
+    order = list(range(1, n + 1))
+    rnd.shuffle(order)
+    finished: set[int] = set()
+    acked: set[int] = set()
+    while order:
+        k = rnd.randint(1, len(order))
+        chunk, order = order[:k], order[k:]
+        t.confirming(x for x in order if rnd.random() < marks)
+        finished.update(chunk)
+        for tag, multiple in t.settle(chunk):
+            # the broker settles every still-unacked tag up to ``tag`` on a multiple ack
+            newly = {x for x in range(1, tag + 1) if x not in acked} if multiple else {tag}
+            assert tag not in acked  # the tag named is never one acked before
+            assert newly <= finished  # nothing unfinished is acked
+            acked |= newly
+        if hold is not None:
+            assert len(finished - acked) <= hold  # at most ``hold`` wait for the front
+    assert acked == set(range(1, n + 1))
+    assert len(t) == 0
+
+
 @given(
     st.integers(min_value=1, max_value=60),
     st.integers(min_value=0, max_value=8),
@@ -69,24 +114,13 @@ def test_more_than_hold_finished_behind_the_front_are_all_acked_alone_at_once():
 def test_any_finishing_order_acks_each_tag_once_and_only_when_finished(
     n, hold, rnd: random.Random
 ):
-    t = _tracker(n, hold)
-    order = list(range(1, n + 1))
-    rnd.shuffle(order)
-    finished: set[int] = set()
-    acked: set[int] = set()
-    while order:
-        k = rnd.randint(1, len(order))
-        chunk, order = order[:k], order[k:]
-        finished.update(chunk)
-        for tag, multiple in t.settle(chunk):
-            # the broker settles every still-unacked tag up to ``tag`` on a multiple ack
-            newly = {x for x in range(1, tag + 1) if x not in acked} if multiple else {tag}
-            assert tag not in acked  # the tag named is never one acked before
-            assert newly <= finished  # nothing unfinished is acked
-            acked |= newly
-        assert len(finished - acked) <= hold  # at most ``hold`` wait for the front
-    assert acked == set(range(1, n + 1))
-    assert len(t) == 0
+    _finish_in_random_chunks(_tracker(n, hold), n, rnd, hold)
+
+
+@given(st.integers(min_value=1, max_value=40), st.randoms(use_true_random=False))
+def test_confirming_tags_never_make_an_ack_early_or_twice(n, rnd: random.Random):
+    # More than ``hold`` may wait behind a front awaiting its confirm.
+    _finish_in_random_chunks(_tracker(n, hold=2), n, rnd, None, marks=0.3)
 
 
 def test_clear_forgets_the_channel():

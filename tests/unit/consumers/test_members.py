@@ -28,3 +28,12 @@ def test_clear_forgets_the_bundles_of_a_lost_channel() -> None:
     counts.expect(7, 2)  # the same tag on the next channel is a new bundle
     assert counts.finished([7]) == []
     assert counts.finished([7]) == [7]
+
+
+def test_would_finish_names_the_tags_settling_would_let_through_and_changes_nothing() -> None:
+    counts = MemberCounts()
+    counts.expect(2, 3)
+    assert counts.would_finish([1, 2, 2]) == [1]  # the bundle still has a third member
+    assert counts.would_finish([2, 2, 2]) == [2]
+    assert counts.finished([2, 2]) == []  # nothing was settled by asking
+    assert counts.would_finish([2]) == [2]
