@@ -7,11 +7,14 @@
 //     headers. Prints one JSON line {published, seconds, rate} (first publish -> last confirm).
 //
 //     `routingKeys` (a list) instead of `routingKey`: message i goes with routingKeys[i % length].
+//     `rate` (messages/s): message i is published no earlier than i / rate s after the first;
+//     with `burst`, in groups of that many back to back (a writer's multi-row transactions).
 //
-//   node amqp_tool.js ack '{"url":..,"queues":[..],"prefetch":500}'
+//   node amqp_tool.js ack '{"url":..,"queues":[..],"prefetch":500,"batch":1}'
 //     Trivial consumers: one per queue, manual ack of every delivery (what a worker that does
-//     nothing would cost the broker). Prints "ready" once consuming; on SIGTERM/SIGINT prints
-//     one JSON line {acked} and exits 0.
+//     nothing would cost the broker); with `batch` > 1, one multiple ack per `batch`
+//     deliveries or 10 ms. Prints "ready" once consuming; on SIGTERM/SIGINT prints one JSON
+//     line {acked} and exits 0.
 //
 //   node amqp_tool.js consume '{"url":..,"queue":..,"out":"/path","prefetch":2000}'
 //     Latency consumer: auto-ack, records per message the arrival time (epoch ms, sub-ms) and the
@@ -54,6 +57,10 @@ async function publish(opts) {
     };
     (async () => {
       for (let i = 0; i < count; i += 1) {
+        if (opts.rate && i % (opts.burst || 1) === 0) {
+          const due = started + (i * 1000) / opts.rate - nowMs();
+          if (due > 1) await new Promise((r) => setTimeout(r, due));
+        }
         if (inFlight >= window) await new Promise((r) => { wake = r; });
         inFlight += 1;
         const now = new Date();
@@ -112,18 +119,40 @@ async function ack(opts) {
   const conn = await amqp.connect(opts.url);
   const ch = await conn.createChannel();
   let acked = 0;
+  // `batch` > 1: one multiple ack per `batch` deliveries or 10 ms, whichever comes first
+  // (as the workers ack a batch), instead of an ack per delivery.
+  const batch = opts.batch || 1;
+  let last = null;
+  let pending = 0;
+  let timer = null;
+  const flush = () => {
+    if (timer) { clearTimeout(timer); timer = null; }
+    if (last === null) return;
+    ch.ack(last, true);
+    acked += pending;
+    last = null;
+    pending = 0;
+  };
   for (const queue of opts.queues) {
     await ch.prefetch(opts.prefetch || 500);
     await ch.consume(queue, (msg) => {
       if (msg === null) return;
-      ch.ack(msg);
-      acked += 1;
+      if (batch <= 1) {
+        ch.ack(msg);
+        acked += 1;
+        return;
+      }
+      last = msg;
+      pending += 1;
+      if (pending >= batch) flush();
+      else if (!timer) timer = setTimeout(flush, 10);
     }, { noAck: false });
   }
   let finished = false;
   const finish = async () => {
     if (finished) return;
     finished = true;
+    flush();
     process.stdout.write(JSON.stringify({ acked }) + '\n');
     try { await conn.close(); } catch (e) { /* closing anyway */ }
     process.exit(0);

@@ -55,14 +55,18 @@ async def ensure_node() -> None:
 
 async def ceiling_publish(
     url: str, exchange: str, routing_key: str, *, count: int, size: int, window: int,
-    routing_keys: list[str] | None = None,
+    routing_keys: list[str] | None = None, rate: float | None = None, burst: int = 1,
 ) -> dict[str, Any]:
     """Run the reference publisher; returns its ``{published, nacked, seconds, rate}``.
-    ``routing_keys``: message i goes with ``routing_keys[i % len]`` (a mix of events)."""
+    ``routing_keys``: message i goes with ``routing_keys[i % len]`` (a mix of events);
+    ``rate``: paced at that many messages per second instead of flat out, in groups of
+    ``burst`` back to back."""
     options: dict[str, Any] = {"url": url, "exchange": exchange, "routingKey": routing_key,
                                "count": count, "size": size, "window": window}
     if routing_keys:
         options["routingKeys"] = routing_keys
+    if rate:
+        options["rate"], options["burst"] = rate, burst
     proc = await asyncio.create_subprocess_exec(
         "node", str(TOOL), "publish", json.dumps(options),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -133,10 +137,11 @@ class NodeConsumer:
 
 
 class AckConsumer:
-    """Trivial consumers (manual ack of every delivery) on ``queues``, in one Node process."""
+    """Trivial consumers (manual ack of every delivery, or one multiple ack per ``batch``)
+    on ``queues``, in one Node process."""
 
-    def __init__(self, url: str, queues: list[str], prefetch: int = 500) -> None:
-        self.options = {"url": url, "queues": queues, "prefetch": prefetch}
+    def __init__(self, url: str, queues: list[str], prefetch: int = 500, batch: int = 1) -> None:
+        self.options = {"url": url, "queues": queues, "prefetch": prefetch, "batch": batch}
         self.proc: asyncio.subprocess.Process | None = None
 
     @property

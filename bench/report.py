@@ -252,8 +252,17 @@ def pipeline_table(results: dict[str, Any]) -> str:
         f"Broker round trip for the same topology (quorum fan-out, trivial consumers): "
         f"{_n(ceiling.get('rate'), 0)} events/s, RabbitMQ "
         f"{_n(ceiling.get('broker_cpu_us_per_event'), 0)} µs CPU per event.",
-        "",
     ]
+    floor = pipe.get("broker_at_target") or {}
+    if floor:
+        out.append(
+            f"The broker alone at the pipeline's target, paced at a quarter of that "
+            f"({_n(floor.get('rate'), 0)} events/s, in groups of 10, consumers acking "
+            f"batches): RabbitMQ {_n(floor.get('broker_cpu_us_per_event'), 0)} µs CPU per "
+            f"event, {_n(floor.get('broker_cores'), 2)} of the 2 cores (the whole machine "
+            f"{_n(floor.get('machine_busy_cores'), 2)} cores busy)."
+        )
+    out.append("")
     rows = []
     for key, label in (("one", "1 replica each"), ("two", "2 replicas each")):
         v = pipe.get(key) or {}
@@ -507,7 +516,11 @@ def markdown(results: dict[str, Any], notes: str) -> str:
         "database, i.e. the relay's walsender and the workers' sessions). Webhook "
         "throughput: one notifications replica drains a backlog of device events published "
         "while it is paused (SIGSTOP), so the rate is the worker's and not the publisher's; "
-        "webhooks/s between the first and the last healthy arrival, CPU over the drain.",
+        "webhooks/s between the first and the last healthy arrival, CPU over the drain. "
+        "The broker alone at the target: the round trip's publisher paced at a quarter of "
+        "the round trip's rate, in groups of 10 (the writer's transactions), its consumers "
+        "acking batches of 100 or every 10 ms (as the workers do), "
+        f"{p.get('pipeline_window')} s.",
         "",
         "Each scenario uses its own table, publication, slot, exchange and queues in a "
         "throwaway database and RabbitMQ vhost, removed at the end even on failure or Ctrl-C.",

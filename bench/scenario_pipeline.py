@@ -27,7 +27,9 @@ run's own vhost and database:
   workers' sessions) and their RSS;
 - the broker's round-trip ceiling for the same topology in the same run: the reference
   publisher (confirms, window 1000) sends the same mix into the same quorum fan-out while
-  trivial consumers ack every copy; the pipeline's sustained rate as a ratio of it;
+  trivial consumers ack every copy; the pipeline's sustained rate as a ratio of it. Then the
+  same, paced at a quarter of that ceiling (the target): the CPU the broker alone spends per
+  event at the rate the pipeline is asked to sustain;
 - webhook throughput: the notifications worker alone draining a backlog of device events to
   20 endpoints, all healthy, then with 2 of them (10% of users) never answering (measured
   after the first timeouts, once the breaker has opened those endpoints).
@@ -59,6 +61,7 @@ from bench.observe import (
     broker_pids,
     cpu_seconds,
     fetch_text,
+    machine_busy_seconds,
     mib,
     postgres_cpu,
     walsender_pids,
@@ -84,6 +87,8 @@ USERS = 200
 DEVICES = 1000
 ENDPOINTS = 10
 BOUND_S = 1.0  # p99 commit -> effect that a sustained level must hold
+ROWS_PER_COMMIT = 10  # events per transaction of the paced writer
+TARGET_RATIO = 0.25  # the pipeline's sustained rate asked for, as a share of the round trip
 WEBHOOK_TIMEOUT = 5.0  # the notifications worker's default CDC_WEBHOOK_TIMEOUT
 SECRET = "whsec-bench-" + secrets.token_hex(8)
 BILLING_QUEUES = tuple(
@@ -346,7 +351,8 @@ class Pipeline:
         p = self.p
         writer = asyncio.create_task(paced_writer(
             self.run.db_url, self.names.table, rate=rate,
-            duration=p.pipeline_warmup + p.pipeline_window, rows_per_txn=10, payload_size=0,
+            duration=p.pipeline_warmup + p.pipeline_window, rows_per_txn=ROWS_PER_COMMIT,
+            payload_size=0,
             insert=mix_insert(self.names.table), connections=4,
         ))
         meter: Meter | None = None
@@ -457,36 +463,50 @@ class Pipeline:
         await _wait_empty(self.run, list(BILLING_QUEUES + NOTIFICATION_QUEUES), timeout, 0.5)
 
 
-async def broker_ceiling(run: Run, p: Params, exchange: str) -> dict[str, Any]:
+async def broker_ceiling(
+    run: Run, p: Params, exchange: str, rate: float | None = None
+) -> dict[str, Any]:
     """The same mix into the same (quorum) queues, acked by trivial consumers; the workers
-    are stopped so only the instruments touch the queues."""
+    are stopped so only the instruments touch the queues. ``rate``: paced at that many
+    events per second for ``pipeline_window`` seconds (what the broker alone costs at that
+    rate) instead of flat out."""
     queues = list(BILLING_QUEUES + NOTIFICATION_QUEUES)
-    consumer = AckConsumer(run.amqp_url, queues)
+    # Paced, the consumers ack as the workers do (one multiple ack per batch of 100 or
+    # 10 ms): an ack per copy would cost the broker more than the pipeline's own consumers.
+    consumer = AckConsumer(run.amqp_url, queues, batch=100 if rate else 1)
     await consumer.start()
     beam = broker_pids()
-    cpu_before = sum(cpu_seconds(pid) for pid in beam)
+    count = round(rate * p.pipeline_window) if rate else p.pipeline_ceiling_events
+    cpu_before, busy_before = sum(cpu_seconds(pid) for pid in beam), machine_busy_seconds()
     try:
         started = time.monotonic()
         result = await ceiling_publish(
-            run.amqp_url, exchange, "device.started", count=p.pipeline_ceiling_events,
-            size=p.payload_size, window=p.window, routing_keys=mix_keys(),
+            run.amqp_url, exchange, "device.started", count=count,
+            size=p.payload_size, window=p.window, routing_keys=mix_keys(), rate=rate,
+            burst=ROWS_PER_COMMIT,
         )
         await _wait_empty(run, queues, 120, 0.05)
         seconds = time.monotonic() - started
         broker_cpu = sum(cpu_seconds(pid) for pid in beam) - cpu_before
+        busy = machine_busy_seconds() - busy_before
     finally:
         acked = await consumer.stop()
     events = int(result["published"])
+    paced = f", paced at {rate:.0f}/s in groups of {ROWS_PER_COMMIT}" if rate else ""
     return {
         "events": events,
         "copies_acked": acked,
         "rate": round(events / seconds, 1),
         "publisher_rate": round(float(result["rate"]), 1),
+        "paced_at": rate,
         "broker_cpu_us_per_event": round(broker_cpu / events * 1e6, 1) if events else None,
+        "broker_cores": round(broker_cpu / seconds, 2),
+        "machine_busy_cores": round(busy / seconds, 2),
         "method": "reference publisher (confirms, window "
-                  f"{p.window}) with the pipeline's mix of routing keys into the workers' "
-                  "quorum queues; one Node consumer per queue acks every copy; clock from "
-                  "the first publish until every queue is empty",
+                  f"{p.window}{paced}) with the pipeline's mix of routing keys into the "
+                  "workers' quorum queues; one Node "
+                  f"consumer per queue acks {'batches of copies' if rate else 'every copy'}; "
+                  "clock from the first publish until every queue is empty",
     }
 
 
@@ -695,6 +715,10 @@ async def pipeline(run: Run, p: Params) -> dict[str, Any]:
         await pipe.notifications.stop()
         print("[bench] pipeline: broker ceiling for the same topology ...", flush=True)
         out["ceiling"] = await broker_ceiling(run, p, pipe.names.exchange)
+        # The floor at the target: the broker alone, paced at a quarter of its round trip.
+        target = round(TARGET_RATIO * out["ceiling"]["rate"])
+        print(f"[bench] pipeline: the broker alone at {target} events/s ...", flush=True)
+        out["broker_at_target"] = await broker_ceiling(run, p, pipe.names.exchange, target)
     finally:
         await pipe.close()
     ceiling_rate = out["ceiling"]["rate"]
