@@ -21,6 +21,9 @@ from cdc.service.logs import redact
 from cdc.service.refusals import amqp_refusal, first_line, postgres_refusal, tls_hint
 from consumers.errors import Refused
 
+#: What a broker connection or channel raises when it fails (a session then ends).
+AMQP_ERRORS = (aiormq.exceptions.AMQPError, OSError, RuntimeError, TimeoutError)
+
 
 def _broker_refusal(exc: BaseException) -> tuple[str, str | None]:
     """What the broker said and what to do, if ``exc`` (from aio-pika's connect) is a refusal."""

@@ -51,6 +51,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from cdc.service.backoff import Backoff
 from cdc.service.session import run_sessions
 from consumers.config import ConsumerSettings
+from consumers.connect import AMQP_ERRORS as _AMQP_ERRORS
 from consumers.connect import open_broker, refused_by_broker
 from consumers.errors import BrokerLost, Unroutable
 from consumers.runtime import headers as hdr
@@ -67,7 +68,6 @@ from consumers.runtime.names import Names, build_names
 from consumers.runtime.outside import OutsideEffects
 from consumers.runtime.policy import Ack, RetryRules, decide
 from consumers.runtime.prefetch import split_prefetch
-from consumers.runtime.settling import AMQP_ERRORS as _AMQP_ERRORS
 from consumers.runtime.settling import Settling
 from consumers.runtime.spec import WorkerSpec
 
@@ -241,7 +241,12 @@ class Runner:
             publishing.close_callbacks.add(self._on_close)
             await topology.declare(publishing, self._s, self.names)
             self._publisher = await publishing.get_underlay_channel()
-            poller = asyncio.create_task(self._poll_parked(connection))
+            parking = self.names.parking_queue
+            gauge = self._metrics.parked_messages.labels(worker=self._spec.name, queue=parking)
+            every = self._s.worker_parked_poll_interval
+            poller = asyncio.create_task(
+                topology.watch_depth(connection, parking, gauge.set, every)
+            )
             tags = []
             for (name, _), share in zip(self.names.queues, self._prefetch, strict=True):
 
@@ -337,19 +342,6 @@ class Runner:
         """Up to ``CDC_WORKER_BATCH_SIZE`` entries from the front of ``queue``."""
         return [queue.popleft() for _ in range(min(len(queue), self._s.worker_batch_size))]
 
-    async def _poll_parked(self, connection: Any) -> None:
-        """Keep the parked-messages gauge current (a passive declare reads the depth)."""
-        gauge = self._metrics.parked_messages.labels(
-            worker=self._spec.name, queue=self.names.parking_queue
-        )
-        with contextlib.suppress(*_AMQP_ERRORS):
-            channel = await connection.channel(publisher_confirms=False)
-            raw = await channel.get_underlay_channel()
-            while True:
-                ok = await raw.queue_declare(self.names.parking_queue, passive=True)
-                gauge.set(int(ok.message_count or 0))
-                await asyncio.sleep(self._s.worker_parked_poll_interval)
-
     # -- one batch --------------------------------------------------------------------------
 
     async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
@@ -385,7 +377,7 @@ class Runner:
             (acked if ack else copies).append(Handled(i.queue, i.message, i.delivery, step))
             (acked_items if ack else copied).append(i)
         if copies:
-            self._settling.copy_then_ack(self._publisher, copies, lambda: self._release(copied))
+            self._settling.copy_then_ack(self._publisher, copies, lambda: self._confirmed(copied))
         self._release(acked_items)
         await self._settling.ack(acked)
         if acked or copies:
@@ -397,3 +389,10 @@ class Runner:
         """``items`` are settled: a later copy of one of their ids may start its effects."""
         if self._effects is not None:
             self._effects.settled(items)
+
+    async def _confirmed(self, items: list[BatchMessage]) -> None:
+        """The copies of ``items`` are confirmed: release them, and start the copies of
+        their ids that waited (no later batch may come to start them)."""
+        self._release(items)
+        if self._effects is not None:
+            await self._effects.relaunch_deferred()

@@ -16,17 +16,15 @@ of an earlier single one would leave that one an unknown tag, which closes the c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-import aiormq
 from aiormq.abc import AbstractChannel
 
+from consumers.connect import AMQP_ERRORS
 from consumers.errors import BrokerLost
 from consumers.runtime.acks import AckTracker
 from consumers.runtime.copies import Copier, Handled
 from consumers.runtime.members import MemberCounts
-
-AMQP_ERRORS = (aiormq.exceptions.AMQPError, OSError, RuntimeError, TimeoutError)
 
 
 class Settling:
@@ -72,10 +70,10 @@ class Settling:
         self,
         publisher: AbstractChannel | None,
         copies: list[Handled],
-        confirmed: Callable[[], None],
+        confirmed: Callable[[], Awaitable[None]],
     ) -> None:
         """Publish ``copies`` on ``publisher`` on a task of its own; once every confirm is
-        in, call ``confirmed`` and ack their originals."""
+        in, await ``confirmed`` and ack their originals."""
         tags = (h.message.delivery_tag or 0 for h in copies)
         self._tracker.confirming(self._members.would_finish(tags))
         task = asyncio.create_task(self._copy_then_ack(publisher, copies, confirmed))
@@ -99,10 +97,10 @@ class Settling:
         self,
         publisher: AbstractChannel | None,
         copies: list[Handled],
-        confirmed: Callable[[], None],
+        confirmed: Callable[[], Awaitable[None]],
     ) -> None:
         await self._copier.send_all(publisher, copies)
-        confirmed()
+        await confirmed()
         await self.ack(copies)
 
     def _done(self, task: asyncio.Task[None]) -> None:

@@ -8,6 +8,9 @@ needs ``x-overflow: reject-publish``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -15,6 +18,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 
 from consumers.config import ConsumerSettings
+from consumers.connect import AMQP_ERRORS
 from consumers.errors import TopologyConflict
 from consumers.runtime.headers import RETRY_QUEUE_HEADER
 from consumers.runtime.names import Names
@@ -76,3 +80,17 @@ async def _declare(channel: AbstractChannel, settings: ConsumerSettings, names: 
     await channel.declare_queue(
         names.parking_queue, durable=True, arguments=queue_arguments(settings)
     )
+
+
+async def watch_depth(
+    connection: Any, queue: str, depth: Callable[[int], None], every: float
+) -> None:
+    """Report ``queue``'s depth to ``depth`` every ``every`` seconds (a passive declare reads
+    it), on a channel of its own, until cancelled or the connection goes."""
+    with contextlib.suppress(*AMQP_ERRORS):
+        channel = await connection.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        while True:
+            ok = await raw.queue_declare(queue, passive=True)
+            depth(int(ok.message_count or 0))
+            await asyncio.sleep(every)

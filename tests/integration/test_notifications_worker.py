@@ -120,3 +120,36 @@ def test_channels_preferences_retries_and_duplicates(env, domain, webhook_receiv
         + [(system_id, "in_app")]
     )
     assert all(n == 0 for n in domain.parked().values()), domain.parked()
+
+
+def test_a_second_copy_held_behind_a_failed_first_goes_on_once_its_retry_is_confirmed(
+    env, domain, webhook_receiver
+):
+    # Two copies of one event, back to back: the second waits while the first is in hand.
+    # The first's POST fails (the receiver fails every first POST) and its retry copy is
+    # confirmed beside later batches; then the second must start at once, not when some
+    # later batch happens to come (here none does before the 20 s retry returns).
+    for stmt in schema_ddl(domain.schema):
+        env.sql(stmt.encode())
+    env.sql(
+        sql.SQL(
+            "INSERT INTO {} (user_id, in_app, webhook, webhook_url) VALUES"
+            " ('alice', true, true, %s)"
+        ).format(domain.table("notification_preferences")),
+        (webhook_receiver.url,),
+    )
+    domain.start(
+        "notifications",
+        webhook_secret=webhook_receiver.SECRET,
+        webhook_timeout=2,
+        webhook_allow_http="true",
+        webhook_allowed_networks="127.0.0.1/32",
+        worker_retry_delays="20",
+    )
+    mid = _mid()
+    payload = {"userId": "alice", "deviceId": "d1", "error": "adb lost"}
+    domain.publish([("device.error", mid, payload), ("device.error", mid, payload)])
+    key = idempotency_key(mid, "webhook")
+    wait_for(lambda: key in webhook_receiver.accepted(), 10, "the second copy's webhook")
+    domain.wait_inbox("notifications", 1, timeout=10)
+    assert [r.status for r in webhook_receiver.requests] == [500, 200]

@@ -57,6 +57,10 @@ def _handled(channel: _Channel, *tags: int, retry: bool = False) -> list[Handled
     ]
 
 
+async def _nothing() -> None:
+    return None
+
+
 def _broker_accepts(sent: list[tuple[int, bool]]) -> set[int]:
     """What the broker would have settled; fails where it would close the channel."""
     acked: set[int] = set()
@@ -80,7 +84,11 @@ async def test_two_settlements_at_once_leave_in_the_trackers_order() -> None:
 async def test_an_original_is_acked_once_its_copy_is_confirmed_and_holds_those_behind() -> None:
     settling, channel, copier, _ = _setup(6, hold=1)
     released: list[str] = []
-    settling.copy_then_ack(None, _handled(channel, 1, retry=True), lambda: released.append("1"))
+
+    async def confirmed() -> None:
+        released.append("1")
+
+    settling.copy_then_ack(None, _handled(channel, 1, retry=True), confirmed)
     await settling.ack(_handled(channel, 2, 3, 4, 5, 6))
     await asyncio.sleep(0)
     assert copier.published == [1]
@@ -96,7 +104,7 @@ async def test_a_failed_copy_is_raised_by_check_and_its_original_stays_unacked()
     settling, channel, copier, tracker = _setup(2, hold=0)
     copier.fail = BrokerLost("publishing channel is closed")
     copier.confirm.set()
-    settling.copy_then_ack(None, _handled(channel, 1, retry=True), lambda: None)
+    settling.copy_then_ack(None, _handled(channel, 1, retry=True), _nothing)
     for _ in range(5):
         await asyncio.sleep(0)
     with pytest.raises(BrokerLost):
@@ -107,7 +115,7 @@ async def test_a_failed_copy_is_raised_by_check_and_its_original_stays_unacked()
 
 async def test_cancel_forgets_the_copies_in_flight() -> None:
     settling, channel, _, _ = _setup(1, hold=0)
-    settling.copy_then_ack(None, _handled(channel, 1, retry=True), lambda: None)
+    settling.copy_then_ack(None, _handled(channel, 1, retry=True), _nothing)
     await asyncio.sleep(0)
     settling.cancel()
     await asyncio.sleep(0)
