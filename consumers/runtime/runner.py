@@ -377,7 +377,7 @@ class Runner:
             (acked if ack else copies).append(Handled(i.queue, i.message, i.delivery, step))
             (acked_items if ack else copied).append(i)
         if copies:
-            self._settling.copy_then_ack(self._publisher, copies, lambda: self._confirmed(copied))
+            self._settling.copy_then_ack(self._publisher, copies, lambda: self._settled(copied))
         self._release(acked_items)
         await self._settling.ack(acked)
         if acked or copies:
@@ -390,9 +390,9 @@ class Runner:
         if self._effects is not None:
             self._effects.settled(items)
 
-    async def _confirmed(self, items: list[BatchMessage]) -> None:
-        """The copies of ``items`` are confirmed: release them, and start the copies of
-        their ids that waited (no later batch may come to start them)."""
+    async def _settled(self, items: list[BatchMessage]) -> None:
+        """``items`` are acked, their copies confirmed: release them, and start the copies
+        of their ids that waited (no later batch may come to start them)."""
         self._release(items)
         if self._effects is not None:
             await self._effects.relaunch_deferred()

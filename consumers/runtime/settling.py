@@ -70,13 +70,13 @@ class Settling:
         self,
         publisher: AbstractChannel | None,
         copies: list[Handled],
-        confirmed: Callable[[], Awaitable[None]],
+        settled: Callable[[], Awaitable[None]],
     ) -> None:
         """Publish ``copies`` on ``publisher`` on a task of its own; once every confirm is
-        in, await ``confirmed`` and ack their originals."""
+        in, ack their originals, then await ``settled``."""
         tags = (h.message.delivery_tag or 0 for h in copies)
         self._tracker.confirming(self._members.would_finish(tags))
-        task = asyncio.create_task(self._copy_then_ack(publisher, copies, confirmed))
+        task = asyncio.create_task(self._copy_then_ack(publisher, copies, settled))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -97,11 +97,11 @@ class Settling:
         self,
         publisher: AbstractChannel | None,
         copies: list[Handled],
-        confirmed: Callable[[], Awaitable[None]],
+        settled: Callable[[], Awaitable[None]],
     ) -> None:
         await self._copier.send_all(publisher, copies)
-        await confirmed()
         await self.ack(copies)
+        await settled()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
