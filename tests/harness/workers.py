@@ -101,6 +101,18 @@ class Domain:
         proc.wait_state("consuming", timeout=60)
         return proc
 
+    def start_notifications(self, secret: str, **overrides: Any) -> Relay:
+        """The notifications worker, posting webhooks signed with ``secret`` to a test
+        receiver (plain http on 127.0.0.1, 2 s timeout)."""
+        return self.start(
+            "notifications",
+            webhook_secret=secret,
+            webhook_timeout=2,
+            webhook_allow_http="true",
+            webhook_allowed_networks="127.0.0.1/32",
+            **overrides,
+        )
+
     def publish(
         self, messages: list[tuple[str, str, Any]], headers: dict[str, Any] | None = None
     ) -> None:

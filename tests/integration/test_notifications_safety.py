@@ -41,12 +41,8 @@ def _prefs(env, domain, rows: list[tuple]) -> None:
 
 
 def _start(domain, receiver: WebhookReceiver, sink: SmtpSink, **extra):
-    return domain.start(
-        "notifications",
-        webhook_secret=receiver.SECRET,
-        webhook_timeout=2,
-        webhook_allow_http="true",
-        webhook_allowed_networks="127.0.0.1/32",
+    return domain.start_notifications(
+        receiver.SECRET,
         smtp_host="127.0.0.1",
         smtp_port=sink.port,
         **extra,

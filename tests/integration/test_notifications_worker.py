@@ -42,12 +42,8 @@ def test_channels_preferences_retries_and_duplicates(env, domain, webhook_receiv
         ).format(prefs),
         (webhook_receiver.url,),
     )
-    domain.start(
-        "notifications",
-        webhook_secret=webhook_receiver.SECRET,
-        webhook_timeout=2,
-        webhook_allow_http="true",  # the test receiver: plain http on 127.0.0.1
-        webhook_allowed_networks="127.0.0.1/32",
+    domain.start_notifications(
+        webhook_receiver.SECRET,
         smtp_host="127.0.0.1",
         smtp_port=smtp_sink.port,
         smtp_from="notify@cloudphone.test",
@@ -138,14 +134,7 @@ def test_a_second_copy_held_behind_a_failed_first_goes_on_once_its_retry_is_conf
         ).format(domain.table("notification_preferences")),
         (webhook_receiver.url,),
     )
-    domain.start(
-        "notifications",
-        webhook_secret=webhook_receiver.SECRET,
-        webhook_timeout=2,
-        webhook_allow_http="true",
-        webhook_allowed_networks="127.0.0.1/32",
-        worker_retry_delays="20",
-    )
+    domain.start_notifications(webhook_receiver.SECRET, worker_retry_delays="20")
     mid = _mid()
     payload = {"userId": "alice", "deviceId": "d1", "error": "adb lost"}
     domain.publish([("device.error", mid, payload), ("device.error", mid, payload)])
