@@ -210,6 +210,12 @@ class Lookup:
 #: only delays its in-app row and ack, never a webhook.
 _RECORD_LINGER = 0.005
 _RECORDS_PER_WRITE = 256
+#: Likewise for reads, shorter: a read comes before its webhook, so its wait delays it. Each
+#: read statement costs the server about as much as its first 20 ids again, and chunks are
+#: small at a paced rate (a few deliveries per wakeup), so a wait of 2 ms lets one read
+#: carry several chunks.
+_READ_LINGER = 0.002
+_IDS_PER_READ = 128
 
 
 class _Session:
@@ -277,9 +283,9 @@ class DeliveryLog:
     async def lookup(self, user_ids: Sequence[str], message_ids: Sequence[str]) -> Lookup:
         """Preferences, delivered channels and inbox state of a chunk (a failure: Retry).
 
-        Chunks that ask while a read is in flight are read together in the next one (the
-        answer covers them all; each caller looks up its own ids in it), so many small
-        chunks cost one round trip, not one each."""
+        Chunks that ask while a read is in flight, or within a few milliseconds of the
+        first, are read together (the answer covers them all; each caller looks up its own
+        ids in it), so many small chunks cost one round trip, not one each."""
         done: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
         self._asks.append((user_ids, message_ids, done))
         if self._reader is None or self._reader.done():
@@ -288,6 +294,8 @@ class DeliveryLog:
 
     async def _read(self) -> None:
         while self._asks:
+            if sum(len(ask[1]) for ask in self._asks) < _IDS_PER_READ:
+                await asyncio.sleep(_READ_LINGER)
             asks, self._asks = self._asks, []
             users = sorted({user for ask in asks for user in ask[0]})
             mids = [mid for ask in asks for mid in ask[1]]
