@@ -74,8 +74,10 @@ from consumers.runtime.spec import WorkerSpec
 log = logging.getLogger(__name__)
 
 #: How long a batch of messages done with their outside effects, shorter than
-#: CDC_WORKER_BATCH_SIZE, waits for more effects to finish (seconds).
-_LINGER = 0.005
+#: CDC_WORKER_BATCH_SIZE, waits for more effects to finish (seconds). Their effects are done:
+#: the wait delays only the commit and the ack, and at a paced 1,000 events/s 20 ms instead
+#: of 5 took a fifth off the notifications batches' server CPU.
+_LINGER = 0.02
 
 
 def names_for(settings: ConsumerSettings, spec: WorkerSpec) -> Names:
