@@ -71,16 +71,17 @@ class OutsideEffects:
         """``items`` are acked: their ids are no longer in hand."""
         self._in_hand.difference_update(i.delivery.message_id for i in items)
 
-    async def next_batch(self, size: int, linger: float) -> list[BatchMessage]:
+    async def next_batch(self, size: int, linger: float, enough: int) -> list[BatchMessage]:
         """Up to ``size`` ready messages, once there is one; while effects are still running,
-        a short batch waits up to ``linger`` seconds for more, so a steady flow makes batches
-        of several messages rather than one transaction each."""
+        a batch of fewer than ``enough`` waits up to ``linger`` seconds for more, so a steady
+        flow makes batches of several messages rather than one transaction each."""
         while not self.ready:
             self._readied.clear()
             await self._readied.wait()
         await wait_for_more(
             self._readied,
-            lambda: len(self.ready) >= size or not self.running or self._stop.is_set(),
+            lambda: len(self.ready) >= min(size, enough) or not self.running
+            or self._stop.is_set(),
             linger,
         )
         return [self.ready.popleft() for _ in range(min(len(self.ready), size))]

