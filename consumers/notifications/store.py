@@ -14,7 +14,6 @@ events at once on that connection too.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from psycopg import sql
 from consumers.errors import Retry
 from consumers.notifications.templates import Channel, Notification, Preferences
 from consumers.runtime.inbox import table_ident
-from consumers.runtime.linger import wait_for_more
+from consumers.runtime.linger import Gathering
 from consumers.runtime.pgarray import text_array
 from consumers.sqlnames import CREATE_SCHEMA, check_name, render
 
@@ -220,6 +219,11 @@ _RECORDS_ENOUGH = 32
 _READ_LINGER = 0.005
 _IDS_ENOUGH = 32
 
+#: A chunk's users and message ids; a delivery record (message id, channel, user, target,
+#: idempotency key).
+_Ask = tuple[Sequence[str], Sequence[str]]
+_Record = tuple[str, Channel, str | None, str | None, str]
+
 
 class _Session:
     """One autocommit connection used by one statement at a time, opened on first use and
@@ -229,7 +233,6 @@ class _Session:
         self._url = url
         self._name = name
         self._conn: psycopg.AsyncConnection[Any] | None = None
-        self.lock = asyncio.Lock()
 
     async def connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -254,9 +257,9 @@ class DeliveryLog:
     transaction (module doc).
 
     Two autocommit connections, so reads of new chunks never wait behind record writes:
-    one for the reads, one for the records. Reads asked while one is in flight go together
-    in the next (one round trip for many chunks); likewise records that arrive while one is
-    being written, or within a few milliseconds of the first, go together in one statement,
+    one for the reads, one for the records. Reads asked while one is in flight, or within a
+    few milliseconds of the first, go together (one round trip for many chunks); likewise
+    records that arrive while one is being written, or soon after the first, share a statement,
     so many sends in flight cost one round trip, and each :meth:`record` returns once its
     row is committed. A record that cannot be written is a
     :class:`~consumers.errors.Retry`: the send is then repeated with the same idempotency
@@ -276,14 +279,14 @@ class DeliveryLog:
         self._reads = _Session(database_url, "cdc-worker:notifications-reads")
         self._writes = _Session(database_url, "cdc-worker:notifications-deliveries")
         self._lookup = store.lookup_statement(inbox_table, consumer)
-        self._pending: list[
-            tuple[tuple[str, Channel, str | None, str | None, str], asyncio.Future[None]]
-        ] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._asks: list[tuple[Sequence[str], Sequence[str], asyncio.Future[Lookup]]] = []
-        self._reader: asyncio.Task[None] | None = None
-        self._asked = asyncio.Event()
-        self._recorded = asyncio.Event()
+        self._asks: Gathering[_Ask, Lookup] = Gathering(
+            self._read, _READ_LINGER, _IDS_ENOUGH, weight=lambda ask: len(ask[1])
+        )
+        # Sends finish a few per millisecond: a short wait lets one statement (one commit)
+        # carry many records instead of about one each.
+        self._records: Gathering[_Record, None] = Gathering(
+            self._write, _RECORD_LINGER, _RECORDS_ENOUGH
+        )
 
     async def lookup(self, user_ids: Sequence[str], message_ids: Sequence[str]) -> Lookup:
         """Preferences, delivered channels and inbox state of a chunk (a failure: Retry).
@@ -291,76 +294,34 @@ class DeliveryLog:
         Chunks that ask while a read is in flight, or within a few milliseconds of the
         first, are read together (the answer covers them all; each caller looks up its own
         ids in it), so many small chunks cost one round trip, not one each."""
-        done: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
-        self._asks.append((user_ids, message_ids, done))
-        self._asked.set()
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read())
-        return await done
+        return await self._asks((user_ids, message_ids))
 
-    async def _read(self) -> None:
-        while self._asks:
-            await wait_for_more(
-                self._asked, lambda: sum(len(a[1]) for a in self._asks) >= _IDS_ENOUGH, _READ_LINGER
+    async def _read(self, asks: list[_Ask]) -> Lookup:
+        users = sorted({user for ask in asks for user in ask[0]})
+        mids = [mid for ask in asks for mid in ask[1]]
+        try:
+            return await self._store.lookup_many(
+                await self._reads.connection(), users, mids, self._lookup
             )
-            asks, self._asks = self._asks, []
-            users = sorted({user for ask in asks for user in ask[0]})
-            mids = [mid for ask in asks for mid in ask[1]]
-            found: Lookup | None = None
-            error: BaseException | None = None
-            try:
-                found = await self._store.lookup_many(
-                    await self._reads.connection(), users, mids, self._lookup
-                )
-            except psycopg.Error as exc:
-                await self._reads.close()
-                error = Retry(f"reading preferences failed ({type(exc).__name__}): {exc}")
-                error.__cause__ = exc
-            for _, _, done in asks:
-                if done.done():
-                    continue
-                if found is not None:
-                    done.set_result(found)
-                else:
-                    assert error is not None
-                    done.set_exception(error)
+        except psycopg.Error as exc:
+            await self._reads.close()
+            raise Retry(f"reading preferences failed ({type(exc).__name__}): {exc}") from exc
 
     async def record(
         self, message_id: str, channel: Channel, user_id: str | None, target: str, key: str
     ) -> None:
         """Commit the record of ``channel`` having delivered ``message_id``."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(((message_id, channel, user_id, target, key), done))
-        self._recorded.set()
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write())
-        await done
+        await self._records((message_id, channel, user_id, target, key))
 
-    async def _write(self) -> None:
-        while self._pending:
-            # Sends finish a few per millisecond: a short wait lets one statement (one
-            # commit) carry many records instead of about one each.
-            await wait_for_more(
-                self._recorded, lambda: len(self._pending) >= _RECORDS_ENOUGH, _RECORD_LINGER
-            )
-            batch, self._pending = self._pending, []
-            error: BaseException | None = None
-            try:
-                async with self._writes.lock:
-                    conn = await self._writes.connection()
-                    await self._store.record_many(conn, [r for r, _ in batch])
-            except psycopg.Error as exc:
-                await self._writes.close()
-                error = Retry(
-                    f"delivered but its record failed ({type(exc).__name__}); the next "
-                    "attempt sends it again with the same idempotency key"
-                )
-            for _, done in batch:
-                if not done.done():
-                    if error is None:
-                        done.set_result(None)
-                    else:
-                        done.set_exception(error)
+    async def _write(self, rows: list[_Record]) -> None:
+        try:
+            await self._store.record_many(await self._writes.connection(), rows)
+        except psycopg.Error as exc:
+            await self._writes.close()
+            raise Retry(
+                f"delivered but its record failed ({type(exc).__name__}); the next "
+                "attempt sends it again with the same idempotency key"
+            ) from exc
 
     async def close(self) -> None:
         """Close the connections (the worker's ``on_close``)."""

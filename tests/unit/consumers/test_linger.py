@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumers.runtime.linger import Linger
+from consumers.runtime.linger import Gathering, Linger
 
 CAP = 0.05
 
@@ -71,3 +73,65 @@ def test_the_wait_is_never_above_the_cap_nor_the_last_batch(
     linger.ran(10.0, 10.0 + took)
     wait = linger.wait(10.0 + took + idle)
     assert 0.0 <= wait <= min(cap, took) + 1e-12
+
+
+async def test_calls_close_together_share_one_run_and_each_gets_its_result() -> None:
+    runs: list[list[str]] = []
+
+    async def run(items: list[str]) -> str:
+        runs.append(items)
+        return "+".join(items)
+
+    gather: Gathering[str, str] = Gathering(run, linger=0.05, enough=10)
+    first = asyncio.create_task(gather("a"))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the run's task is waiting for more by now
+    assert await asyncio.gather(first, gather("b")) == ["a+b", "a+b"]
+    assert runs == [["a", "b"]]
+
+
+async def test_items_that_weigh_enough_run_without_waiting_out_the_linger() -> None:
+    async def run(items: list[list[int]]) -> int:
+        return sum(len(i) for i in items)
+
+    gather: Gathering[list[int], int] = Gathering(run, linger=5.0, enough=3, weight=len)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.gather(gather([1, 2]), gather([3])) == [3, 3]
+    assert loop.time() - started < 1.0
+
+
+async def test_a_failed_run_fails_every_call_in_it_and_the_next_run_goes_on() -> None:
+    calls = 0
+
+    async def run(items: list[str]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("statement failed")
+        return len(items)
+
+    gather: Gathering[str, int] = Gathering(run, linger=0.01, enough=10)
+    failed = await asyncio.gather(gather("a"), gather("b"), return_exceptions=True)
+    assert [type(e) for e in failed] == [OSError, OSError]
+    assert await gather("c") == 1
+
+
+async def test_calls_made_during_a_run_go_in_the_next_one() -> None:
+    release, running = asyncio.Event(), asyncio.Event()
+    runs: list[list[str]] = []
+
+    async def run(items: list[str]) -> None:
+        runs.append(items)
+        running.set()
+        if len(runs) == 1:
+            await release.wait()
+
+    gather: Gathering[str, None] = Gathering(run, linger=0.0, enough=1)
+    first = asyncio.create_task(gather("a"))
+    await running.wait()
+    later = [asyncio.create_task(gather(x)) for x in ("b", "c")]
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(first, *later)
+    assert runs == [["a"], ["b", "c"]]
