@@ -49,17 +49,19 @@ def is_bundle(headers: Mapping[str, Any] | None) -> bool:
     return bool(headers) and BUNDLE_HEADER in headers  # type: ignore[operator]
 
 
-def member_size(member: Member) -> int:
-    """How many bytes ``member`` takes in a bundle's body."""
-    return len(_member(member))
-
-
 def encode(members: Sequence[Member]) -> bytes:
     """The body of a bundle of ``members``."""
-    return _U32.pack(len(members)) + b"".join(_member(m) for m in members)
+    return join([encode_member(m) for m in members])
 
 
-def _member(member: Member) -> bytes:
+def join(encoded: Sequence[bytes]) -> bytes:
+    """The body of a bundle whose members are ``encoded`` (each from :func:`encode_member`,
+    so a caller that sizes its bundles encodes each member once)."""
+    return _U32.pack(len(encoded)) + b"".join(encoded)
+
+
+def encode_member(member: Member) -> bytes:
+    """``member`` as it sits in a bundle's body (its length is what it adds to the body)."""
     header = ContentHeader(0, len(member.body), member.properties).marshal()
     key = member.routing_key.encode()
     return b"".join(

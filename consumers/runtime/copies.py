@@ -75,7 +75,7 @@ class Copier:
             if len(group) == 1:
                 sends.append(self.send(channel, group[0]))
             else:
-                sends += [self._bundle(channel, queue, delay, c) for c in _chunks(self, group)]
+                sends += [self._bundle(channel, queue, delay, c) for c in chunks(self, group)]
         await asyncio.gather(*sends)
 
     def member(self, handled: Handled) -> bundle.Member:
@@ -98,9 +98,10 @@ class Copier:
         channel: AbstractChannel | None,
         queue: str,
         delay: float,
-        members: list[bundle.Member],
+        members: list[tuple[str | None, bytes]],
     ) -> None:
-        """Publish ``members`` (retry copies to ``queue`` after ``delay``) as one bundle."""
+        """Publish ``members`` (message id and encoded retry copy, to ``queue`` after
+        ``delay``) as one bundle."""
         if channel is None:
             raise BrokerLost("publishing channel is closed")
         retry = self.names.retry_queue_for(delay)
@@ -117,11 +118,11 @@ class Copier:
             "retrying %d messages in %gs, in one bundle",
             len(members),
             delay,
-            extra={"ids": [m.properties.message_id for m in members]},
+            extra={"ids": [message_id for message_id, _ in members]},
         )
         await publish_confirmed(
             channel,
-            bundle.encode(members),
+            bundle.join([encoded for _, encoded in members]),
             self.names.retry_exchange,
             queue,
             props,
@@ -184,16 +185,17 @@ class Copier:
         counter.inc()
 
 
-def _chunks(copier: Copier, group: list[Handled]) -> list[list[bundle.Member]]:
-    """The members of ``group`` in bundles of at most ``bundle.MAX_BODY`` bytes each."""
-    chunks: list[list[bundle.Member]] = [[]]
+def chunks(copier: Copier, group: list[Handled]) -> list[list[tuple[str | None, bytes]]]:
+    """The members of ``group`` (message id, encoded retry copy) in bundles of at most
+    ``bundle.MAX_BODY`` bytes each."""
+    out: list[list[tuple[str | None, bytes]]] = [[]]
     size = 0
     for handled in group:
         member = copier.member(handled)
-        grow = bundle.member_size(member)
-        if chunks[-1] and size + grow > bundle.MAX_BODY:
-            chunks.append([])
+        encoded = bundle.encode_member(member)
+        if out[-1] and size + len(encoded) > bundle.MAX_BODY:
+            out.append([])
             size = 0
-        chunks[-1].append(member)
-        size += grow
-    return chunks
+        out[-1].append((member.properties.message_id, encoded))
+        size += len(encoded)
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 from aiormq.abc import DeliveredMessage
@@ -14,6 +15,7 @@ from consumers.errors import BadBundle
 from consumers.runtime import bundle
 from consumers.runtime import headers as hdr
 from consumers.runtime.bundle import Member
+from consumers.runtime.copies import chunks
 from consumers.runtime.intake import intake, unpack
 from consumers.runtime.policy import Park, RetryRules
 from consumers.runtime.republish import ABSENT_ID, copy_properties
@@ -56,9 +58,28 @@ def test_members_come_back_with_their_keys_properties_typed_headers_and_bodies()
     assert not out[2].properties.message_id  # absent stays absent
 
 
-def test_member_size_adds_up_to_the_body() -> None:
+def test_members_encoded_one_by_one_join_into_the_same_body() -> None:
     members = [_retry_copy(n) for n in range(1, 4)]
-    assert len(bundle.encode(members)) == 4 + sum(bundle.member_size(m) for m in members)
+    encoded = [bundle.encode_member(m) for m in members]
+    body = bundle.join(encoded)
+    assert body == bundle.encode(members)
+    assert len(body) == 4 + sum(len(e) for e in encoded)
+    assert [m.properties.message_id for m in bundle.decode(body, bundle.VERSION)] == [
+        m.properties.message_id for m in members
+    ]
+
+
+def test_a_group_over_the_body_limit_is_split_and_each_member_goes_once_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    members = [_retry_copy(n) for n in range(1, 6)]
+    one = len(bundle.encode_member(members[0]))
+    monkeypatch.setattr(bundle, "MAX_BODY", 2 * one + one // 2)  # two members fit, not three
+    copier = SimpleNamespace(member=lambda handled: handled)
+    split = chunks(copier, members)  # type: ignore[arg-type]
+    assert [len(c) for c in split] == [2, 2, 1]
+    assert [mid for c in split for mid, _ in c] == [f"ev-{n}" for n in range(1, 6)]
+    assert [e for c in split for _, e in c] == [bundle.encode_member(m) for m in members]
 
 
 @pytest.mark.parametrize(
