@@ -36,7 +36,7 @@ from typing import Any
 
 from bench import report
 from bench.env import Run
-from bench.machine import facts
+from bench.machine import facts, speed_probe_ms
 from bench.nodetool import ensure_node
 from bench.params import Params
 from bench.pgserver import own_server
@@ -110,6 +110,8 @@ async def _repetition(
     out: dict[str, Any] = {"started_at": started.isoformat(timespec="seconds"), "scenarios": {}}
     run.results_dir = RESULTS_DIR / "runs" / f"{started:%Y%m%dT%H%M%S}-{run.tag}"
     await run.open()
+    # Not a scenario of --only: the host's speed before and after the run's scenarios.
+    host = out["scenarios"]["host"] = {"probe_ms_start": speed_probe_ms()}
     try:
         for name in selection:
             print(f"[bench] {name} ...", flush=True)
@@ -124,6 +126,7 @@ async def _repetition(
             result["elapsed_s"] = round(time.monotonic() - began, 1)
             out["scenarios"][name] = result
             print(f"[bench] {name} done in {result['elapsed_s']}s", flush=True)
+        host["probe_ms_end"] = speed_probe_ms()
     finally:
         print("[bench] removing the run's database, slots, vhost ...", flush=True)
         await run.close()

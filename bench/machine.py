@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,26 @@ def _git(directory: Path, *args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def speed_probe_ms(repeats: int = 5) -> float:
+    """Milliseconds a fixed piece of work takes (pure-Python dict and string operations, then
+    SHA-256 over 4 MB), the best of ``repeats``; lower is faster.
+
+    The host is a shared virtual machine whose speed drifts by up to 2x over hours: the same
+    code's figures move with it. Probed while nothing else of the run is running, it tells
+    whether two runs' figures differ because the code did or because the host did."""
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        counts: dict[int, int] = {}
+        width = 0
+        for i in range(200_000):
+            counts[i & 1023] = counts.get(i & 1023, 0) + i
+            width += len(str(i))
+        hashlib.sha256(b"x" * 4_000_000).digest()
+        best = min(best, time.perf_counter() - began)
+    return round(best * 1000, 1)
 
 
 def relay_commit() -> dict[str, Any]:

@@ -404,6 +404,11 @@ def _machine(results: dict[str, Any]) -> str:
         ["relay measured", f"`{relay.get('commit')}` ({relay.get('branch')}"
                            f"{', with local changes' if relay.get('dirty') else ''})"],
     ]
+    host = _scenario(results, "host")
+    if host:
+        rows.append(["host speed probe (the run shown)",
+                     f"{_n(host.get('probe_ms_start'), 1)} ms before, "
+                     f"{_n(host.get('probe_ms_end'), 1)} ms after (lower is faster)"])
     return _table(["", ""], rows)
 
 
@@ -456,6 +461,11 @@ def markdown(results: dict[str, Any], notes: str) -> str:
     out += [
         "## How each figure is measured",
         "",
+        "- **Host speed probe**: the milliseconds a fixed piece of work takes (pure-Python "
+        "dict and string operations, then SHA-256 over 4 MB), best of 5, before and after "
+        "each run's scenarios while nothing else of the run is running. The host is a shared "
+        "virtual machine whose speed drifts; runs whose probes differ are not comparable "
+        "figure for figure, only as ratios within each run.",
         f"- **Broker ceiling**: Node amqplib publishes {_n(p.get('drain_events'))} messages "
         f"of {p.get('payload_size')} B, persistent, `mandatory`, publisher confirms with "
         f"{p.get('window')} unconfirmed at most (the relay runs at its own default window), "

@@ -115,6 +115,9 @@ def _rss_met(scenarios: Scenarios) -> bool | None:
 
 _HALF = ("pipeline", "one", "at_half")
 FIGURES: tuple[Figure, ...] = (
+    _figure("host speed probe before the run, ms (fixed work; lower is faster)",
+            ("host", "probe_ms_start"), "", 1),
+    _figure("host speed probe after the run, ms", ("host", "probe_ms_end"), "", 1),
     _figure("backlog drain / broker ceiling (median of paired ratios)",
             ("drain", "ratio_to_ceiling"), "x", 2, "≥ 0.95x", lambda v: v >= 0.95),
     _figure("broker ceiling, events/s", ("ceiling", "rate")),

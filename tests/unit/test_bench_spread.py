@@ -14,6 +14,7 @@ import pytest
 
 from bench import report
 from bench.__main__ import command_line, params
+from bench.machine import speed_probe_ms
 from bench.spread import FIGURES, Figure, runs_of, spread
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "bench"
@@ -147,3 +148,32 @@ def test_pipeline_options_change_only_the_pipeline_sizes():
     for wrong in (["--repeat", "0"], ["--pipeline-levels", "1000,500"]):
         with pytest.raises(SystemExit):
             command_line().parse_args(wrong)
+
+
+PROBE = "host speed probe before the run, ms (fixed work; lower is faster)"
+
+
+def test_each_runs_host_probe_is_in_the_spread_and_the_shown_ones_in_the_machine_table(
+    repeated,
+):
+    results = copy.deepcopy(repeated)
+    for n, run in enumerate(results["runs"]):
+        run["scenarios"]["host"] = {"probe_ms_start": 100.0 + n, "probe_ms_end": 150.5 + n}
+    results["scenarios"] = results["runs"][-1]["scenarios"]
+    rows = {s.figure.label: s for s in spread(runs_of(results))}
+    assert rows[PROBE].values == (100.0, 101.0)
+    assert rows[PROBE].met is None  # a fact about the host, no target
+    assert rows["host speed probe after the run, ms"].high == 151.5
+    assert "| host speed probe (the run shown) | 101.0 ms before, 151.5 ms after" in (
+        report.markdown(results, "")
+    )
+
+
+def test_runs_recorded_before_the_probe_leave_it_out(repeated):
+    assert PROBE not in {s.figure.label for s in spread(runs_of(repeated))}
+    assert "host speed probe" not in report.markdown(repeated, "").split("## Targets")[0]
+
+
+def test_the_probe_times_its_work():
+    ms = speed_probe_ms(repeats=1)
+    assert 1.0 < ms < 60_000.0
