@@ -38,6 +38,10 @@ from consumers.runtime.spec import Delivery
 log = logging.getLogger(__name__)
 
 
+#: A retry copy ready for a bundle: its message id (for the log) and its encoded bytes.
+Encoded = tuple[str | None, bytes]
+
+
 class Handled(NamedTuple):
     """A message the runner is done with, and its disposition (to carry out, then ack).
 
@@ -98,7 +102,7 @@ class Copier:
         channel: AbstractChannel | None,
         queue: str,
         delay: float,
-        members: list[tuple[str | None, bytes]],
+        members: list[Encoded],
     ) -> None:
         """Publish ``members`` (message id and encoded retry copy, to ``queue`` after
         ``delay``) as one bundle."""
@@ -185,10 +189,10 @@ class Copier:
         counter.inc()
 
 
-def chunks(copier: Copier, group: list[Handled]) -> list[list[tuple[str | None, bytes]]]:
+def chunks(copier: Copier, group: list[Handled]) -> list[list[Encoded]]:
     """The members of ``group`` (message id, encoded retry copy) in bundles of at most
     ``bundle.MAX_BODY`` bytes each."""
-    out: list[list[tuple[str | None, bytes]]] = [[]]
+    out: list[list[Encoded]] = [[]]
     size = 0
     for handled in group:
         member = copier.member(handled)
