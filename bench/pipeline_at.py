@@ -14,7 +14,9 @@ and measures ``Pipeline.level(rate)``: p50/p95/p99 commit -> usage record (billi
 row) and commit -> webhook received, the load average with each. To see what sets the tail,
 each level also prints the relay's own commit -> confirm p50/p99 (its histogram), the seconds
 whose slowest event exceeded ``--spike-ms`` (by commit second) and where the server's last
-checkpoint started relative to the window.
+checkpoint started relative to the window. ``--timeline`` adds, after each level, its second
+by second table (``bench.timeline``): commits, usage records, in-app rows and webhooks per
+second, the notifications device queue's depth, and the cores each process used.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench import timeline
 from bench.env import Run
+from bench.observe import cpu_seconds, machine_busy_seconds
 from bench.params import Params
 from bench.pgserver import own_server
 from bench.scenario_pipeline import Pipeline
@@ -77,6 +81,42 @@ async def spikes(
                 worst[second] = max(worst.get(second, 0.0), done[mid] - committed)
         out[name] = [(s, round(lag * 1000)) for s, lag in sorted(worst.items()) if lag > bound_s]
     return out
+
+
+async def start_timeline(pipe: Pipeline) -> timeline.Sampler:
+    """Sample every process group's CPU (the bench process too) and the device queue."""
+    meter = await pipe.meter()
+    me = os.getpid()
+
+    def cpu() -> dict[str, float]:
+        return {**meter.cpu_now(), "bench": cpu_seconds(me)}
+
+    sampler = timeline.Sampler(
+        pipe.run.amqp_url, "notification-service.device", cpu, machine_busy_seconds
+    )
+    await sampler.start()
+    return sampler
+
+
+async def timeline_table(pipe: Pipeline, samples: list[timeline.Sample], start: float) -> str:
+    """The level's timeline (``bench.timeline.render``) from ``start`` (epoch seconds)."""
+    async with await psycopg.AsyncConnection.connect(pipe.run.db_url, autocommit=True) as db:
+        cur = await db.execute(sql.SQL(
+            "SELECT extract(epoch FROM created_at)::float8 FROM {} WHERE created_at >="
+            " to_timestamp(%s)").format(sql.Identifier(pipe.names.table)), (start,))
+        commits = [t for (t,) in await cur.fetchall()]
+        cur = await db.execute(
+            "SELECT consumer, extract(epoch FROM processed_at)::float8 FROM consumer_inbox"
+            " WHERE processed_at >= to_timestamp(%s)", (start,))
+        done = await cur.fetchall()
+    hooks, _ = await pipe.receiver.records()
+    counts = {
+        "commits": timeline.per_second(commits),
+        "usage": timeline.per_second(t for c, t in done if c == "billing"),
+        "in-app": timeline.per_second(t for c, t in done if c == "notifications"),
+        "webhooks": timeline.per_second(t for t in hooks.values() if t >= start),
+    }
+    return timeline.render(timeline.rows(samples), start, counts)
 
 
 async def checkpoint(run: Run, start: float) -> str:
@@ -125,7 +165,9 @@ async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> No
                 await asyncio.sleep(START_UP_S)
                 begun = time.time()
                 before = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)
+                sampler = await start_timeline(pipe) if args.timeline else None
                 r = await pipe.level(args.rate)
+                samples = await sampler.stop() if sampler is not None else []
                 after = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)
                 relay = [histogram_quantile(before, after, q) for q in (0.5, 0.99)]
                 start = begun + p.pipeline_warmup
@@ -135,6 +177,9 @@ async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> No
                       f"interpolated) {[None if v is None else round(v * 1000, 1) for v in relay]}"
                       f" ms; > {args.spike_ms} ms by second: {slow}; "
                       f"{await checkpoint(run, start)}", flush=True)
+                if sampler is not None:
+                    print("    second by second, from the warm-up's start (cores per process):")
+                    print(await timeline_table(pipe, samples, begun), flush=True)
                 await pipe.settle()
     finally:
         if pipe is not None:
@@ -152,6 +197,8 @@ def main() -> int:
     parser.add_argument("--set", dest="arms", action="append", type=str,
                         help="one arm: NAME=VALUE[,NAME=VALUE...] for the workers (repeat)")
     parser.add_argument("--spike-ms", type=int, default=100)
+    parser.add_argument("--timeline", action="store_true",
+                        help="print each level second by second (bench.timeline)")
     args = parser.parse_args()
     arms = args.arms or [""]
     for arm in arms:

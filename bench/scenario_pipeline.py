@@ -235,7 +235,8 @@ class Meter:
         }
         self.start_cpu: dict[str, float] = {}
 
-    def _now(self) -> dict[str, float]:
+    def cpu_now(self) -> dict[str, float]:
+        """CPU seconds so far of each group, and of the run database's PostgreSQL backends."""
         out = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in self.groups.items()}
         out["postgres"] = postgres_cpu(self.db_name, self.walsenders)
         return out
@@ -243,10 +244,10 @@ class Meter:
     def begin(self) -> None:
         for sampler in self.samplers.values():
             sampler.start()
-        self.start_cpu = self._now()
+        self.start_cpu = self.cpu_now()
 
     async def end(self, events: int) -> dict[str, Any]:
-        cpu = self._now()
+        cpu = self.cpu_now()
         for sampler in self.samplers.values():
             await sampler.stop()
         # A process that ended in the window (RabbitMQ restarted by someone) reads lower:
