@@ -109,7 +109,9 @@ async def paced_writer(
 
     async def session(first: int) -> int:
         rows = 0
-        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as db:
+        async with await psycopg.AsyncConnection.connect(
+            db_url, autocommit=True, application_name="bench-writer"
+        ) as db:
             tick = first
             while (due := started + tick * interval) - started < duration:
                 delay = due - time.monotonic()

@@ -14,7 +14,9 @@ and measures ``Pipeline.level(rate)``: p50/p95/p99 commit -> usage record (billi
 row) and commit -> webhook received, the load average with each. To see what sets the tail,
 each level also prints the relay's own commit -> confirm p50/p99 (its histogram), the seconds
 whose slowest event exceeded ``--spike-ms`` (by commit second) and where the server's last
-checkpoint started relative to the window. ``--timeline`` adds, after each level, its second
+checkpoint started relative to the window, and the CPU per event of each PostgreSQL session
+of the run's database (by application name: each worker's connections, the writer's, the
+walsender). ``--timeline`` adds, after each level, its second
 by second table (``bench.timeline``): commits, usage records, in-app rows and webhooks per
 second, the notifications device queue's depth, and the cores each process used.
 """
@@ -119,6 +121,26 @@ async def timeline_table(pipe: Pipeline, samples: list[timeline.Sample], start: 
     return timeline.render(timeline.rows(samples), start, counts)
 
 
+async def session_cores(pipe: Pipeline, after: float, seconds: float) -> dict[str, float]:
+    """Cores each PostgreSQL session of the run's database used (by application name, the
+    walsender by its type) over ``seconds``, starting ``after`` seconds from now; a session
+    that ends meanwhile (a writer's, at the level's end) is left out."""
+    await asyncio.sleep(after)
+    async with await psycopg.AsyncConnection.connect(pipe.run.admin_url, autocommit=True) as db:
+        cur = await db.execute(
+            "SELECT pid, coalesce(nullif(application_name, ''), backend_type)"
+            " FROM pg_stat_activity WHERE datname = %s", (pipe.run.db_name,))
+        names = dict(await cur.fetchall())
+    before = {pid: cpu_seconds(pid) for pid in names}
+    await asyncio.sleep(seconds)
+    cores: dict[str, float] = {}
+    for pid, name in names.items():
+        used = cpu_seconds(pid) - before[pid]
+        if used >= 0:
+            cores[name] = cores.get(name, 0.0) + used / seconds
+    return dict(sorted(cores.items(), key=lambda kv: -kv[1]))
+
+
 async def checkpoint(run: Run, start: float) -> str:
     """When the server's last checkpoint started, in seconds from ``start`` (its log says how
     long each took: ``log_checkpoints`` is on by default)."""
@@ -166,6 +188,8 @@ async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> No
                 begun = time.time()
                 before = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)
                 sampler = await start_timeline(pipe) if args.timeline else None
+                sessions = asyncio.create_task(session_cores(
+                    pipe, p.pipeline_warmup + 1, max(1.0, p.pipeline_window - 2)))
                 r = await pipe.level(args.rate)
                 samples = await sampler.stop() if sampler is not None else []
                 after = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)
@@ -177,6 +201,9 @@ async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> No
                       f"interpolated) {[None if v is None else round(v * 1000, 1) for v in relay]}"
                       f" ms; > {args.spike_ms} ms by second: {slow}; "
                       f"{await checkpoint(run, start)}", flush=True)
+                per_event = {name: round(c / args.rate * 1e6, 1)
+                             for name, c in (await sessions).items()}
+                print(f"    PostgreSQL CPU µs/event by session: {per_event}", flush=True)
                 if sampler is not None:
                     print("    second by second, from the warm-up's start (cores per process):")
                     print(await timeline_table(pipe, samples, begun), flush=True)
