@@ -16,9 +16,9 @@ each level also prints the relay's own commit -> confirm p50/p99 (its histogram)
 whose slowest event exceeded ``--spike-ms`` (by commit second) and where the server's last
 checkpoint started relative to the window, and the CPU per event of each PostgreSQL session
 of the run's database (by application name: each worker's connections, the writer's, the
-walsender). ``--timeline`` adds, after each level, its second
-by second table (``bench.timeline``): commits, usage records, in-app rows and webhooks per
-second, the notifications device queue's depth, and the cores each process used.
+walsender). ``--timeline`` adds, after each level, its second by second table
+(``bench.timeline``): commits, usage records, in-app rows and webhooks per second, the
+notifications device queue's depth, and the cores each process used.
 """
 
 from __future__ import annotations
