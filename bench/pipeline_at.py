@@ -37,7 +37,7 @@ from psycopg import sql
 
 from bench import timeline
 from bench.env import Run
-from bench.observe import cpu_seconds, machine_busy_seconds
+from bench.observe import DepthSampler, cpu_seconds, machine_busy_seconds
 from bench.params import Params
 from bench.pgserver import own_server
 from bench.scenario_pipeline import Pipeline
@@ -85,19 +85,27 @@ async def spikes(
     return out
 
 
-async def start_timeline(pipe: Pipeline) -> timeline.Sampler:
+async def start_timeline(pipe: Pipeline) -> tuple[timeline.Sampler, DepthSampler]:
     """Sample every process group's CPU (the bench process too) and the device queue."""
     meter = await pipe.meter()
     me = os.getpid()
+    depth = DepthSampler(pipe.run.amqp_url, "notification-service.device", interval=0.5)
+    await depth.start()
 
     def cpu() -> dict[str, float]:
         return {**meter.cpu_now(), "bench": cpu_seconds(me)}
 
-    sampler = timeline.Sampler(
-        pipe.run.amqp_url, "notification-service.device", cpu, machine_busy_seconds
-    )
-    await sampler.start()
-    return sampler
+    sampler = timeline.Sampler(cpu, machine_busy_seconds, lambda: depth.depth)
+    sampler.start()
+    return sampler, depth
+
+
+async def stop_timeline(started: tuple[timeline.Sampler, DepthSampler]) -> list[timeline.Sample]:
+    """End :func:`start_timeline`'s sampling; its samples."""
+    sampler, depth = started
+    samples = await sampler.stop()
+    await depth.stop()
+    return samples
 
 
 async def timeline_table(pipe: Pipeline, samples: list[timeline.Sample], start: float) -> str:
@@ -187,11 +195,11 @@ async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> No
                 await asyncio.sleep(START_UP_S)
                 begun = time.time()
                 before = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)
-                sampler = await start_timeline(pipe) if args.timeline else None
+                timed = await start_timeline(pipe) if args.timeline else None
                 sessions = asyncio.create_task(session_cores(
                     pipe, p.pipeline_warmup + 1, max(1.0, p.pipeline_window - 2)))
                 r = await pipe.level(args.rate)
-                samples = await sampler.stop() if sampler is not None else []
+                samples = await stop_timeline(timed) if timed is not None else []
                 after = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)
                 relay = [histogram_quantile(before, after, q) for q in (0.5, 0.99)]
                 start = begun + p.pipeline_warmup
@@ -204,7 +212,7 @@ async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> No
                 per_event = {name: round(c / args.rate * 1e6, 1)
                              for name, c in (await sessions).items()}
                 print(f"    PostgreSQL CPU µs/event by session: {per_event}", flush=True)
-                if sampler is not None:
+                if timed is not None:
                     print("    second by second, from the warm-up's start (cores per process):")
                     print(await timeline_table(pipe, samples, begun), flush=True)
                 await pipe.settle()

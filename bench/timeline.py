@@ -7,7 +7,8 @@ got how much of them while its queue grew, and whether everything paused at once
 the host: every process's CPU falls in the same second while work is waiting).
 
 The arithmetic (:func:`rows`, :func:`per_second`, :func:`render`) is pure; the
-:class:`Sampler` reads cumulative CPU seconds once a second beside the level.
+:class:`Sampler` reads cumulative CPU seconds and the queue's depth (from a
+``bench.observe.DepthSampler``) once a second beside the level.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-
-import aiormq
 
 #: Column order of the CPU part of the table (groups not sampled are left out).
 #: ``bench`` is the benchmark's own process: the writer's client and the instruments.
@@ -91,43 +90,31 @@ def render(table: list[Row], start: float, counts: Mapping[str, Counter[int]]) -
 
 
 class Sampler:
-    """Reads ``cpu()`` (cumulative CPU seconds per group), ``busy()`` and the depth of
-    ``queue`` every ``interval`` seconds, from :meth:`start` to :meth:`stop`."""
+    """Reads ``cpu()`` (cumulative CPU seconds per group), ``busy()`` and ``depth()`` every
+    ``interval`` seconds, from :meth:`start` to :meth:`stop`."""
 
     def __init__(
         self,
-        amqp_url: str,
-        queue: str,
         cpu: Callable[[], dict[str, float]],
         busy: Callable[[], float],
+        depth: Callable[[], int | None],
         interval: float = 1.0,
     ) -> None:
-        self._amqp_url, self._queue = amqp_url, queue
-        self._cpu, self._busy, self._interval = cpu, busy, interval
+        self._cpu, self._busy, self._depth = cpu, busy, depth
+        self._interval = interval
         self.samples: list[Sample] = []
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    def start(self) -> None:
         """Take the first sample and keep sampling on a task."""
-        conn = await aiormq.connect(self._amqp_url)
-        channel = await conn.channel()
-        self._task = asyncio.create_task(self._loop(conn, channel))
+        self._task = asyncio.create_task(self._loop())
 
-    async def _loop(
-        self, conn: aiormq.abc.AbstractConnection, channel: aiormq.abc.AbstractChannel
-    ) -> None:
-        try:
-            while not self._stop.is_set():
-                depth = None
-                with contextlib.suppress(aiormq.AMQPError):
-                    declared = await channel.queue_declare(self._queue, passive=True)
-                    depth = int(declared.message_count or 0)
-                self.samples.append(Sample(time.time(), self._cpu(), self._busy(), depth))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), self._interval)
-        finally:
-            await conn.close()
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(Sample(time.time(), self._cpu(), self._busy(), self._depth()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._interval)
 
     async def stop(self) -> list[Sample]:
         """End the sampling; the samples taken."""
