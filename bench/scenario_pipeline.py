@@ -279,6 +279,7 @@ class Pipeline:
         self.ports = [free_port() for _ in range(ENDPOINTS)]
         self.receiver = Receiver(self.ports, [], p.pipeline_webhook_latency, self.log)
         self.relay = RelayProcess(run, self.names, "pipeline")
+        self.relay_env = dict(self.relay.env)
         base = {
             **os.environ,
             "CDC_DATABASE_URL": run.db_url,
@@ -327,11 +328,16 @@ class Pipeline:
             await self.run.delete_sink(self.names)
         self.log.close()
 
-    async def restart_workers(self, extra: dict[str, str]) -> None:
-        """One replica of each worker again, with ``extra`` on top of its environment (what
-        ``bench.pipeline_at`` alternates); what the old ones held unacked is redelivered."""
+    async def restart(self, extra: dict[str, str]) -> None:
+        """The relay and one replica of each worker again, with ``extra`` on top of their
+        environment (what ``bench.pipeline_at`` alternates; each program reads the settings
+        it has); what the old workers held unacked is redelivered."""
         for workers in (self.billing, self.notifications):
             await workers.stop()
+        await self.relay.stop()
+        self.relay.env = {**self.relay_env, **extra}
+        await self.relay.start()
+        for workers in (self.billing, self.notifications):
             workers.extra = dict(extra)
             await workers.add()
 
