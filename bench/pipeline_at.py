@@ -14,9 +14,9 @@ worker setting, or ``PYTHONPATH`` with ``PYTHONSAFEPATH=1`` to run another sourc
 relay and workers). Each round restarts the relay and the workers with every arm in turn
 (A B A B ...: the machine's load hits all alike) and measures ``Pipeline.level(rate)``:
 p50/p95/p99 commit -> usage record (billing's inbox row) and commit -> webhook received,
-the load average with each. To see what sets the tail,
-each level also prints the relay's own commit -> confirm p50/p99 (its histogram), the seconds
-whose slowest event exceeded ``--spike-ms`` (by commit second) and where the server's last
+the CPU per event of each process, the load average. To see what sets the tail, each level
+also prints the relay's own commit -> confirm p50/p99 (its histogram), the seconds whose
+slowest event exceeded ``--spike-ms`` (by commit second) and where the server's last
 checkpoint started relative to the window, and the CPU per event of each PostgreSQL session
 of the run's database (by application name: each worker's connections, the writer's, the
 walsender). ``--timeline`` adds, after each level, its second by second table
