@@ -100,6 +100,8 @@ def params(args: argparse.Namespace) -> Params:
         p = dataclasses.replace(p, pipeline_window=args.pipeline_window)
     if args.pipeline_levels:
         p = dataclasses.replace(p, pipeline_levels=args.pipeline_levels)
+    if args.pipeline_publish_linger is not None:
+        p = dataclasses.replace(p, pipeline_publish_linger=args.pipeline_publish_linger)
     return p
 
 
@@ -235,6 +237,9 @@ def command_line() -> argparse.ArgumentParser:
                         help="offered events/s the pipeline tries in turn, rising (default "
                              f"{','.join(f'{r:g}' for r in full.pipeline_levels)}); the "
                              "search stops at the first that does not hold")
+    parser.add_argument("--pipeline-publish-linger", type=float, metavar="SECONDS",
+                        help="the pipeline relay's CDC_PUBLISH_LINGER (default "
+                             f"{full.pipeline_publish_linger:g}; 0: none, the relay's default)")
     docs = parser.add_mutually_exclusive_group()
     docs.add_argument("--docs", dest="docs", action="store_true", default=None,
                       help="write docs/benchmarks.md and the PNG (default: full runs only)")

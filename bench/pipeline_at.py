@@ -1,19 +1,22 @@
-"""``python -m bench.pipeline_at``: the pipeline's latency at one rate, worker settings alternated.
+"""``python -m bench.pipeline_at``: the pipeline's latency at one rate, settings alternated.
 
     python -m bench.pipeline_at --rate 500 --window 30 --rounds 3 \\
         --set CDC_WORKER_BATCH_LINGER_MAX=0.05 --set CDC_WORKER_BATCH_LINGER_MAX=0.01
+    python -m bench.pipeline_at --rate 1500 --set CDC_PUBLISH_LINGER=0 \\
+        --set CDC_PUBLISH_LINGER=0.02
     python -m bench.pipeline_at --set PYTHONPATH=/abs/tree_a,PYTHONSAFEPATH=1 \\
         --set PYTHONPATH=/abs/tree_b,PYTHONSAFEPATH=1    # trees: absolute paths
 
 One ``scenario_pipeline.Pipeline`` (relay, one billing and one notifications replica, the
 webhook receiver) in a fresh database and vhost; each ``--set`` is one arm: comma-separated
-``NAME=VALUE`` pairs put on top of both workers' environment (a worker setting, or
-``PYTHONPATH`` with ``PYTHONSAFEPATH=1`` to run another source tree's workers). Each round
-restarts the workers with every arm in turn (A B A B ...: the machine's load hits all alike)
-and measures ``Pipeline.level(rate)``: p50/p95/p99 commit -> usage record (billing's inbox
-row) and commit -> webhook received, the load average with each. To see what sets the tail,
-each level also prints the relay's own commit -> confirm p50/p99 (its histogram), the seconds
-whose slowest event exceeded ``--spike-ms`` (by commit second) and where the server's last
+``NAME=VALUE`` pairs put on top of the relay's and both workers' environment (a relay or
+worker setting, or ``PYTHONPATH`` with ``PYTHONSAFEPATH=1`` to run another source tree's
+relay and workers). Each round restarts the relay and the workers with every arm in turn
+(A B A B ...: the machine's load hits all alike) and measures ``Pipeline.level(rate)``:
+p50/p95/p99 commit -> usage record (billing's inbox row) and commit -> webhook received,
+the CPU per event of each process, the load average. To see what sets the tail, each level
+also prints the relay's own commit -> confirm p50/p99 (its histogram), the seconds whose
+slowest event exceeded ``--spike-ms`` (by commit second) and where the server's last
 checkpoint started relative to the window, and the CPU per event of each PostgreSQL session
 of the run's database (by application name: each worker's connections, the writer's, the
 walsender). ``--timeline`` adds, after each level, its second by second table
@@ -170,8 +173,7 @@ def line(arm: str, r: dict[str, Any]) -> str:
     cpu = r["cpu_us_per_event"]
     return (f"[{arm}] {r['offered_rate']}/s: usage record {ms(r['billing'])} | webhook "
             f"{ms(r['webhook'])} | in-app p99 {r['in_app']['p99_with_missing_ms']} | cpu "
-            f"us/event billing {cpu.get('billing')} notifications {cpu.get('notifications')} "
-            f"postgres {cpu.get('postgres')} | load "
+            f"us/event {', '.join(f'{k} {v}' for k, v in cpu.items())} | load "
             f"{tuple(round(x, 2) for x in r['load_average'])}")
 
 
@@ -191,7 +193,7 @@ async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> No
         await pipe.open()
         for round_ in range(args.rounds):
             for arm in arms:
-                await pipe.restart_workers(parse_arm(arm))
+                await pipe.restart(parse_arm(arm))
                 await asyncio.sleep(START_UP_S)
                 begun = time.time()
                 before = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)

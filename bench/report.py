@@ -248,7 +248,10 @@ def pipeline_table(results: dict[str, Any]) -> str:
     if not pipe.get("available", False):
         return f"Not available in this run: {pipe.get('reason') or pipe.get('error') or 'not run'}."
     ceiling = pipe.get("ceiling") or {}
+    linger = (results.get("params") or {}).get("pipeline_publish_linger")
     out = [
+        f"The relay runs with `CDC_PUBLISH_LINGER={_n(linger, 2)}` (the default is 0).",
+        "",
         f"Broker round trip for the same topology (quorum fan-out, trivial consumers): "
         f"{_n(ceiling.get('rate'), 0)} events/s, RabbitMQ "
         f"{_n(ceiling.get('broker_cpu_us_per_event'), 0)} µs CPU per event.",
@@ -516,8 +519,10 @@ def markdown(results: dict[str, Any], notes: str) -> str:
         f"record per pair and the expected total cost. Cut after "
         f"{_n(p.get('consumer_max_seconds'))} s.",
         "- **Pipeline**: `bench/scenario_pipeline.py` (its docstring has the whole method): "
-        "the relay and both workers on their quorum topology, a paced mix of the seed's event "
-        "types at rising rates ("
+        "the relay and both workers on their quorum topology (the relay with "
+        f"`CDC_PUBLISH_LINGER={_n(p.get('pipeline_publish_linger'), 2)}`, default 0: it "
+        "writes that many seconds of transactions to the broker at once), a paced mix of "
+        "the seed's event types at rising rates ("
         f"{', '.join(_n(r) for r in p.get('pipeline_levels') or [])} events/s, "
         f"{p.get('pipeline_window')} s windows), effects timed from "
         "the outbox row's `created_at` to billing's inbox row, the webhook's arrival at a "

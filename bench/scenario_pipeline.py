@@ -10,6 +10,10 @@ run's own vhost and database:
   notifications on, their webhooks spread over 10 endpoints (ports) of a local receiver
   (``bench.webhook_receiver``) that answers after ``pipeline_webhook_latency`` (20 ms) and
   verifies every signature;
+- the relay runs with ``CDC_PUBLISH_LINGER`` = ``pipeline_publish_linger`` (30 ms): it
+  writes the transactions of 30 ms to the broker at once instead of each on its own, which
+  costs the broker, and through bigger batches the workers and PostgreSQL, less CPU per
+  event on these two shared cores, for that much latency;
 - load: a paced writer commits a mix of event types shaped like the seed's (device
   lifecycle first, then app, billing, user, scheduler, media and system events; ``MIX``),
   10 rows per transaction, on 1,000 devices;
@@ -278,7 +282,10 @@ class Pipeline:
         self.log = (run.results_dir / "pipeline-workers.log").open("ab")
         self.ports = [free_port() for _ in range(ENDPOINTS)]
         self.receiver = Receiver(self.ports, [], p.pipeline_webhook_latency, self.log)
-        self.relay = RelayProcess(run, self.names, "pipeline")
+        self.relay = RelayProcess(
+            run, self.names, "pipeline", CDC_PUBLISH_LINGER=str(p.pipeline_publish_linger)
+        )
+        self.relay_env = dict(self.relay.env)
         base = {
             **os.environ,
             "CDC_DATABASE_URL": run.db_url,
@@ -327,11 +334,16 @@ class Pipeline:
             await self.run.delete_sink(self.names)
         self.log.close()
 
-    async def restart_workers(self, extra: dict[str, str]) -> None:
-        """One replica of each worker again, with ``extra`` on top of its environment (what
-        ``bench.pipeline_at`` alternates); what the old ones held unacked is redelivered."""
+    async def restart(self, extra: dict[str, str]) -> None:
+        """The relay and one replica of each worker again, with ``extra`` on top of their
+        environment (what ``bench.pipeline_at`` alternates; each program reads the settings
+        it has); what the old workers held unacked is redelivered."""
         for workers in (self.billing, self.notifications):
             await workers.stop()
+        await self.relay.stop()
+        self.relay.env = {**self.relay_env, **extra}
+        await self.relay.start()
+        for workers in (self.billing, self.notifications):
             workers.extra = dict(extra)
             await workers.add()
 

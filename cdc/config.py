@@ -43,6 +43,10 @@ class RelaySettings(CdcSettings):
     metrics_host: str = Field("0.0.0.0", description="/metrics bind address")
     max_in_flight: int = Field(2000, ge=1, le=100_000, description="unconfirmed publish window")
     confirm_timeout: float = Field(30.0, gt=0, description="seconds before re-publishing")
+    publish_linger: float = Field(
+        0.0, ge=0, le=1.0,
+        description="seconds a publish may wait to share its write with later ones (0: none)",
+    )
     status_interval: float = Field(10.0, gt=0, le=3600, description="status update period (s)")
     source_timeout: float = Field(
         20.0, gt=0, le=3600, description="silence from PostgreSQL that ends the session (s)"

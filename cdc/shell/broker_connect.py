@@ -50,6 +50,7 @@ async def connect(
     on_returned: Callable[[Any, str], None],
     on_republish: Callable[[str], None],
     on_blocked: Callable[[bool], None] | None = None,
+    linger: float = 0.0,
 ) -> ConfirmChannel:
     """Connect to ``address`` and return a channel in confirm mode (SinkError on failure)."""
     tls = ssl.create_default_context(cafile=address.cafile) if address.tls else None
@@ -59,6 +60,7 @@ async def connect(
         on_returned=on_returned,
         on_republish=on_republish,
         on_blocked=on_blocked,
+        linger=linger,
     )
     loop = asyncio.get_running_loop()
     try:

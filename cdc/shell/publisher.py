@@ -69,6 +69,7 @@ class Publisher:
             on_returned=self._returned,
             on_republish=lambda reason: self._metrics.republished.labels(reason=reason).inc(),
             on_blocked=self._on_blocked,
+            linger=s.publish_linger,
         )
         self._frame_max = self._channel.frame_max
         try:

@@ -4,12 +4,13 @@ A dead endpoint costs each message sent to it the whole ``CDC_WEBHOOK_TIMEOUT``,
 message holds a prefetch slot all that time: a few dead endpoints would otherwise starve
 the healthy ones. After ``failures`` transport failures in a row (timeout, refused or reset
 connection, TLS failure) the endpoint is *open* for ``cooldown`` seconds: its sends fail at
-once (the message is retried after its backoff delay, as if it had timed out). Then one
-probe is let through; its success closes the endpoint again, its failure opens it for
-another ``cooldown``. The worker takes the probe with :meth:`Breaker.take_probe` and does
-not make the probe's message wait for it (``probes``). An endpoint is
-``scheme://host:port``. An answer, whatever its status, is not a failure here: it came
-quickly and held no slot for long (a non-2xx answer is still retried by the caller).
+once (the message is retried after its backoff delay, as if it had timed out, but not
+before the probe's outcome can be known: ``channels``). Then one probe is let through;
+its success closes the endpoint again, its failure opens it for another ``cooldown``. The
+worker takes the probe with :meth:`Breaker.take_probe` and does not make the probe's
+message wait for it (``probes``). An endpoint is ``scheme://host:port``. An answer,
+whatever its status, is not a failure here: it came quickly and held no slot for long (a
+non-2xx answer is still retried by the caller).
 """
 
 from __future__ import annotations

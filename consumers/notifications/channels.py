@@ -137,7 +137,7 @@ class WebhookClient:
         except PermanentError:
             return None
         wait = self._breaker.open_for(endpoint, self._clock())
-        return None if wait is None else _open(endpoint, wait)
+        return None if wait is None else _open(endpoint, wait, self._timeout)
 
     def take_probe(self, url: str) -> bool:
         """True when a POST to ``url`` is due as its endpoint's probe (the breaker's cooldown
@@ -158,7 +158,7 @@ class WebhookClient:
         if not probe:
             wait = self._breaker.admit(endpoint, now)
             if wait is not None:
-                raise _open(endpoint, wait)
+                raise _open(endpoint, wait, self._timeout)
         try:
             data = http1.request(
                 known.head,
@@ -199,12 +199,16 @@ class WebhookClient:
         await self._pool.close()
 
 
-def _open(endpoint: str, wait: float) -> Retry:
-    """The failure of a webhook to ``endpoint`` while its breaker is open for ``wait`` s."""
+def _open(endpoint: str, wait: float, timeout: float) -> Retry:
+    """The failure of a webhook to ``endpoint`` while its breaker is open for ``wait`` s.
+
+    The retry waits for the probe's outcome too (up to one ``timeout`` after the breaker's
+    cooldown): one that came back sooner would only fail at once again, a delivery, a retry
+    copy and an ack more for nothing."""
     return Retry(
         f"webhook {endpoint} keeps failing: not tried for another {wait:.0f}s "
         "(CDC_WEBHOOK_BREAKER_FAILURES, CDC_WEBHOOK_BREAKER_SECONDS)",
-        after=wait,
+        after=wait + timeout,
     )
 
 

@@ -85,3 +85,23 @@ def test_concurrent_writers_exactly_once_in_commit_order(env):
         ),
     )
     assert relay.alive()
+
+
+def test_a_publish_linger_keeps_every_event_once_in_commit_order(env):
+    """CDC_PUBLISH_LINGER holds publishes back to share a write: paced writers' transactions
+    still arrive exactly once, in commit order, and the slot confirms up to the end."""
+    env.setup()
+    relay = env.relay(metrics=True, publish_linger=0.05)
+    relay.wait_streaming()
+    work = env.workload(
+        writers=2, events_per_writer=1500, max_txn=20, rate_per_writer=1000
+    ).start()
+    work.join(timeout=60)
+    rows = env.fetch_rows()
+    assert set(rows) == work.committed_ids and len(rows) == 3000
+    msgs = env.drain(len(rows), quiet=1.0, timeout=60)
+    env.check_exactly_once(msgs, rows)
+    assert work.check_commit_order(msgs) > 100  # transactions, checked in order
+    lsn = env.parse_lsn(env.sql("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+    env.wait_for(lambda: env.confirmed_flush_lsn() >= lsn, 15, "the slot to confirm the end")
+    assert relay.state() == "streaming"
