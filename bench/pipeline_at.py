@@ -16,8 +16,9 @@ relay and workers). Each round restarts the relay and the workers with every arm
 p50/p95/p99 commit -> usage record (billing's inbox row) and commit -> webhook received,
 the CPU per event of each process, the load average. To see what sets the tail, each level
 also prints the relay's own commit -> confirm p50/p99 (its histogram), the seconds whose
-slowest event exceeded ``--spike-ms`` (by commit second) and where the server's last
-checkpoint started relative to the window, and the CPU per event of each PostgreSQL session
+slowest event exceeded ``--spike-ms`` (by commit second), where the server's last
+checkpoint started relative to the window, the tables autovacuum vacuumed or analyzed
+and those sequential scans read during the level, and the CPU per event of each PostgreSQL session
 of the run's database (by application name: each worker's connections, the writer's, the
 walsender). ``--timeline`` adds, after each level, its second by second table
 (``bench.timeline``): commits, usage records, in-app rows and webhooks per second, the
@@ -152,6 +153,34 @@ async def session_cores(pipe: Pipeline, after: float, seconds: float) -> dict[st
     return dict(sorted(cores.items(), key=lambda kv: -kv[1]))
 
 
+Counts = dict[str, tuple[int, int, int]]
+
+
+async def table_counts(run: Run) -> Counts:
+    """Per table of the run's database: autovacuum runs, autoanalyze runs, rows read by
+    sequential scans, so far."""
+    async with await psycopg.AsyncConnection.connect(run.db_url, autocommit=True) as db:
+        cur = await db.execute(
+            "SELECT relname, autovacuum_count, autoanalyze_count, seq_tup_read"
+            " FROM pg_stat_user_tables")
+        return {name: (vac, ana, seq) for name, vac, ana, seq in await cur.fetchall()}
+
+
+def tables_during(before: Counts, after: Counts) -> str:
+    """What autovacuum did, and which tables sequential scans read, between two
+    :func:`table_counts` (the statistics collector reports within about a second)."""
+    ran, scanned = [], []
+    for name, (vac, ana, seq) in sorted(after.items()):
+        vac0, ana0, seq0 = before.get(name, (0, 0, 0))
+        done = [w for w, n in (("vacuum", vac - vac0), ("analyze", ana - ana0)) if n > 0]
+        if done:
+            ran.append(f"{name} ({' and '.join(done)})")
+        if seq - seq0 >= 10_000:
+            scanned.append(f"{name} {seq - seq0:,}")
+    return (f"autovacuum: {', '.join(ran) or 'nothing'}; rows read by sequential scans: "
+            f"{', '.join(scanned) or 'none over 10,000'}")
+
+
 async def checkpoint(run: Run, start: float) -> str:
     """When the server's last checkpoint started, in seconds from ``start`` (its log says how
     long each took: ``log_checkpoints`` is on by default)."""
@@ -198,6 +227,7 @@ async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> No
                 begun = time.time()
                 before = histogram_buckets(await pipe.relay.metrics(), RELAY_HISTOGRAM)
                 timed = await start_timeline(pipe) if args.timeline else None
+                counted = await table_counts(run)
                 sessions = asyncio.create_task(session_cores(
                     pipe, p.pipeline_warmup + 1, max(1.0, p.pipeline_window - 2)))
                 r = await pipe.level(args.rate)
@@ -210,7 +240,9 @@ async def _main(args: argparse.Namespace, admin_url: str, arms: list[str]) -> No
                 print(f"    relay commit -> confirm p50/p99 (warm-up included, bucket-"
                       f"interpolated) {[None if v is None else round(v * 1000, 1) for v in relay]}"
                       f" ms; > {args.spike_ms} ms by second: {slow}; "
-                      f"{await checkpoint(run, start)}", flush=True)
+                      f"{await checkpoint(run, start)}; "
+                      f"{tables_during(counted, await table_counts(run))}",
+                      flush=True)
                 per_event = {name: round(c / args.rate * 1e6, 1)
                              for name, c in (await sessions).items()}
                 print(f"    PostgreSQL CPU µs/event by session: {per_event}", flush=True)
