@@ -17,10 +17,10 @@ p50/p95/p99 commit -> usage record (billing's inbox row) and commit -> webhook r
 the CPU per event of each process, the load average. To see what sets the tail, each level
 also prints the relay's own commit -> confirm p50/p99 (its histogram), the seconds whose
 slowest event exceeded ``--spike-ms`` (by commit second), where the server's last
-checkpoint started relative to the window, the tables autovacuum vacuumed or analyzed
-and those sequential scans read during the level, and the CPU per event of each PostgreSQL session
-of the run's database (by application name: each worker's connections, the writer's, the
-walsender). ``--timeline`` adds, after each level, its second by second table
+checkpoint started relative to the window, the tables autovacuum vacuumed or analyzed and
+those sequential scans read during the level, and the CPU per event of each PostgreSQL
+session of the run's database (by application name: each worker's connections, the
+writer's, the walsender). ``--timeline`` adds, after each level, its second by second table
 (``bench.timeline``): commits, usage records, in-app rows and webhooks per second, the
 notifications device queue's depth, and the cores each process used.
 """
@@ -264,7 +264,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the window")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", dest="arms", action="append", type=str,
-                        help="one arm: NAME=VALUE[,NAME=VALUE...] for the workers (repeat)")
+                        help="one arm: NAME=VALUE[,NAME=VALUE...] for the relay and the workers "
+                             "(repeat)")
     parser.add_argument("--spike-ms", type=int, default=100)
     parser.add_argument("--timeline", action="store_true",
                         help="print each level second by second (bench.timeline)")

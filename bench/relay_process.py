@@ -60,6 +60,7 @@ class RelayProcess:
             "CDC_LOG_LEVEL": "WARNING",
             **overrides,
         }
+        self.extra: dict[str, str] = {}  # on top of ``env`` for `cdc relay` (bench.pipeline_at)
         self.proc: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
 
@@ -94,7 +95,7 @@ class RelayProcess:
         """Start ``cdc relay`` and wait until ``/healthz`` says it is streaming."""
         self._log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
-            CDC, "relay", env=self.env, stdout=self._log, stderr=self._log,
+            CDC, "relay", env={**self.env, **self.extra}, stdout=self._log, stderr=self._log,
             start_new_session=True,  # Ctrl-C reaches the harness only; it stops the relay
         )
         deadline = time.monotonic() + timeout

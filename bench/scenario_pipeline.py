@@ -285,7 +285,6 @@ class Pipeline:
         self.relay = RelayProcess(
             run, self.names, "pipeline", CDC_PUBLISH_LINGER=str(p.pipeline_publish_linger)
         )
-        self.relay_env = dict(self.relay.env)
         base = {
             **os.environ,
             "CDC_DATABASE_URL": run.db_url,
@@ -341,7 +340,7 @@ class Pipeline:
         for workers in (self.billing, self.notifications):
             await workers.stop()
         await self.relay.stop()
-        self.relay.env = {**self.relay_env, **extra}
+        self.relay.extra = dict(extra)
         await self.relay.start()
         for workers in (self.billing, self.notifications):
             workers.extra = dict(extra)
