@@ -10,7 +10,7 @@
 -- plan_cache_mode: PL/pgSQL keeps a statement's generic plan for the whole session once it
 -- has chosen one, and a plan made while statistics call the tables empty reads them in full
 -- at every lookup (an ANALYZE after the deployment, before any traffic, is enough). Each call
--- is planned afresh instead, from the tables' current size; that costs about 6 microseconds
+-- is planned afresh instead, from the tables' current size; that costs a few microseconds
 -- per event in batches of a hundred, where a cached plan from empty tables grew to
 -- milliseconds per event at 100,000 rows.
 CREATE OR REPLACE FUNCTION {s}.billing_state_many(
