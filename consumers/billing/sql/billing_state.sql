@@ -1,12 +1,14 @@
 -- One round trip per event: lock the device, store the event once, lock the session owners
 -- (shared), and return what the recompute needs. Each statement of a volatile function takes
--- a fresh snapshot, so rows committed while it waited for a lock are seen.
+-- a fresh snapshot, so rows committed while it waited for a lock are seen. Planned afresh
+-- at each call, as billing_state_many is (why: see there).
 CREATE OR REPLACE FUNCTION {s}.billing_state(
     p_device text, p_new text, p_kind text, p_at timestamptz, p_user text, p_plan text,
     p_rate numeric
 ) RETURNS TABLE (tag text, id text, kind text, at timestamptz, stopped_at timestamptz,
                  user_id text, plan text, rate numeric, duration numeric, cost numeric)
-LANGUAGE plpgsql SET lock_timeout = {lock_timeout} AS $fn$
+LANGUAGE plpgsql SET lock_timeout = {lock_timeout}
+    SET plan_cache_mode = force_custom_plan AS $fn$
 #variable_conflict use_column
 DECLARE
     owners text[];

@@ -1,11 +1,13 @@
 -- The write of a recompute: records out, records in, balances moved by the spend change.
+-- Planned afresh at each call, as billing_state_many is (why: see there).
 CREATE OR REPLACE FUNCTION {s}.billing_write(
     p_deletes text[], p_ids text[], p_devices text[], p_users text[],
     p_starts timestamptz[], p_stops timestamptz[], p_durations numeric[],
     p_rates numeric[], p_costs numeric[], p_closed text[], p_initial numeric,
     p_who text[], p_deltas numeric[]
 ) RETURNS TABLE (user_id text, balance numeric, spent numeric)
-LANGUAGE plpgsql SET lock_timeout = {lock_timeout} AS $fn$
+LANGUAGE plpgsql SET lock_timeout = {lock_timeout}
+    SET plan_cache_mode = force_custom_plan AS $fn$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
