@@ -350,8 +350,8 @@ async def test_a_batch_reads_only_its_devices_rows_from_tables_without_statistic
     """The functions run while the tables are new and empty, as a worker's do at its start;
     the tables then fill up before autovacuum's first ANALYZE. A batch must still read only
     the rows of its own devices: no scan of the table, and no index read in full (a plan
-    PL/pgSQL cached from the empty tables did the one, a fresh plan from no statistics
-    paired a device's rows with every row of the owners' index to do the other)."""
+    PL/pgSQL cached from the empty tables did the one; a fresh plan from the same statistics
+    paired a device's rows with every entry of the owners' index to do the other)."""
     url = db_url(pg_session_db)
     await _prepare(url, pg_schema)
     s = sql.Identifier(pg_schema)
