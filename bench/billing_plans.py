@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.consumer_throughput import PG, _db_url  # noqa: E402
+from cdc.config import RelaySettings  # noqa: E402
+from cdc.shell.schema import ensure_table  # noqa: E402
 from consumers.billing.metering import DeviceEvent, Pricing  # noqa: E402
 from consumers.billing.store import BillingStore, schema_ddl  # noqa: E402
 
@@ -69,11 +71,9 @@ async def _arm(url: str, cached: bool, kept: bool, batches: list[list[DeviceEven
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         for statement in schema_ddl("bill"):
             await conn.execute(statement.encode())
-        await conn.execute(
-            "CREATE TABLE bill.event_outbox (id uuid PRIMARY KEY, aggregate_type text NOT NULL,"
-            " aggregate_id text NOT NULL, event_type text NOT NULL, payload jsonb NOT NULL,"
-            " created_at timestamptz NOT NULL DEFAULT now())"
-        )
+    with psycopg.connect(url, autocommit=True) as sync:  # the outbox, as `cdc setup` makes it
+        ensure_table(sync, RelaySettings(database_url=url, outbox_table="bill.event_outbox"))
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         for name in FUNCTIONS if cached else ():
             await conn.execute(
                 sql.SQL("ALTER FUNCTION bill.{} RESET plan_cache_mode").format(sql.Identifier(name))
