@@ -181,7 +181,8 @@ async def _main(
                 dead_profile = (
                     None if profiles is None else profiles / f"tree{i}-round{round_}-dead.txt"
                 )
-                d = await _one(admin_url, tree, p, dead_profile, 0.10)
+                flags = tuple(args.spy_flags.split())
+                d = await _one(admin_url, tree, p, dead_profile, 0.10, flags)
                 ratio = d["webhooks_per_s"] / r["webhooks_per_s"] if r["webhooks_per_s"] else 0
                 print(
                     f"{tree}: 10% dead {d['webhooks_per_s']} webhooks/s = {ratio:.2f}x of "
