@@ -1,22 +1,49 @@
-"""Webhook probes that run on their own, and sends that have failed before they started."""
+"""Webhook probes that run on their own, and sends decided before they started (already
+failed, or nothing to send): finished futures, which the runtime takes without a task."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
-from consumers.errors import Retry
+from consumers.errors import PermanentError, Retry
 from consumers.notifications.channels import endpoint_of
 
 log = logging.getLogger("consumers.notifications")
 
+T = TypeVar("T")
 
-def failed(exc: BaseException) -> asyncio.Future[None]:
+
+def failed(exc: BaseException) -> asyncio.Future[Any]:
     """A send that has failed already with ``exc`` (no coroutine to run)."""
-    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     future.set_exception(exc)
     return future
+
+
+def finished(value: T) -> asyncio.Future[T]:
+    """An outcome known at once: ``value``."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+def failure_of(sends: Sequence[Awaitable[Any]]) -> BaseException | None:
+    """The error of ``sends`` when every one of them failed before it started (a permanent
+    one first, else the first), so their message fails at once; None otherwise."""
+    errors = []
+    for send in sends:
+        if not (isinstance(send, asyncio.Future) and send.done() and not send.cancelled()):
+            return None
+        exc = send.exception()
+        if exc is None:
+            return None
+        errors.append(exc)
+    if not errors:
+        return None
+    return next((e for e in errors if isinstance(e, PermanentError)), errors[0])
 
 
 class Probes:

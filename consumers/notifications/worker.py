@@ -41,7 +41,7 @@ from consumers.config import ConsumerSettings
 from consumers.errors import ConfigError, PermanentError
 from consumers.notifications import channels, targets
 from consumers.notifications.breaker import Breaker
-from consumers.notifications.probes import Probes, failed
+from consumers.notifications.probes import Probes, failed, failure_of, finished
 from consumers.notifications.signing import idempotency_key
 from consumers.notifications.store import DeliveryLog, NotificationStore, schema_ddl
 from consumers.notifications.templates import (
@@ -252,7 +252,17 @@ def build(settings: NotificationSettings) -> WorkerSpec:
         # Committed now, whatever happens to the rest of this attempt.
         await deliveries.record(delivery.message_id, channel, user, target, key)
 
-    async def effects(plan: Plan, sends: list[Awaitable[None]]) -> Plan:
+    def effects(plan: Plan, sends: list[Awaitable[None]]) -> Awaitable[Plan]:
+        # Known at once (nothing to send, or every send refused before it began, as while
+        # an endpoint's breaker is open): a finished future, which needs no task.
+        if not sends:
+            return finished(plan)
+        refused = failure_of(sends)
+        if refused is not None:
+            return failed(refused)
+        return run_sends(plan, sends)
+
+    async def run_sends(plan: Plan, sends: list[Awaitable[None]]) -> Plan:
         if len(sends) == 1:  # the common case: no task of its own needed
             await sends[0]
             return plan

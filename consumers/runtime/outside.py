@@ -2,7 +2,8 @@
 their delivery and their database batch.
 
 Each chunk of new deliveries is handed to the worker's ``outside`` callable as it arrives; it
-returns one awaitable per delivery, which runs concurrently here. A message whose effects
+returns one awaitable per delivery, which runs concurrently here (one that is a finished
+future already is taken as it is, without a task). A message whose effects
 finished (or failed: it then joins its batch as ``FAILED`` and is not run) waits in
 ``ready`` for the runner's next batch (:meth:`OutsideEffects.next_batch`), so messages finish
 in the order their effects finish. Two copies of one message id are never in hand at once:
@@ -17,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from cdc.service.backoff import Backoff
 from consumers.runtime.batch import FAILED, BatchMessage
@@ -118,6 +119,17 @@ class OutsideEffects:
                 log.warning("preparing a chunk failed: %r; again in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
         for item, wait in zip(go, waits, strict=True):
+            if _decided(wait):
+                # No task to run it. A task's await would also raise the exception again,
+                # and the traceback it gains ties the frames to it in a cycle that only the
+                # garbage collector frees: costly at one such message in ten.
+                error = wait.exception()
+                if error is None:
+                    item.delivery = item.delivery.with_prepared(wait.result())
+                else:
+                    item.outcome, item.error = FAILED, error
+                self._ready(item)
+                continue
             task = asyncio.create_task(self._one(item, wait))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
@@ -129,6 +141,21 @@ class OutsideEffects:
         except Exception as exc:
             item.outcome, item.error = FAILED, exc
         item.seconds = time.perf_counter() - started
+        self._ready(item)
+
+    def _ready(self, item: BatchMessage) -> None:
+        """``item`` is done with its effects: it waits for the next batch."""
         self.ready.append(item)
         self._readied.set()
         self._wakeup.set()
+
+
+def _decided(wait: Awaitable[Any]) -> TypeGuard[asyncio.Future[Any]]:
+    """True for a future that has its result or an ordinary exception already (a send
+    refused before it began, say): taken as it is, it needs no task."""
+    return (
+        isinstance(wait, asyncio.Future)
+        and wait.done()
+        and not wait.cancelled()
+        and isinstance(wait.exception(), Exception | None)
+    )

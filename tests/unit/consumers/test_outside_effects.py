@@ -119,3 +119,28 @@ async def test_a_chunk_that_cannot_start_is_tried_again_and_given_up_on_stop():
 def test_a_delivery_with_its_prepared_value_keeps_every_other_field() -> None:
     d = Delivery("m-1", "device.started", {"h": 1}, 3, b"{}", prepared="old")
     assert d.with_prepared("new") == dataclasses.replace(d, prepared="new")
+
+
+async def test_a_finished_future_is_taken_as_it_is_without_a_task():
+    loop = asyncio.get_running_loop()
+    refused, sent = loop.create_future(), loop.create_future()
+    refused.set_exception(RuntimeError("breaker open"))
+    sent.set_result("known")
+    effects = _effects({1: refused, 2: sent})
+    await effects.launch([_item("a", 1), _item("b", 2)])
+    assert not effects.running  # nothing to schedule: both are ready already
+    a, b = await effects.next_batch(10, linger=5.0, enough=10)
+    assert a.outcome == FAILED and str(a.error) == "breaker open"
+    # Never raised again here: no traceback (and no frames) hangs on the stored error.
+    assert a.error is not None and a.error.__traceback__ is None
+    assert b.outcome is None and b.delivery.prepared == "known"
+
+
+async def test_a_cancelled_future_still_runs_as_a_task():
+    loop = asyncio.get_running_loop()
+    cancelled = loop.create_future()
+    cancelled.cancel()
+    effects = _effects({1: cancelled})
+    await effects.launch([_item("a", 1)])
+    assert len(effects.running) == 1  # the task path decides, as for any awaitable
+    await asyncio.gather(*effects.running, return_exceptions=True)
