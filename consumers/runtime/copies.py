@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,9 +30,10 @@ from pamqp.commands import Basic
 from consumers.errors import BrokerLost
 from consumers.runtime import bundle
 from consumers.runtime import headers as hdr
+from consumers.runtime.batch import FAILED, BatchMessage
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names
-from consumers.runtime.policy import Ack, Disposition, Park, RetryLater
+from consumers.runtime.policy import Ack, Disposition, Park, RetryLater, RetryRules, decide
 from consumers.runtime.republish import copy_properties, publish_confirmed
 from consumers.runtime.spec import Delivery
 
@@ -52,6 +54,31 @@ class Handled(NamedTuple):
     message: DeliveredMessage
     delivery: Delivery
     disposition: Disposition
+
+
+class Dispositions(NamedTuple):
+    """A settlement split by what it needs: acks now, or a copy first."""
+
+    acked: list[Handled]  # the ``handled`` ones first, then those of the items
+    copies: list[Handled]
+    acked_items: list[BatchMessage]
+    copied: list[BatchMessage]
+
+
+def dispositions(
+    items: Sequence[BatchMessage], handled: Sequence[Handled], rules: RetryRules
+) -> Dispositions:
+    """What becomes of each of ``items`` (run, or failed: ``policy.decide``) together with
+    the ``handled`` ones, split into those acked at once and those that need a copy."""
+    out = Dispositions([], [], [], [])
+    for h in handled:
+        (out.acked if isinstance(h.disposition, Ack) else out.copies).append(h)
+    for i in items:
+        step = decide(i.delivery.attempt, i.error if i.outcome == FAILED else None, rules)
+        ack = isinstance(step, Ack)
+        (out.acked if ack else out.copies).append(Handled(i.queue, i.message, i.delivery, step))
+        (out.acked_items if ack else out.copied).append(i)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

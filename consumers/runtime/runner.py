@@ -58,7 +58,7 @@ from consumers.runtime import headers as hdr
 from consumers.runtime import topology
 from consumers.runtime.acks import AckTracker
 from consumers.runtime.batch import FAILED, BatchMessage
-from consumers.runtime.copies import Copier, Handled
+from consumers.runtime.copies import Copier, Handled, dispositions
 from consumers.runtime.database import WorkerDatabase
 from consumers.runtime.intake import intake, unpack
 from consumers.runtime.linger import Linger, wait_for_more
@@ -66,7 +66,7 @@ from consumers.runtime.members import MemberCounts
 from consumers.runtime.metrics import WorkerMetrics
 from consumers.runtime.names import Names, build_names
 from consumers.runtime.outside import OutsideEffects
-from consumers.runtime.policy import Ack, RetryRules, decide
+from consumers.runtime.policy import RetryRules
 from consumers.runtime.prefetch import split_prefetch
 from consumers.runtime.settling import Settling
 from consumers.runtime.spec import WorkerSpec
@@ -363,21 +363,21 @@ class Runner:
         disposition of each of them, and ack them with the ``handled`` ones: at once where
         the disposition is an ack, once their copies are confirmed otherwise (meanwhile the
         next batch goes ahead)."""
-        if any(i.outcome != FAILED for i in items):
-            await self._db.run([i for i in items if i.outcome != FAILED])
+        failed = [i for i in items if i.outcome == FAILED]
+        if failed:
+            # Nothing for the database: their copies go out while the batch commits, and
+            # their tags, which hold every later one's ack, are confirming sooner.
+            await self._dispose(failed, [])
+        run = [i for i in items if i.outcome != FAILED]
+        if run:
+            await self._db.run(run)
         self._metrics.count_batch(items)
-        rules = self._rules
-        acked: list[Handled] = []
-        copies: list[Handled] = []
-        acked_items: list[BatchMessage] = []
-        copied: list[BatchMessage] = []
-        for h in handled:
-            (acked if isinstance(h.disposition, Ack) else copies).append(h)
-        for i in items:
-            step = decide(i.delivery.attempt, i.error if i.outcome == FAILED else None, rules)
-            ack = isinstance(step, Ack)
-            (acked if ack else copies).append(Handled(i.queue, i.message, i.delivery, step))
-            (acked_items if ack else copied).append(i)
+        await self._dispose(run, handled)
+
+    async def _dispose(self, items: list[BatchMessage], handled: list[Handled]) -> None:
+        """Decide what becomes of ``items`` (run or failed) and carry it out with the
+        ``handled`` ones: acks now, copies on their own task, the originals acked after."""
+        acked, copies, acked_items, copied = dispositions(items, handled, self._rules)
         if copies:
             self._settling.copy_then_ack(self._publisher, copies, lambda: self._settled(copied))
         self._release(acked_items)
