@@ -295,6 +295,14 @@ def pipeline_table(results: dict[str, Any]) -> str:
                           _n(v.get("delivered")), _n(v.get("posts"))])
     out += ["", _table(["notifications worker alone", "webhooks/s", "worker µs/webhook",
                         "delivered", "POSTs"], hook_rows)]
+    drains = pipe.get("webhook_drains")
+    if drains:
+        out += ["", "Webhook drains in order (the table shows those with the median rate, "
+                "the lower of two): "
+                f"healthy {', '.join(_n(r, 0) for r in drains['healthy_per_s'])}; 10% dead "
+                f"{', '.join(_n(r, 0) for r in drains['dead_per_s'])}; each dead drain over "
+                "the mean of the healthy ones around it: "
+                f"{', '.join(_n(r, 2, 'x') for r in drains['dead_ratios'])}."]
     return "\n".join(out)
 
 
@@ -531,7 +539,10 @@ def markdown(results: dict[str, Any], notes: str) -> str:
         "database, i.e. the relay's walsender and the workers' sessions). Webhook "
         "throughput: one notifications replica drains a backlog of device events published "
         "while it is paused (SIGSTOP), so the rate is the worker's and not the publisher's; "
-        "webhooks/s between the first and the last healthy arrival, CPU over the drain. "
+        "webhooks/s between the first and the last healthy arrival, CPU over the drain; "
+        "healthy and 10%-dead drains alternate H D H D H, each dead drain's rate over the "
+        "mean of the healthy ones that bracket it, the median of those ratios reported and "
+        "the drains with the median rate (the lower of two) shown. "
         "The broker alone at the target: the round trip's publisher paced at a quarter of "
         "the round trip's rate, in groups of 10 (the writer's transactions), its consumers "
         "acking batches of 100 or every 10 ms (as the workers do), "

@@ -36,7 +36,9 @@ run's own vhost and database:
   event at the rate the pipeline is asked to sustain;
 - webhook throughput: the notifications worker alone draining a backlog of device events to
   20 endpoints, all healthy, then with 2 of them (10% of users) never answering (measured
-  after the first timeouts, once the breaker has opened those endpoints).
+  after the first timeouts, once the breaker has opened those endpoints), in the order
+  healthy, dead, healthy, dead, healthy: each dead drain against the healthy ones that
+  bracket it (``webhook_drains``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import math
 import os
 import secrets
 import signal
+import statistics
 import sys
 import time
 import uuid
@@ -73,7 +76,7 @@ from bench.observe import (
 from bench.params import Params
 from bench.relay_process import RelayProcess, free_port
 from bench.scenario_consumers import stop_workers
-from bench.stats import latency_summary
+from bench.stats import latency_summary, paired_ratio
 
 #: Event types and their share (percent) of the load, shaped like the seed's report.
 MIX: tuple[tuple[str, int], ...] = (
@@ -540,15 +543,18 @@ async def _start_receiver(
     raise AssertionError("unreachable")
 
 
-async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str, Any]:
+async def webhook_throughput(
+    run: Run, p: Params, dead_share: float, drain: int = 0
+) -> dict[str, Any]:
     """The notifications worker alone draining ``pipeline_webhook_events`` device events to
-    20 endpoints, ``dead_share`` of the users' endpoints never answering.
+    20 endpoints, ``dead_share`` of the users' endpoints never answering; ``drain`` numbers
+    the drains of a run (each has its own schema, exchange and queues).
 
     CPU is per delivered webhook: the worker's, the RabbitMQ node's and the PostgreSQL
     backends' of the run's database, over the whole drain."""
     endpoints = 20
     dead_count = round(endpoints * dead_share)
-    label = "webhooks_dead" if dead_count else "webhooks"
+    label = ("webhooks_dead" if dead_count else "webhooks") + (f"{drain}" if drain else "")
     names = run.names(label)
     schema = label
     log = (run.results_dir / f"{label}.log").open("ab")
@@ -670,6 +676,48 @@ async def webhook_throughput(run: Run, p: Params, dead_share: float) -> dict[str
         log.close()
 
 
+async def webhook_drains(run: Run, p: Params) -> dict[str, Any]:
+    """Webhook drains with all endpoints healthy and with 10% dead, as H D H D .. H
+    (``pipeline_dead_drains`` dead ones). The host's speed drifts by more than 10% within
+    minutes, so each dead drain is compared with the mean of the healthy drains right
+    before and after it (paired ratio, as the relay's drains are with the broker's
+    ceilings); the ratio reported is the median of those, and the drains shown are the
+    healthy and the dead one with the median rate (the lower of two)."""
+    healthy = [await webhook_throughput(run, p, 0.0)]
+    print(f"[bench] pipeline: {healthy[-1]}", flush=True)
+    dead: list[dict[str, Any]] = []
+    ratios: list[float] = []
+    for n in range(1, p.pipeline_dead_drains + 1):
+        dead.append(await webhook_throughput(run, p, 0.10, n))
+        print(f"[bench] pipeline: {dead[-1]}", flush=True)
+        healthy.append(await webhook_throughput(run, p, 0.0, n))
+        print(f"[bench] pipeline: {healthy[-1]}", flush=True)
+        paired = paired_ratio(
+            dead[-1]["webhooks_per_s"], healthy[-2]["webhooks_per_s"],
+            healthy[-1]["webhooks_per_s"],
+        )
+        if paired is not None:
+            ratios.append(paired)
+
+    def median_drain(drains: list[dict[str, Any]]) -> dict[str, Any]:
+        done = sorted((d for d in drains if d["webhooks_per_s"]),
+                      key=lambda d: d["webhooks_per_s"])
+        return done[(len(done) - 1) // 2] if done else drains[0]
+
+    return {
+        "webhooks_healthy": median_drain(healthy),
+        "webhooks_10pct_dead": median_drain(dead),
+        "webhooks_dead_ratio": round(statistics.median(ratios), 3) if ratios else None,
+        "webhook_drains": {
+            "healthy_per_s": [d["webhooks_per_s"] for d in healthy],
+            "dead_per_s": [d["webhooks_per_s"] for d in dead],
+            "dead_ratios": ratios,
+            "method": "H D H D .. H: each dead drain's rate over the mean of the healthy "
+                      "drains right before and after it; median of those paired ratios",
+        },
+    }
+
+
 async def _publish_devices(run: Run, exchange: str, n: int) -> list[tuple[str, str]]:
     """``n`` device.* events (confirmed) straight to ``exchange``; their (id, user)."""
     out = []
@@ -707,12 +755,7 @@ async def pipeline(run: Run, p: Params) -> dict[str, Any]:
         "window_s": p.pipeline_window, "bound_s": BOUND_S,
     }
     print("[bench] pipeline: webhook throughput ...", flush=True)
-    out["webhooks_healthy"] = await webhook_throughput(run, p, 0.0)
-    print(f"[bench] pipeline: {out['webhooks_healthy']}", flush=True)
-    out["webhooks_10pct_dead"] = await webhook_throughput(run, p, 0.10)
-    print(f"[bench] pipeline: {out['webhooks_10pct_dead']}", flush=True)
-    h, d = out["webhooks_healthy"]["webhooks_per_s"], out["webhooks_10pct_dead"]["webhooks_per_s"]
-    out["webhooks_dead_ratio"] = round(d / h, 3) if h and d else None
+    out.update(await webhook_drains(run, p))
     pipe = Pipeline(run, p)
     try:
         await pipe.open()
