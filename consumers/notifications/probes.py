@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from consumers.errors import PermanentError, Retry
 from consumers.notifications.channels import endpoint_of
+from consumers.runtime.outside import decided
 
 log = logging.getLogger("consumers.notifications")
 
@@ -31,18 +32,20 @@ def finished(value: T) -> asyncio.Future[T]:
 
 
 def failure_of(sends: Sequence[Awaitable[Any]]) -> BaseException | None:
-    """The error of ``sends`` when every one of them failed before it started (a permanent
-    one first, else the first), so their message fails at once; None otherwise."""
+    """The error of ``sends`` when every one of them failed before it started
+    (:func:`first_error` of theirs), so their message fails at once; None otherwise."""
     errors = []
     for send in sends:
-        if not (isinstance(send, asyncio.Future) and send.done() and not send.cancelled()):
+        error = send.exception() if decided(send) else None
+        if error is None:
             return None
-        exc = send.exception()
-        if exc is None:
-            return None
-        errors.append(exc)
-    if not errors:
-        return None
+        errors.append(error)
+    return first_error(errors) if errors else None
+
+
+def first_error(errors: Sequence[BaseException]) -> BaseException:
+    """The error that decides a message's fate among its sends' ``errors``: a permanent one
+    first (no retry can help it), else the first."""
     return next((e for e in errors if isinstance(e, PermanentError)), errors[0])
 
 

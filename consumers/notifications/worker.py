@@ -41,7 +41,13 @@ from consumers.config import ConsumerSettings
 from consumers.errors import ConfigError, PermanentError
 from consumers.notifications import channels, targets
 from consumers.notifications.breaker import Breaker
-from consumers.notifications.probes import Probes, failed, failure_of, finished
+from consumers.notifications.probes import (
+    Probes,
+    failed,
+    failure_of,
+    finished,
+    first_error,
+)
 from consumers.notifications.signing import idempotency_key
 from consumers.notifications.store import DeliveryLog, NotificationStore, schema_ddl
 from consumers.notifications.templates import (
@@ -271,8 +277,7 @@ def build(settings: NotificationSettings) -> WorkerSpec:
         results = await asyncio.gather(*sends, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            permanent = [e for e in errors if isinstance(e, PermanentError)]
-            raise (permanent or errors)[0]
+            raise first_error(errors)
         return plan
 
     async def outside(

@@ -119,7 +119,7 @@ class OutsideEffects:
                 log.warning("preparing a chunk failed: %r; again in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
         for item, wait in zip(go, waits, strict=True):
-            if _decided(wait):
+            if decided(wait):
                 # No task to run it. A task's await would also raise the exception again,
                 # and the traceback it gains ties the frames to it in a cycle that only the
                 # garbage collector frees: costly at one such message in ten.
@@ -150,9 +150,9 @@ class OutsideEffects:
         self._wakeup.set()
 
 
-def _decided(wait: Awaitable[Any]) -> TypeGuard[asyncio.Future[Any]]:
+def decided(wait: Awaitable[Any]) -> TypeGuard[asyncio.Future[Any]]:
     """True for a future that has its result or an ordinary exception already (a send
-    refused before it began, say): taken as it is, it needs no task."""
+    refused before it began, say): the runtime takes it as it is, without a task."""
     return (
         isinstance(wait, asyncio.Future)
         and wait.done()
