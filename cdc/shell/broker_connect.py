@@ -1,7 +1,8 @@
 """Opening the broker connection: TCP or TLS, the AMQP handshake, channel 1 in confirm mode.
 
-:func:`connect` opens a :class:`~cdc.shell.broker.ConfirmChannel` to an already parsed and
-checked broker address (:class:`~cdc.service.urls.AmqpUrl`; PLAIN auth, heartbeats, ``amqps``
+:func:`connect` opens a :class:`~cdc.shell.broker.ConfirmChannel` (:func:`open_channel` one
+already made, such as the workers' consuming channel) to an already parsed and checked broker
+address (:class:`~cdc.service.urls.AmqpUrl`; PLAIN auth, heartbeats, ``amqps``
 with the default TLS checks): connection.start/tune/open, channel.open, confirm.select. Any
 failure raises :class:`~cdc.errors.SinkError`; a refused login, vhost or permission, or a
 TLS certificate that does not verify, a :class:`~cdc.errors.RefusedError` (not retried).
@@ -53,7 +54,6 @@ async def connect(
     linger: float = 0.0,
 ) -> ConfirmChannel:
     """Connect to ``address`` and return a channel in confirm mode (SinkError on failure)."""
-    tls = ssl.create_default_context(cafile=address.cafile) if address.tls else None
     channel = ConfirmChannel(
         confirm_timeout=confirm_timeout,
         on_ack=on_ack,
@@ -62,6 +62,13 @@ async def connect(
         on_blocked=on_blocked,
         linger=linger,
     )
+    await open_channel(address, channel)
+    return channel
+
+
+async def open_channel(address: AmqpUrl, channel: ConfirmChannel) -> None:
+    """Connect ``channel`` (a new one) to ``address`` and open it in confirm mode."""
+    tls = ssl.create_default_context(cafile=address.cafile) if address.tls else None
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(_CONNECT_TIMEOUT):
@@ -84,7 +91,6 @@ async def connect(
     except BaseException:
         channel.fail(SinkError("connecting was cancelled"))
         raise
-    return channel
 
 
 async def _open(channel: ConfirmChannel, address: AmqpUrl) -> None:

@@ -302,7 +302,7 @@ class FrameReader:
 
 
 
-#: What the relay tells the broker it is and understands (Connection.StartOk).
+#: What the relay (and a worker's consuming channel) tells the broker it is and understands.
 CLIENT_PROPERTIES: Final[dict[str, Any]] = {
     "product": "outbox-cdc",
     "capabilities": {
@@ -310,6 +310,7 @@ CLIENT_PROPERTIES: Final[dict[str, Any]] = {
         "basic.nack": True,
         "connection.blocked": True,
         "authentication_failure_close": True,
+        "consumer_cancel_notify": True,
     },
 }
 

@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
+from cdc.wire.deliveries import Delivered
 from consumers.errors import BrokerLost
 from consumers.runtime import bundle
 from consumers.runtime import headers as hdr
@@ -51,7 +52,7 @@ class Handled(NamedTuple):
     frozen dataclass costs several times as much to build."""
 
     queue: str  # the origin queue it was consumed from
-    message: DeliveredMessage
+    message: Delivered
     delivery: Delivery
     disposition: Disposition
 
@@ -121,7 +122,7 @@ class Copier:
             origin_queue=handled.queue,
             retry_queue=self.names.retry_queue_for(step.delay).name,
         )
-        props = copy_properties(handled.message.header.properties, headers)
+        props = copy_properties(handled.message.properties, headers)
         return bundle.Member(handled.queue, props, handled.message.body)
 
     async def _bundle(
@@ -172,7 +173,7 @@ class Copier:
             raise BrokerLost("publishing channel is closed")
         queue, message, delivery = handled.queue, handled.message, handled.delivery
         key, attempt = delivery.routing_key, delivery.attempt
-        props = message.header.properties
+        props = message.properties
         if isinstance(step, Park):
             headers = hdr.parking_headers(
                 delivery.headers,

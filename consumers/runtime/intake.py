@@ -16,10 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aiormq.abc import DeliveredMessage
-from pamqp.commands import Basic
-from pamqp.header import ContentHeader
-
+from cdc.wire.deliveries import Delivered
 from consumers.errors import BadBundle
 from consumers.runtime import bundle
 from consumers.runtime import headers as hdr
@@ -31,19 +28,19 @@ from consumers.runtime.spec import Delivery, Route
 
 
 def intake(
-    routes: Sequence[Route], rules: RetryRules, batch: Sequence[tuple[str, DeliveredMessage]]
+    routes: Sequence[Route], rules: RetryRules, batch: Sequence[tuple[str, Delivered]]
 ) -> tuple[list[BatchMessage], list[Handled]]:
     """Route and validate ``batch`` (``(queue, message)`` pairs in delivery order): the valid
     items, and the rejected ones with their disposition."""
     items: list[BatchMessage] = []
     rejected: list[Handled] = []
     for queue, message in batch:
-        props = message.header.properties
+        props = message.properties
         # Our own retry headers count only on our own copies (see headers.came_back).
         trusted = hdr.came_back(message.exchange, queue, props.headers)
         headers = hdr.own_headers(props.headers, trusted=trusted)
-        key = hdr.original_routing_key(headers, message.routing_key or "")
-        attempt = attempt_of(headers, redelivered=bool(message.redelivered))
+        key = hdr.original_routing_key(headers, message.routing_key)
+        attempt = attempt_of(headers, redelivered=message.redelivered)
         delivery = Delivery(str(props.message_id), key, headers, attempt, message.body)
         found = (
             _undecodable(message)
@@ -57,10 +54,10 @@ def intake(
     return items, rejected
 
 
-def unpack(queue: str, message: DeliveredMessage) -> list[DeliveredMessage]:
+def unpack(queue: str, message: Delivered) -> list[Delivered]:
     """The deliveries ``message`` from ``queue`` stands for: the members of a retry bundle
     that came back, else ``message`` itself (an undecodable bundle too: intake parks it)."""
-    props = message.header.properties
+    props = message.properties
     headers = props.headers
     if not bundle.is_bundle(headers) or not hdr.came_back(message.exchange, queue, headers):
         return [message]
@@ -68,8 +65,6 @@ def unpack(queue: str, message: DeliveredMessage) -> list[DeliveredMessage]:
         members = bundle.decode(message.body, headers[bundle.BUNDLE_HEADER])  # type: ignore[index]
     except BadBundle:
         return [message]
-    deliver = message.delivery
-    assert isinstance(deliver, Basic.Deliver)
     count = (headers or {}).get(hdr.DELIVERY_COUNT_HEADER)
     out = []
     for member in members:
@@ -78,26 +73,16 @@ def unpack(queue: str, message: DeliveredMessage) -> list[DeliveredMessage]:
                 **(member.properties.headers or {}),
                 hdr.DELIVERY_COUNT_HEADER: count,
             }
-        out.append(
-            DeliveredMessage(
-                Basic.Deliver(
-                    deliver.consumer_tag,
-                    deliver.delivery_tag,
-                    deliver.redelivered,
-                    "",
-                    member.routing_key,
-                ),
-                ContentHeader(0, len(member.body), member.properties),
-                member.body,
-                message.channel,
-            )
-        )
+        out.append(message._replace(
+            exchange="", routing_key=member.routing_key, properties=member.properties,
+            body=member.body,
+        ))
     return out
 
 
-def _undecodable(message: DeliveredMessage) -> Rejected:
+def _undecodable(message: Delivered) -> Rejected:
     """Why a retry bundle that :func:`unpack` left whole cannot be handled."""
-    headers = message.header.properties.headers or {}
+    headers = message.properties.headers or {}
     try:
         bundle.decode(message.body, headers.get(bundle.BUNDLE_HEADER))
     except BadBundle as exc:

@@ -1,7 +1,8 @@
 """The worker's I/O shell: sessions, consuming, micro-batches, acks, shutdown, reconnects.
 
-A *session* is one broker connection with a consuming channel (``CDC_WORKER_PREFETCH``
-split across the queues' consumers, see ``prefetch``) and a confirm-mode publishing channel.
+A *session* is a consuming channel (``cdc.shell.consume_channel``; ``CDC_WORKER_PREFETCH``
+split across the queues' consumers, see ``prefetch``) and an aio-pika connection for the
+topology and the confirm-mode publishing channel.
 Deliveries land in a local buffer; one loop takes up to ``CDC_WORKER_BATCH_SIZE`` of them at a
 time and, in order:
 
@@ -45,11 +46,13 @@ from collections import deque
 from typing import Any
 
 import aiormq
-import psycopg
-from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.abc import AbstractChannel
 
+from cdc.errors import RefusedError, SinkError
 from cdc.service.backoff import Backoff
 from cdc.service.session import run_sessions
+from cdc.shell.consume_channel import ConsumeChannel, open_consume_channel
+from cdc.wire.deliveries import Delivered
 from consumers.config import ConsumerSettings
 from consumers.connect import AMQP_ERRORS as _AMQP_ERRORS
 from consumers.connect import open_broker, refused_by_broker
@@ -109,7 +112,8 @@ class Runner:
         )
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
-        self._buffer: deque[tuple[str, DeliveredMessage]] = deque()
+        self._buffer: deque[tuple[str, Delivered]] = deque()
+        self._queue_of: dict[str, str] = {}  # consumer tag -> queue
         # Held for a multiple ack: at most a quarter of the smallest prefetch share (acks).
         self._acks = AckTracker(hold=min(self._prefetch) // 4)
         self._linger = Linger(settings.worker_batch_linger_max)
@@ -160,14 +164,14 @@ class Runner:
 
     async def run(self) -> None:
         """Prepare the database, then run sessions until stopped."""
-        await self._database()
+        await self._db.connection()  # the database answers before the broker session
         await run_sessions(
             self._attempt,
             stop=self._stop,
             backoff=Backoff(
                 self._s.worker_reconnect_min_delay, self._s.worker_reconnect_max_delay
             ),
-            outages=(BrokerLost, Unroutable, *_AMQP_ERRORS),
+            outages=(BrokerLost, Unroutable, SinkError, *_AMQP_ERRORS),
             ended=self._ended,
         )
         self._set_state("stopped")
@@ -176,9 +180,9 @@ class Runner:
         """One broker session; what it delivered and did not ack is dropped if it fails."""
         try:
             await self._session()
-        except aiormq.exceptions.ChannelAccessRefused as exc:
+        except (aiormq.exceptions.ChannelAccessRefused, RefusedError) as exc:
             raise refused_by_broker(exc) from exc  # a permission: no retry can help
-        except (BrokerLost, Unroutable, *_AMQP_ERRORS):
+        except (BrokerLost, Unroutable, SinkError, *_AMQP_ERRORS):
             self._drop_session_work()
             raise
 
@@ -196,10 +200,6 @@ class Runner:
 
     # -- database ---------------------------------------------------------------------------
 
-    async def _database(self) -> psycopg.AsyncConnection[Any]:
-        """The open database connection, or a new one once PostgreSQL answers."""
-        return await self._db.connection()
-
     # -- broker -----------------------------------------------------------------------------
 
     def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
@@ -207,8 +207,8 @@ class Runner:
             self._lost.set_result(exc or BrokerLost("broker connection closed"))
         self._wakeup.set()
 
-    def _on_message(self, queue: str, message: DeliveredMessage) -> None:
-        tag = message.delivery_tag or 0
+    def _on_delivery(self, message: Delivered) -> None:
+        queue, tag = self._queue_of[message.consumer_tag], message.delivery_tag
         self._acks.delivered(tag)
         members = unpack(queue, message)
         self._members.expect(tag, len(members))
@@ -232,12 +232,8 @@ class Runner:
         connection = await open_broker(self._s.broker_url(), timeout=10)
         connection.close_callbacks.add(self._on_close)
         poller: asyncio.Task[None] | None = None
+        consuming: ConsumeChannel | None = None
         try:
-            consuming = await connection.channel(publisher_confirms=False)
-            consuming.close_callbacks.add(self._on_close)
-            # Deliveries go straight to aiormq's frames (no aio-pika message object): the
-            # per-message cost of the wrapper was a large share of the worker's CPU.
-            raw = await consuming.get_underlay_channel()
             # on_return_raises: a copy no queue took must fail, not count as confirmed.
             publishing = await connection.channel(publisher_confirms=True, on_return_raises=True)
             publishing.close_callbacks.add(self._on_close)
@@ -249,19 +245,10 @@ class Runner:
             poller = asyncio.create_task(
                 topology.watch_depth(connection, parking, gauge.set, every)
             )
-            tags = []
-            for (name, _), share in zip(self.names.queues, self._prefetch, strict=True):
-
-                async def deliver(m: DeliveredMessage, q: str = name) -> None:
-                    self._on_message(q, m)
-
-                # global=false: the limit of the consumer started next (its share of the
-                # replica's budget; quorum queues have no channel-wide limit).
-                await raw.basic_qos(prefetch_count=share)
-                ok = await raw.basic_consume(name, deliver, no_ack=False)
-                tags.append(str(ok.consumer_tag))
+            consuming = await open_consume_channel(self._s.broker_address(), self._on_delivery)
+            await self._start_consumers(consuming)
             self._set_state("consuming")
-            await self._consume(raw, tags)
+            await self._consume(consuming, list(self._queue_of))
         finally:
             if poller is not None:
                 poller.cancel()
@@ -270,10 +257,21 @@ class Runner:
                 self._committer = None
             self._settling.cancel()
             self._publisher = None
+            if consuming is not None:
+                await consuming.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=2)
 
-    async def _consume(self, channel: AbstractChannel, tags: list[str]) -> None:
+    async def _start_consumers(self, channel: ConsumeChannel) -> None:
+        channel.closed.add_done_callback(lambda _: self._on_close(None, channel.error()))
+        self._settling.channel = channel
+        # Tags chosen here: a delivery can come in the same read as its Consume-Ok.
+        queues = [name for name, _ in self.names.queues]
+        self._queue_of = {f"{self._spec.name}:{i}:{q}"[:255]: q for i, q in enumerate(queues)}
+        for (tag, name), share in zip(self._queue_of.items(), self._prefetch, strict=True):
+            await channel.consume(name, share, tag)
+
+    async def _consume(self, channel: ConsumeChannel, tags: list[str]) -> None:
         stopping = False
         while True:
             self._wakeup.clear()
@@ -287,7 +285,7 @@ class Runner:
                     self._spec.on_drain()
                 # Deliveries sent before cancel-ok still land in the buffer; none after.
                 for tag in tags:
-                    await channel.basic_cancel(tag)
+                    await channel.cancel(tag)
                 log.info(
                     "consumers cancelled; finishing %d messages in hand",
                     len(self._buffer) + self._effects_in_hand(),
@@ -324,8 +322,7 @@ class Runner:
         )
 
     def _effects_in_hand(self) -> int:
-        effects = self._effects
-        return 0 if effects is None else len(effects.running) + len(effects.ready)
+        return 0 if (e := self._effects) is None else len(e.running) + len(e.ready)
 
     async def _commit_loop(self) -> None:
         """Commit and ack the messages whose outside effects are done, a batch at a time."""
@@ -346,11 +343,11 @@ class Runner:
 
     # -- one batch --------------------------------------------------------------------------
 
-    async def _handle(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
+    async def _handle(self, batch: list[tuple[str, Delivered]]) -> None:
         items, rejected = intake(self._spec.routes, self._rules, batch)
         await self._settle(items, rejected)
 
-    async def _start_outside(self, batch: list[tuple[str, DeliveredMessage]]) -> None:
+    async def _start_outside(self, batch: list[tuple[str, Delivered]]) -> None:
         """Start the worker's outside effects for ``batch``; rejected messages settle now."""
         assert self._effects is not None
         items, rejected = intake(self._spec.routes, self._rules, batch)
@@ -381,10 +378,10 @@ class Runner:
         if copies:
             self._settling.copy_then_ack(self._publisher, copies, lambda: self._settled(copied))
         self._release(acked_items)
-        await self._settling.ack(acked)
+        self._settling.ack(acked)
         if acked or copies:
-            last = max(acked + copies, key=lambda h: h.message.delivery_tag or 0)
-            props = last.message.header.properties
+            last = max(acked + copies, key=lambda h: h.message.delivery_tag)
+            props = last.message.properties
             self._metrics.acked(last.queue, hdr.committed_at(props.headers, props.timestamp))
 
     def _release(self, items: list[BatchMessage]) -> None:

@@ -9,8 +9,9 @@ goes on; an original is still acked only after its copy is confirmed.
 
 The tags behind a copy wait for its confirm, not for ``AckTracker``'s limit of held tags
 (they would otherwise be acked one by one, a broker command each). Acks go out one
-settlement at a time, in the order ``AckTracker`` gives them: a ``multiple`` ack sent ahead
-of an earlier single one would leave that one an unknown tag, which closes the channel.
+settlement at a time, in the order ``AckTracker`` gives them (the channel writes them in
+that order): a ``multiple`` ack sent ahead of an earlier single one would leave that one an
+unknown tag, which closes the channel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from collections.abc import Awaitable, Callable
 
 from aiormq.abc import AbstractChannel
 
-from consumers.connect import AMQP_ERRORS
+from cdc.errors import SinkError
+from cdc.shell.consume_channel import ConsumeChannel
 from consumers.errors import BrokerLost
 from consumers.runtime.acks import AckTracker
 from consumers.runtime.copies import Copier, Handled
@@ -45,7 +47,8 @@ class Settling:
         self._members = members
         self._copier = copier
         self._wakeup = wakeup
-        self._lock = asyncio.Lock()
+        #: The session's consuming channel (None between sessions): the acks go there.
+        self.channel: ConsumeChannel | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
 
@@ -53,18 +56,19 @@ class Settling:
         """Copy-then-ack tasks in flight."""
         return len(self._tasks)
 
-    async def ack(self, handled: list[Handled]) -> None:
+    def ack(self, handled: list[Handled]) -> None:
         """Ack the deliveries of ``handled`` as far as the tracker lets them go."""
         if not handled:
             return
-        channel = handled[0].message.channel
-        async with self._lock:
-            try:
-                finished = self._members.finished(h.message.delivery_tag or 0 for h in handled)
-                for tag, multiple in self._tracker.settle(finished):
-                    await channel.basic_ack(tag, multiple=multiple)
-            except AMQP_ERRORS as exc:
-                raise BrokerLost(f"ack failed: {exc!r}") from exc
+        channel = self.channel
+        if channel is None:
+            raise BrokerLost("ack failed: the consuming channel is closed")
+        try:
+            finished = self._members.finished(h.message.delivery_tag for h in handled)
+            for tag, multiple in self._tracker.settle(finished):
+                channel.ack(tag, multiple)
+        except SinkError as exc:
+            raise BrokerLost(f"ack failed: {exc!r}") from exc
 
     def copy_then_ack(
         self,
@@ -74,7 +78,7 @@ class Settling:
     ) -> None:
         """Publish ``copies`` on ``publisher`` on a task of its own; once every confirm is
         in, ack their originals, then await ``settled``."""
-        tags = (h.message.delivery_tag or 0 for h in copies)
+        tags = (h.message.delivery_tag for h in copies)
         self._tracker.confirming(self._members.would_finish(tags))
         task = asyncio.create_task(self._copy_then_ack(publisher, copies, settled))
         self._tasks.add(task)
@@ -88,6 +92,7 @@ class Settling:
 
     def cancel(self) -> None:
         """The session is gone: stop waiting (the originals are redelivered, unacked)."""
+        self.channel = None
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
@@ -100,7 +105,7 @@ class Settling:
         settled: Callable[[], Awaitable[None]],
     ) -> None:
         await self._copier.send_all(publisher, copies)
-        await self.ack(copies)
+        self.ack(copies)
         await settled()
 
     def _done(self, task: asyncio.Task[None]) -> None:

@@ -37,6 +37,7 @@ PURE_ELSEWHERE = [
 ALLOWED = {
     # pamqp is the reference AMQP codec: no sockets, no asyncio (checked below).
     "cdc.wire.amqp": {"pamqp"},
+    "cdc.wire.deliveries": {"pamqp"},
     # Composes SQL with psycopg.sql; opens no connection. Importing it loads psycopg.
     "cdc.core.horizon": {"psycopg"},
 }

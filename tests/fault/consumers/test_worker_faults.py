@@ -151,3 +151,22 @@ def test_broker_connection_cut_mid_stream(ledger, tcp_proxy):
     assert len(_exactly_once(ledger, out["ids"])) == n
     w.wait_state("consuming", 20)
     assert w.sigterm() == 0
+
+
+def test_a_queue_deleted_under_the_worker_is_declared_again_and_consumed(ledger):
+    # The broker cancels the consumer of a deleted queue: the worker must start a new
+    # session (which declares the queue again) rather than sit on a channel with no consumer.
+    w = ledger.start()
+    first = ledger.publish([ledger.entry(f"a{i}", 1) for i in range(50)])
+    ledger.wait_rows(50)
+    ledger.broker.delete_queue(ledger.queue)
+    ledger.wait_for(
+        lambda: (w.metric("cdc_worker_reconnects_total", side="broker") or 0) >= 1,
+        20,
+        lambda: w.tail(),
+    )
+    ledger.wait_consuming(w)
+    second = ledger.publish([ledger.entry(f"b{i}", 1) for i in range(50)])
+    ledger.wait_rows(100, timeout=60)
+    assert len(_exactly_once(ledger, first + second)) == 100
+    assert w.sigterm() == 0

@@ -7,10 +7,9 @@ from decimal import Decimal
 from types import SimpleNamespace
 
 import pytest
-from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
-from pamqp.header import ContentHeader
 
+from cdc.wire.deliveries import Delivered
 from consumers.errors import BadBundle
 from consumers.runtime import bundle
 from consumers.runtime import headers as hdr
@@ -108,13 +107,9 @@ def test_is_bundle_reads_the_header() -> None:
     assert not bundle.is_bundle(None)
 
 
-def _delivered(body: bytes, headers: dict, exchange: str = "") -> DeliveredMessage:
-    return DeliveredMessage(
-        Basic.Deliver("ctag", 42, True, exchange, "cdc.notifications.events"),
-        ContentHeader(0, len(body), Basic.Properties(headers=headers, message_id="b-1")),
-        body,
-        None,  # type: ignore[arg-type]
-    )
+def _delivered(body: bytes, headers: dict, exchange: str = "") -> Delivered:
+    props = Basic.Properties(headers=headers, message_id="b-1")
+    return Delivered("ctag", 42, True, exchange, "cdc.notifications.events", props, body)
 
 
 _ORIGIN = "cdc.notifications.events"
@@ -124,11 +119,11 @@ def test_a_bundle_that_came_back_is_unpacked_into_deliveries_of_its_own() -> Non
     members = [_retry_copy(1), _retry_copy(2)]
     headers = {bundle.BUNDLE_HEADER: 1, hdr.ORIGIN_QUEUE_HEADER: _ORIGIN, "x-delivery-count": 1}
     out = unpack(_ORIGIN, _delivered(bundle.encode(members), headers))
-    assert [m.header.properties.message_id for m in out] == ["ev-1", "ev-2"]
+    assert [m.properties.message_id for m in out] == ["ev-1", "ev-2"]
     assert {(m.delivery_tag, m.redelivered, m.exchange) for m in out} == {(42, True, "")}
     assert [m.body for m in out] == [m.body for m in members]
     # the bundle's redelivery counts for every member
-    assert all(m.header.properties.headers["x-delivery-count"] == 1 for m in out)
+    assert all(m.properties.headers["x-delivery-count"] == 1 for m in out)
     _, rejected = intake([], RetryRules(5, (1.0,)), [(_ORIGIN, m) for m in out])
     assert [h.delivery.attempt for h in rejected] == [3, 4]  # own attempts + the redelivery
 

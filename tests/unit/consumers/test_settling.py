@@ -1,7 +1,8 @@
 """Settling: acks leave in the tracker's order, and an original waits for its copy's confirm.
 
-The channel and the copier here only record what they are asked and yield as the real ones
-do (a frame is queued, then the sender waits for its write or for the confirm)."""
+The channel and the copier here only record what they are asked; the copier yields as the
+real one does (it waits for the confirm), the channel's acks are queued at once, as the
+real one's are."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cdc.errors import SinkError
 from consumers.errors import BrokerLost
 from consumers.runtime.acks import AckTracker
 from consumers.runtime.copies import Handled
@@ -22,10 +24,12 @@ from consumers.runtime.settling import Settling
 class _Channel:
     def __init__(self) -> None:
         self.sent: list[tuple[int, bool]] = []
+        self.closed: SinkError | None = None
 
-    async def basic_ack(self, tag: int, multiple: bool = False) -> None:
+    def ack(self, tag: int, multiple: bool) -> None:
+        if self.closed is not None:
+            raise self.closed
         self.sent.append((tag, multiple))
-        await asyncio.sleep(0)
 
 
 class _Copier:
@@ -46,13 +50,14 @@ def _setup(tags: int, hold: int) -> tuple[Settling, _Channel, _Copier, AckTracke
     for tag in range(1, tags + 1):
         tracker.delivered(tag)
     settling = Settling(tracker, MemberCounts(), copier, lambda: None)  # type: ignore[arg-type]
+    settling.channel = channel  # type: ignore[assignment]
     return settling, channel, copier, tracker
 
 
 def _handled(channel: _Channel, *tags: int, retry: bool = False) -> list[Handled]:
     step = RetryLater(1.0, 1, "failed") if retry else Ack()
     return [
-        Handled("q", SimpleNamespace(delivery_tag=t, channel=channel), None, step)  # type: ignore[arg-type]
+        Handled("q", SimpleNamespace(delivery_tag=t), None, step)  # type: ignore[arg-type]
         for t in tags
     ]
 
@@ -70,15 +75,24 @@ def _broker_accepts(sent: list[tuple[int, bool]]) -> set[int]:
     return acked
 
 
-async def test_two_settlements_at_once_leave_in_the_trackers_order() -> None:
+def test_two_settlements_leave_in_the_trackers_order() -> None:
     settling, channel, _, _ = _setup(5, hold=1)
-    # 3 and 4 finish behind an unfinished 1: acked alone. Meanwhile 1, 2 and 5 finish: one
+    # 3 and 4 finish behind an unfinished 1: acked alone. Then 1, 2 and 5 finish: one
     # multiple ack on 5, which must not reach the broker before the single ack of 4.
-    await asyncio.gather(
-        settling.ack(_handled(channel, 3, 4)), settling.ack(_handled(channel, 1, 2, 5))
-    )
+    settling.ack(_handled(channel, 3, 4))
+    settling.ack(_handled(channel, 1, 2, 5))
     assert channel.sent == [(3, False), (4, False), (5, True)]
     assert _broker_accepts(channel.sent) == {1, 2, 3, 4, 5}
+
+
+def test_an_ack_on_a_closed_or_missing_channel_ends_the_session() -> None:
+    settling, channel, _, _ = _setup(2, hold=0)
+    channel.closed = SinkError("broker connection lost")
+    with pytest.raises(BrokerLost, match="broker connection lost"):
+        settling.ack(_handled(channel, 1))
+    settling.cancel()  # between sessions there is no channel to ack on
+    with pytest.raises(BrokerLost, match="closed"):
+        settling.ack(_handled(channel, 2))
 
 
 async def test_an_original_is_acked_once_its_copy_is_confirmed_and_holds_those_behind() -> None:
@@ -89,7 +103,7 @@ async def test_an_original_is_acked_once_its_copy_is_confirmed_and_holds_those_b
         released.append("1")
 
     settling.copy_then_ack(None, _handled(channel, 1, retry=True), confirmed)
-    await settling.ack(_handled(channel, 2, 3, 4, 5, 6))
+    settling.ack(_handled(channel, 2, 3, 4, 5, 6))
     await asyncio.sleep(0)
     assert copier.published == [1]
     assert channel.sent == [] and released == [] and len(settling) == 1
