@@ -24,14 +24,13 @@ from pamqp import decode
 from pamqp.commands import Basic
 
 from cdc.errors import SinkError
-from cdc.wire.amqp import BODY, CONTENT_HEADER, decode_header
+from cdc.wire.amqp import ACK, BODY, CONTENT_HEADER, decode_header
 
 #: class id << 16 | method id of Basic.Deliver.
 DELIVER: Final = 0x003C003C
 _TAG_AND_BITS: Final = struct.Struct(">QB")
 _ACK_FRAME: Final = struct.Struct(">BHIIQBB")
 _ACK_PAYLOAD: Final = 13  # class, method (4 bytes), delivery tag (8), bits (1)
-_BASIC_ACK: Final = 0x003C0050
 _FRAME_END: Final = 0xCE
 _HEADER: Final = struct.Struct(">HHQH")  # class, weight, body size, property flags
 _U32: Final = struct.Struct(">I")
@@ -69,7 +68,7 @@ class Delivered(NamedTuple):
 def ack_frame(channel: int, delivery_tag: int, multiple: bool) -> bytes:
     """The bytes of a ``Basic.Ack`` method frame."""
     return _ACK_FRAME.pack(
-        1, channel, _ACK_PAYLOAD, _BASIC_ACK, delivery_tag, int(multiple), _FRAME_END
+        1, channel, _ACK_PAYLOAD, ACK, delivery_tag, int(multiple), _FRAME_END
     )
 
 
