@@ -142,9 +142,7 @@ def decode_properties(payload: bytes) -> tuple[int, Basic.Properties]:
             value: object = absent
             if flags & flag:
                 if kind == _SHORT:
-                    end = pos + 1 + payload[pos]
-                    value = payload[pos + 1 : end].decode()
-                    pos = end
+                    value, pos = _shortstr(payload, pos)
                 elif kind == _TABLE:
                     value, pos = _table(payload, pos)
                 elif kind == _OCTET:
